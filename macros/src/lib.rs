@@ -1,0 +1,1 @@
+//! The tilefuse graph-definition DSL (being written).

@@ -1,0 +1,3 @@
+//! The `tilefuse` command line.
+
+fn main() {}
