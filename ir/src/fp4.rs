@@ -177,7 +177,7 @@ impl Fp4Tensor {
         );
         let byte = self.codes[i / 2];
         // Even index: low nibble.
-        let code = if i % 2 == 0 { byte & 0xF } else { byte >> 4 };
+        let code = if i & 1 == 0 { byte & 0xF } else { byte >> 4 };
         scaled(code, self.block_factor(i / self.format.block_size()))
     }
 
@@ -413,12 +413,14 @@ fn nv_block_scale(amax: f32, t: f32) -> (u8, f64) {
 pub fn quantize(values: &[f32], last_dim: usize, format: Fp4Format) -> Result<Fp4Tensor, String> {
     let block = format.block_size();
     let name = format.dtype().name();
-    if last_dim == 0 || last_dim % block != 0 {
+    // `checked_rem` rather than `is_multiple_of` (Rust 1.87; the workspace
+    // declares 1.85).
+    if last_dim == 0 || last_dim.checked_rem(block) != Some(0) {
         return Err(format!(
             "{name} quantize: last_dim {last_dim} is not a positive multiple of the block size {block}"
         ));
     }
-    if values.len() % last_dim != 0 {
+    if values.len().checked_rem(last_dim) != Some(0) {
         return Err(format!(
             "{name} quantize: {} values are not whole rows of last_dim {last_dim}; expected a multiple of {last_dim}",
             values.len()

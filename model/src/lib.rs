@@ -13,6 +13,7 @@
 
 pub mod common;
 pub mod mimo_v2;
+pub mod presets;
 pub mod qwen3_moe;
 
 pub use common::GraphOptions;

@@ -1,0 +1,175 @@
+// tilefuse prelude: the device helpers every generated kernel and every
+// kernel template builds on. Header-only, namespace tf, no global state.
+//
+// Conventions shared by all tilefuse CUDA code:
+// - activations are `bf16` or `float`, row-major; accumulation is in f32;
+// - a value is rounded to its tensor's dtype exactly where the CPU
+//   interpreter (the oracle) rounds it: `tf::round_to<T>(float)`;
+// - FP4 weights are dequantised in registers, never written to memory.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace tf {
+
+using bf16 = __nv_bfloat16;
+
+// ---- conversions and rounding ------------------------------------------------
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+// Converts an f32 to the storage type T (round to nearest even).
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+// Rounds an f32 to the nearest value representable in T, kept as f32.
+template <typename T> __device__ __forceinline__ float round_to(float x) {
+    return to_float(from_float<T>(x));
+}
+
+// Eight bf16 packed in 16 bytes -> eight floats.
+__device__ __forceinline__ void bf16x8_to_float(uint4 v, float (&out)[8]) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        out[2 * i] = __uint_as_float(w[i] << 16);
+        out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+// ---- memory --------------------------------------------------------------------
+
+// 16-byte load through the read-only path that does not allocate in L1:
+// for weights, each byte of which a kernel reads once.
+__device__ __forceinline__ uint4 ld_stream_v4(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+// 16-byte load of data other CTAs share (activations).
+__device__ __forceinline__ uint4 ld_v4(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+
+// ---- reductions ------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the CTA; every thread gets the result. `scratch` holds THREADS/32 floats.
+// Contains two barriers; call from all threads.
+template <int THREADS> __device__ __forceinline__ float block_sum(float v, float* scratch) {
+    static_assert(THREADS % 32 == 0, "THREADS must be a multiple of 32");
+    constexpr int W = THREADS / 32;
+    v = warp_sum(v);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float r = 0.f;
+#pragma unroll
+    for (int i = 0; i < W; ++i) r += scratch[i];
+    return r;
+}
+
+template <int THREADS> __device__ __forceinline__ float block_max(float v, float* scratch) {
+    constexpr int W = THREADS / 32;
+    v = warp_max(v);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float r = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < W; ++i) r = fmaxf(r, scratch[i]);
+    return r;
+}
+
+// ---- FP8 and FP4 -----------------------------------------------------------------
+
+// FP8 E4M3 (OCP "fn": no infinities, 0x7f/0xff NaN) -> f32, exact.
+__device__ __forceinline__ float e4m3_to_float(uint32_t b) {
+    const uint32_t e = (b >> 3) & 0xf, m = b & 7;
+    float mag;
+    if (e == 0xf && m == 7) return __int_as_float(0x7fc00000);
+    if (e == 0) mag = (float)m * 0.001953125f;  // m * 2^-9
+    else mag = __uint_as_float(((e + 120u) << 23) | (m << 20));  // (1 + m/8) * 2^(e-7)
+    return (b & 0x80) ? -mag : mag;
+}
+
+// E8M0 scale byte -> 2^(b-127) (b = 255 is NaN).
+__device__ __forceinline__ float e8m0_to_float(uint32_t b) {
+    if (b == 0xff) return __int_as_float(0x7fc00000);
+    if (b == 0) return __uint_as_float(0x00400000u);  // 2^-127, a subnormal
+    return __uint_as_float(b << 23);
+}
+
+// E2M1 code (low 4 bits) -> f32: ±{0, .5, 1, 1.5, 2, 3, 4, 6}.
+// Bit trick: the 3 magnitude bits placed as exponent/mantissa of an f32
+// scaled by 2^-126... kept as a table here for clarity; the compiler turns
+// the constant array into a register select.
+__device__ __forceinline__ float e2m1_to_float(uint32_t c) {
+    // (e, m) = (c>>1 & 3, c & 1): value = e ? (1 + m/2) * 2^(e-1) : m/2.
+    const uint32_t e = (c >> 1) & 3, m = c & 1;
+    const float mag = e ? __uint_as_float(((e + 126u) << 23) | (m << 22)) : 0.5f * (float)m;
+    return (c & 8) ? -mag : mag;
+}
+
+// Eight E2M1 codes packed in a u32 (element 2i in the low nibble of byte i)
+// times `scale` -> eight floats. Exact: an E2M1 value times a power of two (MX)
+// or an E4M3 value (NV) needs at most 6 significant bits.
+__device__ __forceinline__ void e2m1x8_to_float(uint32_t codes, float scale, float (&out)[8]) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = e2m1_to_float(codes >> (4 * i)) * scale;
+}
+
+// ---- tensor cores ------------------------------------------------------------------
+
+// D = A * B + D with A 16x16 bf16 (row), B 16x8 bf16 (col), f32 accumulators,
+// in the register layout of PTX `mma.sync.aligned.m16n8k16.row.col`.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Two floats -> packed bf16x2 (low half = first).
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// ---- math matching the interpreter ---------------------------------------------------
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
+__device__ __forceinline__ float silu(float x) { return x * sigmoid(x); }
+
+// The counter-based uniform of the IR's sampling op (interp::uniform), bit for
+// bit: splitmix64 of (seed << 32 | counter), top 24 bits times 2^-24.
+__device__ __forceinline__ float uniform01(uint32_t seed, uint32_t counter) {
+    uint64_t z = ((uint64_t)seed << 32) | (uint64_t)counter;
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (float)(uint32_t)(z >> 40) * (1.0f / 16777216.0f);
+}
+
+}  // namespace tf

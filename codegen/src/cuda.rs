@@ -1,0 +1,13 @@
+//! The hand-written CUDA header library that generated kernels include.
+//!
+//! Each header is embedded in the binary and handed to NVRTC as a named
+//! header, so generated sources `#include "prelude.cuh"` without any files
+//! on disk.
+
+/// `(name, source)` of every header, in dependency order.
+pub const HEADERS: &[(&str, &str)] = &[("prelude.cuh", include_str!("../cuda/prelude.cuh"))];
+
+/// The source of the header called `name`.
+pub fn header(name: &str) -> Option<&'static str> {
+    HEADERS.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
+}

@@ -1,0 +1,27 @@
+//! The pass pipeline on whole models: every node lands in exactly one kernel,
+//! and the kernel list is what the design says it is.
+
+use tilefuse_codegen::passes::run_pipeline;
+use tilefuse_model::presets;
+
+fn kinds(preset: &str) -> Vec<String> {
+    let p = presets::by_name(preset).unwrap();
+    let g = p.arch.forward_graph(&p.options).unwrap();
+    let f = run_pipeline(g).unwrap_or_else(|e| panic!("{e}"));
+    f.groups.iter().map(|g| g.kind.short().to_string()).collect()
+}
+
+#[test]
+fn mimo_tiny_kernels() {
+    let k = kinds("mimo-v2-tiny");
+    println!("{k:?}");
+    assert_eq!(k.iter().filter(|s| *s == "attention").count(), 3);
+    assert_eq!(k.iter().filter(|s| *s == "moe_down").count(), 2);
+}
+
+#[test]
+fn qwen_tiny_kernels() {
+    let k = kinds("qwen3-moe-tiny");
+    println!("{k:?}");
+    assert_eq!(k.iter().filter(|s| *s == "attention").count(), 2);
+}

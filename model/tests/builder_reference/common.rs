@@ -1,0 +1,89 @@
+//! Pieces shared by the architectures: graph options and the MLP blocks.
+
+use tilefuse_ir::{shape, Builder, DType, NodeId, Result, RouterConfig};
+
+/// Choices that shape a compiled forward but are not part of the checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GraphOptions {
+    /// Positions a full-attention KV cache holds (the context limit).
+    pub context: usize,
+    /// The most query tokens one forward may carry (prefill chunk or verify block).
+    /// Sliding-window caches are rings of `window + max_tokens - 1` slots: enough
+    /// that the queries of one forward see their whole window, and that rows
+    /// written by a rejected draft block never evict a row still needed after
+    /// rollback (a write at position `L + T - 1` reuses the slot of position
+    /// `L + T - 1 - cap < L - window + 1`, which no query at `>= L` can see).
+    pub max_tokens: usize,
+    /// Activation and dense-weight dtype.
+    pub dtype: DType,
+    /// Routed-expert weight dtype (`bf16`, `mxfp4`, `nvfp4`).
+    pub expert_dtype: DType,
+}
+
+impl Default for GraphOptions {
+    fn default() -> GraphOptions {
+        GraphOptions {
+            context: 4096,
+            max_tokens: 64,
+            dtype: DType::BF16,
+            expert_dtype: DType::BF16,
+        }
+    }
+}
+
+impl GraphOptions {
+    /// Ring capacity for a sliding-window cache of `window`.
+    pub fn ring_capacity(&self, window: usize) -> usize {
+        (window + self.max_tokens - 1).min(self.context)
+    }
+}
+
+/// SwiGLU MLP: `down(silu(gate(x)) * up(x))`, weights `{prefix}.{gate,up,down}_proj.weight`.
+pub fn dense_mlp(b: &mut Builder, x: NodeId, prefix: &str, hidden: usize, inter: usize, dtype: DType) -> Result<NodeId> {
+    let wg = b.weight(&format!("{prefix}.gate_proj.weight"), dtype, shape![(inter), (hidden)])?;
+    let wu = b.weight(&format!("{prefix}.up_proj.weight"), dtype, shape![(inter), (hidden)])?;
+    let wd = b.weight(&format!("{prefix}.down_proj.weight"), dtype, shape![(hidden), (inter)])?;
+    let gate = b.matmul(x, wg)?;
+    b.name(gate, "gate");
+    let up = b.matmul(x, wu)?;
+    b.name(up, "up");
+    let act = b.silu(gate)?;
+    b.name(act, "act");
+    let h = b.mul(act, up)?;
+    b.name(h, "h");
+    let y = b.matmul(h, wd)?;
+    Ok(b.name(y, "out"))
+}
+
+/// Routed experts after a router: logits → choice → weights → grouped SwiGLU.
+/// `logits` must be f32 `[T, E]`; weights `{prefix}.experts.{gate_up,down}_proj`.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_experts(
+    b: &mut Builder,
+    x: NodeId,
+    logits: NodeId,
+    bias: Option<NodeId>,
+    router: &RouterConfig,
+    prefix: &str,
+    n_experts: usize,
+    hidden: usize,
+    inter: usize,
+    expert_dtype: DType,
+) -> Result<NodeId> {
+    let w13 = b.weight(
+        &format!("{prefix}.experts.gate_up_proj"),
+        expert_dtype,
+        shape![(n_experts), (2 * inter), (hidden)],
+    )?;
+    let w2 = b.weight(
+        &format!("{prefix}.experts.down_proj"),
+        expert_dtype,
+        shape![(n_experts), (hidden), (inter)],
+    )?;
+    let idx = b.router_select(logits, bias, router)?;
+    b.name(idx, "experts_idx");
+    let w = b.router_weights(logits, idx, router)?;
+    b.name(w, "experts_w");
+    let y = b.experts(x, idx, w, w13, w2)?;
+    Ok(b.name(y, "out"))
+}

@@ -1,0 +1,276 @@
+//! A thin layer over the CUDA driver (through cudarc): the device, modules
+//! compiled by [`crate::nvrtc`], raw buffers and launches.
+//!
+//! Everything runs on one stream in issue order, so buffers are plain device
+//! pointers and cudarc's per-buffer event tracking is switched off.
+
+use std::fmt;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+
+use crate::nvrtc::{self, CompileError, CompileOptions, Compiled};
+
+/// A GPU failure, with what was being done.
+#[derive(Clone, Debug)]
+pub enum GpuError {
+    /// A driver call failed.
+    Driver(String),
+    /// A kernel failed to compile.
+    Compile(CompileError),
+    /// Not enough device memory.
+    OutOfMemory {
+        /// What the allocation was for.
+        what: String,
+        /// Bytes asked.
+        asked: usize,
+        /// Bytes free on the device when asked.
+        free: usize,
+    },
+}
+
+impl fmt::Display for GpuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GpuError::Driver(m) => f.write_str(m),
+            GpuError::Compile(e) => write!(f, "{e}"),
+            GpuError::OutOfMemory { what, asked, free } => write!(
+                f,
+                "out of GPU memory allocating {what}: asked {:.1} MiB, {:.1} MiB free; \
+                 use a smaller model, fewer layers or a shorter context",
+                *asked as f64 / 1048576.0,
+                *free as f64 / 1048576.0
+            ),
+        }
+    }
+}
+
+impl std::error::Error for GpuError {}
+
+impl From<CompileError> for GpuError {
+    fn from(e: CompileError) -> GpuError {
+        GpuError::Compile(e)
+    }
+}
+
+fn drv<T>(r: Result<T, cudarc::driver::DriverError>, what: &str) -> Result<T, GpuError> {
+    r.map_err(|e| GpuError::Driver(format!("{what}: {e:?}")))
+}
+
+/// The GPU: a context and its stream.
+#[derive(Debug)]
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    /// NVRTC target, e.g. `sm_90a`.
+    pub arch: String,
+    /// Streaming multiprocessors.
+    pub sms: u32,
+    /// Device name.
+    pub name: String,
+}
+
+/// A device buffer of bytes.
+#[derive(Debug)]
+pub struct Buffer {
+    slice: CudaSlice<u8>,
+    ptr: u64,
+}
+
+impl Buffer {
+    /// The device address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.slice.len()
+    }
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.slice.len() == 0
+    }
+}
+
+/// A kernel argument.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    /// A device pointer.
+    Ptr(u64),
+    /// An `int`.
+    I32(i32),
+    /// A `float`.
+    F32(f32),
+}
+
+/// A loaded module with its compile report.
+#[derive(Debug)]
+pub struct Module {
+    module: Arc<CudaModule>,
+    /// The compile result (log, resources).
+    pub compiled: Compiled,
+}
+
+impl Module {
+    /// A kernel of the module by its `extern "C"` name.
+    pub fn function(&self, name: &str) -> Result<CudaFunction, GpuError> {
+        drv(self.module.load_function(name), &format!("loading kernel `{name}`"))
+    }
+}
+
+impl Gpu {
+    /// Opens device 0. `Ok(None)` when this machine has no CUDA driver or no GPU.
+    pub fn open() -> Result<Option<Gpu>, GpuError> {
+        // SAFETY: probing for the driver library has no preconditions.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Ok(None);
+        }
+        match cudarc::driver::result::init().and_then(|_| cudarc::driver::result::device::get_count()) {
+            Ok(n) if n > 0 => {}
+            _ => return Ok(None),
+        }
+        let ctx = drv(CudaContext::new(0), "creating a CUDA context on device 0")?;
+        // SAFETY: called before any buffer exists; every launch goes to the one stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let major = drv(ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR), "reading the compute capability")?;
+        let minor = drv(ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR), "reading the compute capability")?;
+        let sms = drv(ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT), "reading the SM count")?;
+        let name = drv(ctx.name(), "reading the device name")?;
+        let arch = if major == 9 && minor == 0 {
+            "sm_90a".to_string()
+        } else {
+            format!("sm_{major}{minor}")
+        };
+        Ok(Some(Gpu {
+            ctx,
+            stream,
+            arch,
+            sms: sms as u32,
+            name,
+        }))
+    }
+
+    /// The one-line message a GPU test prints when it skips.
+    pub const SKIP: &'static str = "skipped: no CUDA GPU on this machine";
+
+    /// Compiles `source` for this device and loads it.
+    pub fn load(&self, name: &str, source: &str, headers: &[(&str, &str)]) -> Result<Module, GpuError> {
+        let opts = CompileOptions {
+            arch: self.arch.clone(),
+            ..CompileOptions::default()
+        };
+        let compiled = nvrtc::compile(name, source, headers, &opts)?;
+        let module = drv(
+            self.ctx.load_module(Ptx::from_binary(compiled.cubin.clone())),
+            &format!("loading the module of `{name}`"),
+        )?;
+        Ok(Module { module, compiled })
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize), GpuError> {
+        drv(self.ctx.mem_get_info(), "reading free memory")
+    }
+
+    /// Allocates `bytes` (content undefined); the error names `what`.
+    pub fn alloc(&self, bytes: usize, what: &str) -> Result<Buffer, GpuError> {
+        let (free, _) = self.mem_info()?;
+        if bytes > free {
+            return Err(GpuError::OutOfMemory {
+                what: what.to_string(),
+                asked: bytes,
+                free,
+            });
+        }
+        // SAFETY: the buffer is written before it is read by every user of this API
+        // (uploads, or poison fills in tests).
+        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| GpuError::OutOfMemory {
+            what: format!("{what} ({e:?})"),
+            asked: bytes,
+            free,
+        })?;
+        let ptr = slice.device_ptr(&self.stream).0;
+        Ok(Buffer { slice, ptr })
+    }
+
+    /// Copies host bytes into a new buffer.
+    pub fn upload(&self, data: &[u8], what: &str) -> Result<Buffer, GpuError> {
+        let mut b = self.alloc(data.len(), what)?;
+        drv(self.stream.memcpy_htod(data, &mut b.slice), &format!("uploading {what}"))?;
+        Ok(b)
+    }
+
+    /// Copies host bytes into an existing buffer at `offset`.
+    pub fn write(&self, buf: &mut Buffer, offset: usize, data: &[u8]) -> Result<(), GpuError> {
+        let end = offset + data.len();
+        if end > buf.len() {
+            return Err(GpuError::Driver(format!(
+                "write of {} bytes at {offset} past the end of a {}-byte buffer",
+                data.len(),
+                buf.len()
+            )));
+        }
+        let mut view = buf.slice.slice_mut(offset..end);
+        drv(self.stream.memcpy_htod(data, &mut view), "copying to the GPU")
+    }
+
+    /// Copies a whole buffer back to the host (waits for the stream).
+    pub fn download(&self, buf: &Buffer) -> Result<Vec<u8>, GpuError> {
+        drv(self.stream.clone_dtoh(&buf.slice), "copying from the GPU")
+    }
+
+    /// Copies `len` bytes from `offset` of a buffer back to the host.
+    pub fn download_range(&self, buf: &Buffer, offset: usize, len: usize) -> Result<Vec<u8>, GpuError> {
+        let view = buf.slice.slice(offset..offset + len);
+        drv(self.stream.clone_dtoh(&view), "copying from the GPU")
+    }
+
+    /// Launches `func` on `grid` CTAs of `block` threads with `smem` bytes of
+    /// dynamic shared memory. `name` is used in errors.
+    pub fn launch(&self, name: &str, func: &CudaFunction, grid: u32, block: u32, smem: u32, args: &[Arg]) -> Result<(), GpuError> {
+        if smem > 48 * 1024 {
+            drv(
+                func.set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                ),
+                &format!("raising the shared memory limit of `{name}` to {smem} bytes"),
+            )?;
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (grid.max(1), 1, 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let mut b = self.stream.launch_builder(func);
+        for a in args {
+            match a {
+                Arg::Ptr(p) => b.arg(p),
+                Arg::I32(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+            };
+        }
+        // SAFETY: the argument list matches the generated kernel's signature, which the
+        // caller built from the same plan; buffers outlive the launch (one stream, waited on
+        // before any buffer is dropped).
+        drv(unsafe { b.launch(cfg) }.map(|_| ()), &format!("launching kernel `{name}`"))
+    }
+
+    /// Waits for all work; a kernel fault surfaces here, named by `what`.
+    pub fn sync(&self, what: &str) -> Result<(), GpuError> {
+        drv(self.stream.synchronize(), what)
+    }
+
+    /// The stream (for CUDA-graph capture and events).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+}

@@ -1,0 +1,467 @@
+//! Run-time compilation of generated CUDA C++ with NVRTC, and its on-disk cache.
+//!
+//! NVRTC (`libnvrtc.so.13`) and the CUDA headers are found, in order, under
+//! `$CUDA_HOME`, `$CUDA_PATH`, `/usr/local/cuda` and the folders of the pip
+//! wheel `nvidia-cuda-nvrtc` (`site-packages/nvidia/cu13`, named by
+//! `$TILEFUSE_CUDA_WHEEL` or found through `python3`). The library is opened
+//! by its full path before cudarc opens it by name, so no `LD_LIBRARY_PATH`
+//! is needed. No GPU is needed to compile.
+//!
+//! Compiled cubins are cached on disk under `$TILEFUSE_CACHE_DIR` (default
+//! `$XDG_CACHE_HOME/tilefuse` or `~/.cache/tilefuse`), keyed by a SHA-256 of
+//! the source, the headers, the options and the NVRTC version. Setting
+//! `TILEFUSE_NO_COMPILE=1` makes any compile that misses the cache an error,
+//! which proves that a warm start compiles nothing.
+
+use std::ffi::{c_char, CStr, CString};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use cudarc::nvrtc::sys;
+use sha2::{Digest, Sha256};
+
+/// Where the CUDA toolkit pieces NVRTC needs were found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CudaPaths {
+    /// Folder holding `cuda_bf16.h` and friends.
+    pub include: PathBuf,
+    /// Folder holding `libnvrtc.so.13`.
+    pub lib: PathBuf,
+}
+
+/// Why a compile failed.
+#[derive(Clone, Debug)]
+pub enum CompileError {
+    /// NVRTC or the CUDA headers could not be found or loaded.
+    Setup(String),
+    /// NVRTC rejected the source.
+    Source {
+        /// The kernel (program) name.
+        name: String,
+        /// NVRTC's log.
+        log: String,
+        /// The options passed.
+        options: Vec<String>,
+        /// The source with line numbers.
+        numbered_source: String,
+    },
+    /// `TILEFUSE_NO_COMPILE` is set and the cubin was not cached.
+    Forbidden(String),
+}
+
+impl fmt::Display for CompileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CompileError::Setup(m) => f.write_str(m),
+            CompileError::Forbidden(name) => write!(
+                f,
+                "kernel source `{name}` is not in the compile cache and TILEFUSE_NO_COMPILE is set"
+            ),
+            CompileError::Source {
+                name,
+                log,
+                options,
+                numbered_source,
+            } => write!(
+                f,
+                "NVRTC failed to compile `{name}`\n--- log ---\n{}\n--- options ---\n{}\n--- source ---\n{numbered_source}",
+                log.trim_end(),
+                options.join(" ")
+            ),
+        }
+    }
+}
+
+impl std::error::Error for CompileError {}
+
+/// Registers, spills and shared memory of one kernel, from the ptxas report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelResources {
+    /// The (mangled or `extern "C"`) kernel name.
+    pub name: String,
+    /// Registers per thread.
+    pub registers: u32,
+    /// Bytes of spill stores.
+    pub spill_stores: u32,
+    /// Bytes of spill loads.
+    pub spill_loads: u32,
+    /// Stack frame bytes.
+    pub stack_frame: u32,
+    /// Static shared memory bytes.
+    pub shared: u32,
+}
+
+/// A compiled program.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    /// Machine code for the target arch.
+    pub cubin: Vec<u8>,
+    /// PTX (empty when the cubin came from the cache).
+    pub ptx: String,
+    /// NVRTC's log, with the ptxas resource report.
+    pub log: String,
+    /// Parsed resource usage per kernel.
+    pub resources: Vec<KernelResources>,
+    /// True when served from the disk cache.
+    pub cached: bool,
+}
+
+/// Options of one compile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompileOptions {
+    /// Target, e.g. `sm_90a`.
+    pub arch: String,
+    /// Emit line info for profilers and sanitizers.
+    pub line_info: bool,
+    /// Extra NVRTC options.
+    pub extra: Vec<String>,
+}
+
+impl Default for CompileOptions {
+    fn default() -> CompileOptions {
+        CompileOptions {
+            arch: "sm_90a".into(),
+            line_info: true,
+            extra: vec![],
+        }
+    }
+}
+
+static COMPILES: AtomicUsize = AtomicUsize::new(0);
+
+/// NVRTC compiles done by this process (cache hits not counted).
+pub fn compile_count() -> usize {
+    COMPILES.load(Ordering::SeqCst)
+}
+
+fn has_nvrtc(dir: &Path) -> bool {
+    dir.join("libnvrtc.so.13").exists()
+}
+
+fn candidates() -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> = Vec::new();
+    for var in ["CUDA_HOME", "CUDA_PATH", "TILEFUSE_CUDA_WHEEL"] {
+        if let Some(v) = std::env::var_os(var) {
+            roots.push(PathBuf::from(v));
+        }
+    }
+    roots.push(PathBuf::from("/usr/local/cuda"));
+    // The pip wheels: ask python where the `nvidia` namespace package lives.
+    if let Ok(out) = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import nvidia, os; print('\\n'.join(os.path.join(p, 'cu13') for p in nvidia.__path__))",
+        ])
+        .output()
+    {
+        if out.status.success() {
+            for l in String::from_utf8_lossy(&out.stdout).lines() {
+                roots.push(PathBuf::from(l.trim()));
+            }
+        }
+    }
+    roots
+}
+
+/// Finds the CUDA include folder and NVRTC library; the error says what to install.
+pub fn find_cuda() -> Result<CudaPaths, CompileError> {
+    let roots = candidates();
+    for root in &roots {
+        let include = root.join("include");
+        if !include.join("cuda_bf16.h").exists() {
+            continue;
+        }
+        for lib in [root.join("lib64"), root.join("lib"), root.join("targets/x86_64-linux/lib")] {
+            if has_nvrtc(&lib) {
+                return Ok(CudaPaths { include, lib });
+            }
+        }
+    }
+    let tried: Vec<String> = roots.iter().map(|p| p.display().to_string()).collect();
+    Err(CompileError::Setup(format!(
+        "NVRTC 13 (libnvrtc.so.13) and the CUDA headers were not found (looked under: {}). \
+         Install the CUDA 13 toolkit and set CUDA_HOME, or `pip install nvidia-cuda-nvrtc==13.0.88 \
+         nvidia-cuda-runtime==13.0.96` and set TILEFUSE_CUDA_WHEEL to the wheel's nvidia/cu13 folder",
+        tried.join(", ")
+    )))
+}
+
+struct Nvrtc {
+    paths: CudaPaths,
+    version: (i32, i32),
+    // Keeps the libraries mapped so cudarc's open-by-name finds them.
+    _libs: Vec<libloading::Library>,
+}
+
+fn nvrtc() -> Result<&'static Nvrtc, CompileError> {
+    static NVRTC: OnceLock<Result<Nvrtc, CompileError>> = OnceLock::new();
+    NVRTC
+        .get_or_init(|| {
+            let paths = find_cuda()?;
+            let mut libs = Vec::new();
+            // The builtins first: libnvrtc opens them by name when it compiles.
+            let builtins = std::fs::read_dir(&paths.lib)
+                .map_err(|e| CompileError::Setup(format!("cannot read {}: {e}", paths.lib.display())))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("libnvrtc-builtins.so"))
+                })
+                .min();
+            for path in builtins.into_iter().chain([paths.lib.join("libnvrtc.so.13")]) {
+                // SAFETY: loading NVIDIA's NVRTC shared libraries, whose initialisers have no
+                // preconditions; the handles live for the whole process in this static.
+                let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| {
+                    CompileError::Setup(format!("cannot load {}: {e}", path.display()))
+                })?;
+                libs.push(lib);
+            }
+            let (mut major, mut minor) = (0, 0);
+            // SAFETY: the library is loaded; the out-pointers are valid for writes.
+            let r = unsafe { sys::nvrtcVersion(&mut major, &mut minor) };
+            if r != sys::nvrtcResult::NVRTC_SUCCESS {
+                return Err(CompileError::Setup(format!("nvrtcVersion failed: {r:?}")));
+            }
+            Ok(Nvrtc {
+                paths,
+                version: (major, minor),
+                _libs: libs,
+            })
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// The NVRTC version found, as `(major, minor)`.
+pub fn version() -> Result<(i32, i32), CompileError> {
+    Ok(nvrtc()?.version)
+}
+
+/// The CUDA paths in use.
+pub fn paths() -> Result<CudaPaths, CompileError> {
+    Ok(nvrtc()?.paths.clone())
+}
+
+/// The source with 1-based line numbers, for error messages.
+pub fn numbered(source: &str) -> String {
+    source
+        .lines()
+        .enumerate()
+        .map(|(i, l)| format!("{:>5} | {l}", i + 1))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("TILEFUSE_CACHE_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("tilefuse"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/tilefuse"))
+}
+
+fn all_options(opts: &CompileOptions, include: &Path) -> Vec<String> {
+    let mut o = vec![
+        format!("--gpu-architecture={}", opts.arch),
+        "--std=c++17".to_string(),
+        format!("--include-path={}", include.display()),
+        "-Xptxas=-v".to_string(),
+        "--device-as-default-execution-space".to_string(),
+    ];
+    if opts.line_info {
+        o.push("--generate-line-info".into());
+    }
+    o.extend(opts.extra.iter().cloned());
+    o
+}
+
+/// Parses the `ptxas info` lines of an NVRTC log.
+pub fn parse_resources(log: &str) -> Vec<KernelResources> {
+    let mut out: Vec<KernelResources> = Vec::new();
+    let num_before = |line: &str, unit: &str| -> u32 {
+        line.find(unit)
+            .and_then(|i| line[..i].split_whitespace().last())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    for line in log.lines() {
+        if let Some(i) = line.find("Compiling entry function '") {
+            let rest = &line[i + "Compiling entry function '".len()..];
+            let name = rest.split('\'').next().unwrap_or("").to_string();
+            out.push(KernelResources {
+                name,
+                ..KernelResources::default()
+            });
+        } else if let Some(k) = out.last_mut() {
+            if line.contains("bytes stack frame") {
+                k.stack_frame = num_before(line, "bytes stack frame");
+                k.spill_stores = num_before(line, "bytes spill stores");
+                k.spill_loads = num_before(line, "bytes spill loads");
+            } else if line.contains("Used") && line.contains("registers") {
+                k.registers = num_before(line, "registers");
+                k.shared = num_before(line, "bytes smem");
+            }
+        }
+    }
+    out
+}
+
+/// Compiles `source` (which may `#include` any of `headers`) to a cubin, from the
+/// disk cache when the same source, headers, options and NVRTC were seen before.
+pub fn compile(
+    name: &str,
+    source: &str,
+    headers: &[(&str, &str)],
+    opts: &CompileOptions,
+) -> Result<Compiled, CompileError> {
+    let nv = nvrtc()?;
+    let options = all_options(opts, &nv.paths.include);
+    let mut h = Sha256::new();
+    for part in [source.as_bytes(), b"\0"] {
+        h.update(part);
+    }
+    for (n, s) in headers {
+        h.update(n.as_bytes());
+        h.update(b"\0");
+        h.update(s.as_bytes());
+        h.update(b"\0");
+    }
+    for o in &options {
+        h.update(o.as_bytes());
+        h.update(b"\0");
+    }
+    h.update(format!("nvrtc {}.{}", nv.version.0, nv.version.1).as_bytes());
+    let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let dir = cache_dir();
+    if let Some(d) = &dir {
+        let cubin = d.join(format!("{key}.cubin"));
+        let log = d.join(format!("{key}.log"));
+        if let (Ok(c), Ok(l)) = (std::fs::read(&cubin), std::fs::read_to_string(&log)) {
+            return Ok(Compiled {
+                cubin: c,
+                ptx: String::new(),
+                resources: parse_resources(&l),
+                log: l,
+                cached: true,
+            });
+        }
+    }
+    if std::env::var_os("TILEFUSE_NO_COMPILE").is_some_and(|v| !v.is_empty() && v != "0") {
+        return Err(CompileError::Forbidden(name.to_string()));
+    }
+    let compiled = compile_uncached(name, source, headers, &options)?;
+    COMPILES.fetch_add(1, Ordering::SeqCst);
+    if let Some(d) = &dir {
+        // Write to a temporary name and rename, so a reader never sees half a file.
+        if std::fs::create_dir_all(d).is_ok() {
+            let tmp = d.join(format!("{key}.{}.tmp", std::process::id()));
+            for (ext, bytes) in [("log", compiled.log.as_bytes()), ("cubin", &compiled.cubin[..])] {
+                if std::fs::write(&tmp, bytes).is_ok() {
+                    let _ = std::fs::rename(&tmp, d.join(format!("{key}.{ext}")));
+                }
+            }
+        }
+    }
+    Ok(compiled)
+}
+
+fn cstring(s: &str, what: &str) -> Result<CString, CompileError> {
+    CString::new(s).map_err(|_| CompileError::Setup(format!("{what} contains a NUL byte")))
+}
+
+fn compile_uncached(
+    name: &str,
+    source: &str,
+    headers: &[(&str, &str)],
+    options: &[String],
+) -> Result<Compiled, CompileError> {
+    let src = cstring(source, "the kernel source")?;
+    let cname = cstring(name, "the kernel name")?;
+    let hsrc: Vec<CString> = headers
+        .iter()
+        .map(|(_, s)| cstring(s, "a header"))
+        .collect::<Result<_, _>>()?;
+    let hnames: Vec<CString> = headers
+        .iter()
+        .map(|(n, _)| cstring(n, "a header name"))
+        .collect::<Result<_, _>>()?;
+    let hsrc_p: Vec<*const c_char> = hsrc.iter().map(|c| c.as_ptr()).collect();
+    let hnames_p: Vec<*const c_char> = hnames.iter().map(|c| c.as_ptr()).collect();
+    let copts: Vec<CString> = options
+        .iter()
+        .map(|o| cstring(o, "an option"))
+        .collect::<Result<_, _>>()?;
+    let copts_p: Vec<*const c_char> = copts.iter().map(|c| c.as_ptr()).collect();
+    let check = |r: sys::nvrtcResult, what: &str| {
+        if r == sys::nvrtcResult::NVRTC_SUCCESS {
+            Ok(())
+        } else {
+            Err(CompileError::Setup(format!("{what} failed for `{name}`: {r:?}")))
+        }
+    };
+    let mut prog: sys::nvrtcProgram = std::ptr::null_mut();
+    // SAFETY: all pointers come from CStrings alive until the end of this function;
+    // the counts match the arrays.
+    check(
+        unsafe {
+            sys::nvrtcCreateProgram(
+                &mut prog,
+                src.as_ptr(),
+                cname.as_ptr(),
+                hsrc_p.len() as i32,
+                hsrc_p.as_ptr(),
+                hnames_p.as_ptr(),
+            )
+        },
+        "nvrtcCreateProgram",
+    )?;
+    // SAFETY: `prog` was created above and is destroyed exactly once below.
+    let result = unsafe { sys::nvrtcCompileProgram(prog, copts_p.len() as i32, copts_p.as_ptr()) };
+    let log = {
+        let mut n = 0usize;
+        // SAFETY: `prog` is valid; NVRTC writes `n` bytes, the buffer has `n`.
+        unsafe {
+            sys::nvrtcGetProgramLogSize(prog, &mut n);
+            let mut buf = vec![0 as c_char; n.max(1)];
+            sys::nvrtcGetProgramLog(prog, buf.as_mut_ptr());
+            CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned()
+        }
+    };
+    let out = if result != sys::nvrtcResult::NVRTC_SUCCESS {
+        Err(CompileError::Source {
+            name: name.to_string(),
+            log: log.clone(),
+            options: options.to_vec(),
+            numbered_source: numbered(source),
+        })
+    } else {
+        let mut n = 0usize;
+        let mut ptx_n = 0usize;
+        // SAFETY: `prog` compiled successfully; the buffers are sized by NVRTC's own size calls.
+        unsafe {
+            check(sys::nvrtcGetCUBINSize(prog, &mut n), "nvrtcGetCUBINSize")?;
+            let mut cubin = vec![0u8; n];
+            check(sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut c_char), "nvrtcGetCUBIN")?;
+            check(sys::nvrtcGetPTXSize(prog, &mut ptx_n), "nvrtcGetPTXSize")?;
+            let mut ptx = vec![0 as c_char; ptx_n.max(1)];
+            check(sys::nvrtcGetPTX(prog, ptx.as_mut_ptr()), "nvrtcGetPTX")?;
+            Ok(Compiled {
+                cubin,
+                ptx: CStr::from_ptr(ptx.as_ptr()).to_string_lossy().into_owned(),
+                resources: parse_resources(&log),
+                log,
+                cached: false,
+            })
+        }
+    };
+    // SAFETY: destroying the program created above, once.
+    unsafe {
+        sys::nvrtcDestroyProgram(&mut prog);
+    }
+    out
+}

@@ -1,0 +1,196 @@
+//! Prefill and token-by-token decoding over one [`Executable`].
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tilefuse_ir::interp::{self, Tensor};
+use tilefuse_ir::{Bindings, ErrorKind, IrError, Result};
+
+use crate::Executable;
+
+/// How the next token is chosen from the logits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sampling {
+    /// The most likely token (first on ties).
+    Greedy,
+    /// A draw from `softmax(logits / temperature)` with the IR's counter-based
+    /// uniform: draw `n` of a run uses `uniform(seed, n)`, so a seed reproduces a run.
+    Temperature {
+        /// Temperature, > 0.
+        temperature: f32,
+        /// Seed.
+        seed: u32,
+    },
+}
+
+/// Where the time of a generation went.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepTimes {
+    /// Prefill forwards, all chunks.
+    pub prefill: Duration,
+    /// Decode forwards, one per generated token after the first.
+    pub decode: Vec<Duration>,
+}
+
+/// A decoding session: the executable, the committed tokens and the cache length.
+#[derive(Debug)]
+pub struct Session {
+    exe: Executable,
+    /// Positions the caches hold (the committed length).
+    len: usize,
+    context: usize,
+    max_tokens: usize,
+    vocab: usize,
+    draws: u32,
+    /// Time spent so far.
+    pub times: StepTimes,
+}
+
+impl Session {
+    /// A session over `exe`, whose graph takes `ids`/`pos` of `[T]` and gives
+    /// `logits [T, vocab]`; `context` is the most positions the caches hold,
+    /// `max_tokens` the most tokens one forward may take.
+    pub fn new(exe: Executable, context: usize, max_tokens: usize) -> Result<Session> {
+        let g = exe.graph();
+        let logits = g
+            .outputs()
+            .iter()
+            .find(|(n, _)| n == "logits")
+            .map(|(_, id)| g.node(*id).ty.clone())
+            .ok_or_else(|| {
+                IrError::new(
+                    ErrorKind::Interp,
+                    format!("graph \"{}\" has no output named \"logits\"", g.name),
+                )
+            })?;
+        let vocab = logits
+            .dims()
+            .last()
+            .and_then(|d| d.as_const())
+            .ok_or_else(|| {
+                IrError::new(ErrorKind::Interp, format!("logits {logits} have no constant vocabulary axis"))
+            })?;
+        Ok(Session {
+            exe,
+            len: 0,
+            context,
+            max_tokens: max_tokens.max(1),
+            vocab,
+            draws: 0,
+            times: StepTimes::default(),
+        })
+    }
+
+    /// Positions the caches hold.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True before the first forward.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Vocabulary size.
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    /// Runs the tokens at positions `len..len+n` (in chunks of at most
+    /// `max_tokens`) and returns the logits of the last one.
+    pub fn feed(&mut self, tokens: &[i32]) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(IrError::new(ErrorKind::Interp, "no tokens to run: the prompt is empty"));
+        }
+        if self.len + tokens.len() > self.context {
+            return Err(IrError::new(
+                ErrorKind::Interp,
+                format!(
+                    "{} tokens after {} cached exceed the context limit of {} positions; \
+                     use a shorter prompt or fewer new tokens",
+                    tokens.len(),
+                    self.len,
+                    self.context
+                ),
+            ));
+        }
+        let mut last = Vec::new();
+        for chunk in tokens.chunks(self.max_tokens) {
+            last = self.forward(chunk)?;
+        }
+        Ok(last)
+    }
+
+    fn forward(&mut self, chunk: &[i32]) -> Result<Vec<f32>> {
+        let t = chunk.len();
+        let pos: Vec<i32> = (self.len..self.len + t).map(|p| p as i32).collect();
+        let mut inputs = BTreeMap::new();
+        inputs.insert("ids".to_string(), Tensor::i32(&[t], chunk.to_vec())?);
+        inputs.insert("pos".to_string(), Tensor::i32(&[t], pos)?);
+        let b = Bindings::new().with("S", self.len).with("T", t);
+        let out = self.exe.run(&b, inputs)?;
+        self.len += t;
+        let logits = out
+            .get("logits")
+            .ok_or_else(|| IrError::new(ErrorKind::Interp, "the forward returned no logits"))?
+            .to_f32();
+        Ok(logits[(t - 1) * self.vocab..t * self.vocab].to_vec())
+    }
+
+    /// Chooses a token from one row of logits; an error if the row has no
+    /// finite value to choose (NaN logits).
+    pub fn choose(&mut self, logits: &[f32], sampling: Sampling) -> Result<i32> {
+        let tok = match sampling {
+            Sampling::Greedy => interp::argmax_row(logits),
+            Sampling::Temperature { temperature, seed } => {
+                let u = interp::uniform(seed, self.draws);
+                self.draws = self.draws.wrapping_add(1);
+                interp::sample_row(logits, temperature, u)
+            }
+        };
+        tok.map(|t| t as i32).ok_or_else(|| {
+            IrError::new(
+                ErrorKind::Interp,
+                format!("no token can be chosen at position {}: the logits are NaN", self.len),
+            )
+        })
+    }
+
+    /// Prefills `prompt`, then generates up to `max_new` tokens, calling
+    /// `on_token` with each as soon as it is chosen (return `false` to stop).
+    pub fn generate(
+        &mut self,
+        prompt: &[i32],
+        max_new: usize,
+        sampling: Sampling,
+        mut on_token: impl FnMut(i32) -> bool,
+    ) -> Result<Vec<i32>> {
+        if self.len + prompt.len() + max_new.saturating_sub(1) > self.context {
+            return Err(IrError::new(
+                ErrorKind::Interp,
+                format!(
+                    "the prompt ({} tokens) plus {max_new} new tokens need {} positions, \
+                     past the context limit of {}; shorten the prompt or ask for fewer tokens",
+                    prompt.len(),
+                    prompt.len() + max_new,
+                    self.context
+                ),
+            ));
+        }
+        let t0 = Instant::now();
+        let mut logits = self.feed(prompt)?;
+        self.times.prefill += t0.elapsed();
+        let mut out = Vec::with_capacity(max_new);
+        while out.len() < max_new {
+            let tok = self.choose(&logits, sampling)?;
+            out.push(tok);
+            if !on_token(tok) || out.len() == max_new {
+                break;
+            }
+            let t = Instant::now();
+            logits = self.feed(&[tok])?;
+            self.times.decode.push(t.elapsed());
+        }
+        Ok(out)
+    }
+}
