@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tilefuse::model::presets;
-use tilefuse::runtime::{Backend, Executable, Sampling, Session};
+use tilefuse::runtime::{Backend, Executable, LaunchMode, Sampling, Session};
 
 #[derive(Parser)]
 #[command(name = "tilefuse", version, about = "Fused, memory-bound decoding for Mixture-of-Experts models")]
@@ -15,9 +15,30 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum BackendArg {
+    /// The GPU when one is present, else the CPU.
+    Auto,
+    /// Generated kernels on the GPU.
+    Cuda,
+    /// The reference interpreter.
     Cpu,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    /// One launch per kernel.
+    Stream,
+    /// CUDA graphs replayed per bucket of T.
+    Graph,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum EmitArg {
+    Ir,
+    Plan,
+    Cuda,
+    Ptx,
 }
 
 #[derive(Subcommand)]
@@ -40,8 +61,11 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u32,
         /// Where to run.
-        #[arg(long, value_enum, default_value = "cpu")]
+        #[arg(long, value_enum, default_value = "auto")]
         backend: BackendArg,
+        /// How GPU kernels are launched.
+        #[arg(long, value_enum, default_value = "graph")]
+        mode: ModeArg,
         /// Print one JSON object (prompt and generated ids, text, timings) instead of streaming text.
         #[arg(long)]
         json: bool,
@@ -54,6 +78,25 @@ enum Command {
         /// Only this decoder layer.
         #[arg(long)]
         layer: Option<usize>,
+    },
+    /// Fuse, plan and lower a model; write the IR after each pass, the plan,
+    /// the CUDA source, the PTX and a summary table.
+    Compile {
+        /// Built-in model.
+        #[arg(long, default_value = presets::DEFAULT)]
+        preset: String,
+        /// Only this decoder layer.
+        #[arg(long)]
+        layer: Option<usize>,
+        /// The bucket: the most tokens per forward.
+        #[arg(long, default_value_t = 1)]
+        tokens: usize,
+        /// What to write (comma-separated).
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "ir,plan,cuda,ptx")]
+        emit: Vec<EmitArg>,
+        /// Output folder (replaced whole).
+        #[arg(long, default_value = "tilefuse-out")]
+        out: std::path::PathBuf,
     },
     /// List the built-in models.
     Presets,
@@ -87,6 +130,30 @@ fn run(cli: Cli) -> Result<(), String> {
             print!("{g}");
             Ok(())
         }
+        Command::Compile {
+            preset,
+            layer,
+            tokens,
+            emit,
+            out,
+        } => {
+            let p = presets::by_name(&preset)?;
+            let g = match layer {
+                Some(i) => p.arch.layer_graph(&p.options, i),
+                None => p.arch.forward_graph(&p.options),
+            }
+            .map_err(|e| e.to_string())?;
+            let e = tilefuse::runtime::inspect::Emit {
+                ir: emit.contains(&EmitArg::Ir),
+                plan: emit.contains(&EmitArg::Plan),
+                cuda: emit.contains(&EmitArg::Cuda),
+                ptx: emit.contains(&EmitArg::Ptx),
+            };
+            let table = tilefuse::runtime::inspect::compile_artifacts(&g, tokens.max(1), e, &out)?;
+            print!("{table}");
+            eprintln!("wrote {}", out.display());
+            Ok(())
+        }
         Command::Generate {
             preset,
             prompt,
@@ -94,8 +161,9 @@ fn run(cli: Cli) -> Result<(), String> {
             temperature,
             seed,
             backend,
+            mode,
             json,
-        } => generate(&preset, &prompt, max_tokens, temperature, seed, backend, json),
+        } => generate(&preset, &prompt, max_tokens, temperature, seed, backend, mode, json),
     }
 }
 
@@ -111,6 +179,7 @@ fn flush_utf8(pending: &mut Vec<u8>, out: &mut impl Write) {
     pending.drain(..valid);
 }
 
+#[allow(clippy::too_many_arguments)]
 fn generate(
     preset: &str,
     prompt: &str,
@@ -118,6 +187,7 @@ fn generate(
     temperature: f32,
     seed: u32,
     backend: BackendArg,
+    mode: ModeArg,
     json: bool,
 ) -> Result<(), String> {
     if prompt.is_empty() {
@@ -127,8 +197,16 @@ fn generate(
         return Err(format!("--temperature must be >= 0 (0 = greedy), found {temperature}"));
     }
     let p = presets::by_name(preset)?;
+    let mode = match mode {
+        ModeArg::Stream => LaunchMode::Stream,
+        ModeArg::Graph => LaunchMode::Graph,
+    };
+    let has_gpu = || matches!(tilefuse::runtime::gpu::Gpu::open(), Ok(Some(_)));
     let backend = match backend {
         BackendArg::Cpu => Backend::Cpu,
+        BackendArg::Cuda => Backend::Cuda(mode),
+        BackendArg::Auto if has_gpu() => Backend::Cuda(mode),
+        BackendArg::Auto => Backend::Cpu,
     };
     let t_load = Instant::now();
     let graph = p.arch.forward_graph(&p.options).map_err(|e| e.to_string())?;

@@ -19,6 +19,12 @@ use crate::lower;
 /// Alignment of every buffer, in bytes.
 pub const ALIGN: usize = 256;
 
+/// The arena starts with the symbols of the forward, `int T, S` at byte 0
+/// and 4; buffers follow from this offset. Kernels read the symbols from
+/// there, so a captured CUDA graph or a persistent kernel serves any `T` of
+/// its bucket and any `S` without new launch parameters.
+pub const SYMBOLS_BYTES: usize = ALIGN;
+
 /// A value that lives in the arena.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Value {
@@ -60,6 +66,8 @@ pub struct WeightSlot {
     pub offset: usize,
     /// Offset of the block scales (FP4 only).
     pub scales_offset: Option<usize>,
+    /// Offset of NVFP4's f32 tensor scale.
+    pub tensor_scale_offset: Option<usize>,
     /// Total bytes.
     pub bytes: usize,
 }
@@ -195,15 +203,21 @@ impl Plan {
             })?;
             let numel: usize = shape.iter().product();
             let last = shape.last().copied().unwrap_or(1);
-            let (bytes, scales_offset) = match node.ty.dtype.block_size() {
+            // FP4: codes, then one scale byte per block, then (NVFP4) the f32 tensor scale.
+            let (bytes, scales_offset, tensor_scale_offset) = match node.ty.dtype.block_size() {
                 Some(block) => {
                     let codes = align(numel / 2);
-                    let scales = numel / block * if node.ty.dtype == DType::NVFP4 { 1 } else { 1 };
-                    let extra = if node.ty.dtype == DType::NVFP4 { 4 } else { 0 };
-                    (codes + align(scales) + extra, Some(off + codes))
+                    let scales = align(numel / block);
+                    let nv = node.ty.dtype == DType::NVFP4;
+                    (
+                        codes + scales + if nv { 4 } else { 0 },
+                        Some(off + codes),
+                        nv.then_some(off + codes + scales),
+                    )
                 }
                 None => (
                     node.ty.dtype.storage_bytes(numel, last).unwrap_or(numel * 4),
+                    None,
                     None,
                 ),
             };
@@ -214,6 +228,7 @@ impl Plan {
                 shape,
                 offset: off,
                 scales_offset,
+                tensor_scale_offset,
                 bytes,
             });
             off += align(bytes);
@@ -526,7 +541,7 @@ fn assign_offsets(buffers: &mut [Buffer]) -> usize {
     let mut idx: Vec<usize> = (0..buffers.len()).collect();
     idx.sort_by_key(|&i| (std::cmp::Reverse(buffers[i].bytes), buffers[i].value));
     let mut placed: Vec<usize> = Vec::new();
-    let mut end = 0;
+    let mut end = SYMBOLS_BYTES;
     for i in idx {
         let (a0, a1) = buffers[i].live;
         let mut conflicts: Vec<(usize, usize)> = placed
@@ -539,7 +554,7 @@ fn assign_offsets(buffers: &mut [Buffer]) -> usize {
             .collect();
         conflicts.sort_unstable();
         let need = align(buffers[i].bytes);
-        let mut off = 0;
+        let mut off = SYMBOLS_BYTES;
         for (s, e) in conflicts {
             if off + need <= s {
                 break;

@@ -17,7 +17,7 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::ext::IdentExt;
 use syn::Ident;
 
-use crate::parse::{Arg, Block, DTypeArg, Dim, Expr, GraphFn, LoopHead, Name, ShapeArg, Stmt};
+use crate::parse::{Arg, Arith, Block, DTypeArg, Dim, Expr, GraphFn, LoopHead, Name, ShapeArg, Stmt};
 
 /// Expands a parsed graph function.
 pub fn generate(f: &GraphFn) -> TokenStream {
@@ -37,7 +37,11 @@ pub fn generate(f: &GraphFn) -> TokenStream {
         body,
     } = f;
     let (_, _, where_clause) = generics.split_for_impl();
-    let unit = matches!(ret, None | Some(syn::Type::Tuple(syn::TypeTuple { elems, .. })) if elems.is_empty());
+    let unit = match ret {
+        None => true,
+        Some(syn::Type::Tuple(t)) => t.elems.is_empty(),
+        Some(_) => false,
+    };
     let ret = match ret {
         Some(t) => quote!(#t),
         None => quote!(()),
@@ -134,8 +138,9 @@ impl Gen {
                     Some(Stmt::Expr { span, .. }) if t.needs_loc() => self.set_loc(*span),
                     _ => TokenStream::new(),
                 };
-                let v = self.returned(t);
-                quote!(#loc ::core::result::Result::Ok(#v))
+                let mut pre = Vec::new();
+                let v = self.returned(t, &mut pre);
+                quote!(#loc #(#pre)* ::core::result::Result::Ok(#v))
             }
             None if unit => quote!(::core::result::Result::Ok(())),
             None => TokenStream::new(),
@@ -144,13 +149,14 @@ impl Gen {
     }
 
     /// A returned value; a fresh node is named `out`.
-    fn returned(&mut self, e: &Expr) -> TokenStream {
-        let v = self.expr(e);
+    fn returned(&mut self, e: &Expr, pre: &mut Vec<TokenStream>) -> TokenStream {
+        let v = self.flat(e, pre);
         if !e.is_fresh() {
             return v;
         }
         let (b, t) = (self.b.clone(), self.temp());
-        quote!({ let #t = #v; #b.name(#t, "out") })
+        pre.push(quote!(let #t = #v;));
+        quote!(#b.name(#t, "out"))
     }
 
     fn block(&mut self, block: &Block) -> TokenStream {
@@ -158,24 +164,27 @@ impl Gen {
         quote!({ #(#stmts)* })
     }
 
+    /// A statement: its source place, the temporaries its value needs, then itself.
     fn stmt(&mut self, s: &Stmt) -> TokenStream {
         match s {
             Stmt::Rust(s) => quote!(#s),
             Stmt::Let { span, pat, init, name } => {
                 let loc = if init.needs_loc() { self.set_loc(*span) } else { TokenStream::new() };
-                let v = self.expr(init);
+                let mut pre = Vec::new();
+                let v = self.flat(init, &mut pre);
                 let named = name.as_ref().map(|n| {
                     let b = &self.b;
                     let s = n.unraw().to_string();
                     quote!(#b.name(#n, #s);)
                 });
-                quote!(#loc let #pat = #v; #named)
+                quote!(#loc #(#pre)* let #pat = #v; #named)
             }
             Stmt::Expr { span, expr, semi } => {
                 let loc = if expr.needs_loc() { self.set_loc(*span) } else { TokenStream::new() };
-                let v = self.expr(expr);
+                let mut pre = Vec::new();
+                let v = self.flat(expr, &mut pre);
                 let semi = semi.then(|| quote!(;));
-                quote!(#loc #v #semi)
+                quote!(#loc #(#pre)* #v #semi)
             }
         }
     }
@@ -183,7 +192,7 @@ impl Gen {
     /// An operand: inline when it does not call the builder, otherwise bound
     /// to a temporary in `pre`.
     fn operand(&mut self, e: &Expr, pre: &mut Vec<TokenStream>) -> TokenStream {
-        let v = self.expr(e);
+        let v = self.flat(e, pre);
         if !e.uses_builder() {
             return v;
         }
@@ -192,119 +201,111 @@ impl Gen {
         quote!(#t)
     }
 
-    /// `{ pre; [set_loc]; call }`, or just `call`.
-    fn call(&mut self, pre: Vec<TokenStream>, reset: Option<Span>, call: TokenStream) -> TokenStream {
-        let reset = reset.map(|s| self.set_loc(s));
-        if pre.is_empty() && reset.is_none() {
-            call
+    /// A self-contained expression: `{ pre; value }`, or just `value`.
+    fn expr(&mut self, e: &Expr) -> TokenStream {
+        let mut pre = Vec::new();
+        let v = self.flat(e, &mut pre);
+        if pre.is_empty() {
+            v
         } else {
-            quote!({ #(#pre)* #reset #call })
+            quote!({ #(#pre)* #v })
         }
     }
 
-    fn expr(&mut self, e: &Expr) -> TokenStream {
+    /// The value of `e`, with what must run before it appended to `pre`, in
+    /// evaluation order. When an operand moved the source place, `reset`
+    /// records the op's own line again before the call.
+    fn flat(&mut self, e: &Expr, pre: &mut Vec<TokenStream>) -> TokenStream {
         let b = self.b.clone();
         match e {
             Expr::Rust(e) => quote!(#e),
             Expr::Var(v) => quote!(#v),
-            Expr::Op { method, args, .. } => {
-                let mut pre = Vec::new();
+            Expr::Op { method, args } => {
                 let mut moved = false;
                 let args: Vec<TokenStream> = (args.iter())
                     .map(|a| match a {
                         Arg::Expr(x) => {
                             moved |= x.moves_loc();
-                            self.operand(x, &mut pre)
+                            self.operand(x, pre)
                         }
                         Arg::Shape(d) => shape(d),
                         Arg::Dim(d) => dim_arg(d),
-                        Arg::DType(d) => self.dtype(d, &mut pre),
+                        Arg::DType(d) => self.dtype(d, pre),
                         Arg::Tensors(xs) => {
                             moved |= xs.iter().any(Expr::moves_loc);
-                            let xs: Vec<_> = xs.iter().map(|x| self.operand(x, &mut pre)).collect();
+                            let xs: Vec<_> = xs.iter().map(|x| self.operand(x, pre)).collect();
                             quote!(&[#(#xs),*])
                         }
                     })
                     .collect();
-                let call = quote!(#b.#method(#(#args),*)?);
-                self.call(pre, moved.then(|| method.span()), call)
+                self.reset(moved, method.span(), pre);
+                quote!(#b.#method(#(#args),*)?)
             }
             Expr::Binary { op, span, lhs, rhs } => {
-                let mut pre = Vec::new();
                 let moved = lhs.moves_loc() || rhs.moves_loc();
-                let (l, r) = (self.operand(lhs, &mut pre), self.operand(rhs, &mut pre));
-                let call = match op {
-                    crate::parse::Arith::Add => quote!(#b.add(#l, #r)?),
-                    crate::parse::Arith::Mul => quote!(#b.mul(#l, #r)?),
+                let (l, r) = (self.operand(lhs, pre), self.operand(rhs, pre));
+                self.reset(moved, *span, pre);
+                match op {
+                    Arith::Add => quote!(#b.add(#l, #r)?),
+                    Arith::Mul => quote!(#b.mul(#l, #r)?),
                     op => {
                         let v = Ident::new(op.variant(), *span);
                         quote!(#b.binary(::tilefuse_ir::BinaryOp::#v, #l, #r)?)
                     }
-                };
-                self.call(pre, moved.then_some(*span), call)
+                }
             }
             Expr::Scalar { op, span, tensor, value } => {
-                let mut pre = Vec::new();
                 let moved = tensor.moves_loc() || value.moves_loc();
-                let (t, c) = (self.operand(tensor, &mut pre), self.operand(value, &mut pre));
+                let (t, c) = (self.operand(tensor, pre), self.operand(value, pre));
+                self.reset(moved, *span, pre);
                 let v = Ident::new(op.variant(), *span);
-                let call = quote!(#b.scalar(::tilefuse_ir::BinaryOp::#v, #t, #c)?);
-                self.call(pre, moved.then_some(*span), call)
+                quote!(#b.scalar(::tilefuse_ir::BinaryOp::#v, #t, #c)?)
             }
             Expr::Neg { span, x } => {
-                let mut pre = Vec::new();
                 let moved = x.moves_loc();
-                let x = self.operand(x, &mut pre);
-                let call = quote!(#b.unary(::tilefuse_ir::UnaryOp::Neg, #x)?);
-                self.call(pre, moved.then_some(*span), call)
+                let x = self.operand(x, pre);
+                self.reset(moved, *span, pre);
+                quote!(#b.unary(::tilefuse_ir::UnaryOp::Neg, #x)?)
             }
             Expr::Decl { kind, name, dtype, shape: s } => {
-                let mut pre = Vec::new();
                 let name = self.name(name);
-                let dtype = self.dtype(dtype, &mut pre);
+                let dtype = self.dtype(dtype, pre);
                 let s = match s {
                     ShapeArg::Dims(d) => shape(d),
-                    ShapeArg::Expr(x) => self.operand(x, &mut pre),
+                    ShapeArg::Expr(x) => self.operand(x, pre),
                 };
-                let call = quote!(#b.#kind(#name, #dtype, #s)?);
-                self.call(pre, None, call)
+                quote!(#b.#kind(#name, #dtype, #s)?)
             }
             Expr::Output { span, name, value } => {
-                let mut pre = Vec::new();
                 let name = self.name(name);
-                let v = self.operand(value, &mut pre);
+                let v = self.operand(value, pre);
                 let method = Ident::new("output", *span);
-                let call = quote!(#b.#method(#name, #v)?);
-                self.call(pre, None, call)
+                quote!(#b.#method(#name, #v)?)
             }
             Expr::Call { func, args } => {
-                let mut pre = Vec::new();
-                let args: Vec<_> = args.iter().map(|a| self.operand(a, &mut pre)).collect();
-                let call = quote!(#func(#b, #(#args),*)?);
-                self.call(pre, None, call)
+                let args: Vec<_> = args.iter().map(|a| self.operand(a, pre)).collect();
+                quote!(#func(#b, #(#args),*)?)
             }
             Expr::Template { expr, holes } => {
-                let holes: Vec<_> = (holes.iter())
-                    .map(|(id, h)| {
-                        let v = self.expr(h);
-                        quote!(let #id = #v;)
-                    })
-                    .collect();
-                quote!({ #(#holes)* #expr })
+                for (id, h) in holes {
+                    let v = self.flat(h, pre);
+                    pre.push(quote!(let #id = #v;));
+                }
+                quote!(#expr)
             }
             Expr::If { cond, then, els } => {
-                let mut pre = Vec::new();
-                let cond = self.cond(cond, &mut pre);
+                let cond = self.cond(cond, pre);
                 let then = self.block(then);
+                // `else` takes a block or an `if`, which is what `expr` gives
+                // (a block when the nested condition needs temporaries).
                 let els = els.as_ref().map(|e| {
-                    let e = self.expr(e);
-                    quote!(else #e)
+                    let v = self.expr(e);
+                    quote!(else #v)
                 });
-                self.call(pre, None, quote!(if #cond #then #els))
+                quote!(if #cond #then #els)
             }
             Expr::Match { expr, arms } => {
-                let mut pre = Vec::new();
-                let scrutinee = self.cond(expr, &mut pre);
+                let scrutinee = self.cond(expr, pre);
                 let arms: Vec<_> = (arms.iter())
                     .map(|a| {
                         let (attrs, pat, body) = (&a.attrs, &a.pat, self.expr(&a.body));
@@ -312,35 +313,36 @@ impl Gen {
                         quote!(#(#attrs)* #pat #guard => #body,)
                     })
                     .collect();
-                self.call(pre, None, quote!(match #scrutinee { #(#arms)* }))
+                quote!(match #scrutinee { #(#arms)* })
             }
             Expr::Block { label, block } => {
                 let block = self.block(block);
                 quote!(#label #block)
             }
             Expr::Loop { label, head, body } => {
-                let mut pre = Vec::new();
                 let head = match head {
                     LoopHead::For(pat, iter) => {
-                        let iter = self.cond(iter, &mut pre);
+                        let iter = self.cond(iter, pre);
                         quote!(for #pat in #iter)
                     }
+                    // The parser rejects a condition that calls the builder:
+                    // it would run on every iteration.
                     LoopHead::While(c) => {
-                        let c = self.cond(c, &mut pre);
+                        let c = self.expr(c);
                         quote!(while #c)
                     }
                     LoopHead::Loop => quote!(loop),
                 };
                 let body = self.block(body);
-                self.call(pre, None, quote!(#label #head #body))
+                quote!(#label #head #body)
             }
             Expr::Assign { lhs, rhs } => {
-                let v = self.expr(rhs);
+                let v = self.flat(rhs, pre);
                 quote!(#lhs = #v)
             }
             Expr::Return { value } => {
                 let v = match value {
-                    Some(v) => self.returned(v),
+                    Some(v) => self.returned(v, pre),
                     None => quote!(()),
                 };
                 quote!(return ::core::result::Result::Ok(#v))
@@ -348,17 +350,18 @@ impl Gen {
         }
     }
 
-    /// A condition, scrutinee or iterable: a template's holes go before the
-    /// construct (so `if let` stays a `let` in condition position).
+    /// Records the op's line again when an operand moved the source place.
+    fn reset(&mut self, moved: bool, span: Span, pre: &mut Vec<TokenStream>) {
+        if moved {
+            pre.push(self.set_loc(span));
+        }
+    }
+
+    /// A condition, scrutinee or iterable: evaluated once, before the
+    /// construct; a template stays in place (so `if let` keeps its `let`).
     fn cond(&mut self, e: &Expr, pre: &mut Vec<TokenStream>) -> TokenStream {
         match e {
-            Expr::Template { expr, holes } => {
-                for (id, h) in holes {
-                    let v = self.expr(h);
-                    pre.push(quote!(let #id = #v;));
-                }
-                quote!(#expr)
-            }
+            Expr::Template { .. } => self.flat(e, pre),
             e => self.operand(e, pre),
         }
     }
@@ -375,7 +378,8 @@ impl Gen {
 
     fn name(&self, n: &Name) -> TokenStream {
         match n {
-            Name::Format(lit) => quote!(&::std::format!(#lit)),
+            Name::Format(lit) if lit.value().contains('{') => quote!(&::std::format!(#lit)),
+            Name::Format(lit) => quote!(#lit),
             Name::Expr(e) => quote!(&#e),
         }
     }

@@ -93,9 +93,7 @@ pub enum Expr {
     Var(Ident),
     /// A builder op; `args` in the builder method's order, receiver included.
     Op {
-        /// The signature from [`OPS`].
-        sig: &'static OpSig,
-        /// The method token as written.
+        /// The method token as written (an entry of [`OPS`]).
         method: Ident,
         /// The arguments.
         args: Vec<Arg>,
@@ -259,7 +257,7 @@ pub enum ShapeArg {
     /// Written `[dim, ...]`.
     Dims(Vec<Dim>),
     /// An expression giving a `Shape`.
-    Expr(Expr),
+    Expr(Box<Expr>),
 }
 
 /// A dtype argument.
@@ -267,7 +265,7 @@ pub enum DTypeArg {
     /// A dtype name (`bf16`): the `DType` variant and the token's span.
     Named(&'static str, Span),
     /// An expression giving a `DType`.
-    Expr(Expr),
+    Expr(Box<Expr>),
 }
 
 /// The name of a declared input or output.
@@ -412,7 +410,7 @@ pub fn parse(attr: TokenStream, item: TokenStream) -> Result<GraphFn> {
     };
     let sig = f.sig;
     check_qualifiers(&sig)?;
-    let ret = parse_return(&sig.output)?;
+    let ret = parse_return(sig.output)?;
     let mut tensors = BTreeSet::new();
     let mut params = Vec::new();
     for input in sig.inputs {
@@ -543,7 +541,7 @@ fn check_qualifiers(sig: &syn::Signature) -> Result<()> {
 const RETURN_HELP: &str = "a #[graph] function returns `NodeId`, a tuple of `NodeId`s, or nothing; \
                            the macro wraps it in `tilefuse_ir::Result`, so write `-> NodeId`";
 
-fn parse_return(out: &syn::ReturnType) -> Result<Option<syn::Type>> {
+fn parse_return(out: syn::ReturnType) -> Result<Option<syn::Type>> {
     fn allowed(ty: &syn::Type) -> bool {
         match ty {
             syn::Type::Path(p) => p.qself.is_none() && is_node_id_path(&p.path),
@@ -554,7 +552,7 @@ fn parse_return(out: &syn::ReturnType) -> Result<Option<syn::Type>> {
     }
     match out {
         syn::ReturnType::Default => Ok(None),
-        syn::ReturnType::Type(_, ty) if allowed(ty) => Ok(Some((**ty).clone())),
+        syn::ReturnType::Type(_, ty) if allowed(&ty) => Ok(Some(*ty)),
         syn::ReturnType::Type(_, ty) => Err(Error::new(ty.span(), RETURN_HELP)),
     }
 }
@@ -821,9 +819,18 @@ impl Parser {
             }
             syn::Expr::While(w) => {
                 self.not_iterable(&w.cond, vars)?;
+                let span = w.cond.span();
+                let cond = self.expr(*w.cond, vars)?;
+                if cond.uses_builder() {
+                    return Err(Error::new(
+                        span,
+                        "a `while` condition cannot add graph nodes (it runs on every iteration); \
+                         build the tensor before the loop or inside its body",
+                    ));
+                }
                 Ok(Expr::Loop {
                     label: w.label,
-                    head: LoopHead::While(Box::new(self.expr(*w.cond, vars)?)),
+                    head: LoopHead::While(Box::new(cond)),
                     body: self.block(w.body, vars.clone())?,
                 })
             }
@@ -899,7 +906,7 @@ impl Parser {
         };
         if let Some(tf) = &m.turbofish {
             return Err(Error::new(
-                tf.colon2_token.spans[0],
+                tf.lt_token.span,
                 format!("tensor ops take no type arguments: write `{}`", sig.usage()),
             ));
         }
@@ -935,7 +942,6 @@ impl Parser {
         }
         args.insert(sig.recv, recv);
         Ok(Expr::Op {
-            sig,
             method: m.method,
             args,
         })
@@ -951,7 +957,7 @@ impl Parser {
             },
             Kind::Shape => match self.shape(e, vars)? {
                 ShapeArg::Dims(d) => Arg::Shape(d),
-                ShapeArg::Expr(x) => Arg::Expr(x),
+                ShapeArg::Expr(x) => Arg::Expr(*x),
             },
             Kind::Dim => Arg::Dim(dim(e)),
             Kind::DType => Arg::DType(self.dtype(e, vars)?),
@@ -963,7 +969,7 @@ impl Parser {
         match e {
             syn::Expr::Array(a) => Ok(ShapeArg::Dims(a.elems.into_iter().map(dim).collect())),
             e @ (syn::Expr::Repeat(_) | syn::Expr::Tuple(_) | syn::Expr::Paren(_)) => Err(Error::new(e.span(), SHAPE_HELP)),
-            e => Ok(ShapeArg::Expr(self.expr(e, vars)?)),
+            e => Ok(ShapeArg::Expr(Box::new(self.expr(e, vars)?))),
         }
     }
 
@@ -973,7 +979,7 @@ impl Parser {
                 return Ok(DTypeArg::Named(v, id.span()));
             }
         }
-        Ok(DTypeArg::Expr(self.expr(e, vars)?))
+        Ok(DTypeArg::Expr(Box::new(self.expr(e, vars)?)))
     }
 
     fn binary(&self, b: syn::ExprBinary, vars: &Vars) -> Result<Expr> {

@@ -1,6 +1,7 @@
 //! Pieces shared by the architectures: graph options and the MLP blocks.
 
-use tilefuse_ir::{shape, Builder, DType, NodeId, Result, RouterConfig};
+use tilefuse_ir::{DType, NodeId, RouterConfig};
+use tilefuse_macros::graph;
 
 /// Choices that shape a compiled forward but are not part of the checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -38,28 +39,26 @@ impl GraphOptions {
     }
 }
 
-/// SwiGLU MLP: `down(silu(gate(x)) * up(x))`, weights `{prefix}.{gate,up,down}_proj.weight`.
-pub fn dense_mlp(b: &mut Builder, x: NodeId, prefix: &str, hidden: usize, inter: usize, dtype: DType) -> Result<NodeId> {
-    let wg = b.weight(&format!("{prefix}.gate_proj.weight"), dtype, shape![(inter), (hidden)])?;
-    let wu = b.weight(&format!("{prefix}.up_proj.weight"), dtype, shape![(inter), (hidden)])?;
-    let wd = b.weight(&format!("{prefix}.down_proj.weight"), dtype, shape![(hidden), (inter)])?;
-    let gate = b.matmul(x, wg)?;
-    b.name(gate, "gate");
-    let up = b.matmul(x, wu)?;
-    b.name(up, "up");
-    let act = b.silu(gate)?;
-    b.name(act, "act");
-    let h = b.mul(act, up)?;
-    b.name(h, "h");
-    let y = b.matmul(h, wd)?;
-    Ok(b.name(y, "out"))
+/// SwiGLU MLP: `down(silu(gate(x)) * up(x))`, weights `{prefix}.{gate,up,down}_proj.weight`,
+/// nodes named in the scope `mlp`.
+#[graph(scope = "mlp")]
+pub fn dense_mlp(x: NodeId, prefix: &str, hidden: usize, inter: usize, dtype: DType) -> NodeId {
+    let wg = weight!("{prefix}.gate_proj.weight", dtype, [inter, hidden]);
+    let wu = weight!("{prefix}.up_proj.weight", dtype, [inter, hidden]);
+    let wd = weight!("{prefix}.down_proj.weight", dtype, [hidden, inter]);
+    let gate = x.matmul(wg);
+    let up = x.matmul(wu);
+    let act = gate.silu();
+    let h = act * up;
+    h.matmul(wd)
 }
 
 /// Routed experts after a router: logits → choice → weights → grouped SwiGLU.
 /// `logits` must be f32 `[T, E]`; weights `{prefix}.experts.{gate_up,down}_proj`.
+/// Nodes are named in the caller's scope.
+#[graph(scope = "")]
 #[allow(clippy::too_many_arguments)]
 pub fn moe_experts(
-    b: &mut Builder,
     x: NodeId,
     logits: NodeId,
     bias: Option<NodeId>,
@@ -69,21 +68,10 @@ pub fn moe_experts(
     hidden: usize,
     inter: usize,
     expert_dtype: DType,
-) -> Result<NodeId> {
-    let w13 = b.weight(
-        &format!("{prefix}.experts.gate_up_proj"),
-        expert_dtype,
-        shape![(n_experts), (2 * inter), (hidden)],
-    )?;
-    let w2 = b.weight(
-        &format!("{prefix}.experts.down_proj"),
-        expert_dtype,
-        shape![(n_experts), (hidden), (inter)],
-    )?;
-    let idx = b.router_select(logits, bias, router)?;
-    b.name(idx, "experts_idx");
-    let w = b.router_weights(logits, idx, router)?;
-    b.name(w, "experts_w");
-    let y = b.experts(x, idx, w, w13, w2)?;
-    Ok(b.name(y, "out"))
+) -> NodeId {
+    let w13 = weight!("{prefix}.experts.gate_up_proj", expert_dtype, [n_experts, 2 * inter, hidden]);
+    let w2 = weight!("{prefix}.experts.down_proj", expert_dtype, [n_experts, hidden, inter]);
+    let experts_idx = logits.router_select(bias, router);
+    let experts_w = logits.router_weights(experts_idx, router);
+    x.experts(experts_idx, experts_w, w13, w2)
 }

@@ -10,7 +10,8 @@
 //! - a layer is sparse iff `layer_idx not in mlp_only_layers` and
 //!   `(layer_idx + 1) % decoder_sparse_step == 0`.
 
-use tilefuse_ir::{shape, Builder, DType, Graph, Mask, NodeId, Result, RouterConfig, ScoreFn};
+use tilefuse_ir::{Builder, Graph, Mask, NodeId, Result, RouterConfig, ScoreFn};
+use tilefuse_macros::graph;
 
 use crate::common::{dense_mlp, moe_experts, GraphOptions};
 
@@ -114,131 +115,122 @@ impl Config {
     }
 }
 
-fn attention(b: &mut Builder, cfg: &Config, opt: &GraphOptions, i: usize, h: NodeId, pos: NodeId) -> Result<NodeId> {
+/// The attention block of layer `i` on the normed input `h`.
+#[graph(scope = "attn")]
+fn attention(cfg: &Config, opt: &GraphOptions, i: usize, h: NodeId, pos: NodeId) -> NodeId {
     let p = format!("model.layers.{i}.self_attn");
     let dt = opt.dtype;
-    let (nh, kvh, d, hid) = (
+    let (nh, kvh, d, hid, eps) = (
         cfg.num_attention_heads,
         cfg.num_key_value_heads,
         cfg.head_dim,
         cfg.hidden_size,
+        cfg.rms_norm_eps,
     );
-    let wq = b.weight(&format!("{p}.q_proj.weight"), dt, shape![(nh * d), (hid)])?;
-    let wk = b.weight(&format!("{p}.k_proj.weight"), dt, shape![(kvh * d), (hid)])?;
-    let wv = b.weight(&format!("{p}.v_proj.weight"), dt, shape![(kvh * d), (hid)])?;
-    let wo = b.weight(&format!("{p}.o_proj.weight"), dt, shape![(hid), (nh * d)])?;
-    let qn = b.weight(&format!("{p}.q_norm.weight"), dt, shape![(d)])?;
-    let kn = b.weight(&format!("{p}.k_norm.weight"), dt, shape![(d)])?;
-    let kc = b.cache(&format!("model.layers.{i}.k_cache"), dt, shape![(opt.context), (kvh), (d)])?;
-    let vc = b.cache(&format!("model.layers.{i}.v_cache"), dt, shape![(opt.context), (kvh), (d)])?;
+    let wq = weight!("{p}.q_proj.weight", dt, [nh * d, hid]);
+    let wk = weight!("{p}.k_proj.weight", dt, [kvh * d, hid]);
+    let wv = weight!("{p}.v_proj.weight", dt, [kvh * d, hid]);
+    let wo = weight!("{p}.o_proj.weight", dt, [hid, nh * d]);
+    let qn = weight!("{p}.q_norm.weight", dt, [d]);
+    let kn = weight!("{p}.k_norm.weight", dt, [d]);
+    let kc = cache!("model.layers.{i}.k_cache", dt, [opt.context, kvh, d]);
+    let vc = cache!("model.layers.{i}.v_cache", dt, [opt.context, kvh, d]);
 
-    let q = b.matmul(h, wq)?;
-    let q = b.reshape(q, shape![T, (nh), (d)])?;
-    let q = b.rms_norm(q, qn, cfg.rms_norm_eps)?;
-    b.name(q, "q");
-    let k = b.matmul(h, wk)?;
-    let k = b.reshape(k, shape![T, (kvh), (d)])?;
-    let k = b.rms_norm(k, kn, cfg.rms_norm_eps)?;
-    b.name(k, "k");
-    let v = b.matmul(h, wv)?;
-    let v = b.reshape(v, shape![T, (kvh), (d)])?;
-    b.name(v, "v");
-    let q = b.rope(q, pos, cfg.rope_theta, d)?;
-    b.name(q, "q_rope");
-    let k = b.rope(k, pos, cfg.rope_theta, d)?;
-    b.name(k, "k_rope");
-    let keys = b.kv_append(kc, k, "S", false)?;
-    b.name(keys, "keys");
-    let values = b.kv_append(vc, v, "S", false)?;
-    b.name(values, "values");
-    let a = b.attention(q, keys, values, None, Mask::Causal { window: None }, (d as f32).powf(-0.5))?;
-    b.name(a, "attn");
-    let a = b.reshape(a, shape![T, (nh * d)])?;
-    let o = b.matmul(a, wo)?;
-    Ok(b.name(o, "out"))
+    // `self.q_norm(self.q_proj(hidden_states).view(hidden_shape))`
+    let q = h.matmul(wq).reshape([T, nh, d]).rms_norm(qn, eps);
+    let k = h.matmul(wk).reshape([T, kvh, d]).rms_norm(kn, eps);
+    let v = h.matmul(wv).reshape([T, kvh, d]);
+    let q_rope = q.rope(pos, cfg.rope_theta, d);
+    let k_rope = k.rope(pos, cfg.rope_theta, d);
+    let keys = kc.kv_append(k_rope, S, false);
+    let values = vc.kv_append(v, S, false);
+    let attn = q_rope.attention(keys, values, None, Mask::Causal { window: None }, (d as f32).powf(-0.5));
+    attn.reshape([T, nh * d]).matmul(wo)
 }
 
-/// Decoder layer `i`.
+/// The routed-expert block of layer `i` on the normed input `h`.
+#[graph(scope = "moe", calls(moe_experts))]
+fn moe(cfg: &Config, opt: &GraphOptions, i: usize, h: NodeId) -> NodeId {
+    let p = format!("model.layers.{i}.mlp");
+    let hid = cfg.hidden_size;
+    let wr = weight!("{p}.gate.weight", opt.dtype, [cfg.num_experts, hid]);
+    // Logits in the model dtype, softmax in f32.
+    let router_logits = h.matmul(wr).cast(f32);
+    moe_experts(
+        h,
+        router_logits,
+        None,
+        &cfg.router(),
+        &p,
+        cfg.num_experts,
+        hid,
+        cfg.moe_intermediate_size,
+        opt.expert_dtype,
+    )
+}
+
+/// Decoder layer `i`: pre-norm attention and MLP (routed or dense) with residuals.
+#[graph(scope = "layer{i}", calls(attention, dense_mlp, moe))]
 pub fn decoder_layer(
-    b: &mut Builder,
     cfg: &Config,
     opt: &GraphOptions,
     i: usize,
-    x: NodeId,
-    pos: NodeId,
-) -> Result<NodeId> {
+    x: Tensor![T, cfg.hidden_size],
+    pos: Tensor![T],
+) -> NodeId {
     let p = format!("model.layers.{i}");
-    let (dt, hid) = (opt.dtype, cfg.hidden_size);
-    b.push_scope(&format!("layer{i}"));
-    let r = (|| {
-        let ln1 = b.weight(&format!("{p}.input_layernorm.weight"), dt, shape![(hid)])?;
-        let ln2 = b.weight(&format!("{p}.post_attention_layernorm.weight"), dt, shape![(hid)])?;
-        let h = b.rms_norm(x, ln1, cfg.rms_norm_eps)?;
-        b.name(h, "attn_norm");
-        let a = b.scoped("attn", |b| attention(b, cfg, opt, i, h, pos))?;
-        let x = b.add(x, a)?;
-        b.name(x, "attn_residual");
-        let h = b.rms_norm(x, ln2, cfg.rms_norm_eps)?;
-        b.name(h, "mlp_norm");
-        let m = if cfg.is_sparse(i) {
-            b.scoped("moe", |b| {
-                let wr = b.weight(&format!("{p}.mlp.gate.weight"), dt, shape![(cfg.num_experts), (hid)])?;
-                // Logits in the model dtype, softmax in f32.
-                let logits = b.matmul(h, wr)?;
-                let logits = b.cast(logits, DType::F32)?;
-                b.name(logits, "router_logits");
-                moe_experts(
-                    b,
-                    h,
-                    logits,
-                    None,
-                    &cfg.router(),
-                    &format!("{p}.mlp"),
-                    cfg.num_experts,
-                    hid,
-                    cfg.moe_intermediate_size,
-                    opt.expert_dtype,
-                )
-            })?
-        } else {
-            b.scoped("mlp", |b| dense_mlp(b, h, &format!("{p}.mlp"), hid, cfg.intermediate_size, dt))?
-        };
-        let y = b.add(x, m)?;
-        Ok(b.name(y, "out"))
-    })();
-    b.pop_scope();
-    r
+    let (dt, hid, eps) = (opt.dtype, cfg.hidden_size, cfg.rms_norm_eps);
+    let ln1 = weight!("{p}.input_layernorm.weight", dt, [hid]);
+    let ln2 = weight!("{p}.post_attention_layernorm.weight", dt, [hid]);
+    let attn_norm = x.rms_norm(ln1, eps);
+    let attn_residual = x + attention(cfg, opt, i, attn_norm, pos);
+    let mlp_norm = attn_residual.rms_norm(ln2, eps);
+    let mlp = if cfg.is_sparse(i) {
+        moe(cfg, opt, i, mlp_norm)
+    } else {
+        dense_mlp(mlp_norm, &format!("{p}.mlp"), hid, cfg.intermediate_size, dt)
+    };
+    attn_residual + mlp
 }
 
 /// A graph of one decoder layer: inputs `x [T, H]` and `pos i32 [T]`, output `hidden`.
 pub fn layer_graph(cfg: &Config, opt: &GraphOptions, i: usize) -> Result<Graph> {
     let mut b = Builder::new(&format!("qwen3_moe_layer{i}"), &["S", "T"]);
-    let x = b.input("x", opt.dtype, shape![T, (cfg.hidden_size)])?;
-    let pos = b.input("pos", DType::I32, shape![T])?;
-    let y = decoder_layer(&mut b, cfg, opt, i, x, pos)?;
-    b.output("hidden", y)?;
+    one_layer(&mut b, cfg, opt, i)?;
     b.finish()
+}
+
+/// The inputs, layer `i` and the output of [`layer_graph`].
+#[graph(scope = "", calls(decoder_layer))]
+fn one_layer(cfg: &Config, opt: &GraphOptions, i: usize) {
+    let x = input!("x", opt.dtype, [T, cfg.hidden_size]);
+    let pos = input!("pos", i32, [T]);
+    output!("hidden", decoder_layer(cfg, opt, i, x, pos));
 }
 
 /// The whole forward: token ids and positions in, f32 logits and the last hidden states out.
 pub fn forward_graph(cfg: &Config, opt: &GraphOptions) -> Result<Graph> {
     let mut b = Builder::new("qwen3_moe", &["S", "T"]);
-    let ids = b.input("ids", DType::I32, shape![T])?;
-    let pos = b.input("pos", DType::I32, shape![T])?;
-    let (hid, v) = (cfg.hidden_size, cfg.vocab_size);
-    let emb = b.weight("model.embed_tokens.weight", opt.dtype, shape![(v), (hid)])?;
-    let mut x = b.embedding(emb, ids)?;
-    b.name(x, "embed");
-    for i in 0..cfg.num_hidden_layers {
-        x = decoder_layer(&mut b, cfg, opt, i, x, pos)?;
-    }
-    let norm = b.weight("model.norm.weight", opt.dtype, shape![(hid)])?;
-    let head = b.weight("lm_head.weight", opt.dtype, shape![(v), (hid)])?;
-    let h = b.rms_norm(x, norm, cfg.rms_norm_eps)?;
-    b.name(h, "final_norm");
-    let logits = b.matmul_to(h, head, DType::F32)?;
-    b.name(logits, "logits");
-    b.output("logits", logits)?;
-    b.output("hidden", x)?;
+    forward(&mut b, cfg, opt)?;
     b.finish()
+}
+
+/// The body of [`forward_graph`].
+#[graph(scope = "", calls(decoder_layer))]
+fn forward(cfg: &Config, opt: &GraphOptions) {
+    let (dt, hid, v) = (opt.dtype, cfg.hidden_size, cfg.vocab_size);
+    let ids = input!("ids", i32, [T]);
+    let pos = input!("pos", i32, [T]);
+    let emb = weight!("model.embed_tokens.weight", dt, [v, hid]);
+    let embed = emb.embedding(ids);
+    let mut x = embed;
+    for i in 0..cfg.num_hidden_layers {
+        x = decoder_layer(cfg, opt, i, x, pos);
+    }
+    let norm = weight!("model.norm.weight", dt, [hid]);
+    let head = weight!("lm_head.weight", dt, [v, hid]);
+    let final_norm = x.rms_norm(norm, cfg.rms_norm_eps);
+    let logits = final_norm.matmul_to(head, f32);
+    output!("logits", logits);
+    output!("hidden", x);
 }

@@ -3,6 +3,9 @@
 use std::collections::BTreeMap;
 
 use tilefuse_ir::interp::{self, Caches, Tensor};
+
+use crate::cuda_exec::{GpuExecutable, LaunchMode};
+use crate::gpu::Gpu;
 use tilefuse_ir::{Bindings, ErrorKind, Graph, InputKind, IrError, Result};
 
 /// Where an executable runs.
@@ -10,15 +13,23 @@ use tilefuse_ir::{Bindings, ErrorKind, Graph, InputKind, IrError, Result};
 pub enum Backend {
     /// The reference interpreter on the CPU.
     Cpu,
+    /// Generated kernels on the GPU.
+    Cuda(LaunchMode),
 }
 
 impl std::fmt::Display for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Backend::Cpu => "cpu",
+            Backend::Cuda(LaunchMode::Stream) => "cuda (stream)",
+            Backend::Cuda(LaunchMode::Graph) => "cuda (graph)",
         })
     }
 }
+
+/// Buckets of `T` compiled by default: decoding, draft blocks of 4, 8 and 16,
+/// and prefill chunks up to the graph's limit.
+pub const DEFAULT_BUCKETS: [usize; 5] = [1, 4, 8, 16, 64];
 
 /// A forward graph with its weights (uploaded once) and KV caches (kept
 /// between calls). The caches hold whatever earlier calls wrote; a call with
@@ -28,9 +39,10 @@ impl std::fmt::Display for Backend {
 pub struct Executable {
     graph: Graph,
     backend: Backend,
-    /// Weights and, during a call, the activation inputs, by name.
+    /// Weights and, during a call, the activation inputs, by name (CPU).
     values: BTreeMap<String, Tensor>,
     caches: Caches,
+    gpu: Option<GpuExecutable>,
 }
 
 impl Executable {
@@ -60,13 +72,38 @@ impl Executable {
                 ));
             }
         }
-        let caches = Caches::for_graph(&graph, &none)?;
-        Ok(Executable {
-            graph,
-            backend,
-            values: weights,
-            caches,
-        })
+        match backend {
+            Backend::Cpu => {
+                let caches = Caches::for_graph(&graph, &none)?;
+                Ok(Executable {
+                    graph,
+                    backend,
+                    values: weights,
+                    caches,
+                    gpu: None,
+                })
+            }
+            Backend::Cuda(mode) => {
+                let gpu = Gpu::open()
+                    .map_err(|e| IrError::new(ErrorKind::Interp, e.to_string()))?
+                    .ok_or_else(|| {
+                        IrError::new(
+                            ErrorKind::Interp,
+                            "no CUDA GPU found (no driver library or no device); use --backend cpu",
+                        )
+                    })?;
+                let max = graph_max_tokens(&graph);
+                let buckets: Vec<usize> = DEFAULT_BUCKETS.iter().map(|&b| b.min(max)).collect();
+                let exe = GpuExecutable::new(gpu, &graph, &weights, &buckets, mode)?;
+                Ok(Executable {
+                    graph,
+                    backend,
+                    values: BTreeMap::new(),
+                    caches: Caches::default(),
+                    gpu: Some(exe),
+                })
+            }
+        }
     }
 
     /// The graph.
@@ -82,6 +119,9 @@ impl Executable {
     /// Runs one forward with the symbols bound and the activation inputs given
     /// by name; returns the named outputs.
     pub fn run(&mut self, bindings: &Bindings, inputs: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
+        if let Some(g) = &mut self.gpu {
+            return g.run(bindings, &inputs);
+        }
         let names: Vec<String> = inputs.keys().cloned().collect();
         for (k, v) in inputs {
             if self.graph.find_input(&k).is_none() {
@@ -92,12 +132,41 @@ impl Executable {
             }
             self.values.insert(k, v);
         }
-        let r = match self.backend {
-            Backend::Cpu => interp::run(&self.graph, bindings, &self.values, &mut self.caches),
-        };
+        let r = interp::run(&self.graph, bindings, &self.values, &mut self.caches);
         for k in names {
             self.values.remove(&k);
         }
         r
+    }
+}
+
+/// The largest `T` a graph's ring caches allow: a sliding-window ring of `cap`
+/// slots for window `w` serves forwards of up to `cap - w + 1` tokens. Graphs
+/// without rings allow the default largest bucket.
+fn graph_max_tokens(graph: &Graph) -> usize {
+    use tilefuse_ir::{Attn, Mask, Op};
+    let mut max = *DEFAULT_BUCKETS.last().unwrap_or(&1);
+    for n in graph.topo_order().unwrap_or_default() {
+        let Op::Attn(Attn::Attention { mask, .. }) = graph.node(n).op else {
+            continue;
+        };
+        let (Mask::Causal { window: Some(w) } | Mask::Block { window: Some(w) }) = mask else {
+            continue;
+        };
+        let keys = graph.inputs(n)[1];
+        if let Op::Attn(Attn::KvAppend { ring: true, .. }) = graph.node(keys).op {
+            let cache = graph.inputs(keys)[0];
+            if let Some(cap) = graph.node(cache).ty.dims().first().and_then(|d| d.as_const()) {
+                max = max.min((cap + 1).saturating_sub(w as usize).max(1));
+            }
+        }
+    }
+    max
+}
+
+impl Executable {
+    /// The GPU executable, when running on the GPU.
+    pub fn gpu(&mut self) -> Option<&mut GpuExecutable> {
+        self.gpu.as_mut()
     }
 }

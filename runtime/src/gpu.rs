@@ -134,7 +134,7 @@ impl Gpu {
         let ctx = drv(CudaContext::new(0), "creating a CUDA context on device 0")?;
         // SAFETY: called before any buffer exists; every launch goes to the one stream.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        let stream = drv(ctx.new_stream(), "creating a stream")?;
         let major = drv(ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR), "reading the compute capability")?;
         let minor = drv(ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR), "reading the compute capability")?;
         let sms = drv(ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT), "reading the SM count")?;

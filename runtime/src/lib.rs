@@ -7,10 +7,13 @@
 //! and token-by-token decoding. The CPU backend executes through the IR's
 //! reference interpreter, so everything works on a machine without a GPU.
 
+pub mod cuda_exec;
 pub mod executable;
 pub mod gpu;
+pub mod inspect;
 pub mod nvrtc;
 pub mod session;
 
+pub use cuda_exec::LaunchMode;
 pub use executable::{Backend, Executable};
 pub use session::{Sampling, Session, StepTimes};

@@ -1,42 +1,9 @@
-//! Pieces shared by the architectures: graph options and the MLP blocks.
+//! Verbatim copy of the builder-API MLP blocks from before the graph DSL
+//! (`model/src/common.rs`), kept as the reference the DSL versions must
+//! reproduce node for node (tests/dsl_equals_builder.rs). Only the type
+//! definitions were dropped: they come from the crate.
 
 use tilefuse_ir::{shape, Builder, DType, NodeId, Result, RouterConfig};
-
-/// Choices that shape a compiled forward but are not part of the checkpoint.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct GraphOptions {
-    /// Positions a full-attention KV cache holds (the context limit).
-    pub context: usize,
-    /// The most query tokens one forward may carry (prefill chunk or verify block).
-    /// Sliding-window caches are rings of `window + max_tokens - 1` slots: enough
-    /// that the queries of one forward see their whole window, and that rows
-    /// written by a rejected draft block never evict a row still needed after
-    /// rollback (a write at position `L + T - 1` reuses the slot of position
-    /// `L + T - 1 - cap < L - window + 1`, which no query at `>= L` can see).
-    pub max_tokens: usize,
-    /// Activation and dense-weight dtype.
-    pub dtype: DType,
-    /// Routed-expert weight dtype (`bf16`, `mxfp4`, `nvfp4`).
-    pub expert_dtype: DType,
-}
-
-impl Default for GraphOptions {
-    fn default() -> GraphOptions {
-        GraphOptions {
-            context: 4096,
-            max_tokens: 64,
-            dtype: DType::BF16,
-            expert_dtype: DType::BF16,
-        }
-    }
-}
-
-impl GraphOptions {
-    /// Ring capacity for a sliding-window cache of `window`.
-    pub fn ring_capacity(&self, window: usize) -> usize {
-        (window + self.max_tokens - 1).min(self.context)
-    }
-}
 
 /// SwiGLU MLP: `down(silu(gate(x)) * up(x))`, weights `{prefix}.{gate,up,down}_proj.weight`.
 pub fn dense_mlp(b: &mut Builder, x: NodeId, prefix: &str, hidden: usize, inter: usize, dtype: DType) -> Result<NodeId> {

@@ -1,118 +1,13 @@
-//! Qwen3-MoE: full causal attention with per-head q/k RMSNorm and full RoPE,
-//! softmax-routed experts.
-//!
-//! Reference: transformers `models/qwen3_moe/modeling_qwen3_moe.py`
-//! (`Qwen3MoeForCausalLM`). Facts used here, with the reference lines:
-//! - per-head norms before RoPE: `self.q_norm(self.q_proj(hidden_states).view(hidden_shape))`;
-//! - router logits in the model dtype, softmax in f32:
-//!   `softmax(router_logits, dtype=torch.float, dim=-1)`, then `topk`, and
-//!   `router_top_value /= router_top_value.sum(dim=-1, keepdim=True)` when `norm_topk_prob`;
-//! - a layer is sparse iff `layer_idx not in mlp_only_layers` and
-//!   `(layer_idx + 1) % decoder_sparse_step == 0`.
+//! Verbatim copy of the builder-API Qwen3-MoE layer from before the graph DSL
+//! (`model/src/qwen3_moe.rs`), kept as the reference the DSL versions must
+//! reproduce node for node (tests/dsl_equals_builder.rs). Only the type
+//! definitions were dropped: they come from the crate.
 
-use tilefuse_ir::{shape, Builder, DType, Graph, Mask, NodeId, Result, RouterConfig, ScoreFn};
+use tilefuse_ir::{shape, Builder, DType, Graph, Mask, NodeId, Result};
+use tilefuse_model::qwen3_moe::Config;
+use tilefuse_model::GraphOptions;
 
-use crate::common::{dense_mlp, moe_experts, GraphOptions};
-
-/// The architecture parameters (transformers field names).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Config {
-    /// `hidden_size`.
-    pub hidden_size: usize,
-    /// `num_hidden_layers`.
-    pub num_hidden_layers: usize,
-    /// `vocab_size`.
-    pub vocab_size: usize,
-    /// `num_attention_heads`.
-    pub num_attention_heads: usize,
-    /// `num_key_value_heads`.
-    pub num_key_value_heads: usize,
-    /// `head_dim`.
-    pub head_dim: usize,
-    /// `rope_theta`.
-    pub rope_theta: f32,
-    /// `rms_norm_eps`.
-    pub rms_norm_eps: f32,
-    /// `intermediate_size` (dense layers).
-    pub intermediate_size: usize,
-    /// `moe_intermediate_size`.
-    pub moe_intermediate_size: usize,
-    /// `num_experts`.
-    pub num_experts: usize,
-    /// `num_experts_per_tok`.
-    pub num_experts_per_tok: usize,
-    /// `norm_topk_prob`.
-    pub norm_topk_prob: bool,
-    /// `decoder_sparse_step`.
-    pub decoder_sparse_step: usize,
-    /// `mlp_only_layers`.
-    pub mlp_only_layers: Vec<usize>,
-}
-
-impl Config {
-    /// The Qwen3-30B-A3B shape.
-    pub fn a3b() -> Config {
-        Config {
-            hidden_size: 2048,
-            num_hidden_layers: 48,
-            vocab_size: 151936,
-            num_attention_heads: 32,
-            num_key_value_heads: 4,
-            head_dim: 128,
-            rope_theta: 1_000_000.0,
-            rms_norm_eps: 1e-6,
-            intermediate_size: 6144,
-            moe_intermediate_size: 768,
-            num_experts: 128,
-            num_experts_per_tok: 8,
-            norm_topk_prob: true,
-            decoder_sparse_step: 1,
-            mlp_only_layers: vec![],
-        }
-    }
-
-    /// A tiny configuration with a dense layer and more experts than top-k.
-    pub fn tiny() -> Config {
-        Config {
-            hidden_size: 64,
-            num_hidden_layers: 2,
-            vocab_size: 256,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            head_dim: 16,
-            rope_theta: 1_000_000.0,
-            rms_norm_eps: 1e-6,
-            intermediate_size: 96,
-            moe_intermediate_size: 32,
-            num_experts: 8,
-            num_experts_per_tok: 2,
-            norm_topk_prob: false,
-            decoder_sparse_step: 1,
-            mlp_only_layers: vec![0],
-        }
-    }
-
-    /// True when layer `i` uses routed experts.
-    pub fn is_sparse(&self, i: usize) -> bool {
-        !self.mlp_only_layers.contains(&i)
-            && self.num_experts > 0
-            && self.decoder_sparse_step > 0
-            && (i + 1) % self.decoder_sparse_step == 0
-    }
-
-    /// The router settings.
-    pub fn router(&self) -> RouterConfig {
-        RouterConfig {
-            score: ScoreFn::Softmax,
-            top_k: self.num_experts_per_tok,
-            n_group: 1,
-            topk_group: 1,
-            norm_topk: self.norm_topk_prob,
-            norm_eps: 0.0,
-            scale: 1.0,
-        }
-    }
-}
+use super::common::{dense_mlp, moe_experts};
 
 fn attention(b: &mut Builder, cfg: &Config, opt: &GraphOptions, i: usize, h: NodeId, pos: NodeId) -> Result<NodeId> {
     let p = format!("model.layers.{i}.self_attn");

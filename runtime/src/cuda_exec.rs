@@ -1,0 +1,359 @@
+//! The GPU backend: a graph compiled into one plan per bucket of `T`, run in
+//! stream mode (one launch per kernel) or CUDA-graph mode (the same launches
+//! captured once per bucket and replayed).
+//!
+//! Memory: one weight buffer (uploaded once, in the layout of the plan's
+//! weight slots), one KV-cache buffer, one arena for activations shared by
+//! all buckets (sized for the largest). The symbols `T` and `S` of a forward
+//! are written to the head of the arena before the launches, so captured
+//! graphs replay for any `T` of their bucket and any `S`.
+
+use std::collections::BTreeMap;
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaFunction, CudaGraph};
+use tilefuse_codegen::lower::{self, Module as CudaModule};
+use tilefuse_codegen::passes::run_pipeline;
+use tilefuse_codegen::plan::{Plan, PlanOptions};
+use tilefuse_ir::fp4::e4m3_encode;
+use tilefuse_ir::interp::{Data, Tensor};
+use tilefuse_ir::{Bindings, DType, ErrorKind, Graph, InputKind, IrError, Result};
+
+use crate::gpu::{Arg, Buffer, Gpu, GpuError};
+
+/// How a forward's kernels are launched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LaunchMode {
+    /// One launch per kernel (for debugging and per-kernel timing).
+    Stream,
+    /// One CUDA graph per bucket, captured on first use and replayed.
+    Graph,
+}
+
+fn gpu_err(e: GpuError) -> IrError {
+    IrError::new(ErrorKind::Interp, e.to_string())
+}
+
+fn cg_err(e: tilefuse_codegen::CodegenError) -> IrError {
+    IrError::new(ErrorKind::Type, e.to_string())
+}
+
+/// One bucket: its plan, module and functions.
+struct Program {
+    plan: Plan,
+    module: CudaModule,
+    functions: Vec<CudaFunction>,
+    graph: Option<CudaGraph>,
+}
+
+/// A graph compiled for the GPU, with its weights and caches resident.
+pub struct GpuExecutable {
+    gpu: Gpu,
+    programs: Vec<Program>,
+    arena: Buffer,
+    weights: Buffer,
+    kv: Buffer,
+    /// Launch mode.
+    pub mode: LaunchMode,
+}
+
+impl std::fmt::Debug for GpuExecutable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuExecutable")
+            .field("buckets", &self.buckets())
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+/// The weights in the byte layout of the plan's weight slots.
+pub fn pack_weights(plan: &Plan, weights: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; plan.weight_bytes];
+    for slot in &plan.weights {
+        let t = weights.get(&slot.name).ok_or_else(|| {
+            IrError::new(ErrorKind::Interp, format!("weight \"{}\" is missing", slot.name))
+        })?;
+        if t.dtype != slot.dtype || t.shape != slot.shape {
+            return Err(IrError::new(
+                ErrorKind::Interp,
+                format!(
+                    "weight \"{}\": expected {} {:?}, found {} {:?}",
+                    slot.name, slot.dtype, slot.shape, t.dtype, t.shape
+                ),
+            ));
+        }
+        let dst = &mut out[slot.offset..];
+        match (&t.data, slot.dtype) {
+            (Data::F32(v), DType::F32) => {
+                for (i, x) in v.iter().enumerate() {
+                    dst[4 * i..4 * i + 4].copy_from_slice(&x.to_le_bytes());
+                }
+            }
+            (Data::F32(v), DType::BF16) => {
+                for (i, x) in v.iter().enumerate() {
+                    dst[2 * i..2 * i + 2].copy_from_slice(&half::bf16::from_f32(*x).to_le_bytes());
+                }
+            }
+            (Data::F32(v), DType::F16) => {
+                for (i, x) in v.iter().enumerate() {
+                    dst[2 * i..2 * i + 2].copy_from_slice(&half::f16::from_f32(*x).to_le_bytes());
+                }
+            }
+            (Data::F32(v), DType::F8E4M3) => {
+                for (i, x) in v.iter().enumerate() {
+                    dst[i] = e4m3_encode(*x);
+                }
+            }
+            (Data::Fp4(q), DType::MXFP4 | DType::NVFP4) => {
+                dst[..q.codes.len()].copy_from_slice(&q.codes);
+                let so = slot.scales_offset.unwrap_or(slot.offset) - slot.offset;
+                dst[so..so + q.scales.len()].copy_from_slice(&q.scales);
+                if let Some(ts) = slot.tensor_scale_offset {
+                    let o = ts - slot.offset;
+                    dst[o..o + 4].copy_from_slice(&q.tensor_scale.to_le_bytes());
+                }
+            }
+            (_, d) => {
+                return Err(IrError::new(
+                    ErrorKind::Interp,
+                    format!("weight \"{}\": its data does not match dtype {d}", slot.name),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    Ok(match (&t.data, t.dtype) {
+        (Data::I32(v), _) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        (Data::F32(v), DType::F32) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        (Data::F32(v), DType::BF16) => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+        (Data::F32(v), DType::F16) => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+        (_, d) => return Err(IrError::new(ErrorKind::Interp, format!("cannot pass a {d} activation to the GPU"))),
+    })
+}
+
+fn from_bytes(dtype: DType, shape: &[usize], b: &[u8]) -> Result<Tensor> {
+    match dtype {
+        DType::I32 => Tensor::i32(shape, b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        DType::F32 => Tensor::f32(dtype, shape, b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        DType::BF16 => Tensor::f32(dtype, shape, b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
+        DType::F16 => Tensor::f32(dtype, shape, b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
+        d => Err(IrError::new(ErrorKind::Interp, format!("cannot read a {d} output from the GPU"))),
+    }
+}
+
+/// Plans and lowers `graph` for one bucket (no GPU needed).
+pub fn build(graph: &Graph, max_t: usize) -> std::result::Result<(Plan, CudaModule), tilefuse_codegen::CodegenError> {
+    let fused = run_pipeline(graph.clone())?;
+    let plan = Plan::new(fused, PlanOptions { max_t })?;
+    let module = lower::lower(&plan)?;
+    Ok((plan, module))
+}
+
+impl GpuExecutable {
+    /// Compiles `graph` for each bucket in `buckets` (the largest `T` of each),
+    /// uploads `weights` and allocates the caches and the arena.
+    pub fn new(gpu: Gpu, graph: &Graph, weights: &BTreeMap<String, Tensor>, buckets: &[usize], mode: LaunchMode) -> Result<GpuExecutable> {
+        let mut buckets = buckets.to_vec();
+        buckets.sort_unstable();
+        buckets.dedup();
+        if buckets.is_empty() {
+            return Err(IrError::new(ErrorKind::Interp, "no T buckets to compile"));
+        }
+        let mut programs = Vec::new();
+        for &b in &buckets {
+            let (plan, module) = build(graph, b).map_err(cg_err)?;
+            let loaded = gpu
+                .load(&format!("{}_t{b}", graph.name), &module.source, tilefuse_codegen::cuda::HEADERS)
+                .map_err(gpu_err)?;
+            let functions = module
+                .kernels
+                .iter()
+                .map(|k| loaded.function(&k.name))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(gpu_err)?;
+            programs.push(Program {
+                plan,
+                module,
+                functions,
+                graph: None,
+            });
+        }
+        let first = &programs[0].plan;
+        let packed = pack_weights(first, weights)?;
+        let weights_buf = gpu.upload(&packed, "the weights").map_err(gpu_err)?;
+        let kv_bytes = first.cache_bytes;
+        let mut kv = gpu.alloc(kv_bytes.max(1), "the KV caches").map_err(gpu_err)?;
+        // Poison the caches: a read of a position never written shows as NaN.
+        gpu.write(&mut kv, 0, &vec![0xffu8; kv_bytes.max(1)]).map_err(gpu_err)?;
+        let arena_bytes = programs.iter().map(|p| p.plan.arena_bytes).max().unwrap_or(0);
+        let mut arena = gpu.alloc(arena_bytes, "the activation arena").map_err(gpu_err)?;
+        gpu.write(&mut arena, 0, &vec![0xffu8; arena_bytes]).map_err(gpu_err)?;
+        Ok(GpuExecutable {
+            gpu,
+            programs,
+            arena,
+            weights: weights_buf,
+            kv,
+            mode,
+        })
+    }
+
+    /// The largest `T` of each bucket.
+    pub fn buckets(&self) -> Vec<usize> {
+        self.programs.iter().map(|p| p.plan.options.max_t).collect()
+    }
+
+    /// The plan and module of the bucket serving `t` tokens.
+    pub fn program_for(&self, t: usize) -> Option<(&Plan, &CudaModule)> {
+        self.programs
+            .iter()
+            .find(|p| p.plan.options.max_t >= t)
+            .map(|p| (&p.plan, &p.module))
+    }
+
+    /// The GPU.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Runs one forward.
+    pub fn run(&mut self, bindings: &Bindings, inputs: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
+        let t = bindings.get("T").ok_or_else(|| IrError::new(ErrorKind::Interp, "symbol T is not bound"))?;
+        let s = bindings.get("S").unwrap_or(0);
+        let pi = self
+            .programs
+            .iter()
+            .position(|p| p.plan.options.max_t >= t)
+            .ok_or_else(|| {
+                IrError::new(
+                    ErrorKind::Interp,
+                    format!("T = {t} is larger than the largest compiled bucket ({:?})", self.buckets()),
+                )
+            })?;
+        self.launch(pi, t, s, inputs)?;
+        self.read_outputs(pi, bindings)
+    }
+
+    fn launch(&mut self, pi: usize, t: usize, s: usize, inputs: &BTreeMap<String, Tensor>) -> Result<()> {
+        let p = &self.programs[pi];
+        let g = &p.plan.fused.graph;
+        let mut sym = Vec::new();
+        sym.extend((t as i32).to_le_bytes());
+        sym.extend((s as i32).to_le_bytes());
+        self.gpu.write(&mut self.arena, 0, &sym).map_err(gpu_err)?;
+        let b = Bindings::new().with("T", t).with("S", s);
+        for n in g.inputs_of_kind(InputKind::Activation) {
+            let node = g.node(n);
+            let v = inputs.get(&node.name).ok_or_else(|| {
+                IrError::new(ErrorKind::Interp, format!("missing input \"{}\" ({})", node.name, node.ty))
+            })?;
+            let want = node.ty.shape.eval(&b).map_err(|m| IrError::new(ErrorKind::Interp, m))?;
+            if v.shape != want || v.dtype != node.ty.dtype {
+                return Err(IrError::new(
+                    ErrorKind::Interp,
+                    format!("input \"{}\": expected {} {want:?}, found {} {:?}", node.name, node.ty.dtype, v.dtype, v.shape),
+                ));
+            }
+            let off = p.plan.offset_of(n).ok_or_else(|| IrError::new(ErrorKind::Interp, format!("input \"{}\" has no buffer", node.name)))?;
+            self.gpu.write(&mut self.arena, off, &to_bytes(v)?).map_err(gpu_err)?;
+        }
+        let args = [Arg::Ptr(self.arena.ptr()), Arg::Ptr(self.weights.ptr()), Arg::Ptr(self.kv.ptr())];
+        match self.mode {
+            LaunchMode::Stream => {
+                for (k, f) in p.plan.kernels.iter().zip(&p.functions) {
+                    self.gpu
+                        .launch(&k.name, f, k.tiling.tiles, k.tiling.threads, k.tiling.smem, &args)
+                        .map_err(gpu_err)?;
+                }
+            }
+            LaunchMode::Graph => {
+                if self.programs[pi].graph.is_none() {
+                    let stream = self.gpu.stream().clone();
+                    stream
+                        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                        .map_err(|e| IrError::new(ErrorKind::Interp, format!("starting CUDA-graph capture: {e:?}")))?;
+                    let p = &self.programs[pi];
+                    let mut failed = None;
+                    for (k, f) in p.plan.kernels.iter().zip(&p.functions) {
+                        if let Err(e) = self.gpu.launch(&k.name, f, k.tiling.tiles, k.tiling.threads, k.tiling.smem, &args) {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                    let graph = stream
+                        .end_capture(CUgraphInstantiate_flags(0))
+                        .map_err(|e| IrError::new(ErrorKind::Interp, format!("ending CUDA-graph capture: {e:?}")))?;
+                    if let Some(e) = failed {
+                        return Err(gpu_err(e));
+                    }
+                    self.programs[pi].graph = graph;
+                }
+                if let Some(graph) = &self.programs[pi].graph {
+                    graph
+                        .launch()
+                        .map_err(|e| IrError::new(ErrorKind::Interp, format!("replaying the CUDA graph: {e:?}")))?;
+                }
+            }
+        }
+        self.gpu.sync("running the forward").map_err(gpu_err)
+    }
+
+    fn read_outputs(&self, pi: usize, bindings: &Bindings) -> Result<BTreeMap<String, Tensor>> {
+        let p = &self.programs[pi].plan;
+        let g = &p.fused.graph;
+        let mut out = BTreeMap::new();
+        for (name, id) in g.outputs() {
+            let node = g.node(*id);
+            let shape = node.ty.shape.eval(bindings).map_err(|m| IrError::new(ErrorKind::Interp, m))?;
+            let numel: usize = shape.iter().product();
+            let bytes = node.ty.dtype.storage_bytes(numel, shape.last().copied().unwrap_or(1)).unwrap_or(0);
+            let off = p
+                .offset_of(*id)
+                .ok_or_else(|| IrError::new(ErrorKind::Interp, format!("output \"{name}\" has no buffer")))?;
+            let b = self.gpu.download_range(&self.arena, off, bytes).map_err(gpu_err)?;
+            out.insert(name.clone(), from_bytes(node.ty.dtype, &shape, &b)?);
+        }
+        Ok(out)
+    }
+
+    /// Times each kernel of the bucket serving `t` tokens in stream mode
+    /// (median of `reps` event-timed launches per kernel), after one warm-up
+    /// forward. Inputs must have been set by a previous [`GpuExecutable::run`].
+    pub fn kernel_times(&mut self, t: usize, s: usize, reps: usize) -> Result<Vec<(String, f32)>> {
+        let pi = self
+            .programs
+            .iter()
+            .position(|p| p.plan.options.max_t >= t)
+            .ok_or_else(|| IrError::new(ErrorKind::Interp, format!("no bucket for T = {t}")))?;
+        let mut sym = Vec::new();
+        sym.extend((t as i32).to_le_bytes());
+        sym.extend((s as i32).to_le_bytes());
+        self.gpu.write(&mut self.arena, 0, &sym).map_err(gpu_err)?;
+        let args = [Arg::Ptr(self.arena.ptr()), Arg::Ptr(self.weights.ptr()), Arg::Ptr(self.kv.ptr())];
+        let p = &self.programs[pi];
+        let stream = self.gpu.stream().clone();
+        let mut out = Vec::new();
+        for (k, f) in p.plan.kernels.iter().zip(&p.functions) {
+            let mut times = Vec::with_capacity(reps);
+            for _ in 0..reps.max(1) {
+                let e0 = stream
+                    .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(|e| IrError::new(ErrorKind::Interp, format!("{e:?}")))?;
+                self.gpu
+                    .launch(&k.name, f, k.tiling.tiles, k.tiling.threads, k.tiling.smem, &args)
+                    .map_err(gpu_err)?;
+                let e1 = stream
+                    .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(|e| IrError::new(ErrorKind::Interp, format!("{e:?}")))?;
+                e1.synchronize().map_err(|e| IrError::new(ErrorKind::Interp, format!("{e:?}")))?;
+                times.push(e0.elapsed_ms(&e1).map_err(|e| IrError::new(ErrorKind::Interp, format!("{e:?}")))?);
+            }
+            times.sort_by(f32::total_cmp);
+            out.push((k.name.clone(), times[times.len() / 2]));
+        }
+        Ok(out)
+    }
+}

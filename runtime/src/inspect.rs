@@ -1,0 +1,214 @@
+//! `tilefuse compile`: everything an engineer needs to read what tilefuse
+//! makes of a graph — the IR after each pass, the plan, every kernel's
+//! source and PTX, a summary table (tiles, registers, shared memory, spills,
+//! bytes read) and the fused graph as Graphviz DOT (and SVG when `dot` is
+//! installed). The output folder is written whole or not at all.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use tilefuse_codegen::fusion::Fused;
+use tilefuse_codegen::lower;
+use tilefuse_codegen::passes::run_pipeline_observed;
+use tilefuse_codegen::plan::{Plan, PlanOptions};
+use tilefuse_ir::{Graph, InputKind, Op};
+
+use crate::nvrtc::{self, CompileOptions, KernelResources};
+
+/// What to write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Emit {
+    /// The IR after every pass (`ir/NN-pass.txt`).
+    pub ir: bool,
+    /// The plan (`plan.txt`) and the fused graph (`fused.dot`, `fused.svg`).
+    pub plan: bool,
+    /// The CUDA source (`cuda/module.cu`, one file per kernel).
+    pub cuda: bool,
+    /// PTX and the resource report (needs NVRTC).
+    pub ptx: bool,
+}
+
+/// One row of the summary table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SummaryRow {
+    /// Kernel name.
+    pub name: String,
+    /// Tiles and threads per tile.
+    pub tiles: u32,
+    /// Threads per tile.
+    pub threads: u32,
+    /// Dynamic shared memory.
+    pub smem: u32,
+    /// Registers, spills and static shared memory (when compiled).
+    pub resources: Option<KernelResources>,
+    /// Weight bytes a forward at the bucket's largest `T` reads in this kernel.
+    pub weight_bytes: usize,
+}
+
+fn weight_bytes(plan: &Plan, k: &tilefuse_codegen::plan::Kernel) -> usize {
+    let g = &plan.fused.graph;
+    let group = plan.group(k);
+    let mut nodes: Vec<_> = group.nodes.iter().copied().collect();
+    let mut expert_fraction = 1.0f64;
+    match group.kind {
+        tilefuse_codegen::KernelKind::ExpertsUp { experts } | tilefuse_codegen::KernelKind::ExpertsDown { experts } => {
+            let ins = g.inputs(experts);
+            let w = if matches!(group.kind, tilefuse_codegen::KernelKind::ExpertsUp { .. }) { ins[3] } else { ins[4] };
+            let e = g.node(w).ty.dims()[0].as_const().unwrap_or(1);
+            let k_sel = g.node(ins[1]).ty.dims()[1].as_const().unwrap_or(1);
+            expert_fraction = ((plan.options.max_t * k_sel).min(e)) as f64 / e as f64;
+            let slot = plan.weight(w).map(|s| s.bytes).unwrap_or(0);
+            return (slot as f64 * expert_fraction) as usize;
+        }
+        tilefuse_codegen::KernelKind::MatVec { norm: Some(n), .. } => nodes.push(n),
+        _ => {}
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut total = 0usize;
+    for n in nodes {
+        for i in g.inputs(n) {
+            if matches!(g.node(i).op, Op::Input(InputKind::Weight)) && seen.insert(i) {
+                total += plan.weight(i).map(|s| s.bytes).unwrap_or(0);
+            }
+        }
+    }
+    (total as f64 * expert_fraction) as usize
+}
+
+/// The fused graph as Graphviz DOT: one cluster per kernel.
+pub fn dot(f: &Fused) -> String {
+    let g = &f.graph;
+    let num = g.numbering();
+    let mut s = String::from("digraph fused {\n  rankdir=TB;\n  node [shape=box, fontname=monospace, fontsize=10];\n");
+    for (i, group) in f.groups.iter().enumerate() {
+        let _ = writeln!(s, "  subgraph cluster_k{i} {{\n    label=\"k{i} {}\";\n    style=rounded;", group.kind.short());
+        for n in &group.nodes {
+            let node = g.node(*n);
+            let _ = writeln!(s, "    n{} [label=\"%{} {}\\n{}\"];", num[n], num[n], node.op.mnemonic(), node.name.replace('"', "'"));
+        }
+        s.push_str("  }\n");
+    }
+    for n in g.topo_order().unwrap_or_default() {
+        let node = g.node(n);
+        if f.group_of(n).is_none() {
+            let shape = if matches!(node.op, Op::Input(_)) { "ellipse" } else { "box" };
+            let _ = writeln!(s, "  n{} [label=\"%{} {}\\n{}\", shape={shape}];", num[&n], num[&n], node.op.mnemonic(), node.name.replace('"', "'"));
+        }
+        for i in g.inputs(n) {
+            let _ = writeln!(s, "  n{} -> n{};", num[&i], num[&n]);
+        }
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// Renders the summary rows as a table.
+pub fn summary_table(rows: &[SummaryRow]) -> String {
+    let mut s = format!(
+        "{:<48} {:>6} {:>4} {:>7} {:>5} {:>6} {:>6} {:>12}\n",
+        "kernel", "tiles", "thr", "smem", "regs", "spills", "stack", "weight bytes"
+    );
+    let mut total = 0;
+    for r in rows {
+        let (regs, spills, stack) = match &r.resources {
+            Some(k) => (k.registers.to_string(), (k.spill_stores + k.spill_loads).to_string(), k.stack_frame.to_string()),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            s,
+            "{:<48} {:>6} {:>4} {:>7} {:>5} {:>6} {:>6} {:>12}",
+            r.name, r.tiles, r.threads, r.smem, regs, spills, stack, r.weight_bytes
+        );
+        total += r.weight_bytes;
+    }
+    let _ = writeln!(s, "{} kernels, {} weight bytes per forward", rows.len(), total);
+    s
+}
+
+fn write(dir: &Path, rel: &str, text: &str) -> Result<(), String> {
+    let p = dir.join(rel);
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    std::fs::write(&p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))
+}
+
+/// Compiles `graph` for a bucket of `max_t` tokens and writes what `emit`
+/// asks for under `out` (replacing it atomically). Returns the summary table.
+pub fn compile_artifacts(graph: &Graph, max_t: usize, emit: Emit, out: &Path) -> Result<String, String> {
+    let tmp: PathBuf = {
+        let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        name.push(format!(".tmp{}", std::process::id()));
+        out.with_file_name(name)
+    };
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    let result = (|| {
+        let mut pass_dumps = Vec::new();
+        let fused = run_pipeline_observed(graph.clone(), |name, f| pass_dumps.push((name.to_string(), f.to_string())))
+            .map_err(|e| e.to_string())?;
+        if emit.ir {
+            write(&tmp, "ir/00-input.txt", &graph.to_string())?;
+            for (i, (name, text)) in pass_dumps.iter().enumerate() {
+                write(&tmp, &format!("ir/{:02}-{name}.txt", i + 1), text)?;
+            }
+        }
+        let dotted = dot(&fused);
+        let plan = Plan::new(fused, PlanOptions { max_t }).map_err(|e| e.to_string())?;
+        if emit.plan {
+            write(&tmp, "plan.txt", &plan.to_string())?;
+            write(&tmp, "fused.dot", &dotted)?;
+            if let Ok(o) = std::process::Command::new("dot")
+                .args(["-Tsvg", "-o"])
+                .arg(tmp.join("fused.svg"))
+                .arg(tmp.join("fused.dot"))
+                .output()
+            {
+                if !o.status.success() {
+                    eprintln!("warning: dot failed: {}", String::from_utf8_lossy(&o.stderr));
+                }
+            }
+        }
+        let module = lower::lower(&plan).map_err(|e| e.to_string())?;
+        if emit.cuda {
+            write(&tmp, "cuda/module.cu", &module.source)?;
+            for k in &module.kernels {
+                write(&tmp, &format!("cuda/{}.cu", k.name), &k.source())?;
+            }
+        }
+        let mut resources = Vec::new();
+        if emit.ptx {
+            let c = nvrtc::compile(&graph.name, &module.source, tilefuse_codegen::cuda::HEADERS, &CompileOptions::default())
+                .map_err(|e| e.to_string())?;
+            write(&tmp, "ptx/module.ptx", &c.ptx)?;
+            write(&tmp, "ptx/nvrtc.log", &c.log)?;
+            resources = c.resources;
+        }
+        let rows: Vec<SummaryRow> = plan
+            .kernels
+            .iter()
+            .map(|k| SummaryRow {
+                name: k.name.clone(),
+                tiles: k.tiling.tiles,
+                threads: k.tiling.threads,
+                smem: k.tiling.smem,
+                resources: resources.iter().find(|r| r.name == k.name).cloned(),
+                weight_bytes: weight_bytes(&plan, k),
+            })
+            .collect();
+        let table = summary_table(&rows);
+        write(&tmp, "summary.txt", &table)?;
+        Ok(table)
+    })();
+    match result {
+        Ok(table) => {
+            let _ = std::fs::remove_dir_all(out);
+            std::fs::rename(&tmp, out).map_err(|e| format!("cannot move {} to {}: {e}", tmp.display(), out.display()))?;
+            Ok(table)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
