@@ -137,7 +137,13 @@ impl Builder {
 
     /// Inputs, weights and caches are named verbatim (not scoped): their names
     /// are the parameter names a loader and a runtime look them up by.
-    fn input_of(&mut self, kind: InputKind, name: &str, dtype: DType, shape: Shape) -> Result<NodeId> {
+    fn input_of(
+        &mut self,
+        kind: InputKind,
+        name: &str,
+        dtype: DType,
+        shape: Shape,
+    ) -> Result<NodeId> {
         self.graph
             .add_input(kind, name, TensorType::new(dtype, shape), self.loc.clone())
     }
@@ -224,7 +230,13 @@ impl Builder {
     }
 
     /// `len` elements from `start` along `axis`.
-    pub fn slice(&mut self, x: NodeId, axis: usize, start: impl Into<Dim>, len: impl Into<Dim>) -> Result<NodeId> {
+    pub fn slice(
+        &mut self,
+        x: NodeId,
+        axis: usize,
+        start: impl Into<Dim>,
+        len: impl Into<Dim>,
+    ) -> Result<NodeId> {
         self.op(
             Op::View(View::Slice {
                 axis,
@@ -267,7 +279,13 @@ impl Builder {
     }
 
     /// Appends rows to a KV cache holding `len` entries; returns the logical view.
-    pub fn kv_append(&mut self, cache: NodeId, new: NodeId, len: impl Into<Dim>, ring: bool) -> Result<NodeId> {
+    pub fn kv_append(
+        &mut self,
+        cache: NodeId,
+        new: NodeId,
+        len: impl Into<Dim>,
+        ring: bool,
+    ) -> Result<NodeId> {
         self.op(
             Op::Attn(Attn::KvAppend {
                 len: len.into(),
@@ -300,7 +318,12 @@ impl Builder {
     }
 
     /// Expert choice from f32 router logits.
-    pub fn router_select(&mut self, logits: NodeId, bias: Option<NodeId>, cfg: &RouterConfig) -> Result<NodeId> {
+    pub fn router_select(
+        &mut self,
+        logits: NodeId,
+        bias: Option<NodeId>,
+        cfg: &RouterConfig,
+    ) -> Result<NodeId> {
         let mut ins = vec![logits];
         ins.extend(bias);
         self.op(
@@ -316,7 +339,12 @@ impl Builder {
     }
 
     /// Weights of the chosen experts.
-    pub fn router_weights(&mut self, logits: NodeId, idx: NodeId, cfg: &RouterConfig) -> Result<NodeId> {
+    pub fn router_weights(
+        &mut self,
+        logits: NodeId,
+        idx: NodeId,
+        cfg: &RouterConfig,
+    ) -> Result<NodeId> {
         self.op(
             Op::Moe(Moe::RouterWeights {
                 score: cfg.score,
@@ -329,7 +357,14 @@ impl Builder {
     }
 
     /// The routed SwiGLU experts, weighted and summed.
-    pub fn experts(&mut self, x: NodeId, idx: NodeId, w: NodeId, gate_up: NodeId, down: NodeId) -> Result<NodeId> {
+    pub fn experts(
+        &mut self,
+        x: NodeId,
+        idx: NodeId,
+        w: NodeId,
+        gate_up: NodeId,
+        down: NodeId,
+    ) -> Result<NodeId> {
         self.op(Op::Moe(Moe::Experts), &[x, idx, w, gate_up, down])
     }
 

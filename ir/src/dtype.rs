@@ -135,7 +135,10 @@ mod tests {
         // One MiMo-V2 expert matrix 2048 x 4096 in MXFP4: 4 MiB of codes + 256 KiB of scales.
         let n = 2048 * 4096;
         assert_eq!(DType::MXFP4.storage_bytes(n, 4096), Some(n / 2 + n / 32));
-        assert_eq!(DType::NVFP4.storage_bytes(n, 4096), Some(n / 2 + n / 16 + 4));
+        assert_eq!(
+            DType::NVFP4.storage_bytes(n, 4096),
+            Some(n / 2 + n / 16 + 4)
+        );
         assert_eq!(DType::BF16.storage_bytes(n, 4096), Some(2 * n));
         assert_eq!(DType::MXFP4.storage_bytes(48, 48), None);
         assert_eq!(DType::MXFP4.bits_per_element(), 4.25);

@@ -6,8 +6,8 @@
 //! removed, so passes can rewrite in place; removing a producer leaves its
 //! consumers with a missing slot, which [`Graph::verify`] reports as dangling.
 
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fmt;
 
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
@@ -128,17 +128,26 @@ impl Graph {
             )
             .at(label));
         }
-        Ok(self.insert(Node {
-            op: Op::Input(kind),
-            ty,
-            name: name.to_string(),
-            loc,
-        }, &[]))
+        Ok(self.insert(
+            Node {
+                op: Op::Input(kind),
+                ty,
+                name: name.to_string(),
+                loc,
+            },
+            &[],
+        ))
     }
 
     /// Adds an op node: checks the inputs, infers the output type. The error
     /// names the would-be node, its op and where the author created it.
-    pub fn add(&mut self, op: Op, inputs: &[NodeId], name: &str, loc: Option<Loc>) -> Result<NodeId> {
+    pub fn add(
+        &mut self,
+        op: Op,
+        inputs: &[NodeId],
+        name: &str,
+        loc: Option<Loc>,
+    ) -> Result<NodeId> {
         let at = || {
             let mut s = format!("\"{name}\" ({})", op.mnemonic());
             if let Some(l) = &loc {
@@ -153,7 +162,10 @@ impl Graph {
             if !self.g.contains_node(id.0) {
                 return Err(IrError::new(
                     ErrorKind::Dangling,
-                    format!("input {slot} refers to node {} which is not in the graph", id.index()),
+                    format!(
+                        "input {slot} refers to node {} which is not in the graph",
+                        id.index()
+                    ),
                 )
                 .at(at()));
             }

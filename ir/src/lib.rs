@@ -32,6 +32,8 @@ pub mod graph;
 pub mod interp;
 pub mod op;
 pub mod shape;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod text;
 
 pub use builder::{Builder, RouterConfig};

@@ -418,7 +418,9 @@ impl ScoreFn {
         match s {
             "sigmoid" => Ok(ScoreFn::Sigmoid),
             "softmax" => Ok(ScoreFn::Softmax),
-            _ => Err(format!("unknown score function `{s}`; expected sigmoid or softmax")),
+            _ => Err(format!(
+                "unknown score function `{s}`; expected sigmoid or softmax"
+            )),
         }
     }
 }
@@ -577,11 +579,15 @@ impl Op {
             }
             "nn.rms_norm" => {
                 known = &["eps"];
-                Op::Nn(Nn::RmsNorm { eps: a.float("eps")? })
+                Op::Nn(Nn::RmsNorm {
+                    eps: a.float("eps")?,
+                })
             }
             "nn.matmul" => {
                 known = &["out"];
-                Op::Nn(Nn::MatMul { out: a.dtype("out")? })
+                Op::Nn(Nn::MatMul {
+                    out: a.dtype("out")?,
+                })
             }
             "nn.rope" => {
                 known = &["theta", "rot_dims"];
@@ -636,7 +642,11 @@ impl Op {
                 let mask = match a.word("mask")?.as_str() {
                     "causal" => Mask::Causal { window },
                     "block" => Mask::Block { window },
-                    w => return Err(format!("{mnemonic}: unknown mask `{w}`; expected causal or block")),
+                    w => {
+                        return Err(format!(
+                            "{mnemonic}: unknown mask `{w}`; expected causal or block"
+                        ))
+                    }
                 };
                 Op::Attn(Attn::Attention {
                     mask,
@@ -885,14 +895,22 @@ pub fn broadcast(a: &Shape, b: &Shape) -> Result<Shape, String> {
     let one = Dim::c(1);
     let mut out = Vec::with_capacity(r);
     for i in 0..r {
-        let da = (i + a.rank()).checked_sub(r).map(|j| &a.0[j]).unwrap_or(&one);
-        let db = (i + b.rank()).checked_sub(r).map(|j| &b.0[j]).unwrap_or(&one);
+        let da = (i + a.rank())
+            .checked_sub(r)
+            .map(|j| &a.0[j])
+            .unwrap_or(&one);
+        let db = (i + b.rank())
+            .checked_sub(r)
+            .map(|j| &b.0[j])
+            .unwrap_or(&one);
         out.push(if da == db || *db == one {
             da.clone()
         } else if *da == one {
             db.clone()
         } else {
-            return Err(format!("shapes {a} and {b} do not broadcast (axis {i}: {da} vs {db})"));
+            return Err(format!(
+                "shapes {a} and {b} do not broadcast (axis {i}: {da} vs {db})"
+            ));
         });
     }
     Ok(Shape(out))
@@ -979,11 +997,17 @@ fn infer_view(v: &View, ins: &[&TensorType]) -> Result<TensorType, String> {
             let mut total = Dim::c(0);
             for (i, y) in ins.iter().enumerate() {
                 if y.dtype != x.dtype || y.rank() != x.rank() {
-                    return Err(format!("input {i} is {y}, expected {} of rank {}", x.dtype, x.rank()));
+                    return Err(format!(
+                        "input {i} is {y}, expected {} of rank {}",
+                        x.dtype,
+                        x.rank()
+                    ));
                 }
                 for (j, (a, b)) in x.dims().iter().zip(y.dims()).enumerate() {
                     if j != *axis && a != b {
-                        return Err(format!("input {i} is {y}: axis {j} must be {a} as in input 0"));
+                        return Err(format!(
+                            "input {i} is {y}: axis {j} must be {a} as in input 0"
+                        ));
                     }
                 }
                 total = total + y.dims()[*axis].clone();
@@ -1029,14 +1053,20 @@ fn infer_nn(n: &Nn, ins: &[&TensorType]) -> Result<TensorType, String> {
             let (x, w) = (ins[0], ins[1]);
             want_activation("x", x)?;
             if !out.is_activation() {
-                return Err(format!("output dtype must be f32, f16 or bf16, found {out}"));
+                return Err(format!(
+                    "output dtype must be f32, f16 or bf16, found {out}"
+                ));
             }
             want_rank("weight", w, 2)?;
             if w.dtype == DType::I32 {
                 return Err(format!("weight must be a float or FP4 dtype, found {w}"));
             }
             let k = x.shape.last().ok_or("x must have rank >= 1")?;
-            want_dim("reduction dim (last axis of x vs axis 1 of weight [N, K])", &w.dims()[1], k)?;
+            want_dim(
+                "reduction dim (last axis of x vs axis 1 of weight [N, K])",
+                &w.dims()[1],
+                k,
+            )?;
             if let Some(b) = w.dtype.block_size() {
                 match k.as_const() {
                     Some(kk) if kk % b == 0 => {}
@@ -1083,7 +1113,9 @@ fn infer_attn(a: &Attn, ins: &[&TensorType]) -> Result<TensorType, String> {
             want_rank("cache", cache, 3)?;
             want_rank("new rows", new, 3)?;
             if cache.dtype != new.dtype {
-                return Err(format!("cache is {cache} but new rows are {new}: dtypes differ"));
+                return Err(format!(
+                    "cache is {cache} but new rows are {new}: dtypes differ"
+                ));
             }
             want_dim("cache heads", &cache.dims()[1], &new.dims()[1])?;
             want_dim("cache head dim", &cache.dims()[2], &new.dims()[2])?;
@@ -1105,8 +1137,16 @@ fn infer_attn(a: &Attn, ins: &[&TensorType]) -> Result<TensorType, String> {
             if k.dtype != q.dtype || v.dtype != q.dtype {
                 return Err(format!("q, k, v must share a dtype, found {q}, {k}, {v}"));
             }
-            want_dim("key head dim (axis 2 of k vs q)", &k.dims()[2], &q.dims()[2])?;
-            want_dim("value length (axis 0 of v vs k)", &v.dims()[0], &k.dims()[0])?;
+            want_dim(
+                "key head dim (axis 2 of k vs q)",
+                &k.dims()[2],
+                &q.dims()[2],
+            )?;
+            want_dim(
+                "value length (axis 0 of v vs k)",
+                &v.dims()[0],
+                &k.dims()[0],
+            )?;
             want_dim("value heads (axis 1 of v vs k)", &v.dims()[1], &k.dims()[1])?;
             if let (Some(hq), Some(hkv)) = (q.dims()[1].as_const(), k.dims()[1].as_const()) {
                 if hkv == 0 || hq % hkv != 0 {
@@ -1115,7 +1155,9 @@ fn infer_attn(a: &Attn, ins: &[&TensorType]) -> Result<TensorType, String> {
                     ));
                 }
             } else {
-                return Err(format!("head counts must be constant, found q {q} and k {k}"));
+                return Err(format!(
+                    "head counts must be constant, found q {q} and k {k}"
+                ));
             }
             if let Mask::Causal { window: Some(0) } | Mask::Block { window: Some(0) } = mask {
                 return Err("window must be >= 1".into());
@@ -1131,7 +1173,11 @@ fn infer_attn(a: &Attn, ins: &[&TensorType]) -> Result<TensorType, String> {
             }
             Ok(TensorType::new(
                 q.dtype,
-                Shape(vec![q.dims()[0].clone(), q.dims()[1].clone(), v.dims()[2].clone()]),
+                Shape(vec![
+                    q.dims()[0].clone(),
+                    q.dims()[1].clone(),
+                    v.dims()[2].clone(),
+                ]),
             ))
         }
     }
@@ -1153,13 +1199,17 @@ fn infer_moe(m: &Moe, ins: &[&TensorType]) -> Result<TensorType, String> {
                 .as_const()
                 .ok_or_else(|| format!("expert count must be constant, found {logits}"))?;
             if *top_k == 0 || *top_k > e {
-                return Err(format!("top_k must be in 1..={e} (the experts), found {top_k}"));
+                return Err(format!(
+                    "top_k must be in 1..={e} (the experts), found {top_k}"
+                ));
             }
             if *n_group == 0 || e % n_group != 0 {
                 return Err(format!("n_group ({n_group}) must divide the {e} experts"));
             }
             if *topk_group == 0 || topk_group > n_group {
-                return Err(format!("topk_group must be in 1..={n_group}, found {topk_group}"));
+                return Err(format!(
+                    "topk_group must be in 1..={n_group}, found {topk_group}"
+                ));
             }
             if *n_group > 1 && e / n_group < 2 {
                 return Err("group scores need at least 2 experts per group".into());
@@ -1186,7 +1236,11 @@ fn infer_moe(m: &Moe, ins: &[&TensorType]) -> Result<TensorType, String> {
             want_rank("router logits", logits, 2)?;
             want_dtype("expert indices", idx, DType::I32)?;
             want_rank("expert indices", idx, 2)?;
-            want_dim("tokens (axis 0 of indices)", &idx.dims()[0], &logits.dims()[0])?;
+            want_dim(
+                "tokens (axis 0 of indices)",
+                &idx.dims()[0],
+                &logits.dims()[0],
+            )?;
             Ok(TensorType::new(DType::F32, idx.shape.clone()))
         }
         Moe::Experts => {
@@ -1199,21 +1253,35 @@ fn infer_moe(m: &Moe, ins: &[&TensorType]) -> Result<TensorType, String> {
             if w.shape != idx.shape {
                 return Err(format!("expert weights {w} must match indices {idx}"));
             }
-            want_dim("tokens (axis 0 of indices vs x)", &idx.dims()[0], &x.dims()[0])?;
+            want_dim(
+                "tokens (axis 0 of indices vs x)",
+                &idx.dims()[0],
+                &x.dims()[0],
+            )?;
             want_rank("gate_up", w13, 3)?;
             want_rank("down", w2, 3)?;
             let h = &x.dims()[1];
             want_dim("gate_up [E, 2I, H] axis 2", &w13.dims()[2], h)?;
             want_dim("down [E, H, I] axis 1", &w2.dims()[1], h)?;
-            want_dim("down experts (axis 0 vs gate_up)", &w2.dims()[0], &w13.dims()[0])?;
-            want_dim("gate_up rows (2 x down axis 2)", &w13.dims()[1], &(w2.dims()[2].clone() * 2))?;
+            want_dim(
+                "down experts (axis 0 vs gate_up)",
+                &w2.dims()[0],
+                &w13.dims()[0],
+            )?;
+            want_dim(
+                "gate_up rows (2 x down axis 2)",
+                &w13.dims()[1],
+                &(w2.dims()[2].clone() * 2),
+            )?;
             for (n, t) in [("gate_up", w13), ("down", w2)] {
                 if t.dtype == DType::I32 {
                     return Err(format!("{n} must be a float or FP4 dtype, found {t}"));
                 }
                 if let Some(b) = t.dtype.block_size() {
                     if t.dims()[2].as_const().is_none_or(|k| k % b != 0) {
-                        return Err(format!("{n} is {t}: its last axis must be a multiple of {b}"));
+                        return Err(format!(
+                            "{n} is {t}: its last axis must be a multiple of {b}"
+                        ));
                     }
                 }
             }
@@ -1241,9 +1309,14 @@ fn infer_sample(s: &Sample, ins: &[&TensorType]) -> Result<TensorType, String> {
                 return Err(format!("seed must be i32[2] (seed, counter), found {seed}"));
             }
             if !(*temperature > 0.0 && temperature.is_finite()) {
-                return Err(format!("temperature must be > 0 (use argmax for greedy), found {temperature}"));
+                return Err(format!(
+                    "temperature must be > 0 (use argmax for greedy), found {temperature}"
+                ));
             }
-            Ok(TensorType::new(DType::I32, Shape(vec![x.dims()[0].clone()])))
+            Ok(TensorType::new(
+                DType::I32,
+                Shape(vec![x.dims()[0].clone()]),
+            ))
         }
     }
 }

@@ -90,7 +90,12 @@ impl fmt::Display for Graph {
             writeln!(f, "  {}", node_line(self, *id, &num))?;
         }
         for (name, id) in self.outputs() {
-            writeln!(f, "  return {} = %{}", quote(name), num.get(id).copied().unwrap_or(usize::MAX))?;
+            writeln!(
+                f,
+                "  return {} = %{}",
+                quote(name),
+                num.get(id).copied().unwrap_or(usize::MAX)
+            )?;
         }
         writeln!(f, "}}")
     }
@@ -230,7 +235,11 @@ fn parse_attr(v: &str) -> std::result::Result<Attr, String> {
         let shape = parse_shape(v)?;
         if shape.dims().iter().all(Dim::is_const) {
             return Ok(Attr::Ints(
-                shape.dims().iter().map(|d| d.as_const().unwrap_or(0) as i64).collect(),
+                shape
+                    .dims()
+                    .iter()
+                    .map(|d| d.as_const().unwrap_or(0) as i64)
+                    .collect(),
             ));
         }
         return Ok(Attr::Shape(shape));
@@ -263,7 +272,12 @@ impl Parser {
         let (hno, header) = lines
             .by_ref()
             .find(|(_, l)| !l.trim().is_empty())
-            .ok_or_else(|| IrError::new(ErrorKind::Parse, "empty text: expected `graph NAME(SYMS) {`"))?;
+            .ok_or_else(|| {
+                IrError::new(
+                    ErrorKind::Parse,
+                    "empty text: expected `graph NAME(SYMS) {`",
+                )
+            })?;
         let mut c = Cur { s: header };
         let mut g = (|| {
             c.expect("graph")?;
@@ -309,7 +323,8 @@ impl Parser {
                     .ids
                     .get(&num)
                     .ok_or_else(|| perr(no, line, format!("%{num} is not defined")))?;
-                g.set_output(&name, id).map_err(|e| perr(no, line, e.message))?;
+                g.set_output(&name, id)
+                    .map_err(|e| perr(no, line, e.message))?;
                 continue;
             }
             self.node(&mut g, t).map_err(|e| match e {
@@ -324,7 +339,11 @@ impl Parser {
     }
 
     /// Parses one node line; `Err(Ok(msg))` is a syntax error, `Err(Err(e))` a type error.
-    fn node(&mut self, g: &mut Graph, line: &str) -> std::result::Result<(), std::result::Result<String, IrError>> {
+    fn node(
+        &mut self,
+        g: &mut Graph,
+        line: &str,
+    ) -> std::result::Result<(), std::result::Result<String, IrError>> {
         let mut c = Cur { s: line };
         let num = c.number_ref().map_err(Ok)?;
         if self.ids.contains_key(&num) {

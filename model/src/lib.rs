@@ -11,6 +11,7 @@
 //! forward, and `S`, the tokens already in the KV caches. Query `t` sits at
 //! absolute position `S + t`.
 
+pub mod canonical;
 pub mod common;
 pub mod mimo_v2;
 pub mod presets;
