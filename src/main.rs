@@ -31,6 +31,8 @@ enum ModeArg {
     Stream,
     /// CUDA graphs replayed per bucket of T.
     Graph,
+    /// One persistent kernel per forward.
+    Persistent,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -200,6 +202,7 @@ fn generate(
     let mode = match mode {
         ModeArg::Stream => LaunchMode::Stream,
         ModeArg::Graph => LaunchMode::Graph,
+        ModeArg::Persistent => LaunchMode::Persistent,
     };
     let has_gpu = || matches!(tilefuse::runtime::gpu::Gpu::open(), Ok(Some(_)));
     let backend = match backend {

@@ -179,3 +179,48 @@ __device__ __forceinline__ float uniform01(uint32_t seed, uint32_t counter) {
 }
 
 }  // namespace tf
+
+// ---- helpers shared by the weight-streaming templates (matvec.cuh, moe.cuh) ----------
+
+namespace tf {
+
+// Ceiling division and min/max usable in constant expressions on both sides.
+__host__ __device__ constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
+__host__ __device__ constexpr int cmin(int a, int b) { return a < b ? a : b; }
+__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
+
+// 1- and 2-byte loads of read-only weight data (block scales), same path as
+// ld_stream_v4: only for bytes no kernel of the launch writes.
+__device__ __forceinline__ uint32_t ld_stream_u8(const void* p) {
+    uint32_t r;
+    asm volatile("ld.global.nc.L1::no_allocate.u8 %0, [%1];" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ uint32_t ld_stream_u16(const void* p) {
+    uint32_t r;
+    asm volatile("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=r"(r) : "l"(p));
+    return r;
+}
+
+// Sum over the warp in f64 (every lane gets the result).
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// PTX prmt (byte permute): byte i of the result is byte sel[4i+3:4i] of {b, a}.
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+    uint32_t r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
+}
+
+// Packed bf16x2 multiply, round to nearest even; subnormals are kept (no ftz).
+__device__ __forceinline__ uint32_t hmul2_bf16(uint32_t a, uint32_t b) {
+    uint32_t r;
+    asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
+}  // namespace tf

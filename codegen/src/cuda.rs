@@ -5,7 +5,11 @@
 //! on disk.
 
 /// `(name, source)` of every header, in dependency order.
-pub const HEADERS: &[(&str, &str)] = &[("prelude.cuh", include_str!("../cuda/prelude.cuh"))];
+pub const HEADERS: &[(&str, &str)] = &[
+    ("prelude.cuh", include_str!("../cuda/prelude.cuh")),
+    ("attention.cuh", include_str!("../cuda/attention.cuh")),
+    ("persistent.cuh", include_str!("../cuda/persistent.cuh")),
+];
 
 /// The source of the header called `name`.
 pub fn header(name: &str) -> Option<&'static str> {

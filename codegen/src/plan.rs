@@ -358,15 +358,23 @@ fn schedule(f: &Fused) -> Result<Vec<usize>, CodegenError> {
     let n = f.groups.len();
     let mut preds: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
     for (gi, group) in f.groups.iter().enumerate() {
-        let mut nodes: Vec<NodeId> = group.nodes.iter().copied().collect();
+        let mut nodes: BTreeSet<NodeId> = group.nodes.clone();
         match group.kind {
-            KernelKind::ExpertsUp { experts } | KernelKind::ExpertsDown { experts } => nodes.push(experts),
-            KernelKind::MatVec { norm: Some(nm), .. } => nodes.push(nm),
+            KernelKind::ExpertsUp { experts } | KernelKind::ExpertsDown { experts } => {
+                nodes.insert(experts);
+            }
+            // The norm is recomputed in this kernel's prologue, not read.
+            KernelKind::MatVec { norm: Some(nm), .. } => {
+                nodes.insert(nm);
+            }
             _ => {}
         }
         for &node in &nodes {
             for i in g.inputs(node) {
                 let s = f.storage(i);
+                if nodes.contains(&s) {
+                    continue;
+                }
                 if let Some(p) = f.group_of(s) {
                     if p != gi {
                         preds[gi].insert(p);
@@ -394,7 +402,16 @@ fn schedule(f: &Fused) -> Result<Vec<usize>, CodegenError> {
                 done[i] = true;
                 order.push(i);
             }
-            None => return Err(CodegenError::Internal("the kernel graph has a cycle".into())),
+            None => {
+                let stuck: Vec<String> = (0..n)
+                    .filter(|&i| !done[i])
+                    .map(|i| {
+                        let waits: Vec<String> = preds[i].iter().filter(|&&p| !done[p]).map(|p| format!("k{p}")).collect();
+                        format!("k{i} {} waits for [{}]", f.groups[i].kind.short(), waits.join(","))
+                    })
+                    .collect();
+                return Err(CodegenError::Internal(format!("the kernel graph has a cycle: {}", stuck.join("; "))));
+            }
         }
     }
     Ok(order)

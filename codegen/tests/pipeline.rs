@@ -25,3 +25,4 @@ fn qwen_tiny_kernels() {
     println!("{k:?}");
     assert_eq!(k.iter().filter(|s| *s == "attention").count(), 2);
 }
+

@@ -532,9 +532,6 @@ fn check_qualifiers(sig: &syn::Signature) -> Result<()> {
     if let Some(abi) = &sig.abi {
         return bad(abi.extern_token.span, "`extern`");
     }
-    if let Some(v) = &sig.variadic {
-        return bad(v.dots.spans[0], "variadic");
-    }
     Ok(())
 }
 
@@ -688,43 +685,44 @@ impl Parser {
                     semi: semi.is_some(),
                 })
             }
-            syn::Stmt::Macro(m) if is_dsl_macro(&m.mac) => {
-                let span = m.mac.path.span();
-                Ok(Stmt::Expr {
-                    span,
-                    expr: self.dsl_macro(m.mac, vars)?,
+            syn::Stmt::Macro(m) => match dsl_macro_kind(&m.mac) {
+                Some(kind) => Ok(Stmt::Expr {
+                    span: kind.span(),
                     semi: m.semi_token.is_some(),
-                })
-            }
+                    expr: self.dsl_macro(kind, m.mac, vars)?,
+                }),
+                None => Ok(Stmt::Rust(syn::Stmt::Macro(m))),
+            },
             other => Ok(Stmt::Rust(other)),
         }
     }
 
     fn local(&self, mut local: syn::Local, vars: &mut Vars) -> Result<Stmt> {
         let annotated = matches!(&local.pat, Pat::Type(t) if is_node_id(&t.ty));
-        let Some(init) = local.init.as_mut() else {
+        let Some(mut init) = local.init.take() else {
             shadow(&local.pat, vars, annotated);
             return Ok(Stmt::Rust(syn::Stmt::Local(local)));
         };
-        let has_op = self.contains_op(&mut init.expr, vars);
-        if !has_op {
+        let in_else = match init.diverge.as_mut() {
+            Some((_, e)) => self.contains_op(e, vars),
+            None => false,
+        };
+        if !in_else && !self.contains_op(&mut init.expr, vars) {
             // Plain Rust; an alias of a tensor (`let y = x;`) is a tensor too.
             let alias = self.is_tensor(&init.expr, vars);
             shadow(&local.pat, vars, annotated || alias);
+            local.init = Some(init);
             return Ok(Stmt::Rust(syn::Stmt::Local(local)));
         }
         if let Some((else_token, _)) = &init.diverge {
             return Err(Error::new(
                 else_token.span,
-                "`let ... else` cannot take a tensor expression; bind the tensor with a plain `let` first",
+                "`let ... else` cannot build graph nodes; bind the tensor with a plain `let` first, \
+                 or use `match` / `if let`",
             ));
         }
         let span = local.let_token.span;
-        let init = local.init.take().map(|i| *i.expr);
-        let Some(init) = init else {
-            return Ok(Stmt::Rust(syn::Stmt::Local(local)));
-        };
-        let init = self.expr(init, vars)?;
+        let init = self.expr(*init.expr, vars)?;
         let pat = local.pat;
         let mut name = None;
         if init.is_tensor() {
@@ -778,14 +776,20 @@ impl Parser {
                 span: minus.span,
                 x: Box::new(self.expr(*expr, vars)?),
             }),
-            syn::Expr::Macro(m) if is_dsl_macro(&m.mac) => self.dsl_macro(m.mac, vars),
-            syn::Expr::Call(c) if self.is_graph_call(&c) => {
-                let syn::Expr::Path(func) = *c.func else {
-                    return Err(Error::new(c.paren_token.span.join(), "expected a function path"));
-                };
-                let args = c.args.into_iter().map(|a| self.expr(a, vars)).collect::<Result<_>>()?;
-                Ok(Expr::Call { func, args })
-            }
+            syn::Expr::Macro(m) => match dsl_macro_kind(&m.mac) {
+                Some(kind) => self.dsl_macro(kind, m.mac, vars),
+                None => self.template(syn::Expr::Macro(m), Vec::new(), vars),
+            },
+            syn::Expr::Call(mut c) => match *c.func {
+                syn::Expr::Path(func) if self.is_graph_path(&func) => {
+                    let args = c.args.into_iter().map(|a| self.expr(a, vars)).collect::<Result<_>>()?;
+                    Ok(Expr::Call { func, args })
+                }
+                func => {
+                    c.func = Box::new(func);
+                    self.template(syn::Expr::Call(c), Vec::new(), vars)
+                }
+            },
             syn::Expr::If(i) => self.if_expr(i, vars),
             syn::Expr::Match(m) => {
                 let expr = Box::new(self.expr(*m.expr, vars)?);
@@ -923,13 +927,11 @@ impl Parser {
                 ),
             ));
         }
-        let recv = if on_array {
-            let syn::Expr::Array(a) = *m.receiver else {
-                return Err(Error::new(m.method.span(), "expected an array receiver"));
-            };
-            Arg::Tensors(a.elems.into_iter().map(|x| self.expr(x, vars)).collect::<Result<_>>()?)
-        } else {
-            self.arg(*m.receiver, Kind::Tensor, vars)?
+        let recv = match *m.receiver {
+            syn::Expr::Array(a) if on_array => {
+                Arg::Tensors(a.elems.into_iter().map(|x| self.expr(x, vars)).collect::<Result<_>>()?)
+            }
+            recv => self.arg(recv, Kind::Tensor, vars)?,
         };
         let mut rest = m.args.into_iter();
         let mut args = Vec::new();
@@ -1040,8 +1042,7 @@ impl Parser {
         })
     }
 
-    fn dsl_macro(&self, mac: syn::Macro, vars: &Vars) -> Result<Expr> {
-        let kind = mac.path.get_ident().cloned().ok_or_else(|| Error::new(mac.path.span(), "expected a DSL macro"))?;
+    fn dsl_macro(&self, kind: Ident, mac: syn::Macro, vars: &Vars) -> Result<Expr> {
         let usage = if kind == "output" {
             "output!(name, tensor)".to_string()
         } else {
@@ -1050,16 +1051,16 @@ impl Parser {
         let args = mac
             .parse_body_with(Punctuated::<syn::Expr, Token![,]>::parse_terminated)
             .map_err(|e| Error::new(e.span(), format!("expected `{usage}`")))?;
-        let want = if kind == "output" { 2 } else { 3 };
-        if args.len() != want {
-            return Err(Error::new(
-                kind.span(),
-                format!("`{kind}!` takes {want} arguments: `{usage}`; found {}", args.len()),
-            ));
-        }
-        let mut args = args.into_iter();
-        let (Some(name), Some(second)) = (args.next(), args.next()) else {
-            return Err(Error::new(kind.span(), format!("expected `{usage}`")));
+        let count = |n: usize, found: usize| {
+            Error::new(kind.span(), format!("`{kind}!` takes {n} arguments: `{usage}`; found {found}"))
+        };
+        let args: Vec<syn::Expr> = args.into_iter().collect();
+        let (name, second, shape) = if kind == "output" {
+            let [name, value] = <[syn::Expr; 2]>::try_from(args).map_err(|a| count(2, a.len()))?;
+            (name, value, None)
+        } else {
+            let [name, dtype, shape] = <[syn::Expr; 3]>::try_from(args).map_err(|a| count(3, a.len()))?;
+            (name, dtype, Some(shape))
         };
         let name = match name {
             syn::Expr::Lit(syn::ExprLit {
@@ -1068,15 +1069,12 @@ impl Parser {
             }) => Name::Format(s),
             e => Name::Expr(e),
         };
-        if kind == "output" {
+        let Some(shape) = shape else {
             return Ok(Expr::Output {
                 span: kind.span(),
                 name,
                 value: Box::new(self.expr(second, vars)?),
             });
-        }
-        let Some(shape) = args.next() else {
-            return Err(Error::new(kind.span(), format!("expected `{usage}`")));
         };
         Ok(Expr::Decl {
             dtype: self.dtype(second, vars)?,
@@ -1098,14 +1096,12 @@ impl Parser {
     }
 
     fn is_graph_call(&self, c: &syn::ExprCall) -> bool {
-        match &*c.func {
-            syn::Expr::Path(p) => p
-                .path
-                .segments
-                .last()
-                .is_some_and(|s| self.calls.iter().any(|c| *c == s.ident)),
-            _ => false,
-        }
+        matches!(&*c.func, syn::Expr::Path(p) if self.is_graph_path(p))
+    }
+
+    /// A path ending in a name listed in `calls(..)`.
+    fn is_graph_path(&self, p: &syn::ExprPath) -> bool {
+        (p.path.segments.last()).is_some_and(|s| self.calls.iter().any(|c| *c == s.ident))
     }
 
     /// True when `e` evaluates to a tensor (syntactically).
@@ -1178,6 +1174,8 @@ impl Parser {
             syn::Expr::Macro(m) => is_dsl_macro(&m.mac),
             syn::Expr::Call(c) => self.is_graph_call(c),
             syn::Expr::Try(t) => self.is_tensor(&t.expr, vars),
+            syn::Expr::ForLoop(f) => self.is_tensor(&f.expr, vars),
+            syn::Expr::While(w) => self.is_tensor(&w.cond, vars),
             _ => false,
         }
     }
@@ -1210,9 +1208,12 @@ fn closure_error(c: &syn::ExprClosure) -> Error {
 }
 
 fn is_dsl_macro(mac: &syn::Macro) -> bool {
-    mac.path
-        .get_ident()
-        .is_some_and(|i| i == "output" || DECLS.iter().any(|d| i == d))
+    dsl_macro_kind(mac).is_some()
+}
+
+/// `weight`, `input`, `cache` or `output` for the DSL's macros.
+fn dsl_macro_kind(mac: &syn::Macro) -> Option<Ident> {
+    (mac.path.get_ident()).filter(|i| *i == "output" || DECLS.iter().any(|d| *i == d)).cloned()
 }
 
 fn ident_of(e: &syn::Expr) -> Option<&Ident> {

@@ -28,6 +28,77 @@ pub enum LaunchMode {
     Stream,
     /// One CUDA graph per bucket, captured on first use and replayed.
     Graph,
+    /// One persistent kernel per forward: a CTA per SM walking a static task
+    /// list ordered by dependency counters.
+    Persistent,
+}
+
+/// The static schedule of the persistent mode for one plan on `sms` SMs.
+///
+/// Tasks `(kernel, tile)` are dealt round-robin to the SMs in schedule order,
+/// so each SM's list is sorted by kernel. Deadlock freedom: every CTA is
+/// resident (one per SM, `__launch_bounds__(threads, 1)`), and a task of
+/// kernel `k` waits only on kernels scheduled before `k`. By induction on
+/// `k`: every task of kernel 0 waits on nothing and finishes; if every task
+/// of the kernels before `k` finishes, then a task of kernel `k` is preceded
+/// on its SM only by tasks of kernels `<= k`, whose dependencies all finish,
+/// so it runs and finishes too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskTables {
+    /// `kernel << 20 | tile` per task, SM lists concatenated.
+    pub tasks: Vec<i32>,
+    /// Start of each SM's list, plus the end.
+    pub sm_offsets: Vec<i32>,
+    /// Dependencies of every kernel, concatenated.
+    pub deps: Vec<i32>,
+    /// Start of each kernel's dependencies, plus the end.
+    pub dep_offsets: Vec<i32>,
+    /// Tiles per kernel.
+    pub tiles: Vec<u32>,
+}
+
+impl TaskTables {
+    /// Builds the tables of `plan` for `sms` SMs.
+    pub fn new(plan: &Plan, sms: usize) -> TaskTables {
+        let sms = sms.max(1);
+        let mut lists: Vec<Vec<i32>> = vec![Vec::new(); sms];
+        let mut next = 0usize;
+        for (k, kernel) in plan.kernels.iter().enumerate() {
+            for tile in 0..kernel.tiling.tiles {
+                lists[next % sms].push(((k as i32) << tilefuse_codegen::lower::TASK_TILE_BITS) | tile as i32);
+                next += 1;
+            }
+        }
+        let mut tasks = Vec::new();
+        let mut sm_offsets = vec![0i32];
+        for l in lists {
+            tasks.extend(l);
+            sm_offsets.push(tasks.len() as i32);
+        }
+        let mut deps = Vec::new();
+        let mut dep_offsets = vec![0i32];
+        for k in &plan.kernels {
+            deps.extend(k.deps.iter().map(|&d| d as i32));
+            dep_offsets.push(deps.len() as i32);
+        }
+        TaskTables {
+            tasks,
+            sm_offsets,
+            deps,
+            dep_offsets,
+            tiles: plan.kernels.iter().map(|k| k.tiling.tiles).collect(),
+        }
+    }
+}
+
+/// The device side of the persistent mode of one bucket.
+struct Persistent {
+    function: CudaFunction,
+    tables: Buffer,
+    offsets: [usize; 5],
+    counters: Buffer,
+    epoch: u32,
+    sms: u32,
 }
 
 fn gpu_err(e: GpuError) -> IrError {
@@ -44,6 +115,8 @@ struct Program {
     module: CudaModule,
     functions: Vec<CudaFunction>,
     graph: Option<CudaGraph>,
+    loaded: crate::gpu::Module,
+    persistent: Option<Persistent>,
 }
 
 /// A graph compiled for the GPU, with its weights and caches resident.
@@ -179,6 +252,8 @@ impl GpuExecutable {
                 module,
                 functions,
                 graph: None,
+                loaded,
+                persistent: None,
             });
         }
         let first = &programs[0].plan;
@@ -262,6 +337,28 @@ impl GpuExecutable {
         }
         let args = [Arg::Ptr(self.arena.ptr()), Arg::Ptr(self.weights.ptr()), Arg::Ptr(self.kv.ptr())];
         match self.mode {
+            LaunchMode::Persistent => {
+                self.ensure_persistent(pi)?;
+                let Some(ps) = self.programs[pi].persistent.as_mut() else {
+                    return Err(IrError::new(ErrorKind::Interp, "persistent tables missing"));
+                };
+                ps.epoch += 1;
+                let epoch = ps.epoch;
+                let base = ps.tables.ptr();
+                let mut pargs = args.to_vec();
+                for o in ps.offsets {
+                    pargs.push(Arg::Ptr(base + o as u64));
+                }
+                pargs.push(Arg::Ptr(ps.counters.ptr()));
+                let (sms, threads, smem) = (ps.sms, self.programs[pi].module.persistent_threads, self.programs[pi].module.persistent_smem);
+                self.gpu.write(&mut self.arena, 8, &epoch.to_le_bytes()).map_err(gpu_err)?;
+                let f = &self.programs[pi].persistent.as_ref().map(|p| p.function.clone());
+                if let Some(f) = f {
+                    self.gpu
+                        .launch(lower::PERSISTENT, f, sms, threads, smem, &pargs)
+                        .map_err(gpu_err)?;
+                }
+            }
             LaunchMode::Stream => {
                 for (k, f) in p.plan.kernels.iter().zip(&p.functions) {
                     self.gpu
@@ -299,6 +396,55 @@ impl GpuExecutable {
             }
         }
         self.gpu.sync("running the forward").map_err(gpu_err)
+    }
+
+    /// Builds and uploads the task tables of bucket `pi` on first use.
+    fn ensure_persistent(&mut self, pi: usize) -> Result<()> {
+        if self.programs[pi].persistent.is_some() {
+            return Ok(());
+        }
+        let p = &self.programs[pi];
+        if p.module.persistent.is_none() {
+            let threads: Vec<String> = p.plan.kernels.iter().map(|k| format!("{} ({})", k.name, k.tiling.threads)).collect();
+            return Err(IrError::new(
+                ErrorKind::Interp,
+                format!(
+                    "the persistent mode needs every kernel to use the same number of threads; found {}; use --mode graph",
+                    threads.join(", ")
+                ),
+            ));
+        }
+        let function = p.loaded.function(lower::PERSISTENT).map_err(gpu_err)?;
+        let sms = self.gpu.sms as usize;
+        let t = TaskTables::new(&p.plan, sms);
+        let mut bytes = Vec::new();
+        let mut offsets = [0usize; 5];
+        let parts: [Vec<u8>; 5] = [
+            t.tasks.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            t.sm_offsets.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            t.deps.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            t.dep_offsets.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            t.tiles.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ];
+        for (i, part) in parts.iter().enumerate() {
+            offsets[i] = bytes.len();
+            bytes.extend(part);
+            bytes.resize(bytes.len().div_ceil(256) * 256, 0);
+        }
+        let tables = self.gpu.upload(&bytes, "the persistent task tables").map_err(gpu_err)?;
+        let counters = self
+            .gpu
+            .upload(&vec![0u8; 4 * t.tiles.len().max(1)], "the persistent tile counters")
+            .map_err(gpu_err)?;
+        self.programs[pi].persistent = Some(Persistent {
+            function,
+            tables,
+            offsets,
+            counters,
+            epoch: 0,
+            sms: sms as u32,
+        });
+        Ok(())
     }
 
     fn read_outputs(&self, pi: usize, bindings: &Bindings) -> Result<BTreeMap<String, Tensor>> {

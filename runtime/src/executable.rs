@@ -23,6 +23,7 @@ impl std::fmt::Display for Backend {
             Backend::Cpu => "cpu",
             Backend::Cuda(LaunchMode::Stream) => "cuda (stream)",
             Backend::Cuda(LaunchMode::Graph) => "cuda (graph)",
+            Backend::Cuda(LaunchMode::Persistent) => "cuda (persistent)",
         })
     }
 }

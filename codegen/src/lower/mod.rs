@@ -44,6 +44,81 @@ pub struct Module {
     pub source: String,
     /// Its kernels, in schedule order.
     pub kernels: Vec<LoweredKernel>,
+    /// The persistent dispatcher ([`PERSISTENT`]), when every kernel uses the
+    /// same number of threads (the dispatcher's CTA runs each tile).
+    pub persistent: Option<Function>,
+    /// Threads per CTA of the dispatcher.
+    pub persistent_threads: u32,
+    /// Dynamic shared memory of the dispatcher: the largest of any kernel.
+    pub persistent_smem: u32,
+}
+
+/// The name of the persistent dispatcher kernel.
+pub const PERSISTENT: &str = "persistent_dispatch";
+
+/// Bits of a task word that hold the tile; the kernel index is above them.
+pub const TASK_TILE_BITS: u32 = 20;
+
+/// The persistent dispatcher: one CTA per SM walks its static task list
+/// (`tasks[sm_offsets[b]..sm_offsets[b+1]]`, each `kernel << 20 | tile`),
+/// waiting for each task's dependencies (`deps[dep_offsets[k]..dep_offsets[k+1]]`)
+/// on the tile counters, calling the kernel's tile function and counting the
+/// tile done. The forward's number `epoch` is read from the arena head
+/// (`act[8..12]`).
+fn persistent(plan: &Plan, threads: u32) -> Function {
+    use crate::emit::Expr;
+    let mut cases = String::new();
+    for (i, k) in plan.kernels.iter().enumerate() {
+        cases.push_str(&format!(
+            "case {i}: {}_tile(tile, act, wts, kv, T, S, smem); break; ",
+            k.name
+        ));
+    }
+    let body = vec![
+        Stmt::Expr(Expr::var("extern __shared__ __align__(16) char smem[]")),
+        Stmt::Let(Ty::I32, "T".into(), Expr::var("reinterpret_cast<const int*>(act)[0]")),
+        Stmt::Let(Ty::I32, "S".into(), Expr::var("reinterpret_cast<const int*>(act)[1]")),
+        Stmt::Let(Ty::Named("uint32_t".into()), "epoch".into(), Expr::var("reinterpret_cast<const uint32_t*>(act)[2]")),
+        Stmt::For(
+            "i".into(),
+            Expr::var("sm_offsets[blockIdx.x]"),
+            Expr::var("sm_offsets[blockIdx.x + 1]"),
+            Expr::I32(1),
+            vec![
+                Stmt::Let(Ty::I32, "task".into(), Expr::var("tasks[i]")),
+                Stmt::Let(Ty::I32, "k".into(), Expr::var(format!("task >> {TASK_TILE_BITS}"))),
+                Stmt::Let(Ty::I32, "tile".into(), Expr::var(format!("task & {}", (1u32 << TASK_TILE_BITS) - 1))),
+                Stmt::Expr(Expr::call(
+                    "tf::wait_deps",
+                    vec![
+                        Expr::var("counters"),
+                        Expr::var("deps + dep_offsets[k]"),
+                        Expr::var("dep_offsets[k + 1] - dep_offsets[k]"),
+                        Expr::var("tiles"),
+                        Expr::var("epoch"),
+                    ],
+                )),
+                Stmt::Expr(Expr::var(format!("switch (k) {{ {cases}default: break; }}"))),
+                Stmt::Expr(Expr::call("tf::signal_done", vec![Expr::var("counters"), Expr::var("k")])),
+            ],
+        ),
+    ];
+    let int_ptr = |n: &str| (Ty::ConstPtr(Box::new(Ty::I32)), n.to_string());
+    let mut params = params();
+    params.push(int_ptr("tasks"));
+    params.push(int_ptr("sm_offsets"));
+    params.push(int_ptr("deps"));
+    params.push(int_ptr("dep_offsets"));
+    params.push((Ty::Named("const uint32_t* __restrict__".into()), "tiles".into()));
+    params.push((Ty::Named("uint32_t* __restrict__".into()), "counters".into()));
+    Function {
+        qualifiers: "extern \"C\" __global__".into(),
+        launch_bounds: Some(threads),
+        ret: "void".into(),
+        name: PERSISTENT.into(),
+        params,
+        body,
+    }
 }
 
 /// The launch shape of a group's kernel for a bucket.
@@ -190,5 +265,20 @@ pub fn lower(plan: &Plan) -> Result<Module, CodegenError> {
         source.push('\n');
         source.push_str(&k.source());
     }
-    Ok(Module { source, kernels })
+    let threads: Vec<u32> = plan.kernels.iter().map(|k| k.tiling.threads).collect();
+    let uniform = threads.windows(2).all(|w| w[0] == w[1]);
+    let persistent_threads = threads.first().copied().unwrap_or(1);
+    let persistent_smem = plan.kernels.iter().map(|k| k.tiling.smem).max().unwrap_or(0);
+    let persistent = (uniform && !plan.kernels.is_empty()).then(|| persistent(plan, persistent_threads));
+    if let Some(p) = &persistent {
+        source.push_str("\n// The persistent dispatcher: every tile of every kernel above, one CTA per SM.\n");
+        source.push_str(&p.to_string());
+    }
+    Ok(Module {
+        source,
+        kernels,
+        persistent,
+        persistent_threads,
+        persistent_smem,
+    })
 }

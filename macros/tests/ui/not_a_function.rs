@@ -1,0 +1,8 @@
+use tilefuse_macros::graph;
+
+#[graph]
+struct Layer {
+    heads: usize,
+}
+
+fn main() {}
