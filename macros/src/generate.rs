@@ -17,7 +17,9 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::ext::IdentExt;
 use syn::Ident;
 
-use crate::parse::{Arg, Arith, Block, DTypeArg, Dim, Expr, GraphFn, LoopHead, Name, ShapeArg, Stmt};
+use crate::parse::{
+    Arg, Arith, Block, DTypeArg, Dim, Expr, GraphFn, LoopHead, Name, ShapeArg, Stmt,
+};
 
 /// Expands a parsed graph function.
 pub fn generate(f: &GraphFn) -> TokenStream {
@@ -139,8 +141,8 @@ impl Gen {
                     _ => TokenStream::new(),
                 };
                 let mut pre = Vec::new();
-                let v = self.returned(t, &mut pre);
-                quote!(#loc #(#pre)* ::core::result::Result::Ok(#v))
+                let v = self.result(t, &mut pre);
+                quote!(#loc #(#pre)* #v)
             }
             None if unit => quote!(::core::result::Result::Ok(())),
             None => TokenStream::new(),
@@ -148,15 +150,21 @@ impl Gen {
         quote!(#(#stmts)* #tail)
     }
 
-    /// A returned value; a fresh node is named `out`.
-    fn returned(&mut self, e: &Expr, pre: &mut Vec<TokenStream>) -> TokenStream {
-        let v = self.flat(e, pre);
-        if !e.is_fresh() {
-            return v;
+    /// The function's `Result` for a returned value: a #[graph] call's own
+    /// result, or `Ok(value)`, where a fresh node is named `out`.
+    fn result(&mut self, e: &Expr, pre: &mut Vec<TokenStream>) -> TokenStream {
+        if let Expr::Call { func, args } = e {
+            let args: Vec<_> = args.iter().map(|a| self.operand(a, pre)).collect();
+            let b = &self.b;
+            return quote!(#func(#b, #(#args),*));
         }
-        let (b, t) = (self.b.clone(), self.temp());
-        pre.push(quote!(let #t = #v;));
-        quote!(#b.name(#t, "out"))
+        let mut v = self.flat(e, pre);
+        if e.is_fresh() {
+            let (b, t) = (self.b.clone(), self.temp());
+            pre.push(quote!(let #t = #v;));
+            v = quote!(#b.name(#t, "out"));
+        }
+        quote!(::core::result::Result::Ok(#v))
     }
 
     fn block(&mut self, block: &Block) -> TokenStream {
@@ -168,8 +176,17 @@ impl Gen {
     fn stmt(&mut self, s: &Stmt) -> TokenStream {
         match s {
             Stmt::Rust(s) => quote!(#s),
-            Stmt::Let { span, pat, init, name } => {
-                let loc = if init.needs_loc() { self.set_loc(*span) } else { TokenStream::new() };
+            Stmt::Let {
+                span,
+                pat,
+                init,
+                name,
+            } => {
+                let loc = if init.needs_loc() {
+                    self.set_loc(*span)
+                } else {
+                    TokenStream::new()
+                };
                 let mut pre = Vec::new();
                 let v = self.flat(init, &mut pre);
                 let named = name.as_ref().map(|n| {
@@ -180,7 +197,11 @@ impl Gen {
                 quote!(#loc #(#pre)* let #pat = #v; #named)
             }
             Stmt::Expr { span, expr, semi } => {
-                let loc = if expr.needs_loc() { self.set_loc(*span) } else { TokenStream::new() };
+                let loc = if expr.needs_loc() {
+                    self.set_loc(*span)
+                } else {
+                    TokenStream::new()
+                };
                 let mut pre = Vec::new();
                 let v = self.flat(expr, &mut pre);
                 let semi = semi.then(|| quote!(;));
@@ -254,7 +275,12 @@ impl Gen {
                     }
                 }
             }
-            Expr::Scalar { op, span, tensor, value } => {
+            Expr::Scalar {
+                op,
+                span,
+                tensor,
+                value,
+            } => {
                 let moved = tensor.moves_loc() || value.moves_loc();
                 let (t, c) = (self.operand(tensor, pre), self.operand(value, pre));
                 self.reset(moved, *span, pre);
@@ -267,7 +293,12 @@ impl Gen {
                 self.reset(moved, *span, pre);
                 quote!(#b.unary(::tilefuse_ir::UnaryOp::Neg, #x)?)
             }
-            Expr::Decl { kind, name, dtype, shape: s } => {
+            Expr::Decl {
+                kind,
+                name,
+                dtype,
+                shape: s,
+            } => {
                 let name = self.name(name);
                 let dtype = self.dtype(dtype, pre);
                 let s = match s {
@@ -342,10 +373,10 @@ impl Gen {
             }
             Expr::Return { value } => {
                 let v = match value {
-                    Some(v) => self.returned(v, pre),
-                    None => quote!(()),
+                    Some(v) => self.result(v, pre),
+                    None => quote!(::core::result::Result::Ok(())),
                 };
-                quote!(return ::core::result::Result::Ok(#v))
+                quote!(return #v)
             }
         }
     }

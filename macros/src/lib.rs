@@ -167,7 +167,10 @@ pub fn graph(attr: TokenStream, item: TokenStream) -> TokenStream {
 }
 
 /// Parses and generates; an error is spanned at the author's tokens.
-fn expand(attr: proc_macro2::TokenStream, item: proc_macro2::TokenStream) -> syn::Result<proc_macro2::TokenStream> {
+fn expand(
+    attr: proc_macro2::TokenStream,
+    item: proc_macro2::TokenStream,
+) -> syn::Result<proc_macro2::TokenStream> {
     let f = parse::parse(attr, item)?;
     Ok(generate::generate(&f))
 }

@@ -348,13 +348,32 @@ use Kind::{DType as D, Dim as M, Shape as S, Tensor as X, Value as V};
 pub const OPS: &[OpSig] = &[
     op("add", 0, &[("x", X), ("y", X)]),
     op("argmax", 0, &[("x", X)]),
-    op("attention", 0, &[("q", X), ("k", X), ("v", X), ("sinks", V), ("mask", V), ("scale", V)]),
+    op(
+        "attention",
+        0,
+        &[
+            ("q", X),
+            ("k", X),
+            ("v", X),
+            ("sinks", V),
+            ("mask", V),
+            ("scale", V),
+        ],
+    ),
     op("binary", 1, &[("op", V), ("x", X), ("y", X)]),
     op("cast", 0, &[("x", X), ("dtype", D)]),
     op("concat", 0, &[("xs", X), ("axis", V)]),
     op("embedding", 0, &[("table", X), ("ids", X)]),
-    op("experts", 0, &[("x", X), ("idx", X), ("w", X), ("gate_up", X), ("down", X)]),
-    op("kv_append", 0, &[("cache", X), ("new", X), ("len", M), ("ring", V)]),
+    op(
+        "experts",
+        0,
+        &[("x", X), ("idx", X), ("w", X), ("gate_up", X), ("down", X)],
+    ),
+    op(
+        "kv_append",
+        0,
+        &[("cache", X), ("new", X), ("len", M), ("ring", V)],
+    ),
     op("matmul", 0, &[("x", X), ("w", X)]),
     op("matmul_to", 0, &[("x", X), ("w", X), ("dtype", D)]),
     op("mul", 0, &[("x", X), ("y", X)]),
@@ -362,14 +381,34 @@ pub const OPS: &[OpSig] = &[
     op("reduce", 1, &[("kind", V), ("x", X), ("axis", V)]),
     op("reshape", 0, &[("x", X), ("shape", S)]),
     op("rms_norm", 0, &[("x", X), ("w", X), ("eps", V)]),
-    op("rope", 0, &[("x", X), ("pos", X), ("theta", V), ("rot_dims", V)]),
-    op("router_select", 0, &[("logits", X), ("bias", V), ("router", V)]),
-    op("router_weights", 0, &[("logits", X), ("idx", X), ("router", V)]),
-    op("sample", 0, &[("logits", X), ("seed", X), ("temperature", V)]),
+    op(
+        "rope",
+        0,
+        &[("x", X), ("pos", X), ("theta", V), ("rot_dims", V)],
+    ),
+    op(
+        "router_select",
+        0,
+        &[("logits", X), ("bias", V), ("router", V)],
+    ),
+    op(
+        "router_weights",
+        0,
+        &[("logits", X), ("idx", X), ("router", V)],
+    ),
+    op(
+        "sample",
+        0,
+        &[("logits", X), ("seed", X), ("temperature", V)],
+    ),
     op("scalar", 1, &[("op", V), ("x", X), ("c", V)]),
     op("scale", 0, &[("x", X), ("c", V)]),
     op("silu", 0, &[("x", X)]),
-    op("slice", 0, &[("x", X), ("axis", V), ("start", M), ("len", M)]),
+    op(
+        "slice",
+        0,
+        &[("x", X), ("axis", V), ("start", M), ("len", M)],
+    ),
     op("unary", 1, &[("op", V), ("x", X)]),
 ];
 
@@ -427,7 +466,10 @@ pub fn parse(attr: TokenStream, item: TokenStream) -> Result<GraphFn> {
         params.push(parse_param(pt, &mut tensors)?);
     }
     let scope = match args.scope {
-        None => Some(LitStr::new(&sig.ident.unraw().to_string(), sig.ident.span())),
+        None => Some(LitStr::new(
+            &sig.ident.unraw().to_string(),
+            sig.ident.span(),
+        )),
         Some(lit) if lit.value().is_empty() => None,
         Some(lit) => {
             check_scope(&lit, &params, &sig.ident)?;
@@ -453,7 +495,8 @@ struct Args {
     calls: Vec<Ident>,
 }
 
-const ARGS_HELP: &str = "expected `scope = \"name\"` (\"layer{i}\" formats parameters, \"\" adds no level) \
+const ARGS_HELP: &str =
+    "expected `scope = \"name\"` (\"layer{i}\" formats parameters, \"\" adds no level) \
                          or `calls(f, g)` naming the #[graph] functions this body calls";
 
 fn parse_args(attr: TokenStream) -> Result<Args> {
@@ -472,12 +515,10 @@ fn parse_args(attr: TokenStream) -> Result<Args> {
                     lit: syn::Lit::Str(s),
                     ..
                 }) => args.scope = Some(s),
-                other => {
-                    return Err(Error::new(
-                        other.span(),
-                        "`scope` takes a string literal: `scope = \"attn\"` or `scope = \"layer{i}\"`",
-                    ))
-                }
+                other => return Err(Error::new(
+                    other.span(),
+                    "`scope` takes a string literal: `scope = \"attn\"` or `scope = \"layer{i}\"`",
+                )),
             }
             Ok(())
         } else if meta.path.is_ident("calls") {
@@ -503,7 +544,10 @@ fn parse_args(attr: TokenStream) -> Result<Args> {
         } else {
             Err(meta.error(format!(
                 "unknown argument `{}`; {ARGS_HELP}",
-                meta.path.get_ident().map(|i| i.to_string()).unwrap_or_default()
+                meta.path
+                    .get_ident()
+                    .map(|i| i.to_string())
+                    .unwrap_or_default()
             )))
         }
     });
@@ -535,7 +579,8 @@ fn check_qualifiers(sig: &syn::Signature) -> Result<()> {
     Ok(())
 }
 
-const RETURN_HELP: &str = "a #[graph] function returns `NodeId`, a tuple of `NodeId`s, or nothing; \
+const RETURN_HELP: &str =
+    "a #[graph] function returns `NodeId`, a tuple of `NodeId`s, or nothing; \
                            the macro wraps it in `tilefuse_ir::Result`, so write `-> NodeId`";
 
 fn parse_return(out: syn::ReturnType) -> Result<Option<syn::Type>> {
@@ -584,7 +629,12 @@ fn parse_param(pt: syn::PatType, tensors: &mut BTreeSet<String>) -> Result<Param
             let dims = m
                 .mac
                 .parse_body_with(Punctuated::<syn::Expr, Token![,]>::parse_terminated)
-                .map_err(|e| Error::new(e.span(), format!("{SHAPE_HELP}, as in `Tensor![T, cfg.hidden_size]`")))?;
+                .map_err(|e| {
+                    Error::new(
+                        e.span(),
+                        format!("{SHAPE_HELP}, as in `Tensor![T, cfg.hidden_size]`"),
+                    )
+                })?;
             let span = m.mac.path.span();
             shape = Some((ident, dims.into_iter().map(dim).collect(), span));
         }
@@ -617,14 +667,23 @@ fn check_scope(lit: &LitStr, params: &[Param], f: &Ident) -> Result<()> {
             rest = &rest[open + 2..];
             continue;
         }
-        let close = rest[open..].find('}').map(|c| open + c).unwrap_or(rest.len());
+        let close = rest[open..]
+            .find('}')
+            .map(|c| open + c)
+            .unwrap_or(rest.len());
         let inner = &rest[open + 1..close];
         let name = inner.split(':').next().unwrap_or("").trim();
         if !names.iter().any(|n| n == name) {
             let msg = if name.is_empty() {
-                format!("name the parameter the scope formats, as in \"layer{{i}}\"; `{f}` has: {}", names.join(", "))
+                format!(
+                    "name the parameter the scope formats, as in \"layer{{i}}\"; `{f}` has: {}",
+                    names.join(", ")
+                )
             } else {
-                format!("`{name}` is not a parameter of `{f}`; the scope can format: {}", names.join(", "))
+                format!(
+                    "`{name}` is not a parameter of `{f}`; the scope can format: {}",
+                    names.join(", ")
+                )
             };
             return Err(Error::new(lit.span(), msg));
         }
@@ -752,7 +811,12 @@ impl Parser {
         } else {
             shadow(&pat, vars, annotated);
         }
-        Ok(Stmt::Let { span, pat, init, name })
+        Ok(Stmt::Let {
+            span,
+            pat,
+            init,
+            name,
+        })
     }
 
     /// Parses an expression that may contain tensor ops.
@@ -782,7 +846,11 @@ impl Parser {
             },
             syn::Expr::Call(mut c) => match *c.func {
                 syn::Expr::Path(func) if self.is_graph_path(&func) => {
-                    let args = c.args.into_iter().map(|a| self.expr(a, vars)).collect::<Result<_>>()?;
+                    let args = c
+                        .args
+                        .into_iter()
+                        .map(|a| self.expr(a, vars))
+                        .collect::<Result<_>>()?;
                     Ok(Expr::Call { func, args })
                 }
                 func => {
@@ -877,7 +945,10 @@ impl Parser {
         if h.holes.is_empty() {
             return Ok(Expr::Rust(e));
         }
-        Ok(Expr::Template { expr: e, holes: h.holes })
+        Ok(Expr::Template {
+            expr: e,
+            holes: h.holes,
+        })
     }
 
     fn if_expr(&self, i: syn::ExprIf, vars: &Vars) -> Result<Expr> {
@@ -898,7 +969,11 @@ impl Parser {
             return self.template(syn::Expr::MethodCall(m), Vec::new(), vars);
         }
         let Some(sig) = find_op(&name).filter(|s| s.name != "concat" || on_array) else {
-            let names: Vec<&str> = OPS.iter().map(|o| o.name).filter(|n| *n != "concat").collect();
+            let names: Vec<&str> = OPS
+                .iter()
+                .map(|o| o.name)
+                .filter(|n| *n != "concat")
+                .collect();
             return Err(Error::new(
                 m.method.span(),
                 format!(
@@ -928,9 +1003,12 @@ impl Parser {
             ));
         }
         let recv = match *m.receiver {
-            syn::Expr::Array(a) if on_array => {
-                Arg::Tensors(a.elems.into_iter().map(|x| self.expr(x, vars)).collect::<Result<_>>()?)
-            }
+            syn::Expr::Array(a) if on_array => Arg::Tensors(
+                a.elems
+                    .into_iter()
+                    .map(|x| self.expr(x, vars))
+                    .collect::<Result<_>>()?,
+            ),
             recv => self.arg(recv, Kind::Tensor, vars)?,
         };
         let mut rest = m.args.into_iter();
@@ -952,7 +1030,9 @@ impl Parser {
     fn arg(&self, e: syn::Expr, kind: Kind, vars: &Vars) -> Result<Arg> {
         Ok(match kind {
             Kind::Tensor => match e {
-                syn::Expr::Reference(r) if r.mutability.is_none() && self.is_tensor(&r.expr, vars) => {
+                syn::Expr::Reference(r)
+                    if r.mutability.is_none() && self.is_tensor(&r.expr, vars) =>
+                {
                     Arg::Expr(self.expr(*r.expr, vars)?)
                 }
                 e => Arg::Expr(self.expr(e, vars)?),
@@ -970,7 +1050,9 @@ impl Parser {
     fn shape(&self, e: syn::Expr, vars: &Vars) -> Result<ShapeArg> {
         match e {
             syn::Expr::Array(a) => Ok(ShapeArg::Dims(a.elems.into_iter().map(dim).collect())),
-            e @ (syn::Expr::Repeat(_) | syn::Expr::Tuple(_) | syn::Expr::Paren(_)) => Err(Error::new(e.span(), SHAPE_HELP)),
+            e @ (syn::Expr::Repeat(_) | syn::Expr::Tuple(_) | syn::Expr::Paren(_)) => {
+                Err(Error::new(e.span(), SHAPE_HELP))
+            }
             e => Ok(ShapeArg::Expr(Box::new(self.expr(e, vars)?))),
         }
     }
@@ -986,7 +1068,10 @@ impl Parser {
 
     fn binary(&self, b: syn::ExprBinary, vars: &Vars) -> Result<Expr> {
         use syn::BinOp as B;
-        let (lt, rt) = (self.is_tensor(&b.left, vars), self.is_tensor(&b.right, vars));
+        let (lt, rt) = (
+            self.is_tensor(&b.left, vars),
+            self.is_tensor(&b.right, vars),
+        );
         let span = b.op.span();
         let (arith, compound) = match b.op {
             B::Add(_) => (Arith::Add, false),
@@ -1027,10 +1112,17 @@ impl Parser {
             });
         }
         if !lt && matches!(arith, Arith::Sub | Arith::Div) {
-            let fix = if arith == Arith::Sub { "`x * -1.0 + c`" } else { "`x.unary(UnaryOp::Recip) * c`" };
+            let fix = if arith == Arith::Sub {
+                "`x * -1.0 + c`"
+            } else {
+                "`x.unary(UnaryOp::Recip) * c`"
+            };
             return Err(Error::new(
                 span,
-                format!("a scalar on the left of `{}` is not an op; write {fix}", if arith == Arith::Sub { "-" } else { "/" }),
+                format!(
+                    "a scalar on the left of `{}` is not an op; write {fix}",
+                    if arith == Arith::Sub { "-" } else { "/" }
+                ),
             ));
         }
         let l = self.expr(*b.left, vars)?;
@@ -1052,14 +1144,18 @@ impl Parser {
             .parse_body_with(Punctuated::<syn::Expr, Token![,]>::parse_terminated)
             .map_err(|e| Error::new(e.span(), format!("expected `{usage}`")))?;
         let count = |n: usize, found: usize| {
-            Error::new(kind.span(), format!("`{kind}!` takes {n} arguments: `{usage}`; found {found}"))
+            Error::new(
+                kind.span(),
+                format!("`{kind}!` takes {n} arguments: `{usage}`; found {found}"),
+            )
         };
         let args: Vec<syn::Expr> = args.into_iter().collect();
         let (name, second, shape) = if kind == "output" {
             let [name, value] = <[syn::Expr; 2]>::try_from(args).map_err(|a| count(2, a.len()))?;
             (name, value, None)
         } else {
-            let [name, dtype, shape] = <[syn::Expr; 3]>::try_from(args).map_err(|a| count(3, a.len()))?;
+            let [name, dtype, shape] =
+                <[syn::Expr; 3]>::try_from(args).map_err(|a| count(3, a.len()))?;
             (name, dtype, Some(shape))
         };
         let name = match name {
@@ -1101,7 +1197,7 @@ impl Parser {
 
     /// A path ending in a name listed in `calls(..)`.
     fn is_graph_path(&self, p: &syn::ExprPath) -> bool {
-        (p.path.segments.last()).is_some_and(|s| self.calls.iter().any(|c| *c == s.ident))
+        (p.path.segments.last()).is_some_and(|s| self.calls.contains(&s.ident))
     }
 
     /// True when `e` evaluates to a tensor (syntactically).
@@ -1120,15 +1216,25 @@ impl Parser {
                 matches!(b.op, B::Add(_) | B::Sub(_) | B::Mul(_) | B::Div(_))
                     && (self.is_tensor(&b.left, vars) || self.is_tensor(&b.right, vars))
             }
-            syn::Expr::Unary(u) => matches!(u.op, syn::UnOp::Neg(_)) && self.is_tensor(&u.expr, vars),
-            syn::Expr::Macro(m) => m.mac.path.get_ident().is_some_and(|i| DECLS.iter().any(|d| i == d)),
+            syn::Expr::Unary(u) => {
+                matches!(u.op, syn::UnOp::Neg(_)) && self.is_tensor(&u.expr, vars)
+            }
+            syn::Expr::Macro(m) => m
+                .mac
+                .path
+                .get_ident()
+                .is_some_and(|i| DECLS.iter().any(|d| i == d)),
             syn::Expr::Call(c) => self.is_graph_call(c),
             syn::Expr::If(i) => {
                 self.block_is_tensor(&i.then_branch, vars)
-                    && i.else_branch.as_ref().is_some_and(|(_, e)| self.is_tensor(e, vars))
+                    && i.else_branch
+                        .as_ref()
+                        .is_some_and(|(_, e)| self.is_tensor(e, vars))
             }
             syn::Expr::Block(b) => self.block_is_tensor(&b.block, vars),
-            syn::Expr::Match(m) => !m.arms.is_empty() && m.arms.iter().all(|a| self.is_tensor(&a.body, vars)),
+            syn::Expr::Match(m) => {
+                !m.arms.is_empty() && m.arms.iter().all(|a| self.is_tensor(&a.body, vars))
+            }
             _ => false,
         }
     }
@@ -1138,7 +1244,10 @@ impl Parser {
         for s in &b.stmts {
             match s {
                 syn::Stmt::Local(l) => {
-                    let t = l.init.as_ref().is_some_and(|i| self.is_tensor(&i.expr, &vars));
+                    let t = l
+                        .init
+                        .as_ref()
+                        .is_some_and(|i| self.is_tensor(&i.expr, &vars));
                     let annotated = matches!(&l.pat, Pat::Type(t) if is_node_id(&t.ty));
                     shadow(&l.pat, &mut vars, t || annotated);
                 }
@@ -1170,7 +1279,9 @@ impl Parser {
                         && matches!(&*m.receiver, syn::Expr::Array(a) if a.elems.iter().any(|x| self.is_tensor(x, vars))))
             }
             syn::Expr::Binary(b) => self.is_tensor(&b.left, vars) || self.is_tensor(&b.right, vars),
-            syn::Expr::Unary(u) => matches!(u.op, syn::UnOp::Neg(_)) && self.is_tensor(&u.expr, vars),
+            syn::Expr::Unary(u) => {
+                matches!(u.op, syn::UnOp::Neg(_)) && self.is_tensor(&u.expr, vars)
+            }
             syn::Expr::Macro(m) => is_dsl_macro(&m.mac),
             syn::Expr::Call(c) => self.is_graph_call(c),
             syn::Expr::Try(t) => self.is_tensor(&t.expr, vars),
@@ -1213,7 +1324,9 @@ fn is_dsl_macro(mac: &syn::Macro) -> bool {
 
 /// `weight`, `input`, `cache` or `output` for the DSL's macros.
 fn dsl_macro_kind(mac: &syn::Macro) -> Option<Ident> {
-    (mac.path.get_ident()).filter(|i| *i == "output" || DECLS.iter().any(|d| *i == d)).cloned()
+    (mac.path.get_ident())
+        .filter(|i| *i == "output" || DECLS.iter().any(|d| *i == d))
+        .cloned()
 }
 
 fn ident_of(e: &syn::Expr) -> Option<&Ident> {
@@ -1324,7 +1437,8 @@ impl VisitMut for Holes<'_> {
                 | syn::Expr::Assign(_)
                 | syn::Expr::Return(_)
         );
-        let hole = self.parser.is_op_node(e, self.vars) || (structural && self.parser.contains_op(e, self.vars));
+        let hole = self.parser.is_op_node(e, self.vars)
+            || (structural && self.parser.contains_op(e, self.vars));
         if !hole {
             visit_mut::visit_expr_mut(self, e);
             return;
@@ -1356,7 +1470,10 @@ impl Expr {
             | Expr::Neg { .. }
             | Expr::Decl { .. }
             | Expr::Call { .. } => true,
-            Expr::If { then, els, .. } => then.tail().is_some_and(Expr::is_tensor) && els.as_ref().is_some_and(|e| e.is_tensor()),
+            Expr::If { then, els, .. } => {
+                then.tail().is_some_and(Expr::is_tensor)
+                    && els.as_ref().is_some_and(|e| e.is_tensor())
+            }
             Expr::Match { arms, .. } => !arms.is_empty() && arms.iter().all(|a| a.body.is_tensor()),
             Expr::Block { block, .. } => block.tail().is_some_and(Expr::is_tensor),
             _ => false,
@@ -1367,7 +1484,10 @@ impl Expr {
     pub fn is_fresh(&self) -> bool {
         match self {
             Expr::Op { .. } | Expr::Binary { .. } | Expr::Scalar { .. } | Expr::Neg { .. } => true,
-            Expr::If { then, els, .. } => then.tail().is_some_and(Expr::is_fresh) && els.as_ref().is_some_and(|e| e.is_fresh()),
+            Expr::If { then, els, .. } => {
+                then.tail().is_some_and(Expr::is_fresh)
+                    && els.as_ref().is_some_and(|e| e.is_fresh())
+            }
             Expr::Match { arms, .. } => !arms.is_empty() && arms.iter().all(|a| a.body.is_fresh()),
             Expr::Block { block, .. } => block.tail().is_some_and(Expr::is_fresh),
             _ => false,
@@ -1384,7 +1504,11 @@ impl Expr {
     pub fn needs_loc(&self) -> bool {
         match self {
             Expr::Rust(_) | Expr::Var(_) | Expr::Block { .. } => false,
-            Expr::Op { .. } | Expr::Binary { .. } | Expr::Scalar { .. } | Expr::Neg { .. } | Expr::Decl { .. } => true,
+            Expr::Op { .. }
+            | Expr::Binary { .. }
+            | Expr::Scalar { .. }
+            | Expr::Neg { .. }
+            | Expr::Decl { .. } => true,
             Expr::Output { value, .. } => value.needs_loc(),
             Expr::Call { args, .. } => args.iter().any(Expr::needs_loc),
             Expr::Template { holes, .. } => holes.iter().any(|(_, h)| h.needs_loc()),
@@ -1405,12 +1529,20 @@ impl Expr {
         match self {
             Expr::Rust(_) | Expr::Var(_) => false,
             // An op resets the place before its call when an operand moved it.
-            Expr::Op { .. } | Expr::Binary { .. } | Expr::Scalar { .. } | Expr::Neg { .. } | Expr::Decl { .. } => false,
+            Expr::Op { .. }
+            | Expr::Binary { .. }
+            | Expr::Scalar { .. }
+            | Expr::Neg { .. }
+            | Expr::Decl { .. } => false,
             Expr::Output { value, .. } => value.moves_loc(),
             Expr::Template { holes, .. } => holes.iter().any(|(_, h)| h.moves_loc()),
             Expr::Assign { rhs, .. } => rhs.moves_loc(),
             Expr::Return { .. } => false,
-            Expr::Call { .. } | Expr::If { .. } | Expr::Match { .. } | Expr::Block { .. } | Expr::Loop { .. } => true,
+            Expr::Call { .. }
+            | Expr::If { .. }
+            | Expr::Match { .. }
+            | Expr::Block { .. }
+            | Expr::Loop { .. } => true,
         }
     }
 }
@@ -1419,7 +1551,9 @@ impl Block {
     /// The block's value: its last statement when that is an expression without `;`.
     pub fn tail(&self) -> Option<&Expr> {
         match self.stmts.last() {
-            Some(Stmt::Expr { expr, semi: false, .. }) => Some(expr),
+            Some(Stmt::Expr {
+                expr, semi: false, ..
+            }) => Some(expr),
             _ => None,
         }
     }

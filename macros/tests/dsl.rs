@@ -14,7 +14,11 @@ fn line_of(needle: &str) -> u32 {
         .filter(|(_, l)| l.contains(needle) && !l.contains(&quoted))
         .map(|(n, _)| n + 1)
         .collect();
-    assert_eq!(hits.len(), 1, "`{needle}` must occur once in dsl.rs, found {hits:?}");
+    assert_eq!(
+        hits.len(),
+        1,
+        "`{needle}` must occur once in dsl.rs, found {hits:?}"
+    );
     hits[0] as u32
 }
 
@@ -30,7 +34,10 @@ fn node_line<'a>(text: &'a str, name: &str) -> &'a str {
 fn assert_made_at(text: &str, name: &str, needle: &str) {
     let line = node_line(text, name);
     let want = format!(" @ macros/tests/dsl.rs:{}", line_of(needle));
-    assert!(line.ends_with(&want), "{name} should be made at{want}: {line}");
+    assert!(
+        line.ends_with(&want),
+        "{name} should be made at{want}: {line}"
+    );
 }
 
 #[graph(scope = "attn")]
@@ -52,7 +59,7 @@ fn layer(i: usize, x: Tensor![T, 64], pos: Tensor![T]) -> NodeId {
     y += x;
     let neg = -y;
     let both = [y, neg].concat(1).slice(1, 0, 64);
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         both.silu()
     } else {
         both
@@ -97,8 +104,14 @@ fn names_follow_bindings_and_scopes() {
     // Inputs keep their names; a graph call's result is not renamed; the
     // layer returns `both` itself on one branch, so its result is no `out`.
     assert!(text.contains("\"layers.1.norm.weight\""), "{text}");
-    assert!(!text.contains("\"layer0.out\"") && !text.contains("\"layer1.out\""), "{text}");
-    assert!(text.contains("\"layer0.mul_scalar\""), "the scaled attention keeps its default name:\n{text}");
+    assert!(
+        !text.contains("\"layer0.out\"") && !text.contains("\"layer1.out\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"layer0.mul_scalar\""),
+        "the scaled attention keeps its default name:\n{text}"
+    );
     assert!(text.contains("\"layer0.y\""), "{text}");
     assert!(text.contains("return \"y\" = "), "{text}");
 }
@@ -123,7 +136,9 @@ fn parameter_shape_mismatch_names_the_line_and_shapes() {
     let mut b = builder();
     let x = b.input("x", DType::BF16, shape![T, 32]).expect("input");
     let pos = b.input("pos", DType::I32, shape![T]).expect("input");
-    let err = layer(&mut b, 3, x, pos).expect_err("x is [T,32], not [T,64]").to_string();
+    let err = layer(&mut b, 3, x, pos)
+        .expect_err("x is [T,32], not [T,64]")
+        .to_string();
     let want = format!(
         "parameter `x` of `layer` at macros/tests/dsl.rs:{}: expected shape [T,64], found bf16[T,32]",
         line_of("fn layer(i: usize, x: Tensor![T, 64], pos")
@@ -142,7 +157,10 @@ fn symbolic_parameter_shape() {
     let x = b.input("x", DType::BF16, shape![T, 64]).expect("input");
     // `symbolic` declares `x: Tensor![T, H]`: 64 is not the symbol H.
     let err = symbolic(&mut b, x).expect_err("H is a symbol").to_string();
-    assert!(err.ends_with("expected shape [T,H], found bf16[T,64]"), "{err}");
+    assert!(
+        err.ends_with("expected shape [T,H], found bf16[T,64]"),
+        "{err}"
+    );
     let xh = b.input("xh", DType::BF16, shape![T, H]).expect("input");
     symbolic(&mut b, xh).expect("[T,H] matches");
 }
@@ -157,11 +175,22 @@ fn projection(x: NodeId, n: usize, k: usize) -> NodeId {
 fn op_shape_mismatch_is_reported_at_the_authors_line() {
     let mut b = builder();
     let x = b.input("x", DType::BF16, shape![T, 64]).expect("input");
-    let err = projection(&mut b, x, 32, 48).expect_err("K is 64, not 48").to_string();
-    let at = format!("\"proj.matmul\" (nn.matmul) at macros/tests/dsl.rs:{}: ", line_of("x.matmul(w) // the projection"));
+    let err = projection(&mut b, x, 32, 48)
+        .expect_err("K is 64, not 48")
+        .to_string();
+    let at = format!(
+        "\"proj.matmul\" (nn.matmul) at macros/tests/dsl.rs:{}: ",
+        line_of("x.matmul(w) // the projection")
+    );
     assert!(err.starts_with(&at), "{err}\nshould start with {at}");
-    assert!(err.contains("48") && err.contains("64"), "the message names both dims: {err}");
-    assert!(err.contains("bf16[T,64]") && err.contains("bf16[32,48]"), "the inputs are listed: {err}");
+    assert!(
+        err.contains("48") && err.contains("64"),
+        "the message names both dims: {err}"
+    );
+    assert!(
+        err.contains("bf16[T,64]") && err.contains("bf16[32,48]"),
+        "the inputs are listed: {err}"
+    );
 }
 
 /// A graph function may return several tensors and take plain Rust control flow.
@@ -194,8 +223,20 @@ fn tuples_loops_and_matches() {
     b.output("d", d).expect("output");
     b.output("p", p).expect("output");
     let text = b.finish().expect("verifies").to_string();
-    for name in ["add", "add_1", "scaled", "pair.first", "pair.second", "sub", "proj.out", "cast"] {
+    for name in [
+        "add",
+        "add_1",
+        "scaled",
+        "pair.first",
+        "pair.second",
+        "sub",
+        "proj.out",
+        "cast",
+    ] {
         node_line(&text, name);
     }
-    assert!(node_line(&text, "scaled").contains("ew.div_scalar{c=2.0}"), "{text}");
+    assert!(
+        node_line(&text, "scaled").contains("ew.div_scalar{c=2.0}"),
+        "{text}"
+    );
 }

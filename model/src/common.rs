@@ -69,8 +69,16 @@ pub fn moe_experts(
     inter: usize,
     expert_dtype: DType,
 ) -> NodeId {
-    let w13 = weight!("{prefix}.experts.gate_up_proj", expert_dtype, [n_experts, 2 * inter, hidden]);
-    let w2 = weight!("{prefix}.experts.down_proj", expert_dtype, [n_experts, hidden, inter]);
+    let w13 = weight!(
+        "{prefix}.experts.gate_up_proj",
+        expert_dtype,
+        [n_experts, 2 * inter, hidden]
+    );
+    let w2 = weight!(
+        "{prefix}.experts.down_proj",
+        expert_dtype,
+        [n_experts, hidden, inter]
+    );
     let experts_idx = logits.router_select(bias, router);
     let experts_w = logits.router_weights(experts_idx, router);
     x.experts(experts_idx, experts_w, w13, w2)

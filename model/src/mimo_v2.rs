@@ -204,7 +204,11 @@ fn attention(cfg: &Config, opt: &GraphOptions, i: usize, h: NodeId, pos: NodeId)
     let k = h.matmul(wk).reshape([T, kvh, dk]);
     // `value_states = value_states * self.v_scale`
     let v = h.matmul(wv).reshape([T, kvh, dv]) * cfg.attention_value_scale;
-    let theta = if sliding { cfg.swa_rope_theta } else { cfg.rope_theta };
+    let theta = if sliding {
+        cfg.swa_rope_theta
+    } else {
+        cfg.rope_theta
+    };
     let rot = cfg.rotary_dims();
     let q_rope = q.rope(pos, theta, rot);
     let k_rope = k.rope(pos, theta, rot);
@@ -212,7 +216,12 @@ fn attention(cfg: &Config, opt: &GraphOptions, i: usize, h: NodeId, pos: NodeId)
     let values = vc.kv_append(v, S, sliding);
     let (sinks, mask) = if sliding {
         let window = u32::try_from(cfg.sliding_window).unwrap_or(u32::MAX);
-        (Some(weight!("{p}.sinks", dt, [nh])), Mask::Causal { window: Some(window) })
+        (
+            Some(weight!("{p}.sinks", dt, [nh])),
+            Mask::Causal {
+                window: Some(window),
+            },
+        )
     } else {
         (None, Mask::Causal { window: None })
     };
@@ -259,7 +268,13 @@ pub fn decoder_layer(
     let attn_residual = x + attention(cfg, opt, i, attn_norm, pos);
     let mlp_norm = attn_residual.rms_norm(ln2, eps);
     let mlp = if cfg.dense_layers[i] {
-        dense_mlp(mlp_norm, &format!("{p}.mlp"), hid, cfg.intermediate_size, dt)
+        dense_mlp(
+            mlp_norm,
+            &format!("{p}.mlp"),
+            hid,
+            cfg.intermediate_size,
+            dt,
+        )
     } else {
         moe(cfg, opt, i, mlp_norm)
     };

@@ -98,7 +98,7 @@ impl Config {
         !self.mlp_only_layers.contains(&i)
             && self.num_experts > 0
             && self.decoder_sparse_step > 0
-            && (i + 1) % self.decoder_sparse_step == 0
+            && (i + 1).is_multiple_of(self.decoder_sparse_step)
     }
 
     /// The router settings.
@@ -144,7 +144,13 @@ fn attention(cfg: &Config, opt: &GraphOptions, i: usize, h: NodeId, pos: NodeId)
     let k_rope = k.rope(pos, cfg.rope_theta, d);
     let keys = kc.kv_append(k_rope, S, false);
     let values = vc.kv_append(v, S, false);
-    let attn = q_rope.attention(keys, values, None, Mask::Causal { window: None }, (d as f32).powf(-0.5));
+    let attn = q_rope.attention(
+        keys,
+        values,
+        None,
+        Mask::Causal { window: None },
+        (d as f32).powf(-0.5),
+    );
     attn.reshape([T, nh * d]).matmul(wo)
 }
 
@@ -188,7 +194,13 @@ pub fn decoder_layer(
     let mlp = if cfg.is_sparse(i) {
         moe(cfg, opt, i, mlp_norm)
     } else {
-        dense_mlp(mlp_norm, &format!("{p}.mlp"), hid, cfg.intermediate_size, dt)
+        dense_mlp(
+            mlp_norm,
+            &format!("{p}.mlp"),
+            hid,
+            cfg.intermediate_size,
+            dt,
+        )
     };
     attn_residual + mlp
 }

@@ -30,7 +30,8 @@ fn assert_places(g: &Graph) {
 
 fn assert_same(what: &str, dsl: Result<Graph>, reference: Result<Graph>) {
     let dsl = dsl.unwrap_or_else(|e| panic!("{what}: the DSL graph fails to build: {e}"));
-    let reference = reference.unwrap_or_else(|e| panic!("{what}: the reference fails to build: {e}"));
+    let reference =
+        reference.unwrap_or_else(|e| panic!("{what}: the reference fails to build: {e}"));
     assert_places(&dsl);
     let (d, r) = (without_places(dsl).to_string(), reference.to_string());
     assert!(d == r, "{what}: the DSL graph differs from the builder reference\n--- dsl\n{d}\n--- reference\n{r}");
@@ -128,7 +129,10 @@ fn names_and_places() {
         "layer1.moe.out",
         "layer1.out",
     ] {
-        assert!(text.contains(&format!("\"{name}\" @ model/src/")), "no node {name} with a place in\n{text}");
+        assert!(
+            text.contains(&format!("\"{name}\" @ model/src/")),
+            "no node {name} with a place in\n{text}"
+        );
     }
     let source = include_str!("../src/qwen3_moe.rs");
     let line = |needle: &str| {

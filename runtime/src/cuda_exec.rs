@@ -294,6 +294,11 @@ impl GpuExecutable {
         &self.gpu
     }
 
+    /// Gives the GPU back (freeing this executable's buffers).
+    pub fn into_gpu(self) -> Gpu {
+        self.gpu
+    }
+
     /// Runs one forward.
     pub fn run(&mut self, bindings: &Bindings, inputs: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
         let t = bindings.get("T").ok_or_else(|| IrError::new(ErrorKind::Interp, "symbol T is not bound"))?;

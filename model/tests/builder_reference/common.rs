@@ -6,10 +6,29 @@
 use tilefuse_ir::{shape, Builder, DType, NodeId, Result, RouterConfig};
 
 /// SwiGLU MLP: `down(silu(gate(x)) * up(x))`, weights `{prefix}.{gate,up,down}_proj.weight`.
-pub fn dense_mlp(b: &mut Builder, x: NodeId, prefix: &str, hidden: usize, inter: usize, dtype: DType) -> Result<NodeId> {
-    let wg = b.weight(&format!("{prefix}.gate_proj.weight"), dtype, shape![(inter), (hidden)])?;
-    let wu = b.weight(&format!("{prefix}.up_proj.weight"), dtype, shape![(inter), (hidden)])?;
-    let wd = b.weight(&format!("{prefix}.down_proj.weight"), dtype, shape![(hidden), (inter)])?;
+pub fn dense_mlp(
+    b: &mut Builder,
+    x: NodeId,
+    prefix: &str,
+    hidden: usize,
+    inter: usize,
+    dtype: DType,
+) -> Result<NodeId> {
+    let wg = b.weight(
+        &format!("{prefix}.gate_proj.weight"),
+        dtype,
+        shape![(inter), (hidden)],
+    )?;
+    let wu = b.weight(
+        &format!("{prefix}.up_proj.weight"),
+        dtype,
+        shape![(inter), (hidden)],
+    )?;
+    let wd = b.weight(
+        &format!("{prefix}.down_proj.weight"),
+        dtype,
+        shape![(hidden), (inter)],
+    )?;
     let gate = b.matmul(x, wg)?;
     b.name(gate, "gate");
     let up = b.matmul(x, wu)?;

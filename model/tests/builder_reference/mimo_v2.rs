@@ -10,7 +10,14 @@ use tilefuse_model::GraphOptions;
 use super::common::{dense_mlp, moe_experts};
 
 /// The attention block of layer `i` on the normed input `h`.
-fn attention(b: &mut Builder, cfg: &Config, opt: &GraphOptions, i: usize, h: NodeId, pos: NodeId) -> Result<NodeId> {
+fn attention(
+    b: &mut Builder,
+    cfg: &Config,
+    opt: &GraphOptions,
+    i: usize,
+    h: NodeId,
+    pos: NodeId,
+) -> Result<NodeId> {
     let p = format!("model.layers.{i}.self_attn");
     let dt = opt.dtype;
     let (nh, kvh, dk, dv, hid) = (
@@ -30,8 +37,16 @@ fn attention(b: &mut Builder, cfg: &Config, opt: &GraphOptions, i: usize, h: Nod
     } else {
         opt.context
     };
-    let kc = b.cache(&format!("model.layers.{i}.k_cache"), dt, shape![(cap), (kvh), (dk)])?;
-    let vc = b.cache(&format!("model.layers.{i}.v_cache"), dt, shape![(cap), (kvh), (dv)])?;
+    let kc = b.cache(
+        &format!("model.layers.{i}.k_cache"),
+        dt,
+        shape![(cap), (kvh), (dk)],
+    )?;
+    let vc = b.cache(
+        &format!("model.layers.{i}.v_cache"),
+        dt,
+        shape![(cap), (kvh), (dv)],
+    )?;
 
     let q = b.matmul(h, wq)?;
     let q = b.reshape(q, shape![T, (nh), (dk)])?;
@@ -43,7 +58,11 @@ fn attention(b: &mut Builder, cfg: &Config, opt: &GraphOptions, i: usize, h: Nod
     let v = b.reshape(v, shape![T, (kvh), (dv)])?;
     let v = b.scale(v, cfg.attention_value_scale)?;
     b.name(v, "v");
-    let theta = if sliding { cfg.swa_rope_theta } else { cfg.rope_theta };
+    let theta = if sliding {
+        cfg.swa_rope_theta
+    } else {
+        cfg.rope_theta
+    };
     let rot = cfg.rotary_dims();
     let q = b.rope(q, pos, theta, rot)?;
     b.name(q, "q_rope");
@@ -56,7 +75,12 @@ fn attention(b: &mut Builder, cfg: &Config, opt: &GraphOptions, i: usize, h: Nod
     let (sinks, mask) = if sliding {
         let s = b.weight(&format!("{p}.sinks"), dt, shape![(nh)])?;
         let window = u32::try_from(cfg.sliding_window).unwrap_or(u32::MAX);
-        (Some(s), Mask::Causal { window: Some(window) })
+        (
+            Some(s),
+            Mask::Causal {
+                window: Some(window),
+            },
+        )
     } else {
         (None, Mask::Causal { window: None })
     };
@@ -81,7 +105,11 @@ pub fn decoder_layer(
     b.push_scope(&format!("layer{i}"));
     let r = (|| {
         let ln1 = b.weight(&format!("{p}.input_layernorm.weight"), dt, shape![(hid)])?;
-        let ln2 = b.weight(&format!("{p}.post_attention_layernorm.weight"), dt, shape![(hid)])?;
+        let ln2 = b.weight(
+            &format!("{p}.post_attention_layernorm.weight"),
+            dt,
+            shape![(hid)],
+        )?;
         let h = b.rms_norm(x, ln1, cfg.rms_norm_eps)?;
         b.name(h, "attn_norm");
         let a = b.scoped("attn", |b| attention(b, cfg, opt, i, h, pos))?;

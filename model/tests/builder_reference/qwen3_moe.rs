@@ -9,7 +9,14 @@ use tilefuse_model::GraphOptions;
 
 use super::common::{dense_mlp, moe_experts};
 
-fn attention(b: &mut Builder, cfg: &Config, opt: &GraphOptions, i: usize, h: NodeId, pos: NodeId) -> Result<NodeId> {
+fn attention(
+    b: &mut Builder,
+    cfg: &Config,
+    opt: &GraphOptions,
+    i: usize,
+    h: NodeId,
+    pos: NodeId,
+) -> Result<NodeId> {
     let p = format!("model.layers.{i}.self_attn");
     let dt = opt.dtype;
     let (nh, kvh, d, hid) = (
@@ -24,8 +31,16 @@ fn attention(b: &mut Builder, cfg: &Config, opt: &GraphOptions, i: usize, h: Nod
     let wo = b.weight(&format!("{p}.o_proj.weight"), dt, shape![(hid), (nh * d)])?;
     let qn = b.weight(&format!("{p}.q_norm.weight"), dt, shape![(d)])?;
     let kn = b.weight(&format!("{p}.k_norm.weight"), dt, shape![(d)])?;
-    let kc = b.cache(&format!("model.layers.{i}.k_cache"), dt, shape![(opt.context), (kvh), (d)])?;
-    let vc = b.cache(&format!("model.layers.{i}.v_cache"), dt, shape![(opt.context), (kvh), (d)])?;
+    let kc = b.cache(
+        &format!("model.layers.{i}.k_cache"),
+        dt,
+        shape![(opt.context), (kvh), (d)],
+    )?;
+    let vc = b.cache(
+        &format!("model.layers.{i}.v_cache"),
+        dt,
+        shape![(opt.context), (kvh), (d)],
+    )?;
 
     let q = b.matmul(h, wq)?;
     let q = b.reshape(q, shape![T, (nh), (d)])?;
@@ -46,7 +61,14 @@ fn attention(b: &mut Builder, cfg: &Config, opt: &GraphOptions, i: usize, h: Nod
     b.name(keys, "keys");
     let values = b.kv_append(vc, v, "S", false)?;
     b.name(values, "values");
-    let a = b.attention(q, keys, values, None, Mask::Causal { window: None }, (d as f32).powf(-0.5))?;
+    let a = b.attention(
+        q,
+        keys,
+        values,
+        None,
+        Mask::Causal { window: None },
+        (d as f32).powf(-0.5),
+    )?;
     b.name(a, "attn");
     let a = b.reshape(a, shape![T, (nh * d)])?;
     let o = b.matmul(a, wo)?;
@@ -67,7 +89,11 @@ pub fn decoder_layer(
     b.push_scope(&format!("layer{i}"));
     let r = (|| {
         let ln1 = b.weight(&format!("{p}.input_layernorm.weight"), dt, shape![(hid)])?;
-        let ln2 = b.weight(&format!("{p}.post_attention_layernorm.weight"), dt, shape![(hid)])?;
+        let ln2 = b.weight(
+            &format!("{p}.post_attention_layernorm.weight"),
+            dt,
+            shape![(hid)],
+        )?;
         let h = b.rms_norm(x, ln1, cfg.rms_norm_eps)?;
         b.name(h, "attn_norm");
         let a = b.scoped("attn", |b| attention(b, cfg, opt, i, h, pos))?;
@@ -77,7 +103,11 @@ pub fn decoder_layer(
         b.name(h, "mlp_norm");
         let m = if cfg.is_sparse(i) {
             b.scoped("moe", |b| {
-                let wr = b.weight(&format!("{p}.mlp.gate.weight"), dt, shape![(cfg.num_experts), (hid)])?;
+                let wr = b.weight(
+                    &format!("{p}.mlp.gate.weight"),
+                    dt,
+                    shape![(cfg.num_experts), (hid)],
+                )?;
                 // Logits in the model dtype, softmax in f32.
                 let logits = b.matmul(h, wr)?;
                 let logits = b.cast(logits, DType::F32)?;
@@ -96,7 +126,9 @@ pub fn decoder_layer(
                 )
             })?
         } else {
-            b.scoped("mlp", |b| dense_mlp(b, h, &format!("{p}.mlp"), hid, cfg.intermediate_size, dt))?
+            b.scoped("mlp", |b| {
+                dense_mlp(b, h, &format!("{p}.mlp"), hid, cfg.intermediate_size, dt)
+            })?
         };
         let y = b.add(x, m)?;
         Ok(b.name(y, "out"))
