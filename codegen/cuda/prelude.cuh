@@ -202,6 +202,9 @@ __device__ __forceinline__ uint32_t ld_stream_u16(const void* p) {
     return r;
 }
 
+// +infinity as an f32 (NVRTC has no INFINITY macro without math.h).
+__device__ __forceinline__ float f32_inf() { return __int_as_float(0x7f800000); }
+
 // Sum over the warp in f64 (every lane gets the result).
 __device__ __forceinline__ double warp_sum(double v) {
 #pragma unroll

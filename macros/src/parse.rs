@@ -694,6 +694,15 @@ fn check_scope(lit: &LitStr, params: &[Param], f: &Ident) -> Result<()> {
 
 /// A dim written in a shape: a symbol or a value.
 fn dim(e: syn::Expr) -> Dim {
+    // `(HIDDEN)` is how a constant is written; the parentheses only say "value".
+    let e = match e {
+        syn::Expr::Paren(p) => *p.expr,
+        e => return symbol_or_value(e),
+    };
+    Dim::Value(e)
+}
+
+fn symbol_or_value(e: syn::Expr) -> Dim {
     if let syn::Expr::Path(p) = &e {
         if let Some(id) = p.path.get_ident() {
             let s = id.to_string();
@@ -1270,6 +1279,13 @@ impl Parser {
         f.found
     }
 
+    /// True when a closure's body has a tensor op, its parameters shadowing.
+    fn closure_has_op(&self, c: &mut syn::ExprClosure, vars: &Vars) -> bool {
+        let mut inner = vars.clone();
+        c.inputs.iter().for_each(|p| shadow(p, &mut inner, false));
+        self.contains_op(&mut c.body, &inner)
+    }
+
     /// True when the node itself (not its children) is a tensor construct.
     fn is_op_node(&self, e: &syn::Expr, vars: &Vars) -> bool {
         match e {
@@ -1390,6 +1406,10 @@ impl VisitMut for Finder<'_> {
             self.found = true;
             return;
         }
+        if let syn::Expr::Closure(c) = e {
+            self.found |= self.parser.closure_has_op(c, self.vars);
+            return;
+        }
         visit_mut::visit_expr_mut(self, e);
     }
 
@@ -1421,7 +1441,7 @@ impl VisitMut for Holes<'_> {
             return;
         }
         if let syn::Expr::Closure(c) = e {
-            if self.parser.contains_op(&mut c.body, self.vars) {
+            if self.parser.closure_has_op(c, self.vars) {
                 self.err = Some(closure_error(c));
             }
             return;

@@ -240,3 +240,37 @@ fn tuples_loops_and_matches() {
         "{text}"
     );
 }
+
+const HIDDEN: usize = 64;
+
+/// Plain Rust next to tensors: a closure whose parameter shadows a tensor,
+/// a constant dim, an optional tensor unwrapped with `if let`.
+#[graph(scope = "plain")]
+fn plain_rust(x: NodeId, bias: Option<NodeId>) -> NodeId {
+    let widths: Vec<usize> = (0..2).map(|x| x * HIDDEN).collect();
+    let w = weight!("plain.w", bf16, [(HIDDEN), widths[1]]);
+    let mut y = x.matmul(w);
+    if let Some(b) = bias {
+        let b: NodeId = b;
+        y += b;
+    }
+    y
+}
+
+#[test]
+fn plain_rust_beside_tensors() {
+    let mut b = builder();
+    let x = b.input("x", DType::BF16, shape![T, 64]).expect("input");
+    let bias = b.input("bias", DType::BF16, shape![64]).expect("input");
+    let y = plain_rust(&mut b, x, Some(bias)).expect("builds");
+    b.output("y", y).expect("output");
+    let text = b.finish().expect("verifies").to_string();
+    assert!(
+        node_line(&text, "plain.w").contains("bf16[64,64]"),
+        "{text}"
+    );
+    assert!(
+        node_line(&text, "plain.add").contains("ew.add(%3, %1)"),
+        "{text}"
+    );
+}

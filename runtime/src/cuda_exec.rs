@@ -225,10 +225,24 @@ pub fn build(graph: &Graph, max_t: usize) -> std::result::Result<(Plan, CudaModu
     Ok((plan, module))
 }
 
+/// Where the weights of a new executable come from.
+pub enum WeightSource<'a> {
+    /// Host tensors by parameter name, packed and uploaded.
+    Host(&'a BTreeMap<String, Tensor>),
+    /// Seeded random values made on the GPU (for benchmarks at real widths:
+    /// no multi-gigabyte host arrays). See [`crate::fill`].
+    Random(u64),
+}
+
 impl GpuExecutable {
     /// Compiles `graph` for each bucket in `buckets` (the largest `T` of each),
     /// uploads `weights` and allocates the caches and the arena.
     pub fn new(gpu: Gpu, graph: &Graph, weights: &BTreeMap<String, Tensor>, buckets: &[usize], mode: LaunchMode) -> Result<GpuExecutable> {
+        GpuExecutable::with_weights(gpu, graph, WeightSource::Host(weights), buckets, mode)
+    }
+
+    /// Like [`GpuExecutable::new`], with the weights from `source`.
+    pub fn with_weights(gpu: Gpu, graph: &Graph, source: WeightSource<'_>, buckets: &[usize], mode: LaunchMode) -> Result<GpuExecutable> {
         let mut buckets = buckets.to_vec();
         buckets.sort_unstable();
         buckets.dedup();
@@ -257,8 +271,17 @@ impl GpuExecutable {
             });
         }
         let first = &programs[0].plan;
-        let packed = pack_weights(first, weights)?;
-        let weights_buf = gpu.upload(&packed, "the weights").map_err(gpu_err)?;
+        let weights_buf = match source {
+            WeightSource::Host(weights) => {
+                let packed = pack_weights(first, weights)?;
+                gpu.upload(&packed, "the weights").map_err(gpu_err)?
+            }
+            WeightSource::Random(seed) => {
+                let mut b = gpu.alloc(first.weight_bytes, "the weights").map_err(gpu_err)?;
+                crate::fill::random_weights(&gpu, first, &mut b, seed).map_err(gpu_err)?;
+                b
+            }
+        };
         let kv_bytes = first.cache_bytes;
         let mut kv = gpu.alloc(kv_bytes.max(1), "the KV caches").map_err(gpu_err)?;
         // Poison the caches: a read of a position never written shows as NaN.
@@ -318,6 +341,13 @@ impl GpuExecutable {
     }
 
     fn launch(&mut self, pi: usize, t: usize, s: usize, inputs: &BTreeMap<String, Tensor>) -> Result<()> {
+        self.prepare(pi, t, s, inputs)?;
+        self.dispatch(pi)?;
+        self.gpu.sync("running the forward").map_err(gpu_err)
+    }
+
+    /// Writes the symbols and the activation inputs of a forward to the arena.
+    fn prepare(&mut self, pi: usize, t: usize, s: usize, inputs: &BTreeMap<String, Tensor>) -> Result<()> {
         let p = &self.programs[pi];
         let g = &p.plan.fused.graph;
         let mut sym = Vec::new();
@@ -340,6 +370,11 @@ impl GpuExecutable {
             let off = p.plan.offset_of(n).ok_or_else(|| IrError::new(ErrorKind::Interp, format!("input \"{}\" has no buffer", node.name)))?;
             self.gpu.write(&mut self.arena, off, &to_bytes(v)?).map_err(gpu_err)?;
         }
+        Ok(())
+    }
+
+    /// Issues one forward of bucket `pi` on the stream (no wait).
+    fn dispatch(&mut self, pi: usize) -> Result<()> {
         let args = [Arg::Ptr(self.arena.ptr()), Arg::Ptr(self.weights.ptr()), Arg::Ptr(self.kv.ptr())];
         match self.mode {
             LaunchMode::Persistent => {
@@ -365,6 +400,7 @@ impl GpuExecutable {
                 }
             }
             LaunchMode::Stream => {
+                let p = &self.programs[pi];
                 for (k, f) in p.plan.kernels.iter().zip(&p.functions) {
                     self.gpu
                         .launch(&k.name, f, k.tiling.tiles, k.tiling.threads, k.tiling.smem, &args)
@@ -400,7 +436,7 @@ impl GpuExecutable {
                 }
             }
         }
-        self.gpu.sync("running the forward").map_err(gpu_err)
+        Ok(())
     }
 
     /// Builds and uploads the task tables of bucket `pi` on first use.
@@ -468,6 +504,51 @@ impl GpuExecutable {
             out.insert(name.clone(), from_bytes(node.ty.dtype, &shape, &b)?);
         }
         Ok(out)
+    }
+
+    /// Times `reps` forwards of `t` tokens after `s` cached positions in the
+    /// executable's launch mode, each between two events, after `warmup`
+    /// untimed ones; `inputs` are written once. Returns milliseconds per forward.
+    pub fn time_forwards(&mut self, t: usize, s: usize, inputs: &BTreeMap<String, Tensor>, warmup: usize, reps: usize) -> Result<Vec<f32>> {
+        let pi = self
+            .programs
+            .iter()
+            .position(|p| p.plan.options.max_t >= t)
+            .ok_or_else(|| IrError::new(ErrorKind::Interp, format!("no bucket for T = {t}")))?;
+        self.prepare(pi, t, s, inputs)?;
+        for _ in 0..warmup {
+            self.dispatch(pi)?;
+        }
+        self.gpu.sync("warming up").map_err(gpu_err)?;
+        let stream = self.gpu.stream().clone();
+        let ev = |e: cudarc::driver::DriverError| IrError::new(ErrorKind::Interp, format!("event: {e:?}"));
+        let mut events = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let e0 = stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(ev)?;
+            self.dispatch(pi)?;
+            let e1 = stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(ev)?;
+            events.push((e0, e1));
+        }
+        self.gpu.sync("timing forwards").map_err(gpu_err)?;
+        events.iter().map(|(a, b)| a.elapsed_ms(b).map_err(ev)).collect()
+    }
+
+    /// Reads `bytes` of the arena at the storage of node `n` of the bucket serving `t`.
+    pub fn read_value(&self, t: usize, n: tilefuse_ir::NodeId, bytes: usize) -> Result<Vec<u8>> {
+        let p = self
+            .programs
+            .iter()
+            .find(|p| p.plan.options.max_t >= t)
+            .ok_or_else(|| IrError::new(ErrorKind::Interp, format!("no bucket for T = {t}")))?;
+        let off = p.plan.offset_of(n).ok_or_else(|| IrError::new(ErrorKind::Interp, "value has no arena buffer"))?;
+        self.gpu.download_range(&self.arena, off, bytes).map_err(gpu_err)
+    }
+
+    /// Fills the KV caches with seeded random bf16 values, so that timing at a
+    /// long context reads real numbers.
+    pub fn randomize_caches(&mut self, seed: u64) -> Result<()> {
+        let p = &self.programs[0].plan;
+        crate::fill::random_caches(&self.gpu, p, &mut self.kv, seed).map_err(gpu_err)
     }
 
     /// Times each kernel of the bucket serving `t` tokens in stream mode

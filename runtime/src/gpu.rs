@@ -101,6 +101,8 @@ pub enum Arg {
     Ptr(u64),
     /// An `int`.
     I32(i32),
+    /// A `long long`.
+    I64(i64),
     /// A `float`.
     F32(f32),
 }
@@ -250,6 +252,7 @@ impl Gpu {
             match a {
                 Arg::Ptr(p) => b.arg(p),
                 Arg::I32(v) => b.arg(v),
+                Arg::I64(v) => b.arg(v),
                 Arg::F32(v) => b.arg(v),
             };
         }
@@ -262,6 +265,28 @@ impl Gpu {
     /// Waits for all work; a kernel fault surfaces here, named by `what`.
     pub fn sync(&self, what: &str) -> Result<(), GpuError> {
         drv(self.stream.synchronize(), what)
+    }
+
+    /// Copies `bytes` from `src` to `dst` on the stream (device to device).
+    pub fn copy(&self, dst: &Buffer, src: &Buffer, bytes: usize) -> Result<(), GpuError> {
+        if bytes > dst.len() || bytes > src.len() {
+            return Err(GpuError::Driver(format!("copy of {bytes} bytes past the end of a buffer")));
+        }
+        // SAFETY: both ranges lie inside live allocations (checked above); the stream
+        // orders the copy with every other use of the buffers.
+        drv(
+            unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr, src.ptr, bytes, self.stream.cu_stream()) },
+            "copying on the GPU",
+        )
+    }
+
+    /// Fills a buffer with one byte value on the stream.
+    pub fn memset(&self, buf: &Buffer, value: u8) -> Result<(), GpuError> {
+        // SAFETY: the range is the whole live allocation; ordered on the stream.
+        drv(
+            unsafe { cudarc::driver::result::memset_d8_async(buf.ptr, value, buf.len(), self.stream.cu_stream()) },
+            "filling a buffer",
+        )
     }
 
     /// The stream (for CUDA-graph capture and events).

@@ -7,8 +7,10 @@
 //! and token-by-token decoding. The CPU backend executes through the IR's
 //! reference interpreter, so everything works on a machine without a GPU.
 
+pub mod bench;
 pub mod cuda_exec;
 pub mod executable;
+pub mod fill;
 pub mod gpu;
 pub mod inspect;
 pub mod nvrtc;

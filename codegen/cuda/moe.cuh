@@ -1,0 +1,476 @@
+// tilefuse mixture-of-experts templates: the router (top-k choice, weights and
+// the routing table) and the two weight-streaming expert tiles.
+//
+// Semantics are those of the interpreter (ir/src/interp.rs): `moe.router_select`,
+// `moe.router_weights` and `moe.experts`:
+//   g = round(gate_e . x_t), u = round(up_e . x_t), h = round(silu(g) * u),
+//   out[t] = round(sum_j w[t,j] * (down_e . h))          (round = to bf16)
+// The expert tiles read each distinct expert's weights once per tile for all
+// the (token, slot) pairs that chose it (verification of B tokens reads the
+// union of their experts, not B times 8 experts). The sum over a token's
+// slots runs in ascending expert order rather than slot order (f32 rounding
+// differences only).
+//
+// Routing table (device layout, int32, written by router_tile, read by the
+// expert tiles; TK = T * TOPK with the T of this forward):
+//   [0]                      n_distinct: experts chosen by at least one token
+//   [1 .. 1 + TK)            expert[d], d < n_distinct: those experts, ascending
+//   [1 + TK .. 2 + 2 TK)     offset[d], d <= n_distinct: offset[d]..offset[d+1] index pair[]
+//   [2 + 2 TK .. 2 + 3 TK)   pair[i] = t * TOPK + j for every (t, j) with idx[t, j] = expert[d],
+//                            grouped by d, ascending (t, j) within a group
+// route_table_ints(MAX_T, TOPK) = 2 + 3 * MAX_T * TOPK bounds its size.
+//
+// Persistent kernels: the table, idx, w and the h workspace are read with
+// ordinary loads (never the non-coherent path), so producer tiles of the same
+// launch may write them before the consumer's acquire + barrier.
+#pragma once
+#include "matvec.cuh"
+
+namespace tf {
+
+__host__ __device__ constexpr int route_table_ints(int max_t, int topk) { return 2 + 3 * max_t * topk; }
+
+// Read access to a routing table.
+struct RouteView {
+    const int* base;
+    int tk;  // T * TOPK
+    __device__ __forceinline__ int n_distinct() const { return base[0]; }
+    __device__ __forceinline__ int expert(int d) const { return base[1 + d]; }
+    __device__ __forceinline__ int offset(int d) const { return base[1 + tk + d]; }
+    __device__ __forceinline__ int pair(int i) const { return base[2 + 2 * tk + i]; }
+};
+
+namespace moe_detail {
+// sigmoid and silu exactly as the interpreter writes them (f32, IEEE division,
+// expf within 2 ulp of the exact exponential), not the fast prelude versions.
+__device__ __forceinline__ float sigmoid_ref(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// The router's total order on (value, index): NaN above every number, then
+// larger values, ties to the lower index (interp cmp_desc + stable sort).
+__device__ __forceinline__ bool before(float a, int ia, float b, int ib) {
+    const bool na = a != a, nb = b != b;
+    if (na || nb) return na && (!nb || ia < ib);
+    return a > b || (a == b && ia < ib);
+}
+// Warp-wide best (value, index) under `before`; index -1 = none. All lanes get it.
+__device__ __forceinline__ void warp_best(float& v, int& i) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (oi >= 0 && (i < 0 || before(ov, oi, v, i))) v = ov, i = oi;
+    }
+}
+}  // namespace moe_detail
+
+// ---------------------------------------------------------------------------
+// Router.
+
+// MAX_T: tokens per forward (<= 64); E experts (<= 512); TOPK per token;
+// N_GROUP groups (1: none) of which TOPK_GROUP are kept; SOFTMAX scores
+// (else sigmoid); NORM renormalises the chosen weights.
+template <int MAX_T, int E, int TOPK, int N_GROUP = 1, int TOPK_GROUP = 1, bool SOFTMAX = false, bool NORM = true,
+          int THREADS = 256>
+struct RouterCfg {
+    enum : int { max_t = MAX_T, e = E, topk = TOPK, n_group = N_GROUP, topk_group = TOPK_GROUP, threads = THREADS };
+    enum : bool { softmax = SOFTMAX, norm = NORM };
+    static_assert(MAX_T >= 1 && MAX_T <= 64, "router: at most 64 tokens");
+    static_assert(E >= 1 && E <= 512 && TOPK >= 1 && TOPK <= E, "router: E <= 512, 1 <= TOPK <= E");
+    static_assert(N_GROUP >= 1 && E % N_GROUP == 0 && (N_GROUP == 1 || E / N_GROUP >= 2), "router: groups");
+    static_assert(TOPK_GROUP >= 1 && TOPK_GROUP <= N_GROUP, "router: topk_group");
+    static_assert(THREADS % 32 == 0 && THREADS >= 32, "router: THREADS");
+};
+
+namespace moe_detail {
+template <class C> struct RouterPlan {
+    enum : int {
+        NW = C::threads / 32,
+        EJ = cdiv(C::e, 32),  // experts per lane
+        NG = C::n_group,
+        // f32 sc[NW][E], ch[NW][E], gs[NW][NG]; int kept[NW][NG], sel[MAX_T*TOPK], cnt[E], start[E], run[E]
+        SC = 0,
+        CH = SC + NW * C::e,
+        GS = CH + NW * C::e,
+        KEPT = GS + NW * NG,
+        SEL = KEPT + NW * NG,
+        CNT = SEL + C::max_t * C::topk,
+        START = CNT + C::e,
+        RUN = START + C::e,
+        WORDS = RUN + C::e,
+    };
+};
+}  // namespace moe_detail
+
+// Shared memory of router_tile: 4 * (2*W*E + 2*W*N_GROUP + MAX_T*TOPK + 3*E) bytes, W = THREADS/32.
+template <class C> __host__ __device__ constexpr int router_smem_bytes() { return 4 * moe_detail::RouterPlan<C>::WORDS; }
+
+// router_tile
+//
+// One CTA for all T tokens (1 <= T <= MAX_T) of a forward: tiles = 1 (tile is
+// ignored). From f32 logits [T, E] and an optional f32 correction bias [E]
+// (nullptr: none), per token (one warp per token, experts spread over lanes):
+//   s = sigmoid(l) = 1/(1+expf(-l))  or  softmax: exp(l - max) / (f64 sum as f32)
+//   choice = s + bias; with N_GROUP > 1 a group's score is the sum of its two
+//   largest choice values (NaN largest), the TOPK_GROUP best groups (ties to the
+//   lower group) stay and the other experts' choices become -inf;
+//   idx[t, :] = the TOPK best choices, descending, ties to the lower index, NaN first;
+//   w[t, j] = s[idx[t, j]], if NORM divided by (f64 sum over j as f32) + norm_eps, times scale.
+// Then builds the routing table (layout at the top of this file) in `route`:
+// counts per expert (shared atomics), a prefix over experts (one warp) and a
+// stable placement of the pairs (one warp, 32 pairs per step, __match_any_sync).
+// Exactness: choices equal the interpreter's up to expf (<= 2 ulp), so a top-k
+// can differ only between experts whose scores are within a few ulp; the
+// weights then agree to f32 rounding. Shared memory: router_smem_bytes<C>().
+template <class C>
+__device__ void router_tile(int /*tile*/, const float* __restrict__ logits, const float* __restrict__ bias, int T,
+                            float norm_eps, float scale, int* __restrict__ idx, float* __restrict__ wts,
+                            int* __restrict__ route, char* smem) {
+    using RP = moe_detail::RouterPlan<C>;
+    constexpr int E = C::e, TOPK = C::topk, EJ = RP::EJ;
+    __syncthreads();
+    float* fs = reinterpret_cast<float*>(smem);
+    int* is = reinterpret_cast<int*>(smem);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float* sc = fs + RP::SC + warp * E;
+    float* ch = fs + RP::CH + warp * E;
+    float* gsc = fs + RP::GS + warp * RP::NG;
+    int* kept = is + RP::KEPT + warp * RP::NG;
+    int* sel = is + RP::SEL;
+    int* cnt = is + RP::CNT;
+    int* start = is + RP::START;
+    int* run = is + RP::RUN;
+    for (int e = threadIdx.x; e < E; e += C::threads) cnt[e] = 0, run[e] = 0;
+
+    for (int t = warp; t < T; t += RP::NW) {
+        float v[EJ];
+        // Scores.
+        if constexpr (C::softmax) {
+            float m = -f32_inf();
+#pragma unroll
+            for (int j = 0; j < EJ; ++j) {
+                const int e = lane + 32 * j;
+                v[j] = e < E ? logits[(size_t)t * E + e] : -f32_inf();
+                m = fmaxf(m, v[j]);  // NaN-ignoring, as f32::max
+            }
+            m = warp_max(m);
+            double tot = 0.0;
+#pragma unroll
+            for (int j = 0; j < EJ; ++j) {
+                const int e = lane + 32 * j;
+                v[j] = expf(v[j] - m);
+                if (e < E) tot += (double)v[j];
+            }
+            const float total = (float)warp_sum(tot);
+#pragma unroll
+            for (int j = 0; j < EJ; ++j) v[j] = v[j] / total;
+        } else {
+#pragma unroll
+            for (int j = 0; j < EJ; ++j) {
+                const int e = lane + 32 * j;
+                v[j] = e < E ? moe_detail::sigmoid_ref(logits[(size_t)t * E + e]) : 0.f;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < EJ; ++j) {
+            const int e = lane + 32 * j;
+            if (e < E) {
+                sc[e] = v[j];
+                v[j] = bias != nullptr ? v[j] + bias[e] : v[j];
+                ch[e] = v[j];
+            }
+        }
+        __syncwarp();
+        // Group masking.
+        if constexpr (C::n_group > 1) {
+            constexpr int GSZ = E / C::n_group;
+            for (int gi = lane; gi < C::n_group; gi += 32) {
+                const float* g = ch + gi * GSZ;
+                float a = g[0], b = g[1];
+                if (moe_detail::before(b, 1, a, 0)) {
+                    const float x = a;
+                    a = b, b = x;
+                }
+                for (int i = 2; i < GSZ; ++i) {
+                    const float x = g[i];
+                    if (moe_detail::before(x, 0, a, 1)) b = a, a = x;  // strictly above a
+                    else if (moe_detail::before(x, 0, b, 1)) b = x;
+                }
+                gsc[gi] = a + b;
+                kept[gi] = 0;
+            }
+            __syncwarp();
+            for (int r = 0; r < C::topk_group; ++r) {
+                float bv = 0.f;
+                int bi = -1;
+                for (int gi = lane; gi < C::n_group; gi += 32)
+                    if (!kept[gi] && (bi < 0 || moe_detail::before(gsc[gi], gi, bv, bi))) bv = gsc[gi], bi = gi;
+                moe_detail::warp_best(bv, bi);
+                if (lane == 0) kept[bi] = 1;
+                __syncwarp();
+            }
+#pragma unroll
+            for (int j = 0; j < EJ; ++j) {
+                const int e = lane + 32 * j;
+                if (e < E && !kept[e / GSZ]) v[j] = -f32_inf();
+            }
+        }
+        // Top-k: TOPK rounds of a warp arg-best over the not yet taken experts.
+        uint32_t taken = 0;
+        for (int r = 0; r < TOPK; ++r) {
+            float bv = 0.f;
+            int bi = -1;
+#pragma unroll
+            for (int j = 0; j < EJ; ++j) {
+                const int e = lane + 32 * j;
+                if (e < E && !((taken >> j) & 1u) && (bi < 0 || moe_detail::before(v[j], e, bv, bi))) bv = v[j], bi = e;
+            }
+            moe_detail::warp_best(bv, bi);
+            if (lane == (bi & 31)) taken |= 1u << (bi >> 5);
+            if (lane == 0) {
+                sel[t * TOPK + r] = bi;
+                idx[t * TOPK + r] = bi;
+            }
+        }
+        __syncwarp();
+        // Weights, in slot order on one lane (the oracle's f64 sum order).
+        if (lane == 0) {
+            float w[TOPK];
+            double s = 0.0;
+#pragma unroll
+            for (int r = 0; r < TOPK; ++r) {
+                w[r] = sc[sel[t * TOPK + r]];
+                s += (double)w[r];
+            }
+            const float denom = (float)s + norm_eps;
+#pragma unroll
+            for (int r = 0; r < TOPK; ++r) wts[t * TOPK + r] = (C::norm ? w[r] / denom : w[r]) * scale;
+        }
+        __syncwarp();
+    }
+    __syncthreads();
+
+    // Routing table.
+    const int TK = T * TOPK;
+    for (int p = threadIdx.x; p < TK; p += C::threads) atomicAdd(&cnt[sel[p]], 1);
+    __syncthreads();
+    if (warp == 0) {
+        int* r_expert = route + 1;
+        int* r_offset = route + 1 + TK;
+        int* r_pair = route + 2 + 2 * TK;
+        // Exclusive prefix over experts of the pair counts and of "chosen" flags;
+        // lane l owns experts [l*EJ, (l+1)*EJ).
+        int c_sum = 0, f_sum = 0;
+#pragma unroll
+        for (int j = 0; j < EJ; ++j) {
+            const int e = lane * EJ + j;
+            const int c = e < E ? cnt[e] : 0;
+            c_sum += c;
+            f_sum += c > 0;
+        }
+        int c_inc = c_sum, f_inc = f_sum;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int a = __shfl_up_sync(0xffffffffu, c_inc, o), b = __shfl_up_sync(0xffffffffu, f_inc, o);
+            if (lane >= o) c_inc += a, f_inc += b;
+        }
+        int c_ex = c_inc - c_sum, f_ex = f_inc - f_sum;
+#pragma unroll
+        for (int j = 0; j < EJ; ++j) {
+            const int e = lane * EJ + j;
+            if (e < E) {
+                const int c = cnt[e];
+                start[e] = c_ex;
+                if (c > 0) {
+                    r_expert[f_ex] = e;
+                    r_offset[f_ex] = c_ex;
+                }
+                c_ex += c;
+                f_ex += c > 0;
+            }
+        }
+        if (lane == 31) {
+            route[0] = f_inc;
+            r_offset[f_inc] = TK;
+        }
+        __syncwarp();
+        // Stable placement: pairs in ascending order, 32 at a time.
+        for (int p0 = 0; p0 < TK; p0 += 32) {
+            const int p = p0 + lane;
+            const bool valid = p < TK;
+            const int e = valid ? sel[p] : -1 - lane;
+            const uint32_t m = __match_any_sync(0xffffffffu, e);
+            const int rank = __popc(m & ((1u << lane) - 1u));
+            if (valid) r_pair[start[e] + run[e] + rank] = p;
+            __syncwarp();
+            if (valid && rank == __popc(m) - 1) run[e] += __popc(m);
+            __syncwarp();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Expert tiles.
+
+// MAX_T: tokens per forward (<= 64; also bounds the pairs of one expert);
+// TOPK slots per token; ROWS rows of I (up) or H (down) per tile; H hidden
+// size, I expert intermediate size (gate_up [E, 2I, H], down [E, H, I]).
+template <int MAX_T, int TOPK, int ROWS, int THREADS, int H, int I, MvPath PATH = MvPath::Auto, int U = 0>
+struct MoeCfg {
+    enum : int { max_t = MAX_T, topk = TOPK, rows = ROWS, threads = THREADS, h = H, i = I, u = U };
+    __host__ __device__ static constexpr MvPath path() { return PATH; }
+    static_assert(MAX_T >= 1 && MAX_T <= 64, "experts: at most 64 tokens");
+};
+
+namespace moe_detail {
+template <class C, class W, int NROWS, int K> struct ExpertPlan {
+    enum : bool { MMA = mv_detail::use_mma<W, bf16, C::path()>() };
+    // Columns per weight pass: all pairs of an expert (<= MAX_T) on the MMA
+    // path; at most 16 on SIMT (more pairs: the weights are read again).
+    enum : int { MAXCOL = MMA ? (int)C::max_t : cmin(C::max_t, 16) };
+    using P = mv_detail::Plan<NROWS, C::threads, K, MAXCOL, MMA, W, C::u>;
+    using Warp = mv_detail::WarpOf<P, W, K, bf16>;
+};
+}  // namespace moe_detail
+
+// Shared memory of experts_up_tile: 4 * KW * (2*ROWS) * NCOLP bytes, where (as
+// matvec with 2*ROWS rows and MAX_T columns) MMA: G = 16, NCOLP = 8*ceil(MAX_T/8);
+// SIMT: G = max(2, 2*ROWS/(THREADS/32)), NCOLP = min(MAX_T, 16); KW = (THREADS/32) / (2*ROWS/G).
+template <class C, class W> __host__ __device__ constexpr int experts_up_smem_bytes() {
+    using P = typename moe_detail::ExpertPlan<C, W, 2 * C::rows, C::h>::P;
+    return 4 * P::KW * 2 * C::rows * P::NCOLP;
+}
+// Tiles of experts_up: min(E, T*TOPK) * ceil(I / ROWS) (T: this forward's or the maximum).
+__host__ __device__ constexpr int experts_up_tiles(int T, int topk, int E, int I, int rows) {
+    return cmin(E, T * topk) * cdiv(I, rows);
+}
+
+// experts_up_tile
+//
+// Tile = (distinct-expert slot d = tile / ceil(I/ROWS), chunk c = tile % ceil(I/ROWS)).
+// Tiles with d >= n_distinct return at once (before touching smem). Otherwise,
+// with e = expert[d], reads gate rows e*2I + r and up rows e*2I + I + r,
+// r in [c*ROWS, min(I, (c+1)*ROWS)), once, and for every pair p = t*TOPK + j of e:
+//   g = round_bf16(gate_r . x_t), u = round_bf16(up_r . x_t),
+//   h[p, r] = round_bf16(silu(g) * u)       (silu(g) = g * (1/(1+expf(-g))), f32)
+// into the workspace h [T*TOPK, I] (bf16; rows of pairs not of e untouched).
+// x: [T, H] bf16 (already normalised). Row groups: gate rows are local rows
+// 0..ROWS-1, up rows ROWS..2*ROWS-1; the KW K-slices meet in smem. Grid:
+// experts_up_tiles(T, TOPK, E, I, ROWS). Smem: experts_up_smem_bytes<C, W>().
+template <class C, class W>
+__device__ void experts_up_tile(int tile, const bf16* __restrict__ x, int T, const int* __restrict__ route, W gate_up,
+                                bf16* __restrict__ h, char* smem) {
+    using EP = moe_detail::ExpertPlan<C, W, 2 * C::rows, C::h>;
+    using P = typename EP::P;
+    constexpr int ROWS = C::rows, H = C::h, I = C::i, TOPK = C::topk, CH = cdiv(I, ROWS);
+    const RouteView rt{route, T * TOPK};
+    const int d = tile / CH, c = tile - d * CH;
+    if (d >= rt.n_distinct()) return;  // uniform over the CTA
+    __syncthreads();
+    const int warp = threadIdx.x >> 5;
+    const int rg = warp % P::RG, kw = warp / P::RG;
+    const int e = rt.expert(d), p0 = rt.offset(d), np = rt.offset(d + 1) - p0;
+    float* red = reinterpret_cast<float*>(smem);
+    auto rowmap = [&](int lr) {
+        const int l = rg * P::G + lr, half = l >= ROWS ? 1 : 0;
+        const int r = min(c * ROWS + (l - half * ROWS), I - 1);
+        return e * 2 * I + half * I + r;
+    };
+    const float sc = EP::Warp::scale(gate_up);
+    for (int pc = 0; pc < np; pc += P::NCOLP) {
+        const int ncols = min((int)P::NCOLP, np - pc);
+        if (pc > 0) __syncthreads();
+        typename EP::Warp st;
+        st.init(rowmap, [&](int col) { return x + (size_t)(rt.pair(p0 + pc + col) / TOPK) * H; }, ncols);
+        st.run(gate_up, kw, P::NKB, P::KW, 0);
+        st.emit([&](int lr, int col, float v) { red[(kw * 2 * ROWS + rg * P::G + lr) * P::NCOLP + col] = v; }, ncols);
+        __syncthreads();
+        for (int i = threadIdx.x; i < ROWS * ncols; i += C::threads) {
+            const int col = i / ROWS, r = i - col * ROWS, rr = c * ROWS + r;
+            if (rr < I) {
+                float gs = 0.f, us = 0.f;
+#pragma unroll
+                for (int j = 0; j < P::KW; ++j) {
+                    gs += red[(j * 2 * ROWS + r) * P::NCOLP + col];
+                    us += red[(j * 2 * ROWS + ROWS + r) * P::NCOLP + col];
+                }
+                const float g = round_to<bf16>(gs * sc), u = round_to<bf16>(us * sc);
+                const float hv = g * moe_detail::sigmoid_ref(g) * u;
+                h[(size_t)rt.pair(p0 + pc + col) * I + rr] = from_float<bf16>(hv);
+            }
+        }
+    }
+}
+
+// Shared memory of experts_down_tile: 4 * KW * MAX_T * ROWS bytes (per K-slice
+// per-token accumulators), KW = (THREADS/32) / (ROWS/G), G as matvec with
+// ROWS rows (MMA 16, SIMT max(2, ROWS/(THREADS/32))).
+template <class C, class W> __host__ __device__ constexpr int experts_down_smem_bytes() {
+    using P = typename moe_detail::ExpertPlan<C, W, C::rows, C::i>::P;
+    return 4 * P::KW * C::max_t * C::rows;
+}
+// Tiles of experts_down: ceil(H / ROWS).
+__host__ __device__ constexpr int experts_down_tiles(int H, int rows) { return cdiv(H, rows); }
+
+// experts_down_tile
+//
+// Tile = ROWS rows n in [tile*ROWS, min(H, (tile+1)*ROWS)) of every expert's
+// down [E, H, I]. Loops over the distinct experts d < n_distinct; reads
+// down[e][n, :] once per expert and, for each pair p = t*TOPK + j of e, adds
+//   w[p] * (down_e[n, :] . h[p, :])
+// into per-token f32 accumulators (one set per K-slice warp, no barrier
+// between experts), then calls epi(t, n, acc) once per t < T and row n:
+// acc = sum over the K-slices of sum over the token's experts in ascending
+// expert order (NVFP4 tensor scale applied). epi rounds (and may add the
+// residual). h: [T*TOPK, I] bf16 from experts_up_tile; w: f32 [T, TOPK].
+// Grid: experts_down_tiles(H, ROWS). Smem: experts_down_smem_bytes<C, W>().
+// Requires 1 <= T <= MAX_T.
+template <class C, class W, class Epi>
+__device__ void experts_down_tile(int tile, const bf16* __restrict__ h, const float* __restrict__ w, int T,
+                                  const int* __restrict__ route, W down, Epi epi, char* smem) {
+    using EP = moe_detail::ExpertPlan<C, W, C::rows, C::i>;
+    using P = typename EP::P;
+    constexpr int ROWS = C::rows, H = C::h, I = C::i, TOPK = C::topk, MT = C::max_t;
+    const RouteView rt{route, T * TOPK};
+    __syncthreads();
+    const int warp = threadIdx.x >> 5;
+    const int rg = warp % P::RG, kw = warp / P::RG;
+    const int n0 = tile * ROWS;
+    float* acc = reinterpret_cast<float*>(smem);  // [KW][MAX_T][ROWS]
+    for (int i = threadIdx.x; i < P::KW * MT * ROWS; i += C::threads) acc[i] = 0.f;
+    __syncthreads();
+    const int nd = rt.n_distinct();
+    for (int d = 0; d < nd; ++d) {
+        const int e = rt.expert(d), p0 = rt.offset(d), np = rt.offset(d + 1) - p0;
+        auto rowmap = [&](int lr) { return e * H + min(n0 + rg * P::G + lr, H - 1); };
+        for (int pc = 0; pc < np; pc += P::NCOLP) {
+            const int ncols = min((int)P::NCOLP, np - pc);
+            typename EP::Warp st;
+            st.init(rowmap, [&](int col) { return h + (size_t)rt.pair(p0 + pc + col) * I; }, ncols);
+            st.run(down, kw, P::NKB, P::KW, 0);
+            // Within one emit every (token, row) is hit at most once (a token
+            // picks an expert at most once); __syncwarp orders the warp's
+            // updates between passes.
+            st.emit(
+                [&](int lr, int col, float v) {
+                    const int p = rt.pair(p0 + pc + col);
+                    float* a = acc + (kw * MT + p / TOPK) * ROWS + rg * P::G + lr;
+                    *a += w[p] * v;
+                },
+                ncols);
+            __syncwarp();
+        }
+    }
+    __syncthreads();
+    const float sc = EP::Warp::scale(down);
+    for (int i = threadIdx.x; i < ROWS * T; i += C::threads) {
+        const int t = i / ROWS, r = i - t * ROWS, n = n0 + r;
+        if (n < H) {
+            float a = 0.f;
+#pragma unroll
+            for (int j = 0; j < P::KW; ++j) a += acc[(j * MT + t) * ROWS + r];
+            epi(t, n, a * sc);
+        }
+    }
+}
+
+}  // namespace tf

@@ -1,0 +1,284 @@
+//! The benchmark instrument: time per forward as a fraction of the roofline,
+//! with the roofline's bandwidth measured in the same run.
+//!
+//! For a forward of `T` tokens after `S` cached positions, the bytes that
+//! must move are: every weight read once, except the embedding table (only
+//! the `T` rows looked up) and the routed experts (only the distinct experts
+//! the `T` tokens were actually routed to, read back from the router's
+//! output after the timed forwards); plus the KV bytes attention reads
+//! (`min(S + T, window + T − 1)` positions per layer, keys and values).
+//! The roofline time is those bytes over the bandwidth of a large
+//! device-to-device copy (bytes read + written) timed in the same run; the
+//! reported fraction is roofline time over measured time (median).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tilefuse_codegen::KernelKind;
+use tilefuse_ir::interp::Tensor;
+use tilefuse_ir::{Attn, ErrorKind, Graph, IrError, Mask, Nn, Op, Result};
+
+use crate::cuda_exec::{GpuExecutable, LaunchMode, WeightSource};
+use crate::gpu::{Gpu, GpuError};
+
+fn gpu_err(e: GpuError) -> IrError {
+    IrError::new(ErrorKind::Interp, e.to_string())
+}
+
+/// The device-to-device copy bandwidth in bytes per second (read + written),
+/// median of `reps` copies of `bytes`.
+pub fn measure_bandwidth(gpu: &Gpu, bytes: usize, reps: usize) -> Result<f64> {
+    let a = gpu.alloc(bytes, "the bandwidth probe").map_err(gpu_err)?;
+    let b = gpu.alloc(bytes, "the bandwidth probe").map_err(gpu_err)?;
+    gpu.memset(&a, 0x3c).map_err(gpu_err)?;
+    let stream = gpu.stream().clone();
+    let ev = |e: cudarc::driver::DriverError| IrError::new(ErrorKind::Interp, format!("event: {e:?}"));
+    let mut times = Vec::new();
+    for i in 0..reps + 2 {
+        let e0 = stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(ev)?;
+        gpu.copy(&b, &a, bytes).map_err(gpu_err)?;
+        let e1 = stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(ev)?;
+        e1.synchronize().map_err(ev)?;
+        if i >= 2 {
+            times.push(e0.elapsed_ms(&e1).map_err(ev)?);
+        }
+    }
+    times.sort_by(f32::total_cmp);
+    let ms = times[times.len() / 2] as f64;
+    Ok(2.0 * bytes as f64 / (ms * 1e-3))
+}
+
+/// Bytes a forward must move, by kind.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Bytes {
+    /// Weights (dense once each, embedding rows, routed experts actually chosen).
+    pub weights: usize,
+    /// KV-cache bytes read by attention.
+    pub kv: usize,
+    /// Distinct experts per MoE layer.
+    pub experts: Vec<usize>,
+}
+
+/// The bytes of one forward at `(t, s)`, with the distinct experts read back
+/// from the executable's router outputs (after a forward has run).
+pub fn bytes_moved(exe: &GpuExecutable, t: usize, s: usize) -> Result<Bytes> {
+    let (plan, _) = exe
+        .program_for(t)
+        .ok_or_else(|| IrError::new(ErrorKind::Interp, format!("no bucket for T = {t}")))?;
+    let g = &plan.fused.graph;
+    let mut out = Bytes::default();
+    let mut expert_weights = BTreeSet::new();
+    // Routed experts: distinct indices per router, from the device.
+    for k in &plan.kernels {
+        if let KernelKind::ExpertsDown { experts } = plan.group(k).kind {
+            let ins = g.inputs(experts);
+            let (idx, w13, w2) = (ins[1], ins[3], ins[4]);
+            let top_k = g.node(idx).ty.dims()[1].as_const().unwrap_or(1);
+            let raw = exe.read_value(t, idx, 4 * t * top_k)?;
+            let ids: BTreeSet<i32> = raw.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let e = g.node(w13).ty.dims()[0].as_const().unwrap_or(1);
+            for w in [w13, w2] {
+                expert_weights.insert(w);
+                let slot = plan.weight(w).map(|s| s.bytes).unwrap_or(0);
+                out.weights += slot / e * ids.len();
+            }
+            out.experts.push(ids.len());
+        }
+    }
+    for slot in &plan.weights {
+        if expert_weights.contains(&slot.node) {
+            continue;
+        }
+        let embedding = g.users(slot.node).iter().any(|&u| matches!(g.node(u).op, Op::Nn(Nn::Embedding)));
+        out.weights += if embedding {
+            let rows = slot.shape[0].max(1);
+            slot.bytes / rows * t.min(rows)
+        } else {
+            slot.bytes
+        };
+    }
+    for n in g.topo_order()? {
+        let Op::Attn(Attn::Attention { mask, .. }) = g.node(n).op else {
+            continue;
+        };
+        let ins = g.inputs(n);
+        let window = match mask {
+            Mask::Causal { window } | Mask::Block { window } => window,
+        };
+        let l = s + t;
+        let seen = window.map_or(l, |w| l.min(w as usize + t - 1));
+        for kv in [ins[1], ins[2]] {
+            let ty = &g.node(kv).ty;
+            let row: usize = ty.dims()[1..].iter().filter_map(|d| d.as_const()).product();
+            out.kv += seen * row * ty.dtype.storage_bytes(1, 1).unwrap_or(2);
+        }
+    }
+    Ok(out)
+}
+
+/// One measured forward.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    /// Model name.
+    pub model: String,
+    /// Forward kind: `decode`, `verify`, ...
+    pub forward: String,
+    /// Tokens of the forward.
+    pub t: usize,
+    /// Cached positions before it.
+    pub context: usize,
+    /// Launch mode.
+    pub mode: String,
+    /// Median time per forward, ms.
+    pub ms: f64,
+    /// Bytes that must move.
+    pub bytes: Bytes,
+    /// Roofline time, ms.
+    pub roofline_ms: f64,
+}
+
+impl Row {
+    /// Roofline time over measured time.
+    pub fn fraction(&self) -> f64 {
+        self.roofline_ms / self.ms
+    }
+}
+
+/// Benchmarks one model's forward graph (random weights made on the GPU) for
+/// each `t` in `tokens`, context in `contexts` and mode in `modes`.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_model(
+    gpu: Gpu,
+    model: &str,
+    graph: &Graph,
+    tokens: &[usize],
+    contexts: &[usize],
+    modes: &[LaunchMode],
+    bandwidth: f64,
+    reps: usize,
+    mut progress: impl FnMut(&str),
+) -> Result<(Vec<Row>, Vec<(String, f32)>, Gpu)> {
+    let mut rows = Vec::new();
+    let mut kernel_times = Vec::new();
+    let mut gpu = Some(gpu);
+    for &mode in modes {
+        progress(&format!("{model}: compiling for {mode:?}"));
+        let g = gpu.take().ok_or_else(|| IrError::new(ErrorKind::Interp, "GPU lost"))?;
+        let mut exe = GpuExecutable::with_weights(g, graph, WeightSource::Random(7), tokens, mode)?;
+        exe.randomize_caches(11)?;
+        for &ctx in contexts {
+            for &t in tokens {
+                progress(&format!("{model}: {mode:?} T={t} S={ctx}"));
+                let mut inputs = BTreeMap::new();
+                let ids: Vec<i32> = (0..t as i32).map(|i| (i * 7919 + 13) % 256).collect();
+                inputs.insert("ids".to_string(), Tensor::i32(&[t], ids)?);
+                inputs.insert("pos".to_string(), Tensor::i32(&[t], (ctx as i32..(ctx + t) as i32).collect())?);
+                let mut times = exe.time_forwards(t, ctx, &inputs, 3, reps)?;
+                times.sort_by(f32::total_cmp);
+                let ms = f64::from(times[times.len() / 2]);
+                let bytes = bytes_moved(&exe, t, ctx)?;
+                let roofline_ms = (bytes.weights + bytes.kv) as f64 / bandwidth * 1e3;
+                rows.push(Row {
+                    model: model.to_string(),
+                    forward: if t == 1 { "decode".into() } else { format!("verify/prefill T={t}") },
+                    t,
+                    context: ctx,
+                    mode: format!("{mode:?}").to_lowercase(),
+                    ms,
+                    bytes,
+                    roofline_ms,
+                });
+                if mode == LaunchMode::Stream && t == 1 && kernel_times.is_empty() {
+                    kernel_times = exe.kernel_times(1, ctx, 20)?;
+                }
+            }
+        }
+        gpu = Some(exe.into_gpu());
+    }
+    Ok((rows, kernel_times, gpu.ok_or_else(|| IrError::new(ErrorKind::Interp, "GPU lost"))?))
+}
+
+/// The rows as a table.
+pub fn table(device: &str, bandwidth: f64, rows: &[Row]) -> String {
+    let mut s = format!(
+        "device: {device}\nmeasured bandwidth (device-to-device copy, read + write): {:.0} GB/s\n\n",
+        bandwidth / 1e9
+    );
+    s.push_str(&format!(
+        "{:<22} {:<20} {:>7} {:<10} {:>9} {:>10} {:>8} {:>10} {:>9}\n",
+        "model", "forward", "context", "mode", "ms", "MB weights", "MB kv", "roofline", "fraction"
+    ));
+    for r in rows {
+        s.push_str(&format!(
+            "{:<22} {:<20} {:>7} {:<10} {:>9.3} {:>10.1} {:>8.1} {:>8.3}ms {:>8.1}%\n",
+            r.model,
+            r.forward,
+            r.context,
+            r.mode,
+            r.ms,
+            r.bytes.weights as f64 / 1e6,
+            r.bytes.kv as f64 / 1e6,
+            r.roofline_ms,
+            100.0 * r.fraction()
+        ));
+    }
+    s
+}
+
+fn json_str(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The report as JSON.
+pub fn json(device: &str, bandwidth: f64, rows: &[Row], kernels: &[(String, f32)]) -> String {
+    let rows: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"model\":{},\"forward\":{},\"t\":{},\"context\":{},\"mode\":{},\"ms\":{:.6},\"weight_bytes\":{},\"kv_bytes\":{},\"distinct_experts\":{:?},\"roofline_ms\":{:.6},\"fraction\":{:.6}}}",
+                json_str(&r.model),
+                json_str(&r.forward),
+                r.t,
+                r.context,
+                json_str(&r.mode),
+                r.ms,
+                r.bytes.weights,
+                r.bytes.kv,
+                r.bytes.experts,
+                r.roofline_ms,
+                r.fraction()
+            )
+        })
+        .collect();
+    let ks: Vec<String> = kernels.iter().map(|(n, t)| format!("{{\"kernel\":{},\"ms\":{t:.6}}}", json_str(n))).collect();
+    format!(
+        "{{\"device\":{},\"bandwidth_bytes_per_s\":{bandwidth:.0},\"rows\":[{}],\"decode_kernels\":[{}]}}\n",
+        json_str(device),
+        rows.join(","),
+        ks.join(",")
+    )
+}
+
+/// A bar chart of roofline fractions, one bar per row, as SVG.
+pub fn svg(rows: &[Row]) -> String {
+    let w = 900.0;
+    let bar_h = 18.0;
+    let h = 40.0 + bar_h * 1.4 * rows.len() as f64;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"monospace\" font-size=\"11\">\n<text x=\"10\" y=\"18\">fraction of the roofline (bytes that must move / measured bandwidth / time)</text>\n"
+    );
+    for (i, r) in rows.iter().enumerate() {
+        let y = 30.0 + i as f64 * bar_h * 1.4;
+        let label = format!("{} {} S={} {}", r.model, r.forward, r.context, r.mode);
+        let frac = r.fraction().clamp(0.0, 1.0);
+        s.push_str(&format!(
+            "<text x=\"10\" y=\"{:.1}\">{}</text><rect x=\"420\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{bar_h}\" fill=\"#4a7\"/><rect x=\"420\" y=\"{y:.1}\" width=\"400\" height=\"{bar_h}\" fill=\"none\" stroke=\"#999\"/><text x=\"826\" y=\"{:.1}\">{:.1}%</text>\n",
+            y + 13.0,
+            label.replace('&', "&amp;").replace('<', "&lt;"),
+            400.0 * frac,
+            y + 13.0,
+            100.0 * r.fraction()
+        ));
+    }
+    s.push_str("</svg>\n");
+    s
+}
