@@ -1,5 +1,7 @@
 //! The `tilefuse` command line.
 
+mod bench_cmd;
+
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -25,7 +27,7 @@ enum BackendArg {
     Cpu,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ModeArg {
     /// One launch per kernel.
     Stream,
@@ -100,6 +102,30 @@ enum Command {
         #[arg(long, default_value = "tilefuse-out")]
         out: std::path::PathBuf,
     },
+    /// Time forwards on the GPU as a fraction of the roofline (bandwidth measured in the same run).
+    Bench {
+        /// Built-in models (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "mimo-v2-flash-4l,qwen3-30b-a3b")]
+        preset: Vec<String>,
+        /// Cached positions before the timed forwards (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1024,16384")]
+        context: Vec<usize>,
+        /// Tokens per forward: 1 is decoding, 8 and 16 verification blocks.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,16")]
+        tokens: Vec<usize>,
+        /// Launch modes (comma-separated).
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "stream,graph,persistent")]
+        mode: Vec<ModeArg>,
+        /// Timed forwards per measurement (the median is reported).
+        #[arg(long, default_value_t = 30)]
+        reps: usize,
+        /// Also run the transformers peer (tools/bench_peer.py) on the same GPU.
+        #[arg(long)]
+        peer: bool,
+        /// Output folder for bench.json, bench.svg, bench.txt.
+        #[arg(long, default_value = "bench-out")]
+        out: std::path::PathBuf,
+    },
     /// List the built-in models.
     Presets,
 }
@@ -131,6 +157,33 @@ fn run(cli: Cli) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
             print!("{g}");
             Ok(())
+        }
+        Command::Bench {
+            preset,
+            context,
+            tokens,
+            mode,
+            reps,
+            peer,
+            out,
+        } => {
+            let modes: Vec<LaunchMode> = mode
+                .iter()
+                .map(|m| match m {
+                    ModeArg::Stream => LaunchMode::Stream,
+                    ModeArg::Graph => LaunchMode::Graph,
+                    ModeArg::Persistent => LaunchMode::Persistent,
+                })
+                .collect();
+            bench_cmd::run(bench_cmd::BenchArgs {
+                presets: &preset,
+                contexts: &context,
+                tokens: &tokens,
+                modes: &modes,
+                reps,
+                out: &out,
+                peer,
+            })
         }
         Command::Compile {
             preset,

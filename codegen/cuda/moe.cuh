@@ -325,8 +325,8 @@ namespace moe_detail {
 template <class C, class W, int NROWS, int K> struct ExpertPlan {
     enum : bool { MMA = mv_detail::use_mma<W, bf16, C::path()>() };
     // Columns per weight pass: all pairs of an expert (<= MAX_T) on the MMA
-    // path; at most 16 on SIMT (more pairs: the weights are read again).
-    enum : int { MAXCOL = MMA ? (int)C::max_t : cmin(C::max_t, 16) };
+    // path; at most 8 on SIMT (more pairs: the weights are read again).
+    enum : int { MAXCOL = MMA ? (int)C::max_t : cmin(C::max_t, 8) };
     using P = mv_detail::Plan<NROWS, C::threads, K, MAXCOL, MMA, W, C::u>;
     using Warp = mv_detail::WarpOf<P, W, K, bf16>;
 };
@@ -334,7 +334,7 @@ template <class C, class W, int NROWS, int K> struct ExpertPlan {
 
 // Shared memory of experts_up_tile: 4 * KW * (2*ROWS) * NCOLP bytes, where (as
 // matvec with 2*ROWS rows and MAX_T columns) MMA: G = 16, NCOLP = 8*ceil(MAX_T/8);
-// SIMT: G = max(2, 2*ROWS/(THREADS/32)), NCOLP = min(MAX_T, 16); KW = (THREADS/32) / (2*ROWS/G).
+// SIMT: G = max(2, 2*ROWS/(THREADS/32)), NCOLP = min(MAX_T, 8); KW = (THREADS/32) / (2*ROWS/G).
 template <class C, class W> __host__ __device__ constexpr int experts_up_smem_bytes() {
     using P = typename moe_detail::ExpertPlan<C, W, 2 * C::rows, C::h>::P;
     return 4 * P::KW * 2 * C::rows * P::NCOLP;

@@ -1,4 +1,9 @@
 //! Pieces shared by the architectures: graph options and the MLP blocks.
+//!
+//! The blocks here and the layers of [`crate::mimo_v2`] and
+//! [`crate::qwen3_moe`] are written with the graph DSL ([`macro@graph`]): each
+//! `#[graph]` function takes the builder as an implicit first parameter and
+//! names its nodes after its `let` bindings (`layer3.attn.q`).
 
 use tilefuse_ir::{DType, NodeId, RouterConfig};
 use tilefuse_macros::graph;

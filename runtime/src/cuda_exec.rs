@@ -367,6 +367,23 @@ impl GpuExecutable {
                     format!("input \"{}\": expected {} {want:?}, found {} {:?}", node.name, node.ty.dtype, v.dtype, v.shape),
                 ));
             }
+            // The fused attention kernels rotate token t at position S + t.
+            let feeds_rope = g.users(n).iter().any(|&u| matches!(g.node(u).op, tilefuse_ir::Op::Nn(tilefuse_ir::Nn::Rope { .. })) && g.inputs(u)[1] == n);
+            if feeds_rope {
+                if let Some(ids) = v.as_i32() {
+                    if let Some((i, &p)) = ids.iter().enumerate().find(|(i, &p)| p as i64 != (s + i) as i64) {
+                        return Err(IrError::new(
+                            ErrorKind::Interp,
+                            format!(
+                                "input \"{}\": the GPU attention kernels place token {i} at position S + {i} = {}, but it is {p}; \
+                                 positions must continue the cache",
+                                node.name,
+                                s + i
+                            ),
+                        ));
+                    }
+                }
+            }
             let off = p.plan.offset_of(n).ok_or_else(|| IrError::new(ErrorKind::Interp, format!("input \"{}\" has no buffer", node.name)))?;
             self.gpu.write(&mut self.arena, off, &to_bytes(v)?).map_err(gpu_err)?;
         }
