@@ -152,9 +152,13 @@ __device__ __forceinline__ void sincos_f64(double x, double* s, double* c) {
 }
 
 // RoPE (cos, sin) of frequency `i` at position `pos`, exactly as interp nn.rope:
-// inv_freq = 1 / theta^((2i)/rot) in f32 (pow evaluated in f64 and rounded: the
-// correctly rounded powf in all but astronomically rare cases), angle = pos *
-// inv_freq in f32, cos/sin of the f32 angle in f64, rounded to f32, then to Act.
+// inv_freq = 1 / theta^((2i)/rot) in f32, angle = pos * inv_freq in f32, cos/sin
+// of the f32 angle in f64, rounded to f32, then to Act. theta^e is pow in f64
+// rounded to f32, i.e. the correctly rounded powf; the interpreter's powf
+// (glibc through Rust) equals it for every frequency of theta 1e4, 1e6, 5e6, 1e7
+// with rot 8, 16, 64, 128 (checked exhaustively on the host) but misrounds ~0.1%
+// of other (theta, exponent) pairs by one f32 ulp. Should a model hit one, the
+// generator can pass a host-computed inv_freq table instead.
 // Positions up to ~1.6M (|angle| < 2^20 pi/2).
 template <typename Act> __device__ __forceinline__ float2 rope_cos_sin(int pos, int i, int rot, float theta) {
     const float e = __fdiv_rn((float)(2 * i), (float)rot);
@@ -301,12 +305,14 @@ __device__ void rope_append_tile(int tile, int T, int S, int cap, const Act* __r
 //   NSPLIT = 1 attention_tile writes `out`; with NSPLIT > 1 it writes partials
 //   to `ws` and attention_combine_tile writes `out`.
 // - CH: keys per sub-chunk, a multiple of 32 (smem holds CH scores per row).
-//   A split whose key range fits one sub-chunk rounds probabilities exactly as
-//   the interpreter (see attention_tile); longer ranges are walked in
-//   sub-chunks merged online.
+//   A split's range is ceil(R / NSPLIT) rounded up to 16 keys, R <= the tile's
+//   key range (<= cap for a full cache, <= WINDOW + TQ - 1 causal on a ring);
+//   choose CH >= that bound so each split is one sub-chunk (one pass, exact
+//   rounding for NSPLIT = 1). Longer ranges are still correct: they are walked in
+//   sub-chunks merged online (with the split-key rounding deviation).
 // - THREADS: CTA size; THREADS/32 must be a multiple of MT.
 // Grid: tiles(T) = ceil(T/TQ) * HKV * NSPLIT attention tiles, then (NSPLIT > 1)
-// combine_tiles(T) = T * HKV combine tiles. Workspace (NSPLIT > 1):
+// combine_tiles(T) = T * HQ combine tiles. Workspace (NSPLIT > 1):
 // ws_floats(T) = T * HQ * NSPLIT * (DV + 2) floats.
 template <typename Act_, int HQ_, int HKV_, int DK_, int DV_, int ROT_, int MASK_, int WINDOW_, bool SINKS_,
           bool QNORM_, int TQ_, int NSPLIT_, int CH_, int THREADS_>
@@ -343,10 +349,10 @@ struct AttnConfig {
     // Dynamic shared memory of attention_tile:
     //   MR*QS*2 + align16(TQ*ROT/2*8) + MR*16 + MR*DV*4 + max(MR*(CH+8)*6, (THREADS/32)*VG*32*128)
     static constexpr int SMEM_BYTES = OFF_U + attn_detail::cmax(SP_BYTES, RED_BYTES);
-    // Dynamic shared memory of attention_combine_tile: G * NSPLIT floats.
-    static constexpr int COMBINE_SMEM_BYTES = G * NSPLIT * 4;
+    // Dynamic shared memory of attention_combine_tile: NSPLIT floats.
+    static constexpr int COMBINE_SMEM_BYTES = NSPLIT * 4;
     __host__ __device__ static constexpr int tiles(int T) { return (T + TQ - 1) / TQ * HKV * NSPLIT; }
-    __host__ __device__ static constexpr int combine_tiles(int T) { return T * HKV; }
+    __host__ __device__ static constexpr int combine_tiles(int T) { return T * HQ; }
     __host__ __device__ static constexpr long long ws_floats(int T) {
         return NSPLIT > 1 ? (long long)T * HQ * NSPLIT * (DV + 2) : 0;
     }
@@ -724,54 +730,52 @@ __device__ void attention_tile(int tile, int T, int S, int cap, const bf16* __re
     }
 }
 
-// attention_combine_tile<C> (NSPLIT > 1): merges the NSPLIT partials of each
-// (token, query head) and the sink column:
+// attention_combine_tile<C> (NSPLIT > 1): merges the NSPLIT partials of one
+// (token, query head) and its sink column:
 //   m = max(m_s, sink), w_s = l_s exp(m_s - m) (0 for empty parts),
 //   sum = sum_s w_s + exp(sink - m),  out = round_Act(sum_s (w_s / sum) O_s),
 // summed in split order (deterministic); no visible key and no sink -> 0.
-// Tiles: one per (token, kv head): tile = t * HKV + kvh, combine_tiles(T) = T * HKV;
-// it depends on the NSPLIT attention tiles of (t / TQ, kvh).
+// Tiles: one per (token, query head): tile = t * HQ + h, combine_tiles(T) = T * HQ;
+// tile (t, h) depends on the NSPLIT attention tiles of (t / TQ, h / G).
 // Shared memory: C::COMBINE_SMEM_BYTES.
 template <class C>
 __device__ void attention_combine_tile(int tile, int T, const float* __restrict__ ws, const bf16* __restrict__ sinks,
                                        bf16* __restrict__ out, int out_stride, char* smem) {
-    constexpr int HQ = C::HQ, HKV = C::HKV, DV = C::DV, G = C::G, NSPLIT = C::NSPLIT, NW = C::NW;
-    constexpr int THREADS = C::THREADS;
-    float* coef = reinterpret_cast<float*>(smem);  // [G][NSPLIT]
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int t = tile / HKV, kvh = tile % HKV;
-    const float* ws_o = ws;
-    const float* ws_ml = ws + (size_t)T * HQ * NSPLIT * DV;
+    constexpr int HQ = C::HQ, DV = C::DV, NSPLIT = C::NSPLIT, THREADS = C::THREADS;
+    float* coef = reinterpret_cast<float*>(smem);  // [NSPLIT]
+    const int tid = threadIdx.x, lane = tid & 31;
+    const int t = tile / HQ, h = tile % HQ;
+    const size_t base = ((size_t)t * HQ + h) * NSPLIT;
+    const float* ws_o = ws + base * DV;
+    const float* ws_ml = ws + (size_t)T * HQ * NSPLIT * DV + 2 * base;
     __syncthreads();  // the previous tile of a persistent loop may still read smem
-    for (int gh = warp; gh < G; gh += NW) {
-        const size_t base = ((size_t)t * HQ + kvh * G + gh) * NSPLIT;
+    if (tid < 32) {
         float mx = __int_as_float(0xff800000);
-        for (int s = lane; s < NSPLIT; s += 32) mx = fmaxf(mx, ws_ml[2 * (base + s)]);
+        for (int s = lane; s < NSPLIT; s += 32) mx = fmaxf(mx, ws_ml[2 * s]);
         mx = warp_max(mx);
         float sk = __int_as_float(0xff800000);
         if (C::SINKS) {
-            sk = to_float(sinks[kvh * G + gh]);
+            sk = to_float(sinks[h]);
             mx = fmaxf(mx, sk);
         }
         float sum = 0.f;
         for (int s = lane; s < NSPLIT; s += 32) {
-            const float l = ws_ml[2 * (base + s) + 1];
-            const float w = l > 0.f ? l * expf(ws_ml[2 * (base + s)] - mx) : 0.f;
-            coef[gh * NSPLIT + s] = w;
+            const float l = ws_ml[2 * s + 1];
+            const float w = l > 0.f ? l * expf(ws_ml[2 * s] - mx) : 0.f;
+            coef[s] = w;
             sum += w;
         }
         sum = warp_sum(sum);
         if (C::SINKS) sum += expf(sk - mx);
-        __syncwarp();
-        for (int s = lane; s < NSPLIT; s += 32) coef[gh * NSPLIT + s] = sum > 0.f ? coef[gh * NSPLIT + s] / sum : 0.f;
+        // Each lane rescales only the entries it wrote.
+        for (int s = lane; s < NSPLIT; s += 32) coef[s] = sum > 0.f ? coef[s] / sum : 0.f;
     }
     __syncthreads();
-    for (int el = tid; el < G * DV; el += THREADS) {
-        const int gh = el / DV, dim = el % DV;
-        const size_t base = ((size_t)t * HQ + kvh * G + gh) * NSPLIT;
+    for (int d = tid; d < DV; d += THREADS) {
         float acc = 0.f;
-        for (int s = 0; s < NSPLIT; ++s) acc = fmaf(coef[gh * NSPLIT + s], ws_o[(base + s) * DV + dim], acc);
-        out[(size_t)t * out_stride + (kvh * G + gh) * DV + dim] = from_float<bf16>(acc);
+#pragma unroll 8
+        for (int s = 0; s < NSPLIT; ++s) acc = fmaf(coef[s], ws_o[(size_t)s * DV + d], acc);
+        out[(size_t)t * out_stride + h * DV + d] = from_float<bf16>(acc);
     }
 }
 

@@ -447,14 +447,15 @@ __device__ void experts_down_tile(int tile, const bf16* __restrict__ h, const fl
             typename EP::Warp st;
             st.init(rowmap, [&](int col) { return h + (size_t)rt.pair(p0 + pc + col) * I; }, ncols);
             st.run(down, kw, P::NKB, P::KW, 0);
-            // Within one emit every (token, row) is hit at most once (a token
-            // picks an expert at most once); __syncwarp orders the warp's
-            // updates between passes.
+            // A router's top-k never repeats an expert within a token, so one
+            // emit hits every (token, row) at most once and the result does
+            // not depend on timing; the shared atomic keeps a repeated expert
+            // (an idx not made by router_tile) correct. __syncwarp orders the
+            // warp's updates between passes.
             st.emit(
                 [&](int lr, int col, float v) {
                     const int p = rt.pair(p0 + pc + col);
-                    float* a = acc + (kw * MT + p / TOPK) * ROWS + rg * P::G + lr;
-                    *a += w[p] * v;
+                    atomicAdd(acc + (kw * MT + p / TOPK) * ROWS + rg * P::G + lr, w[p] * v);
                 },
                 ncols);
             __syncwarp();

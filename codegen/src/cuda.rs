@@ -7,6 +7,9 @@
 /// `(name, source)` of every header, in dependency order.
 pub const HEADERS: &[(&str, &str)] = &[
     ("prelude.cuh", include_str!("../cuda/prelude.cuh")),
+    ("matvec.cuh", include_str!("../cuda/matvec.cuh")),
+    ("moe.cuh", include_str!("../cuda/moe.cuh")),
+    ("sample.cuh", include_str!("../cuda/sample.cuh")),
     ("attention.cuh", include_str!("../cuda/attention.cuh")),
     ("persistent.cuh", include_str!("../cuda/persistent.cuh")),
 ];

@@ -62,6 +62,8 @@ pub enum Expr {
     Reinterpret(Ty, Box<Expr>),
     /// `c ? a : b`.
     Select(Box<Expr>, Box<Expr>, Box<Expr>),
+    /// `T{args}`: a call printed with braces (aggregate initialisation).
+    Brace(Box<Expr>),
 }
 
 impl Expr {
@@ -76,6 +78,10 @@ impl Expr {
     /// `self op rhs`.
     pub fn bin(self, op: &'static str, rhs: Expr) -> Expr {
         Expr::Bin(Box::new(self), op, Box::new(rhs))
+    }
+    /// The call `self` printed as aggregate initialisation `T{args}`.
+    pub fn brace(self) -> Expr {
+        Expr::Brace(Box::new(self))
     }
     /// `self[i]`.
     pub fn index(self, i: Expr) -> Expr {
@@ -113,6 +119,19 @@ impl fmt::Display for Expr {
             Expr::Index(b, i) => write!(f, "{b}[{i}]"),
             Expr::Reinterpret(t, e) => write!(f, "reinterpret_cast<{t}>({e})"),
             Expr::Select(c, a, b) => write!(f, "({c} ? {a} : {b})"),
+            Expr::Brace(call) => match call.as_ref() {
+                Expr::Call(n, args) => {
+                    write!(f, "{n}{{")?;
+                    for (i, a) in args.iter().enumerate() {
+                        if i > 0 {
+                            f.write_str(", ")?;
+                        }
+                        write!(f, "{a}")?;
+                    }
+                    f.write_str("}")
+                }
+                other => write!(f, "{other}"),
+            },
         }
     }
 }
@@ -221,7 +240,7 @@ impl fmt::Display for Function {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ", self.qualifiers)?;
         if let Some(n) = self.launch_bounds {
-            write!(f, "__launch_bounds__({n}) ")?;
+            write!(f, "__launch_bounds__({n}, 1) ")?;
         }
         let ps: Vec<String> = self.params.iter().map(|(t, n)| format!("{t} {n}")).collect();
         writeln!(f, "{} {}({}) {{", self.ret, self.name, ps.join(", "))?;

@@ -12,9 +12,17 @@
 //! absolute position `S + t`.
 
 pub mod canonical;
+pub mod checkpoint;
 pub mod common;
+pub mod config;
+pub mod dflash;
+pub mod error;
+pub mod export;
 pub mod mimo_v2;
 pub mod presets;
+pub mod quantize;
 pub mod qwen3_moe;
+pub mod tokenizer;
 
 pub use common::GraphOptions;
+pub use error::LoadError;

@@ -83,3 +83,17 @@ fn elementwise_kernels_match_the_interpreter_in_every_mode() {
         gpu = check(gpu, &g, &[(0, 1), (0, 7), (0, 3), (0, 16)], mode, &[1, 16]);
     }
 }
+
+#[test]
+fn norm_linear_matches_the_interpreter() {
+    let Some(mut gpu) = Gpu::open().unwrap() else {
+        println!("{}", Gpu::SKIP);
+        return;
+    };
+    for dt in [DType::BF16, DType::MXFP4, DType::NVFP4, DType::F8E4M3] {
+        let g = tilefuse_model::canonical::norm_linear(dt).unwrap();
+        for mode in [LaunchMode::Stream, LaunchMode::Graph, LaunchMode::Persistent] {
+            gpu = check(gpu, &g, &[(0, 1), (0, 5), (0, 16), (0, 40)], mode, &[1, 16, 64]);
+        }
+    }
+}

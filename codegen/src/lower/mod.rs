@@ -8,6 +8,7 @@
 
 mod elementwise;
 mod epilogue;
+pub mod matvec;
 pub mod values;
 
 use tilefuse_ir::{DType, Op};
@@ -125,6 +126,7 @@ fn persistent(plan: &Plan, threads: u32) -> Function {
 pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, CodegenError> {
     match group.kind {
         KernelKind::Elementwise => elementwise::tiling(&f.graph, group, opt),
+        KernelKind::MatVec { .. } => matvec::tiling(f, group, opt),
         _ => Ok(Tiling {
             tiles: 1,
             threads: 128,
@@ -195,6 +197,7 @@ fn lower_kernel(plan: &Plan, k: &Kernel) -> Result<LoweredKernel, CodegenError> 
     let mut temps = Temps::default();
     let body = match group.kind {
         KernelKind::Elementwise => elementwise::body(plan, group, &mut temps)?,
+        KernelKind::MatVec { .. } => matvec::body(plan, group, &mut temps)?,
         ref kind => {
             let node = group
                 .nodes
@@ -261,6 +264,7 @@ pub fn lower(plan: &Plan) -> Result<Module, CodegenError> {
     for (name, _) in crate::cuda::HEADERS {
         source.push_str(&format!("#include \"{name}\"\n"));
     }
+    source.push_str("using tf::bf16;\n");
     for k in &kernels {
         source.push('\n');
         source.push_str(&k.source());

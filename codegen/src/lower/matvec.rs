@@ -1,0 +1,228 @@
+//! Matvec kernels (`matvec.cuh`): `x @ w^T` over the rows of one tile for all
+//! tokens, an optional RMSNorm prologue, and the generated epilogue.
+
+use tilefuse_ir::{DType, NodeId, Op};
+
+use crate::emit::{Expr, Stmt, Temps, Ty};
+use crate::error::CodegenError;
+use crate::fusion::{Fused, Group, KernelKind};
+use crate::lower::epilogue::epilogue;
+use crate::lower::values::pointer;
+use crate::plan::{Plan, PlanOptions, Tiling};
+
+/// Threads per CTA of every kernel that streams weights.
+pub const THREADS: u32 = 256;
+/// The most tokens one pass over the weights serves; larger `T` runs in chunks.
+pub const MAX_T_PER_PASS: usize = 16;
+
+/// Elements per 16-byte vector and whether the tensor-core path applies.
+fn format(d: DType) -> Option<(usize, bool, &'static str)> {
+    match d {
+        DType::BF16 => Some((8, true, "tf::WBf16")),
+        DType::F32 => Some((4, false, "tf::WF32")),
+        DType::F8E4M3 => Some((16, true, "tf::WE4M3")),
+        DType::MXFP4 => Some((32, true, "tf::WMx")),
+        DType::NVFP4 => Some((32, true, "tf::WNv")),
+        _ => None,
+    }
+}
+
+/// Rows per tile: the largest of 16, 32, 64, 128 that still gives every SM two
+/// tiles of an `n`-row matrix (at least 16).
+pub fn rows_for(n: usize) -> usize {
+    [128usize, 64, 32, 16]
+        .into_iter()
+        .find(|r| n.div_ceil(*r) >= 2 * 132)
+        .unwrap_or(16)
+}
+
+/// `matvec_smem_bytes` of `matvec.cuh`, for the launch; the generated source
+/// `static_assert`s that the header agrees.
+#[allow(clippy::too_many_arguments)]
+pub fn smem_bytes(max_t: usize, rows: usize, threads: usize, k: usize, norm: bool, act_bytes: usize, epv: usize, mma: bool) -> usize {
+    let warps = threads / 32;
+    let (g, ncolp, kb) = if mma {
+        (16, 8 * max_t.div_ceil(8), 4 * epv)
+    } else {
+        ((rows / warps).max(2), max_t, 32 * epv)
+    };
+    let kw = warps / (rows / g).max(1);
+    let red = kw * rows * ncolp;
+    if !norm {
+        return 4 * red;
+    }
+    let inv = max_t.div_ceil(4) * 4;
+    let budget = (32768 / (max_t * act_bytes)) / kb * kb;
+    let kc = (k.div_ceil(kb) * kb).min(kb.max(budget));
+    4 * (red + inv) + max_t * kc * act_bytes
+}
+
+struct Shape {
+    matmul: NodeId,
+    norm: Option<NodeId>,
+    x: NodeId,
+    n: usize,
+    k: usize,
+    act: DType,
+    w: NodeId,
+    wdt: DType,
+    mma: bool,
+    epv: usize,
+    rows: usize,
+    max_t: usize,
+}
+
+fn shape(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Shape, CodegenError> {
+    let g = &f.graph;
+    let KernelKind::MatVec { matmul, norm } = group.kind else {
+        return Err(CodegenError::Internal("not a matvec kernel".into()));
+    };
+    let unsupported = |reason: String| CodegenError::Unsupported {
+        node: g.describe(matmul),
+        reason,
+    };
+    let ins = g.inputs(matmul);
+    let (x_in, w) = (ins[0], ins[1]);
+    let x = match norm {
+        Some(nm) => g.inputs(nm)[0],
+        None => x_in,
+    };
+    let xt = &g.node(x).ty;
+    if xt.rank() != 2 || xt.dims()[0] != tilefuse_ir::Dim::sym("T") {
+        return Err(unsupported(format!("matvec kernels take activations [T, K], found {xt}")));
+    }
+    let wt = &g.node(w).ty;
+    let n = wt.dims()[0].as_const().ok_or_else(|| unsupported(format!("weight rows must be constant, found {wt}")))?;
+    let k = wt.dims()[1].as_const().ok_or_else(|| unsupported(format!("weight columns must be constant, found {wt}")))?;
+    let act = xt.dtype;
+    if !matches!(act, DType::BF16 | DType::F32) {
+        return Err(unsupported(format!("matvec activations must be bf16 or f32, found {act}")));
+    }
+    let (epv, w_mma, _) = format(wt.dtype).ok_or_else(|| unsupported(format!("no matvec for {} weights", wt.dtype)))?;
+    let mma = w_mma && act == DType::BF16;
+    let kb = if mma { 4 * epv } else { 32 * epv };
+    if k % 8 != 0 || (mma && k % kb != 0) || (!mma && k % epv != 0) {
+        return Err(unsupported(format!("K = {k} is not a multiple of the {} k-block ({kb})", wt.dtype)));
+    }
+    Ok(Shape {
+        matmul,
+        norm,
+        x,
+        n,
+        k,
+        act,
+        w,
+        wdt: wt.dtype,
+        mma,
+        epv,
+        rows: rows_for(n),
+        max_t: opt.max_t.min(MAX_T_PER_PASS),
+    })
+}
+
+/// Launch shape.
+pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, CodegenError> {
+    let s = shape(f, group, opt)?;
+    let act_bytes = if s.act == DType::BF16 { 2 } else { 4 };
+    Ok(Tiling {
+        tiles: s.n.div_ceil(s.rows) as u32,
+        threads: THREADS,
+        smem: smem_bytes(s.max_t, s.rows, THREADS as usize, s.k, s.norm.is_some(), act_bytes, s.epv, s.mma) as u32,
+        workspaces: vec![],
+        shape: format!("{}x{}", s.rows, s.k),
+    })
+}
+
+/// The C++ weight view of a weight node of a plan.
+pub fn weight_view(plan: &Plan, w: NodeId) -> Result<Expr, CodegenError> {
+    let g = &plan.fused.graph;
+    let slot = plan
+        .weight(w)
+        .ok_or_else(|| CodegenError::Internal(format!("no weight slot for {}", g.describe(w))))?;
+    let (_, _, ty) = format(slot.dtype).ok_or_else(|| CodegenError::Unsupported {
+        node: g.describe(w),
+        reason: format!("no weight view for {}", slot.dtype),
+    })?;
+    let at = |off: usize, t: &str| Expr::Reinterpret(Ty::Named(format!("const {t}*")), Box::new(Expr::var("wts").bin("+", Expr::I32(off as i64))));
+    let args = match slot.dtype {
+        DType::BF16 => vec![at(slot.offset, "tf::bf16")],
+        DType::F32 => vec![at(slot.offset, "float")],
+        DType::F8E4M3 => vec![at(slot.offset, "uint8_t")],
+        DType::MXFP4 => vec![at(slot.offset, "uint8_t"), at(slot.scales_offset.unwrap_or(0), "uint8_t")],
+        DType::NVFP4 => vec![
+            at(slot.offset, "uint8_t"),
+            at(slot.scales_offset.unwrap_or(0), "uint8_t"),
+            at(slot.tensor_scale_offset.unwrap_or(0), "float").index(Expr::I32(0)),
+        ],
+        _ => vec![],
+    };
+    Ok(Expr::call(format!("{ty}"), args).brace())
+}
+
+/// The tile body.
+pub fn body(plan: &Plan, group: &Group, temps: &mut Temps) -> Result<Vec<Stmt>, CodegenError> {
+    let f = &plan.fused;
+    let g = &f.graph;
+    let s = shape(f, group, &plan.options)?;
+    let act = if s.act == DType::BF16 { "tf::bf16" } else { "float" };
+    let (_, _, wty) = format(s.wdt).ok_or_else(|| CodegenError::Internal("weight format".into()))?;
+    let cfg = format!(
+        "tf::MvCfg<{}, {}, {}, {}, {}>",
+        s.max_t,
+        s.rows,
+        THREADS,
+        s.k,
+        if s.norm.is_some() { "true" } else { "false" }
+    );
+    let act_bytes = if s.act == DType::BF16 { 2 } else { 4 };
+    let smem = smem_bytes(s.max_t, s.rows, THREADS as usize, s.k, s.norm.is_some(), act_bytes, s.epv, s.mma);
+    let (gamma, eps) = match s.norm {
+        Some(nm) => {
+            let Op::Nn(tilefuse_ir::Nn::RmsNorm { eps }) = g.node(nm).op else {
+                return Err(CodegenError::Internal("norm prologue is not an rms_norm".into()));
+            };
+            (pointer(plan, g.inputs(nm)[1], false)?, Expr::F32(eps))
+        }
+        None => (Expr::var("nullptr"), Expr::F32(0.0)),
+    };
+    let mut epi_body = epilogue(
+        plan,
+        group,
+        s.matmul,
+        Expr::var("acc"),
+        Expr::var(format!("(size_t)t * {} + n", s.n)),
+        temps,
+    )?;
+    epi_body.insert(0, Stmt::Comment(format!("epilogue of \"{}\"", g.node(s.matmul).name)));
+    let _ = s.w;
+    Ok(vec![
+        Stmt::Expr(Expr::var(format!("using C = {cfg}"))),
+        Stmt::Expr(Expr::var(format!(
+            "static_assert(tf::matvec_smem_bytes<C, {act}, {wty}>() <= {smem}, \"launch shared memory below the template's need\")"
+        ))),
+        Stmt::Let(Ty::Named(format!("{act}*")), "x".into(), pointer(plan, s.x, false)?),
+        Stmt::Let(Ty::Named(wty.into()), "w".into(), weight_view(plan, s.w)?),
+        Stmt::Lambda("epi".into(), vec![(Ty::I32, "t".into()), (Ty::I32, "n".into()), (Ty::F32, "acc".into())], epi_body),
+        Stmt::For(
+            "t0".into(),
+            Expr::I32(0),
+            Expr::var("T"),
+            Expr::I32(s.max_t as i64),
+            vec![Stmt::Expr(Expr::call(
+                format!("tf::matvec_tile<C, {act}, {wty}>"),
+                vec![
+                    Expr::var("tile"),
+                    Expr::var("x"),
+                    Expr::var("t0"),
+                    Expr::call("min", vec![Expr::I32(s.max_t as i64), Expr::var("T").bin("-", Expr::var("t0"))]),
+                    gamma,
+                    eps,
+                    Expr::var("w"),
+                    Expr::I32(s.n as i64),
+                    Expr::var("epi"),
+                    Expr::var("smem"),
+                ],
+            ))],
+        ),
+    ])
+}

@@ -1,0 +1,1382 @@
+//! The attention header (codegen/cuda/attention.cuh): `rope_append_tile`,
+//! `attention_tile`, `attention_combine_tile`, `rms_norm_rows_tile` and
+//! `embedding_tile`.
+//!
+//! - Without a GPU: every template instantiated for the real shapes (MiMo-V2
+//!   full width, Qwen3-30B-A3B) and the tiny presets compiles with NVRTC, with
+//!   no spills and no stack frame, and the Rust replicas of the shared-memory
+//!   formulas agree with the header's constexprs (static_asserts).
+//! - With a GPU: rope + KV append + attention against the interpreter (tiny
+//!   graphs built with `Builder`, caches prefilled by earlier interpreter
+//!   steps) over masks, windows with ring wrap, sinks, GQA 2 and 16, DK != DV,
+//!   q/k norms and the split-key path; the row RMSNorm and the embedding
+//!   gather; and a print-only decode timing at 16k keys. Inputs are fresh
+//!   seeded random values (never zero); outputs start as NaN bytes.
+//!   Without a GPU these print `Gpu::SKIP` after building the references.
+//!
+//! Tolerances (bf16): the KV caches after the append must equal the
+//! interpreter's bit for bit (RoPE and the k norm reproduce its rounding). The
+//! attention output must have relative L2 error <= 1e-2 and every element
+//! within `|w|/128 + rowmax/64` of the interpreter's `w` (`rowmax` = max |w|
+//! over the head's DV values): one bf16 ulp of the value plus four of the row
+//! scale, which covers the split-key deviation documented in the header
+//! (measured <= 2 ulps of the row scale) and f32-vs-f64 summation order.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use cudarc::driver::sys::CUevent_flags;
+use tilefuse_ir::interp::{self, round_to, Caches, Tensor};
+use tilefuse_ir::{shape, Bindings, Builder, DType, Graph, Mask};
+use tilefuse_runtime::gpu::{Arg, Buffer, Gpu};
+use tilefuse_runtime::nvrtc::{self, CompileOptions};
+
+// ---------------------------------------------------------------------------
+// Layers and schedules.
+
+/// One attention layer and the schedule of its tiles (the template arguments).
+#[derive(Clone, Copy, Debug)]
+struct Layer {
+    hq: usize,
+    hkv: usize,
+    dk: usize,
+    dv: usize,
+    /// Rotated dims (0 = no RoPE).
+    rot: usize,
+    theta: f32,
+    mask: Mask,
+    sinks: bool,
+    /// Per-head q and k RMSNorm (Qwen3).
+    qk_norm: bool,
+    eps: f32,
+    /// Cache capacity (slots).
+    cap: usize,
+    ring: bool,
+    /// Query tokens per tile.
+    tq: usize,
+    /// Key splits.
+    nsplit: usize,
+    /// Keys per sub-chunk.
+    ch: usize,
+    threads: usize,
+}
+
+fn align16(b: usize) -> usize {
+    b.div_ceil(16) * 16
+}
+
+impl Layer {
+    fn g(&self) -> usize {
+        self.hq / self.hkv
+    }
+
+    fn window(&self) -> u32 {
+        match self.mask {
+            Mask::Causal { window } | Mask::Block { window } => window.unwrap_or(0),
+        }
+    }
+
+    fn scale(&self) -> f32 {
+        (self.dk as f32).powf(-0.5)
+    }
+
+    /// Replica of `AttnConfig::SMEM_BYTES` (checked by a static_assert in every source).
+    fn smem(&self) -> usize {
+        let mr = (self.tq * self.g()).div_ceil(16) * 16;
+        let nw = self.threads / 32;
+        let kb32 = self.dk.div_ceil(32);
+        let nreg = self.dv.div_ceil(64) * 32;
+        let q = mr * (kb32 * 32 + 8) * 2;
+        let cs = align16(self.tq * (self.rot / 2) * 8);
+        let st = mr * 16;
+        let o = mr * self.dv * 4;
+        let sp = mr * (self.ch + 8) * 6;
+        let red = nw * nreg * 32 * 4;
+        q + cs + st + o + sp.max(red)
+    }
+
+    /// Replica of `rope_append_smem_bytes`.
+    fn rope_smem(&self) -> usize {
+        align16(self.rot / 2 * 8) + self.hkv * self.dk * 2
+    }
+
+    fn combine_smem(&self) -> usize {
+        self.nsplit * 4
+    }
+
+    fn tiles(&self, t: usize) -> usize {
+        t.div_ceil(self.tq) * self.hkv * self.nsplit
+    }
+
+    fn ws_floats(&self, t: usize) -> usize {
+        if self.nsplit > 1 {
+            t * self.hq * self.nsplit * (self.dv + 2)
+        } else {
+            0
+        }
+    }
+
+    /// The `tf::AttnConfig<...>` type.
+    fn config(&self) -> String {
+        let mask = match self.mask {
+            Mask::Causal { .. } => "tf::MASK_CAUSAL",
+            Mask::Block { .. } => "tf::MASK_BLOCK",
+        };
+        format!(
+            "tf::AttnConfig<tf::bf16, {}, {}, {}, {}, {}, {mask}, {}, {}, {}, {}, {}, {}, {}>",
+            self.hq,
+            self.hkv,
+            self.dk,
+            self.dv,
+            self.rot,
+            self.window(),
+            self.sinks,
+            self.qk_norm,
+            self.tq,
+            self.nsplit,
+            self.ch,
+            self.threads
+        )
+    }
+
+    /// `extern "C"` wrappers `{p}_rope`, `{p}_attn`, `{p}_comb`: one tile per CTA.
+    fn wrappers(&self, p: &str) -> String {
+        let th = self.threads;
+        let (hkv, dk, dv, rot) = (self.hkv, self.dk, self.dv, self.rot);
+        let mut s = String::new();
+        writeln!(s, "using {p}_cfg = {};", self.config()).unwrap();
+        writeln!(
+            s,
+            "static_assert({p}_cfg::SMEM_BYTES == {}, \"Rust smem replica\");",
+            self.smem()
+        )
+        .unwrap();
+        writeln!(
+            s,
+            "static_assert(tf::rope_append_smem_bytes<tf::bf16, {hkv}, {dk}, {rot}>() == {}, \"Rust rope smem replica\");",
+            self.rope_smem()
+        )
+        .unwrap();
+        writeln!(
+            s,
+            "static_assert({p}_cfg::COMBINE_SMEM_BYTES == {}, \"Rust combine smem replica\");",
+            self.combine_smem()
+        )
+        .unwrap();
+        writeln!(
+            s,
+            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}_rope(int T, int S, int cap, const tf::bf16* k, int ks, \
+             const tf::bf16* v, int vs, const tf::bf16* kn, float eps, float theta, tf::bf16* kc, tf::bf16* vc) {{\n\
+             \x20 extern __shared__ __align__(16) char smem[];\n\
+             \x20 tf::rope_append_tile<tf::bf16, {hkv}, {dk}, {dv}, {rot}, {}, {th}>(blockIdx.x, T, S, cap, k, ks, v, vs, kn, eps, theta, kc, vc, smem);\n}}",
+            self.qk_norm
+        )
+        .unwrap();
+        writeln!(
+            s,
+            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}_attn(int T, int S, int cap, const tf::bf16* q, int qs, \
+             const tf::bf16* qn, float eps, float theta, float scale, const tf::bf16* kc, const tf::bf16* vc, \
+             const tf::bf16* sinks, tf::bf16* out, int os, float* ws) {{\n\
+             \x20 extern __shared__ __align__(16) char smem[];\n\
+             \x20 tf::attention_tile<{p}_cfg>(blockIdx.x, T, S, cap, q, qs, qn, eps, theta, scale, kc, vc, sinks, out, os, ws, smem);\n}}"
+        )
+        .unwrap();
+        writeln!(
+            s,
+            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}_comb(int T, const float* ws, const tf::bf16* sinks, \
+             tf::bf16* out, int os) {{\n\
+             \x20 extern __shared__ __align__(16) char smem[];\n\
+             \x20 tf::attention_combine_tile<{p}_cfg>(blockIdx.x, T, ws, sinks, out, os, smem);\n}}"
+        )
+        .unwrap();
+        s
+    }
+}
+
+/// MiMo-V2 tiny full layer (head dims 24/16, 8 rotated dims) over a 512-slot cache.
+fn mimo_tiny_full() -> Layer {
+    Layer {
+        hq: 4,
+        hkv: 1,
+        dk: 24,
+        dv: 16,
+        rot: 8,
+        theta: 5_000_000.0,
+        mask: Mask::Causal { window: None },
+        sinks: false,
+        qk_norm: false,
+        eps: 1e-5,
+        cap: 512,
+        ring: false,
+        tq: 1,
+        nsplit: 1,
+        ch: 64,
+        threads: 128,
+    }
+}
+
+/// MiMo-V2 tiny sliding layer: window 8, sinks, twice the KV heads, a ring of
+/// window + 16 - 1 slots.
+fn mimo_tiny_sliding() -> Layer {
+    Layer {
+        hkv: 2,
+        theta: 10_000.0,
+        mask: Mask::Causal { window: Some(8) },
+        sinks: true,
+        cap: 8 + 16 - 1,
+        ring: true,
+        ..mimo_tiny_full()
+    }
+}
+
+/// Qwen3-MoE tiny: head dim 16, full RoPE, q/k norms.
+fn qwen_tiny() -> Layer {
+    Layer {
+        hq: 4,
+        hkv: 2,
+        dk: 16,
+        dv: 16,
+        rot: 16,
+        theta: 1_000_000.0,
+        mask: Mask::Causal { window: None },
+        sinks: false,
+        qk_norm: true,
+        eps: 1e-6,
+        cap: 512,
+        ring: false,
+        tq: 1,
+        nsplit: 1,
+        ch: 64,
+        threads: 128,
+    }
+}
+
+/// MiMo-V2 full-width full layer (64 q heads, 4 kv heads, 192/128, 64 rotated
+/// dims), decode schedule: 32 key splits, each one sub-chunk of at most 544
+/// keys (>= ceil(cap / 32) rounded up to 16, so probabilities round exactly
+/// within a split).
+fn mimo_full() -> Layer {
+    Layer {
+        hq: 64,
+        hkv: 4,
+        dk: 192,
+        dv: 128,
+        rot: 64,
+        theta: 5_000_000.0,
+        mask: Mask::Causal { window: None },
+        sinks: false,
+        qk_norm: false,
+        eps: 1e-5,
+        cap: 16384 + 64,
+        ring: false,
+        tq: 1,
+        nsplit: 32,
+        ch: 544,
+        threads: 256,
+    }
+}
+
+/// MiMo-V2 full-width sliding layer: 8 kv heads, window 128, sinks, one split.
+fn mimo_sliding() -> Layer {
+    Layer {
+        hkv: 8,
+        theta: 10_000.0,
+        mask: Mask::Causal { window: Some(128) },
+        sinks: true,
+        cap: 128 + 64 - 1,
+        ring: true,
+        nsplit: 1,
+        ch: 128,
+        ..mimo_full()
+    }
+}
+
+/// Qwen3-30B-A3B: 32 q heads, 4 kv heads, head dim 128, q/k norms.
+fn qwen_30b() -> Layer {
+    Layer {
+        hq: 32,
+        hkv: 4,
+        dk: 128,
+        dv: 128,
+        rot: 128,
+        theta: 1_000_000.0,
+        mask: Mask::Causal { window: None },
+        sinks: false,
+        qk_norm: true,
+        eps: 1e-6,
+        cap: 4096,
+        ring: false,
+        tq: 1,
+        nsplit: 32,
+        ch: 512,
+        threads: 256,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// NVRTC without a GPU.
+
+fn compile_all_source() -> (String, Vec<String>) {
+    let layers: Vec<(&str, Layer)> = vec![
+        ("mimo_full_decode", mimo_full()),
+        (
+            "mimo_full_verify",
+            Layer {
+                tq: 4,
+                nsplit: 4,
+                ch: 128,
+                ..mimo_full()
+            },
+        ),
+        ("mimo_swa_decode", mimo_sliding()),
+        (
+            "mimo_swa_prefill",
+            Layer {
+                tq: 2,
+                ch: 192,
+                ..mimo_sliding()
+            },
+        ),
+        (
+            "mimo_draft_block",
+            Layer {
+                mask: Mask::Block { window: Some(128) },
+                tq: 2,
+                ch: 256,
+                ..mimo_sliding()
+            },
+        ),
+        ("qwen30b_decode", qwen_30b()),
+        (
+            "qwen30b_prefill",
+            Layer {
+                tq: 2,
+                nsplit: 1,
+                ch: 256,
+                ..qwen_30b()
+            },
+        ),
+        (
+            "mimo_tiny_full",
+            Layer {
+                tq: 4,
+                ch: 128,
+                ..mimo_tiny_full()
+            },
+        ),
+        (
+            "mimo_tiny_swa",
+            Layer {
+                tq: 4,
+                ch: 32,
+                ..mimo_tiny_sliding()
+            },
+        ),
+        (
+            "mimo_tiny_split",
+            Layer {
+                nsplit: 4,
+                ..mimo_tiny_full()
+            },
+        ),
+        (
+            "qwen_tiny",
+            Layer {
+                tq: 8,
+                ..qwen_tiny()
+            },
+        ),
+        (
+            "qwen_tiny_block",
+            Layer {
+                mask: Mask::Block { window: None },
+                ..qwen_tiny()
+            },
+        ),
+    ];
+    let mut src = String::from("#include \"attention.cuh\"\n");
+    let mut attn_kernels = Vec::new();
+    for (p, l) in &layers {
+        src.push_str(&l.wrappers(p));
+        for k in ["rope", "attn", "comb"] {
+            attn_kernels.push(format!("{p}_{k}"));
+        }
+    }
+    // Row RMSNorm (hidden 4096 / 2048 / 64) and embedding gathers.
+    for (p, act, w, d, th) in [
+        ("rms_mimo", "tf::bf16", "tf::bf16", 4096, 256),
+        ("rms_qwen", "tf::bf16", "tf::bf16", 2048, 256),
+        ("rms_tiny", "tf::bf16", "tf::bf16", 64, 128),
+        ("rms_f32", "float", "float", 4096, 256),
+    ] {
+        writeln!(
+            src,
+            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}(int R, const {act}* x, int xs, const {w}* w, float eps, {act}* y, int ys) {{\n\
+             \x20 extern __shared__ __align__(16) char smem[];\n\
+             \x20 tf::rms_norm_rows_tile<{act}, {w}, {d}, {th}>(blockIdx.x, R, x, xs, w, eps, y, ys, smem);\n}}"
+        )
+        .unwrap();
+        attn_kernels.push(p.to_string());
+    }
+    for (p, t, h, th) in [
+        ("emb_mimo", "tf::bf16", 4096, 256),
+        ("emb_tiny", "tf::bf16", 64, 128),
+        ("emb_f32", "float", 64, 128),
+    ] {
+        writeln!(
+            src,
+            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}(int n, const int* ids, const {t}* table, int vocab, {t}* y, int ys, int* err) {{\n\
+             \x20 extern __shared__ __align__(16) char smem[];\n\
+             \x20 tf::embedding_tile<{t}, {h}, {th}>(blockIdx.x, n, ids, table, vocab, y, ys, err, smem);\n}}"
+        )
+        .unwrap();
+        attn_kernels.push(p.to_string());
+    }
+    (src, attn_kernels)
+}
+
+#[test]
+fn attention_templates_compile_without_spills() {
+    let (src, kernels) = compile_all_source();
+    let c = nvrtc::compile(
+        "kernels_attention",
+        &src,
+        tilefuse_codegen::cuda::HEADERS,
+        &CompileOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!c.cubin.is_empty());
+    for k in &kernels {
+        let r = c
+            .resources
+            .iter()
+            .find(|r| &r.name == k)
+            .unwrap_or_else(|| panic!("no ptxas report for {k}; resources: {:?}", c.resources));
+        println!(
+            "{k}: {} registers, {} B stack, {} B spill stores, {} B spill loads",
+            r.registers, r.stack_frame, r.spill_stores, r.spill_loads
+        );
+        assert_eq!(
+            (r.spill_stores, r.spill_loads, r.stack_frame),
+            (0, 0, 0),
+            "{k}: {r:?}"
+        );
+        assert!(r.registers > 0 && r.registers <= 255, "{k}: {r:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for the GPU tests: random data, bf16 bytes, comparisons.
+
+/// SplitMix64: a small seeded generator (the runtime crate has no `rand`).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [lo, hi).
+    fn range(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * ((self.next() >> 11) as f64 / (1u64 << 53) as f64)
+    }
+    /// `n` bf16 values of magnitude in [0.05, 1) * amp, random sign: never zero.
+    fn vals(&mut self, n: usize, amp: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let m = self.range(0.05, 1.0) * amp;
+                let s = if self.next() & 1 == 1 { -m } else { m };
+                round_to(DType::BF16, s as f32)
+            })
+            .collect()
+    }
+    fn pos(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| round_to(DType::BF16, self.range(lo, hi) as f32))
+            .collect()
+    }
+}
+
+fn bf16_bits(x: f32) -> u16 {
+    if x.is_nan() {
+        0x7fc0
+    } else {
+        half::bf16::from_f32(x).to_bits()
+    }
+}
+
+fn bf16_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|&x| bf16_bits(x).to_le_bytes()).collect()
+}
+
+fn bf16_from_bytes(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(2)
+        .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+        .collect()
+}
+
+fn tf(shape: &[usize], v: Vec<f32>) -> Tensor {
+    Tensor::f32(DType::BF16, shape, v).unwrap()
+}
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    t.to_f32()
+}
+
+/// Relative L2 error (NaN anywhere: infinite).
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    if got.iter().chain(want).any(|x| x.is_nan()) || got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+        .sum();
+    let den: f64 = want
+        .iter()
+        .map(|b| f64::from(*b).powi(2))
+        .sum::<f64>()
+        .max(1e-30);
+    (num / den).sqrt()
+}
+
+/// Compares attention rows (`row` values each): rel L2 <= 1e-2 and every element
+/// within |w|/128 + rowmax/64. Returns (rel L2, max error in units of rowmax/256).
+#[track_caller]
+fn check_rows(got: &[f32], want: &[f32], row: usize, what: &str) -> (f64, f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let mut worst = 0f64;
+    for (r, (g, w)) in got.chunks(row).zip(want.chunks(row)).enumerate() {
+        let rowmax = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (i, (&a, &b)) in g.iter().zip(w).enumerate() {
+            assert!(
+                a.is_finite(),
+                "{what}: row {r} [{i}] not written or not finite: {a} (want {b})"
+            );
+            let d = (a - b).abs();
+            let tol = b.abs() / 128.0 + rowmax / 64.0;
+            assert!(
+                d <= tol,
+                "{what}: row {r} [{i}]: got {a}, want {b} (|diff| {d} > {tol})"
+            );
+            worst = worst.max(f64::from(d) / (f64::from(rowmax.max(1e-6)) / 256.0));
+        }
+    }
+    let e = rel_l2(got, want);
+    assert!(e <= 1e-2, "{what}: rel L2 {e}");
+    (e, worst)
+}
+
+/// Bitwise equality of bf16 values (NaN equal to NaN).
+#[track_caller]
+fn same_bits(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let bad: Vec<usize> = (0..got.len())
+        .filter(|&i| {
+            !(got[i].to_bits() == want[i].to_bits() || (got[i].is_nan() && want[i].is_nan()))
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} values differ, first at {}: got {} want {}",
+        bad.len(),
+        got.len(),
+        bad[0],
+        got[bad[0]],
+        want[bad[0]]
+    );
+}
+
+fn bind(t: usize, s: usize) -> Bindings {
+    Bindings::new().with("T", t).with("S", s)
+}
+
+// ---------------------------------------------------------------------------
+// Reference graphs.
+
+/// `x -> [per-head rms_norm] -> rope`, as the models build q and k.
+fn prep(
+    b: &mut Builder,
+    l: &Layer,
+    x: tilefuse_ir::NodeId,
+    norm: Option<tilefuse_ir::NodeId>,
+    pos: tilefuse_ir::NodeId,
+) -> tilefuse_ir::NodeId {
+    let x = match norm {
+        Some(w) => b.rms_norm(x, w, l.eps).unwrap(),
+        None => x,
+    };
+    if l.rot > 0 {
+        b.rope(x, pos, l.theta, l.rot).unwrap()
+    } else {
+        x
+    }
+}
+
+/// One attention step: q/k/v of T tokens at positions S.. -> rope (+ norms) ->
+/// append to both caches -> attention; output `o` [T, HQ, DV]. With
+/// `append_only`, the attention is left out (used to prefill the caches).
+fn step_graph(l: &Layer, append_only: bool) -> Graph {
+    let mut b = Builder::new(
+        if append_only { "append" } else { "attn_step" },
+        &["T", "S"],
+    );
+    let (hq, hkv, dk, dv, cap) = (l.hq, l.hkv, l.dk, l.dv, l.cap);
+    let kc = b
+        .cache("k_cache", DType::BF16, shape![(cap), (hkv), (dk)])
+        .unwrap();
+    let vc = b
+        .cache("v_cache", DType::BF16, shape![(cap), (hkv), (dv)])
+        .unwrap();
+    let k = b.input("k", DType::BF16, shape![T, (hkv), (dk)]).unwrap();
+    let v = b.input("v", DType::BF16, shape![T, (hkv), (dv)]).unwrap();
+    let pos = b.input("pos", DType::I32, shape![T]).unwrap();
+    let kn = l
+        .qk_norm
+        .then(|| b.weight("k_norm", DType::BF16, shape![(dk)]).unwrap());
+    let k = prep(&mut b, l, k, kn, pos);
+    let keys = b.kv_append(kc, k, "S", l.ring).unwrap();
+    let values = b.kv_append(vc, v, "S", l.ring).unwrap();
+    if append_only {
+        b.output("keys", keys).unwrap();
+        b.output("values", values).unwrap();
+    } else {
+        let q = b.input("q", DType::BF16, shape![T, (hq), (dk)]).unwrap();
+        let qn = l
+            .qk_norm
+            .then(|| b.weight("q_norm", DType::BF16, shape![(dk)]).unwrap());
+        let q = prep(&mut b, l, q, qn, pos);
+        let sinks = l
+            .sinks
+            .then(|| b.weight("sinks", DType::BF16, shape![(hq)]).unwrap());
+        let o = b
+            .attention(q, keys, values, sinks, l.mask, l.scale())
+            .unwrap();
+        b.output("o", o).unwrap();
+    }
+    b.finish().unwrap()
+}
+
+/// The data of one test step.
+struct Step {
+    /// Cache contents before the step (NaN where never written).
+    kc0: Vec<f32>,
+    vc0: Vec<f32>,
+    /// After the step, per the interpreter.
+    kc1: Vec<f32>,
+    vc1: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    qn: Vec<f32>,
+    kn: Vec<f32>,
+    sinks: Vec<f32>,
+    /// The interpreter's attention output [T, HQ, DV].
+    o: Vec<f32>,
+}
+
+/// Prefills the interpreter's caches with `s` earlier positions (one append
+/// step), then runs the attention step of `t` tokens at `s`.
+fn reference(l: &Layer, s: usize, t: usize, seed: u64) -> Step {
+    let mut r = Rng(seed);
+    let g = step_graph(l, false);
+    let mut caches = Caches::for_graph(&g, &bind(t, s)).unwrap();
+    let kn = r.pos(l.dk, 0.5, 1.5);
+    let qn = r.pos(l.dk, 0.5, 1.5);
+    let sinks = r.pos(l.hq, -1.0, 3.0);
+    let mut weights: BTreeMap<String, Tensor> = BTreeMap::new();
+    if l.qk_norm {
+        weights.insert("k_norm".into(), tf(&[l.dk], kn.clone()));
+        weights.insert("q_norm".into(), tf(&[l.dk], qn.clone()));
+    }
+    if l.sinks {
+        weights.insert("sinks".into(), tf(&[l.hq], sinks.clone()));
+    }
+    if s > 0 {
+        let ga = step_graph(l, true);
+        let mut vals = weights.clone();
+        vals.insert(
+            "k".into(),
+            tf(&[s, l.hkv, l.dk], r.vals(s * l.hkv * l.dk, 1.0)),
+        );
+        vals.insert(
+            "v".into(),
+            tf(&[s, l.hkv, l.dv], r.vals(s * l.hkv * l.dv, 1.0)),
+        );
+        vals.insert(
+            "pos".into(),
+            Tensor::i32(&[s], (0..s as i32).collect()).unwrap(),
+        );
+        interp::run(&ga, &bind(s, 0), &vals, &mut caches).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let kc0 = f32s(caches.get("k_cache").unwrap());
+    let vc0 = f32s(caches.get("v_cache").unwrap());
+    // q amplitude 3: scores of O(1), so the softmax is not flat.
+    let q = r.vals(t * l.hq * l.dk, 3.0);
+    let k = r.vals(t * l.hkv * l.dk, 1.0);
+    let v = r.vals(t * l.hkv * l.dv, 1.0);
+    let mut vals = weights;
+    vals.insert("q".into(), tf(&[t, l.hq, l.dk], q.clone()));
+    vals.insert("k".into(), tf(&[t, l.hkv, l.dk], k.clone()));
+    vals.insert("v".into(), tf(&[t, l.hkv, l.dv], v.clone()));
+    vals.insert(
+        "pos".into(),
+        Tensor::i32(&[t], (s as i32..(s + t) as i32).collect()).unwrap(),
+    );
+    let out = interp::run(&g, &bind(t, s), &vals, &mut caches).unwrap_or_else(|e| panic!("{e}"));
+    Step {
+        kc0,
+        vc0,
+        kc1: f32s(caches.get("k_cache").unwrap()),
+        vc1: f32s(caches.get("v_cache").unwrap()),
+        q,
+        k,
+        v,
+        qn,
+        kn,
+        sinks,
+        o: f32s(&out["o"]),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The GPU side.
+
+/// Compiled kernels of one layer.
+struct Kernels {
+    rope: cudarc::driver::CudaFunction,
+    attn: cudarc::driver::CudaFunction,
+    comb: cudarc::driver::CudaFunction,
+    _module: tilefuse_runtime::gpu::Module,
+}
+
+fn load(gpu: &Gpu, l: &Layer, name: &str) -> Kernels {
+    let src = format!("#include \"attention.cuh\"\n{}", l.wrappers("k"));
+    let m = gpu
+        .load(name, &src, tilefuse_codegen::cuda::HEADERS)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for r in &m.compiled.resources {
+        assert_eq!(
+            (r.spill_stores, r.spill_loads, r.stack_frame),
+            (0, 0, 0),
+            "{name}: {r:?}"
+        );
+    }
+    Kernels {
+        rope: m.function("k_rope").unwrap(),
+        attn: m.function("k_attn").unwrap(),
+        comb: m.function("k_comb").unwrap(),
+        _module: m,
+    }
+}
+
+fn upload(gpu: &Gpu, bytes: &[u8], what: &str) -> Buffer {
+    gpu.upload(bytes, what).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn ptr_or_null(b: &Option<Buffer>) -> u64 {
+    b.as_ref().map_or(0, Buffer::ptr)
+}
+
+/// Runs rope_append + attention (+ combine) for one step on the GPU and
+/// compares with the interpreter's step.
+fn check_step(gpu: &Gpu, l: &Layer, s: usize, t: usize, seed: u64, what: &str) {
+    let st = reference(l, s, t, seed);
+    let ks = load(gpu, l, what);
+    let (hq, hkv, dk, dv) = (l.hq, l.hkv, l.dk, l.dv);
+    // q, k, v as column slices of one fused projection output [T, W].
+    let w = hq * dk + hkv * dk + hkv * dv;
+    let mut fused = vec![0f32; t * w];
+    for i in 0..t {
+        fused[i * w..i * w + hq * dk].copy_from_slice(&st.q[i * hq * dk..(i + 1) * hq * dk]);
+        fused[i * w + hq * dk..i * w + (hq + hkv) * dk]
+            .copy_from_slice(&st.k[i * hkv * dk..(i + 1) * hkv * dk]);
+        fused[i * w + (hq + hkv) * dk..(i + 1) * w]
+            .copy_from_slice(&st.v[i * hkv * dv..(i + 1) * hkv * dv]);
+    }
+    let qkv = upload(gpu, &bf16_bytes(&fused), "qkv");
+    let kc = upload(gpu, &bf16_bytes(&st.kc0), "k cache");
+    let vc = upload(gpu, &bf16_bytes(&st.vc0), "v cache");
+    let qn = l
+        .qk_norm
+        .then(|| upload(gpu, &bf16_bytes(&st.qn), "q norm"));
+    let kn = l
+        .qk_norm
+        .then(|| upload(gpu, &bf16_bytes(&st.kn), "k norm"));
+    let sinks = l
+        .sinks
+        .then(|| upload(gpu, &bf16_bytes(&st.sinks), "sinks"));
+    // Output rows padded by 8 columns that must stay poisoned.
+    let os = hq * dv + 8;
+    let out = gpu.alloc(t * os * 2, "out").unwrap();
+    gpu.memset(&out, 0xff).unwrap();
+    let ws = gpu.alloc(l.ws_floats(t).max(1) * 4, "ws").unwrap();
+    gpu.memset(&ws, 0xff).unwrap();
+    let (ti, si, ci) = (t as i32, s as i32, l.cap as i32);
+    let k_ptr = qkv.ptr() + (hq * dk * 2) as u64;
+    let v_ptr = qkv.ptr() + ((hq + hkv) * dk * 2) as u64;
+    let th = l.threads as u32;
+    gpu.launch(
+        "rope_append",
+        &ks.rope,
+        t as u32,
+        th,
+        l.rope_smem() as u32,
+        &[
+            Arg::I32(ti),
+            Arg::I32(si),
+            Arg::I32(ci),
+            Arg::Ptr(k_ptr),
+            Arg::I32(w as i32),
+            Arg::Ptr(v_ptr),
+            Arg::I32(w as i32),
+            Arg::Ptr(ptr_or_null(&kn)),
+            Arg::F32(l.eps),
+            Arg::F32(l.theta),
+            Arg::Ptr(kc.ptr()),
+            Arg::Ptr(vc.ptr()),
+        ],
+    )
+    .unwrap();
+    gpu.launch(
+        "attention",
+        &ks.attn,
+        l.tiles(t) as u32,
+        th,
+        l.smem() as u32,
+        &[
+            Arg::I32(ti),
+            Arg::I32(si),
+            Arg::I32(ci),
+            Arg::Ptr(qkv.ptr()),
+            Arg::I32(w as i32),
+            Arg::Ptr(ptr_or_null(&qn)),
+            Arg::F32(l.eps),
+            Arg::F32(l.theta),
+            Arg::F32(l.scale()),
+            Arg::Ptr(kc.ptr()),
+            Arg::Ptr(vc.ptr()),
+            Arg::Ptr(ptr_or_null(&sinks)),
+            Arg::Ptr(out.ptr()),
+            Arg::I32(os as i32),
+            Arg::Ptr(ws.ptr()),
+        ],
+    )
+    .unwrap();
+    if l.nsplit > 1 {
+        gpu.launch(
+            "attention_combine",
+            &ks.comb,
+            (t * hq) as u32,
+            th,
+            l.combine_smem() as u32,
+            &[
+                Arg::I32(ti),
+                Arg::Ptr(ws.ptr()),
+                Arg::Ptr(ptr_or_null(&sinks)),
+                Arg::Ptr(out.ptr()),
+                Arg::I32(os as i32),
+            ],
+        )
+        .unwrap();
+    }
+    gpu.sync(what).unwrap_or_else(|e| panic!("{e}"));
+    // The caches: the new rows bit for bit, every other slot untouched.
+    same_bits(
+        &bf16_from_bytes(&gpu.download(&kc).unwrap()),
+        &st.kc1,
+        &format!("{what}: k cache"),
+    );
+    same_bits(
+        &bf16_from_bytes(&gpu.download(&vc).unwrap()),
+        &st.vc1,
+        &format!("{what}: v cache"),
+    );
+    // The output: every value written, the padding columns not.
+    let raw = gpu.download(&out).unwrap();
+    let mut got = Vec::with_capacity(t * hq * dv);
+    for i in 0..t {
+        let row = &raw[i * os * 2..(i + 1) * os * 2];
+        assert!(
+            row[hq * dv * 2..].iter().all(|&b| b == 0xff),
+            "{what}: token {i}: write past the row"
+        );
+        got.extend(bf16_from_bytes(&row[..hq * dv * 2]));
+    }
+    let (e, worst) = check_rows(&got, &st.o, dv, what);
+    println!("{what}: S={s} T={t}: rel L2 {e:.2e}, max error {worst:.2} x rowmax/256");
+}
+
+/// Opens the GPU, or says why the test skips.
+fn gpu_or_skip() -> Option<Gpu> {
+    match Gpu::open() {
+        Ok(Some(g)) => Some(g),
+        Ok(None) => {
+            println!("{}", Gpu::SKIP);
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Runs each `(layer, S, T)` case: the interpreter reference always (this
+/// checks the graphs), the GPU comparison when there is one.
+fn run_cases(name: &str, cases: &[(Layer, usize, usize)]) {
+    let gpu = Gpu::open().unwrap_or_else(|e| panic!("{e}"));
+    for (i, (l, s, t)) in cases.iter().enumerate() {
+        let what = format!("{name}[{i}] {}", l.config());
+        match &gpu {
+            Some(g) => check_step(g, l, *s, *t, 1000 + i as u64, &what),
+            None => {
+                let st = reference(l, *s, *t, 1000 + i as u64);
+                assert!(
+                    st.o.iter().all(|x| x.is_finite()),
+                    "{what}: reference not finite"
+                );
+            }
+        }
+    }
+    if gpu.is_none() {
+        println!("{}", Gpu::SKIP);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// GPU correctness.
+
+#[test]
+fn gpu_attention_causal_full_cache() {
+    // S = 0, 5, 300 and T = 1, 4, 16 over a full cache (MiMo tiny, DK 24 != DV 16,
+    // GQA 4); one query per tile with 64-key sub-chunks (S = 300 merges several),
+    // and 4 queries per tile with one 512-key sub-chunk (exact rounding).
+    let mut cases = Vec::new();
+    for &s in &[0, 5, 300] {
+        for &t in &[1, 4, 16] {
+            cases.push((mimo_tiny_full(), s, t));
+            cases.push((
+                Layer {
+                    tq: 4,
+                    ch: 512,
+                    ..mimo_tiny_full()
+                },
+                s,
+                t,
+            ));
+        }
+    }
+    run_cases("causal", &cases);
+}
+
+#[test]
+fn gpu_attention_sliding_ring_sinks() {
+    // Window 8 over a ring of 23 slots: S beyond the capacity wraps; sinks on;
+    // GQA ratio 2; also with 2 queries per tile and 2 key splits (combine with sinks).
+    let l = mimo_tiny_sliding();
+    let split = Layer {
+        tq: 2,
+        nsplit: 2,
+        ch: 32,
+        threads: 64,
+        ..l
+    };
+    let mut cases = Vec::new();
+    for &(s, t) in &[(0, 1), (3, 4), (30, 1), (30, 4), (100, 16), (1000, 16)] {
+        cases.push((l, s, t));
+        cases.push((split, s, t));
+    }
+    run_cases("sliding", &cases);
+}
+
+#[test]
+fn gpu_attention_block_mask() {
+    // A draft block of T = 8 queries after S context keys: bidirectional inside
+    // the block; without a window on a full cache (Qwen3 tiny, q/k norms), and
+    // with window 8 on a ring with sinks (MiMo tiny sliding), S wrapping the ring.
+    let plain = Layer {
+        mask: Mask::Block { window: None },
+        tq: 2,
+        ..qwen_tiny()
+    };
+    let windowed = Layer {
+        mask: Mask::Block { window: Some(8) },
+        ..mimo_tiny_sliding()
+    };
+    run_cases(
+        "block",
+        &[
+            (plain, 0, 8),
+            (plain, 20, 8),
+            (plain, 300, 8),
+            (windowed, 3, 8),
+            (windowed, 37, 8),
+            (windowed, 200, 8),
+        ],
+    );
+}
+
+#[test]
+fn gpu_attention_qk_norm() {
+    // Qwen3 tiny (GQA 2, head dim 16, full RoPE) and Qwen3 full head dims (GQA 8, 128).
+    let wide = Layer {
+        hq: 16,
+        hkv: 2,
+        cap: 1024,
+        tq: 2,
+        nsplit: 1,
+        ch: 256,
+        ..qwen_30b()
+    };
+    run_cases(
+        "qk_norm",
+        &[
+            (qwen_tiny(), 0, 1),
+            (qwen_tiny(), 5, 4),
+            (qwen_tiny(), 300, 16),
+            (wide, 0, 3),
+            (wide, 200, 1),
+            (wide, 200, 16),
+        ],
+    );
+}
+
+#[test]
+fn gpu_attention_gqa16_and_split_keys() {
+    // MiMo full head dims (192/128, 64 rotated) with GQA 16 (32 q heads over 2 kv
+    // heads, to keep the interpreter fast); one split, then the flash-decoding
+    // path: 8 splits over a few thousand keys (T = 1 and a verify block of 4),
+    // also with sub-chunks (4 splits of 128-key sub-chunks) and 4 queries per tile.
+    let base = Layer {
+        hq: 32,
+        hkv: 2,
+        cap: 5000,
+        nsplit: 1,
+        ch: 512,
+        ..mimo_full()
+    };
+    let split = Layer { nsplit: 8, ..base };
+    let sub = Layer {
+        nsplit: 4,
+        ch: 128,
+        ..base
+    };
+    let tq4 = Layer {
+        tq: 4,
+        nsplit: 8,
+        ch: 128,
+        ..base
+    };
+    run_cases(
+        "gqa16",
+        &[
+            (base, 300, 1),
+            (base, 300, 4),
+            (split, 0, 1),
+            (split, 4000, 1),
+            (split, 4000, 4),
+            (sub, 3000, 1),
+            (tq4, 3000, 5),
+            (
+                Layer {
+                    nsplit: 4,
+                    ..mimo_tiny_full()
+                },
+                450,
+                16,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn gpu_rms_norm_rows_and_embedding() {
+    // Row RMSNorm against interp nn.rms_norm (bit for bit in bf16), and the
+    // embedding gather with out-of-range ids (NaN rows and the error flag).
+    let (r, d, xs) = (5usize, 4096usize, 4096 + 64);
+    let mut rng = Rng(7);
+    let x = rng.vals(r * d, 4.0);
+    let w = rng.pos(d, 0.5, 1.5);
+    let mut b = Builder::new("rms", &["R"]);
+    let xi = b.input("x", DType::BF16, shape![R, (d)]).unwrap();
+    let wi = b.weight("w", DType::BF16, shape![(d)]).unwrap();
+    let y = b.rms_norm(xi, wi, 1e-5).unwrap();
+    b.output("y", y).unwrap();
+    let g = b.finish().unwrap();
+    let vals: BTreeMap<String, Tensor> = [
+        ("x".to_string(), tf(&[r, d], x.clone())),
+        ("w".to_string(), tf(&[d], w.clone())),
+    ]
+    .into_iter()
+    .collect();
+    let bn = Bindings::new().with("R", r);
+    let want =
+        f32s(&interp::run(&g, &bn, &vals, &mut Caches::for_graph(&g, &bn).unwrap()).unwrap()["y"]);
+    // Embedding reference: rows of the table (ids valid) or NaN.
+    let (vocab, h) = (300usize, 64usize);
+    let table = rng.vals(vocab * h, 1.0);
+    let ids: Vec<i32> = vec![3, 0, 299, -1, 300, 17, 299, i32::MAX];
+    let Some(gpu) = gpu_or_skip() else { return };
+    let src = "#include \"attention.cuh\"\n\
+        extern \"C\" __global__ void __launch_bounds__(256, 1) rms(int R, const tf::bf16* x, int xs, const tf::bf16* w, float eps, tf::bf16* y, int ys) {\n\
+        \x20 extern __shared__ __align__(16) char smem[];\n\
+        \x20 tf::rms_norm_rows_tile<tf::bf16, tf::bf16, 4096, 256>(blockIdx.x, R, x, xs, w, eps, y, ys, smem);\n}\n\
+        extern \"C\" __global__ void __launch_bounds__(128, 1) emb(int n, const int* ids, const tf::bf16* t, int vocab, tf::bf16* y, int ys, int* err) {\n\
+        \x20 extern __shared__ __align__(16) char smem[];\n\
+        \x20 tf::embedding_tile<tf::bf16, 64, 128>(blockIdx.x, n, ids, t, vocab, y, ys, err, smem);\n}\n";
+    let m = gpu
+        .load("attention_rms_emb", src, tilefuse_codegen::cuda::HEADERS)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // RMSNorm over strided rows.
+    let mut xpad = vec![0f32; r * xs];
+    for i in 0..r {
+        xpad[i * xs..i * xs + d].copy_from_slice(&x[i * d..(i + 1) * d]);
+    }
+    let xb = upload(&gpu, &bf16_bytes(&xpad), "x");
+    let wb = upload(&gpu, &bf16_bytes(&w), "w");
+    let yb = gpu.alloc(r * xs * 2, "y").unwrap();
+    gpu.memset(&yb, 0xff).unwrap();
+    let f = m.function("rms").unwrap();
+    gpu.launch(
+        "rms",
+        &f,
+        r as u32,
+        256,
+        256 / 32 * 8,
+        &[
+            Arg::I32(r as i32),
+            Arg::Ptr(xb.ptr()),
+            Arg::I32(xs as i32),
+            Arg::Ptr(wb.ptr()),
+            Arg::F32(1e-5),
+            Arg::Ptr(yb.ptr()),
+            Arg::I32(xs as i32),
+        ],
+    )
+    .unwrap();
+    gpu.sync("rms").unwrap();
+    let raw = gpu.download(&yb).unwrap();
+    let mut got = Vec::new();
+    for i in 0..r {
+        got.extend(bf16_from_bytes(&raw[i * xs * 2..(i * xs + d) * 2]));
+        assert!(
+            raw[(i * xs + d) * 2..(i + 1) * xs * 2]
+                .iter()
+                .all(|&b| b == 0xff),
+            "rms: write past row {i}"
+        );
+    }
+    same_bits(&got, &want, "rms_norm_rows");
+    // Embedding.
+    let tb = upload(&gpu, &bf16_bytes(&table), "table");
+    let ib = upload(
+        &gpu,
+        &ids.iter()
+            .flat_map(|i| i.to_le_bytes())
+            .collect::<Vec<u8>>(),
+        "ids",
+    );
+    let eb = upload(&gpu, &0i32.to_le_bytes(), "err");
+    let yb = gpu.alloc(ids.len() * h * 2, "emb out").unwrap();
+    gpu.memset(&yb, 0).unwrap();
+    let f = m.function("emb").unwrap();
+    gpu.launch(
+        "emb",
+        &f,
+        ids.len() as u32,
+        128,
+        0,
+        &[
+            Arg::I32(ids.len() as i32),
+            Arg::Ptr(ib.ptr()),
+            Arg::Ptr(tb.ptr()),
+            Arg::I32(vocab as i32),
+            Arg::Ptr(yb.ptr()),
+            Arg::I32(h as i32),
+            Arg::Ptr(eb.ptr()),
+        ],
+    )
+    .unwrap();
+    gpu.sync("emb").unwrap();
+    let got = bf16_from_bytes(&gpu.download(&yb).unwrap());
+    for (i, &id) in ids.iter().enumerate() {
+        let row = &got[i * h..(i + 1) * h];
+        if (0..vocab as i32).contains(&id) {
+            same_bits(
+                row,
+                &table[id as usize * h..(id as usize + 1) * h],
+                &format!("embedding id {id}"),
+            );
+        } else {
+            assert!(
+                row.iter().all(|x| x.is_nan()),
+                "embedding: out-of-range id {id} must give a NaN row"
+            );
+        }
+    }
+    let err = i32::from_le_bytes(gpu.download(&eb).unwrap()[..4].try_into().unwrap());
+    assert_eq!(
+        err, 1,
+        "embedding: the error flag must be set by out-of-range ids"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Timing (print only).
+
+/// Median of GPU times (ms) of `f` over `n` runs after 3 warm-ups, by CUDA events.
+fn time_ms(gpu: &Gpu, n: usize, mut f: impl FnMut(usize)) -> f64 {
+    let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    for i in 0..3 {
+        f(i);
+    }
+    let mut ts = Vec::with_capacity(n);
+    for i in 0..n {
+        let e0 = gpu.stream().record_event(flags).unwrap();
+        f(i);
+        let e1 = gpu.stream().record_event(flags).unwrap();
+        ts.push(f64::from(e0.elapsed_ms(&e1).unwrap()));
+    }
+    ts.sort_by(f64::total_cmp);
+    ts[n / 2]
+}
+
+#[test]
+fn gpu_attention_decode_timing_16k() {
+    // Decode (T = 1) at S = 16384 for MiMo-V2 full-width layers: achieved GB/s of
+    // KV bytes read vs a device-to-device copy (bytes read + written) in the same
+    // run. Caches are rotated among copies larger than L2 together; values are
+    // random (bf16 of a hash), filled on the GPU.
+    let Some(gpu) = gpu_or_skip() else { return };
+    let copy_bytes = 1usize << 29;
+    let a = gpu.alloc(copy_bytes, "copy src").unwrap();
+    let b = gpu.alloc(copy_bytes, "copy dst").unwrap();
+    gpu.memset(&a, 0x3c).unwrap();
+    let copy_ms = time_ms(&gpu, 10, |_| gpu.copy(&b, &a, copy_bytes).unwrap());
+    let copy_gbs = 2.0 * copy_bytes as f64 / (copy_ms * 1e-3) / 1e9;
+    println!("device-to-device copy: {copy_gbs:.0} GB/s (read + write, {copy_bytes} bytes in {copy_ms:.3} ms)");
+    drop((a, b));
+
+    let fill_src = "#include \"prelude.cuh\"\n\
+        extern \"C\" __global__ void fill(tf::bf16* p, unsigned long long n, unsigned seed) {\n\
+        \x20 for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x)\n\
+        \x20   p[i] = tf::from_float<tf::bf16>(tf::uniform01(seed, (unsigned)i) * 2.f - 1.f);\n}\n";
+    let fm = gpu
+        .load("attention_fill", fill_src, tilefuse_codegen::cuda::HEADERS)
+        .unwrap();
+    let fill = fm.function("fill").unwrap();
+    let fill_buf = |buf: &Buffer, seed: u32| {
+        gpu.launch(
+            "fill",
+            &fill,
+            1024,
+            256,
+            0,
+            &[
+                Arg::Ptr(buf.ptr()),
+                Arg::Ptr((buf.len() / 2) as u64),
+                Arg::I32(seed as i32),
+            ],
+        )
+        .unwrap();
+    };
+    let (s, t) = (16384usize, 1usize);
+    let full = mimo_full();
+    let variants = [
+        ("full, 32 splits x 544", full),
+        ("full, 33 splits x 512", Layer { nsplit: 33, ch: 512, ..full }),
+        ("full, 64 splits x 288", Layer { nsplit: 64, ch: 288, ..full }),
+        ("sliding w128, 1 split", mimo_sliding()),
+        (
+            "sliding w128, 4 splits x 32",
+            Layer {
+                nsplit: 4,
+                ch: 32,
+                ..mimo_sliding()
+            },
+        ),
+    ];
+    for (vi, (name, l)) in variants.iter().enumerate() {
+        let ks = load(&gpu, l, &format!("attention_timing_{vi}"));
+        let (kbytes, vbytes) = (l.cap * l.hkv * l.dk * 2, l.cap * l.hkv * l.dv * 2);
+        // Enough copies to exceed 2 x 50 MB of L2.
+        let copies = (100usize << 20).div_ceil(kbytes + vbytes).max(2);
+        let caches: Vec<(Buffer, Buffer)> = (0..copies)
+            .map(|c| {
+                let k = gpu.alloc(kbytes, "k cache").unwrap();
+                let v = gpu.alloc(vbytes, "v cache").unwrap();
+                fill_buf(&k, 2 * c as u32);
+                fill_buf(&v, 2 * c as u32 + 1);
+                (k, v)
+            })
+            .collect();
+        let mut r = Rng(5);
+        let q = upload(&gpu, &bf16_bytes(&r.vals(l.hq * l.dk, 1.0)), "q");
+        let sinks = upload(&gpu, &bf16_bytes(&r.vals(l.hq, 1.0)), "sinks");
+        let out = gpu.alloc(l.hq * l.dv * 2, "out").unwrap();
+        let ws = gpu.alloc(l.ws_floats(t).max(1) * 4, "ws").unwrap();
+        gpu.sync("fill").unwrap();
+        let ms = time_ms(&gpu, 50, |i| {
+            let (kc, vc) = &caches[i % copies];
+            gpu.launch(
+                "attention",
+                &ks.attn,
+                l.tiles(t) as u32,
+                l.threads as u32,
+                l.smem() as u32,
+                &[
+                    Arg::I32(t as i32),
+                    Arg::I32(s as i32),
+                    Arg::I32(l.cap as i32),
+                    Arg::Ptr(q.ptr()),
+                    Arg::I32((l.hq * l.dk) as i32),
+                    Arg::Ptr(0),
+                    Arg::F32(l.eps),
+                    Arg::F32(l.theta),
+                    Arg::F32(l.scale()),
+                    Arg::Ptr(kc.ptr()),
+                    Arg::Ptr(vc.ptr()),
+                    Arg::Ptr(sinks.ptr()),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I32((l.hq * l.dv) as i32),
+                    Arg::Ptr(ws.ptr()),
+                ],
+            )
+            .unwrap();
+            if l.nsplit > 1 {
+                gpu.launch(
+                    "attention_combine",
+                    &ks.comb,
+                    (t * l.hq) as u32,
+                    l.threads as u32,
+                    l.combine_smem() as u32,
+                    &[
+                        Arg::I32(t as i32),
+                        Arg::Ptr(ws.ptr()),
+                        Arg::Ptr(sinks.ptr()),
+                        Arg::Ptr(out.ptr()),
+                        Arg::I32((l.hq * l.dv) as i32),
+                    ],
+                )
+                .unwrap();
+            }
+        });
+        let keys = match l.mask {
+            Mask::Causal { window: Some(w) } => (w as usize).min(s + t),
+            _ => s + t,
+        };
+        let bytes = keys * l.hkv * (l.dk + l.dv) * 2;
+        let gbs = bytes as f64 / (ms * 1e-3) / 1e9;
+        println!(
+            "decode attention S={s} {name}: {:.1} us, {} tiles, {:.1} MB of KV, {gbs:.0} GB/s = {:.0}% of the copy",
+            ms * 1e3,
+            l.tiles(t),
+            bytes as f64 / 1e6,
+            100.0 * gbs / copy_gbs
+        );
+    }
+}

@@ -1,0 +1,1353 @@
+//! The weight-streaming headers: `matvec_tile` (codegen/cuda/matvec.cuh),
+//! `router_tile`, `experts_up_tile`, `experts_down_tile` (moe.cuh),
+//! `argmax_tile` and `sample_tile` (sample.cuh).
+//!
+//! - Without a GPU: every template instantiated for representative shapes
+//!   (bf16 / MXFP4 / NVFP4 / FP8 / f32 weights; MAX_T 1, 8, 16; MiMo-V2 widths
+//!   H 4096, I 2048, E 256, k 8 and Qwen3-30B-A3B H 2048, I 768, E 128) compiles
+//!   with NVRTC; the matvec and expert kernels have no spills and no stack
+//!   frame; the weight loads are 16-byte non-coherent streaming loads; the Rust
+//!   replicas of the shared-memory formulas agree with the headers' constexprs
+//!   (a static_assert in every wrapper kernel).
+//! - With a GPU: every template against the interpreter on tiny graphs built
+//!   with `Builder` (rms_norm + matmul; router_select + router_weights; the
+//!   router feeding `moe.experts`; argmax; sample). Inputs are fresh seeded
+//!   random values (never zero, representable in their dtype); outputs start
+//!   as 0xFF bytes (NaN, or -1 for indices) and must be fully written. Covers
+//!   ragged N (not a multiple of ROWS), T = 1, 3, 8, 16 and 40 (chunks of
+//!   MAX_T), both inner paths (tensor cores and CUDA cores), the FP4 formats,
+//!   experts repeated across tokens (read once per tile), groups and a bias in
+//!   the router. Plus a print-only bandwidth check of the matvec against a
+//!   device-to-device copy measured in the same run. Without a GPU these print
+//!   `Gpu::SKIP`.
+//!
+//! Tolerances: bf16 outputs of one rounding (matvec): every element within 2
+//! bf16 ulps of the interpreter's value plus 1e-3 of the output's rms (f32
+//! instead of f64 accumulation can only move a value across one rounding
+//! boundary), and relative L2 <= 1e-2. bf16 outputs of the expert FFN (four
+//! rounding points): relative L2 <= 1e-2 and every element within 2 ulps plus
+//! rms/64. f32 outputs: `|got - want| <= 1e-4 (|want| + rms)`. Expert indices
+//! and the routing table exactly; router weights within 1e-5 relative.
+//! Sampling: exactly the interpreter's token, except where the target lies
+//! within 1e-5 of the total from a cumulative boundary (the documented
+//! association difference), where the token must be one whose interval the
+//! target touches.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use tilefuse_ir::interp::{self, Caches, Data, Tensor};
+use tilefuse_ir::{shape, Bindings, Builder, DType, Graph, RouterConfig, ScoreFn};
+use tilefuse_runtime::gpu::{Arg, Buffer, Gpu};
+use tilefuse_runtime::nvrtc::{self, CompileOptions, Compiled};
+
+/// Shared helpers: random data, weight formats, smem replicas, checks.
+mod kit {
+    use super::*;
+    use tilefuse_ir::fp4::{self, Fp4Format};
+
+    /// SplitMix64: a small seeded generator (the runtime crate has no `rand`).
+    pub struct Rng(u64);
+
+    impl Rng {
+        pub fn new(seed: u64) -> Rng {
+            Rng(seed)
+        }
+        pub fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        /// Uniform in [lo, hi).
+        pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+            lo + (hi - lo) * ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
+        }
+        /// Uniform in 0..n.
+        pub fn below(&mut self, n: usize) -> usize {
+            (self.next_u64() % n as u64) as usize
+        }
+        pub fn coin(&mut self) -> bool {
+            self.next_u64() & 1 == 1
+        }
+    }
+
+    /// `n` values, never zero: magnitude in [0.05, 1) times `scale`, random
+    /// sign, rounded to `dt`.
+    pub fn rand_vals(r: &mut Rng, n: usize, dt: DType, scale: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let m = r.uniform(0.05, 1.0) * scale;
+                let v = if r.coin() { -m } else { m };
+                interp::round_to(dt, v as f32)
+            })
+            .collect()
+    }
+
+    /// bf16 bits of a value that is exactly representable in bf16.
+    pub fn bf16_bits(x: f32) -> u16 {
+        assert_eq!(interp::round_to(DType::BF16, x), x, "{x} is not a bf16 value");
+        (x.to_bits() >> 16) as u16
+    }
+
+    /// Device bytes of float values in `dt` (bf16 or f32).
+    pub fn act_bytes(v: &[f32], dt: DType) -> Vec<u8> {
+        match dt {
+            DType::BF16 => v.iter().flat_map(|&x| bf16_bits(x).to_le_bytes()).collect(),
+            DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            _ => panic!("activations are bf16 or f32, not {dt}"),
+        }
+    }
+
+    pub fn i32_bytes(v: &[i32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// Floats back from device bytes of `dt` (bf16 or f32).
+    pub fn floats(b: &[u8], dt: DType) -> Vec<f32> {
+        match dt {
+            DType::BF16 => b
+                .chunks_exact(2)
+                .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
+                .collect(),
+            DType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            _ => panic!("floats: {dt}"),
+        }
+    }
+
+    pub fn ints(b: &[u8]) -> Vec<i32> {
+        b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    }
+
+    pub fn f32s(t: &Tensor) -> Vec<f32> {
+        match &t.data {
+            Data::F32(v) => v.clone(),
+            _ => panic!("not f32 storage"),
+        }
+    }
+
+    /// The C++ name of an activation dtype.
+    pub fn cpp(dt: DType) -> &'static str {
+        match dt {
+            DType::BF16 => "tf::bf16",
+            DType::F32 => "float",
+            _ => panic!("cpp: {dt}"),
+        }
+    }
+
+    pub fn size_of(dt: DType) -> usize {
+        match dt {
+            DType::BF16 => 2,
+            DType::F32 => 4,
+            _ => panic!("size_of: {dt}"),
+        }
+    }
+
+    /// A weight format of the headers.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Fmt {
+        Bf16,
+        F32,
+        E4m3,
+        Mx,
+        Nv,
+    }
+
+    impl Fmt {
+        pub const ALL: [Fmt; 5] = [Fmt::Bf16, Fmt::F32, Fmt::E4m3, Fmt::Mx, Fmt::Nv];
+
+        pub fn dtype(self) -> DType {
+            match self {
+                Fmt::Bf16 => DType::BF16,
+                Fmt::F32 => DType::F32,
+                Fmt::E4m3 => DType::F8E4M3,
+                Fmt::Mx => DType::MXFP4,
+                Fmt::Nv => DType::NVFP4,
+            }
+        }
+        pub fn name(self) -> &'static str {
+            match self {
+                Fmt::Bf16 => "bf16",
+                Fmt::F32 => "f32",
+                Fmt::E4m3 => "e4m3",
+                Fmt::Mx => "mx",
+                Fmt::Nv => "nv",
+            }
+        }
+        /// The header's struct.
+        pub fn cpp(self) -> &'static str {
+            match self {
+                Fmt::Bf16 => "tf::WBf16",
+                Fmt::F32 => "tf::WF32",
+                Fmt::E4m3 => "tf::WE4M3",
+                Fmt::Mx => "tf::WMx",
+                Fmt::Nv => "tf::WNv",
+            }
+        }
+        /// Kernel parameters holding the weights, named `{p}0`, `{p}1`, `{p}2`.
+        pub fn params(self, p: &str) -> String {
+            match self {
+                Fmt::Bf16 => format!("const tf::bf16* {p}0"),
+                Fmt::F32 => format!("const float* {p}0"),
+                Fmt::E4m3 => format!("const uint8_t* {p}0"),
+                Fmt::Mx => format!("const uint8_t* {p}0, const uint8_t* {p}1"),
+                Fmt::Nv => format!("const uint8_t* {p}0, const uint8_t* {p}1, float {p}2"),
+            }
+        }
+        /// The struct built from those parameters.
+        pub fn ctor(self, p: &str) -> String {
+            match self {
+                Fmt::Bf16 | Fmt::F32 | Fmt::E4m3 => format!("{}{{{p}0}}", self.cpp()),
+                Fmt::Mx => format!("{}{{{p}0, {p}1}}", self.cpp()),
+                Fmt::Nv => format!("{}{{{p}0, {p}1, {p}2}}", self.cpp()),
+            }
+        }
+        /// Elements per 16-byte vector (the header's EPV).
+        pub fn epv(self) -> usize {
+            match self {
+                Fmt::Bf16 => 8,
+                Fmt::F32 => 4,
+                Fmt::E4m3 => 16,
+                Fmt::Mx | Fmt::Nv => 32,
+            }
+        }
+        /// Exactly representable in bf16 (the tensor-core path is allowed).
+        pub fn mma_exact(self) -> bool {
+            self != Fmt::F32
+        }
+        /// Bytes of a [rows, k] matrix on the device.
+        pub fn bytes(self, rows: usize, k: usize) -> usize {
+            rows * match self {
+                Fmt::Bf16 => 2 * k,
+                Fmt::F32 => 4 * k,
+                Fmt::E4m3 => k,
+                Fmt::Mx => k / 2 + k / 32,
+                Fmt::Nv => k / 2 + k / 16,
+            }
+        }
+    }
+
+    /// A weight tensor: the interpreter's value and the device arrays.
+    pub struct Weights {
+        pub tensor: Tensor,
+        pub arrays: Vec<Vec<u8>>,
+        pub tensor_scale: f32,
+    }
+
+    impl Weights {
+        /// Random weights of `shape` (row-major, last axis k) in `fmt`.
+        pub fn random(r: &mut Rng, fmt: Fmt, shape: &[usize]) -> Weights {
+            let n: usize = shape.iter().product();
+            let k = *shape.last().unwrap();
+            match fmt {
+                Fmt::Bf16 | Fmt::F32 => {
+                    let v = rand_vals(r, n, fmt.dtype(), 1.0);
+                    let b = act_bytes(&v, fmt.dtype());
+                    Weights {
+                        tensor: Tensor::f32(fmt.dtype(), shape, v).unwrap(),
+                        arrays: vec![b],
+                        tensor_scale: 1.0,
+                    }
+                }
+                Fmt::E4m3 => {
+                    // Exponent fields 3..=8: magnitudes 2^-4 .. 2^2, never zero or NaN.
+                    let bytes: Vec<u8> = (0..n)
+                        .map(|_| {
+                            let s = if r.coin() { 0x80u8 } else { 0 };
+                            s | ((3 + r.below(6) as u8) << 3) | r.below(8) as u8
+                        })
+                        .collect();
+                    let v: Vec<f32> = bytes.iter().map(|&b| fp4::e4m3_decode(b)).collect();
+                    Weights {
+                        tensor: Tensor::f32(DType::F8E4M3, shape, v).unwrap(),
+                        arrays: vec![bytes],
+                        tensor_scale: 1.0,
+                    }
+                }
+                Fmt::Mx | Fmt::Nv => {
+                    let format = if fmt == Fmt::Mx { Fp4Format::Mx } else { Fp4Format::Nv };
+                    // Blocks of varied magnitude, so that block scales differ.
+                    let mut v = rand_vals(r, n, DType::F32, 1.0);
+                    let b = format.block_size();
+                    for blk in v.chunks_mut(b) {
+                        let s = [0.02f32, 0.3, 1.0, 3.0, 9.0][r.below(5)];
+                        blk.iter_mut().for_each(|x| *x *= s);
+                    }
+                    let q = fp4::quantize(&v, k, format).unwrap();
+                    let arrays = vec![q.codes.clone(), q.scales.clone()];
+                    let ts = q.tensor_scale;
+                    Weights {
+                        tensor: Tensor::fp4(shape, q).unwrap(),
+                        arrays,
+                        tensor_scale: ts,
+                    }
+                }
+            }
+        }
+
+        /// Uploads the arrays; returns the buffers and the kernel arguments.
+        pub fn upload(&self, gpu: &Gpu, what: &str) -> (Vec<Buffer>, Vec<Arg>) {
+            let bufs: Vec<Buffer> = self.arrays.iter().map(|a| gpu.upload(a, what).unwrap()).collect();
+            let mut args: Vec<Arg> = bufs.iter().map(|b| Arg::Ptr(b.ptr())).collect();
+            if self.arrays.len() == 2 && matches!(self.tensor.dtype, DType::NVFP4) {
+                args.push(Arg::F32(self.tensor_scale));
+            }
+            (bufs, args)
+        }
+    }
+
+    /// A device buffer of `bytes` 0xFF bytes (NaN as f32 or bf16, -1 as i32).
+    pub fn poison(gpu: &Gpu, bytes: usize, what: &str) -> Buffer {
+        gpu.upload(&vec![0xFFu8; bytes], what).unwrap()
+    }
+
+    /// Which inner path a matvec / expert tile takes (the header's use_mma).
+    pub fn uses_mma(path: &str, fmt: Fmt, act: DType) -> bool {
+        path == "Mma" || (path == "Auto" && fmt.mma_exact() && act == DType::BF16)
+    }
+
+    /// Replica of the header's `mv_detail::Plan`: (G, KW, KB, NCOLP).
+    pub fn plan(mma: bool, fmt: Fmt, nrows: usize, threads: usize, maxcol: usize) -> (usize, usize, usize, usize) {
+        let nw = threads / 32;
+        let g = if mma { 16 } else { (nrows / nw).max(2) };
+        let rg = nrows / g;
+        let kw = nw / rg;
+        let kb = if mma { 4 * fmt.epv() } else { 32 * fmt.epv() };
+        let ncolp = if mma { 8 * maxcol.div_ceil(8) } else { maxcol };
+        (g, kw, kb, ncolp)
+    }
+
+    /// Replica of `matvec_smem_bytes`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec_smem(path: &str, fmt: Fmt, act: DType, max_t: usize, rows: usize, threads: usize, k: usize, norm: bool) -> usize {
+        let (_, kw, kb, ncolp) = plan(uses_mma(path, fmt, act), fmt, rows, threads, max_t);
+        let mut s = 4 * kw * rows * ncolp;
+        if norm {
+            let budget = (32768 / (max_t * size_of(act))) / kb * kb;
+            let kc = (k.div_ceil(kb) * kb).min(kb.max(budget));
+            s += 4 * max_t.div_ceil(4) * 4 + max_t * kc * size_of(act);
+        }
+        s
+    }
+
+    /// Replica of `experts_up_smem_bytes` / `experts_down_smem_bytes`.
+    pub fn experts_smem(up: bool, path: &str, fmt: Fmt, max_t: usize, rows: usize, threads: usize) -> usize {
+        let mma = uses_mma(path, fmt, DType::BF16);
+        let maxcol = if mma { max_t } else { max_t.min(8) };
+        let nrows = if up { 2 * rows } else { rows };
+        let (_, kw, _, ncolp) = plan(mma, fmt, nrows, threads, maxcol);
+        if up {
+            4 * kw * 2 * rows * ncolp
+        } else {
+            4 * kw * max_t * rows
+        }
+    }
+
+    /// Replica of `router_smem_bytes`.
+    pub fn router_smem(max_t: usize, e: usize, k: usize, n_group: usize, threads: usize) -> usize {
+        let w = threads / 32;
+        4 * (2 * w * e + 2 * w * n_group + max_t * k + 3 * e)
+    }
+
+    /// Runs a graph with `T` bound and returns its outputs.
+    pub fn run_graph(g: &Graph, t: usize, values: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+        let b = Bindings::new().with("T", t);
+        let mut c = Caches::for_graph(g, &b).unwrap();
+        interp::run(g, &b, values, &mut c).unwrap()
+    }
+
+    /// One bf16 ulp at the magnitude of `x`.
+    pub fn ulp_bf16(x: f64) -> f64 {
+        let a = (x.abs() as f32).max(f32::MIN_POSITIVE);
+        let e = ((a.to_bits() >> 23) & 0xff) as i32 - 127;
+        2f64.powi(e - 7)
+    }
+
+    fn rms(v: &[f32]) -> f64 {
+        (v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() / v.len().max(1) as f64).sqrt()
+    }
+
+    /// Every element written (no NaN: all expected values are finite) and close.
+    #[track_caller]
+    pub fn check_bf16(got: &[f32], want: &[f32], ulps: f64, rms_frac: f64, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let r = rms(want);
+        let (mut num, mut den) = (0f64, 0f64);
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(w.is_finite(), "{what}[{i}]: the interpreter gave {w}");
+            assert!(!g.is_nan(), "{what}[{i}]: not written (NaN poison left)");
+            let d = (f64::from(g) - f64::from(w)).abs();
+            assert!(
+                d <= ulps * ulp_bf16(f64::from(w)) + rms_frac * r,
+                "{what}[{i}]: got {g}, want {w} (diff {d}, rms {r})"
+            );
+            num += d * d;
+            den += f64::from(w) * f64::from(w);
+        }
+        let rel = (num / den.max(1e-300)).sqrt();
+        assert!(rel <= 1e-2, "{what}: relative L2 error {rel}");
+    }
+
+    #[track_caller]
+    pub fn check_f32(got: &[f32], want: &[f32], rel: f64, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let r = rms(want);
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(!g.is_nan(), "{what}[{i}]: not written (NaN poison left)");
+            let d = (f64::from(g) - f64::from(w)).abs();
+            assert!(d <= rel * (f64::from(w).abs() + r), "{what}[{i}]: got {g}, want {w} (diff {d})");
+        }
+    }
+
+    /// Kernels must not spill or use a stack frame.
+    #[track_caller]
+    pub fn assert_no_spills(c: &Compiled, prefix: &str) {
+        let mut seen = 0;
+        for r in c.resources.iter().filter(|r| r.name.starts_with(prefix)) {
+            seen += 1;
+            assert!(
+                r.spill_stores == 0 && r.spill_loads == 0 && r.stack_frame == 0,
+                "{}: {} registers, {} B spill stores, {} B spill loads, {} B stack\n{}",
+                r.name,
+                r.registers,
+                r.spill_stores,
+                r.spill_loads,
+                r.stack_frame,
+                c.log
+            );
+        }
+        assert!(seen > 0, "no ptxas report for kernels named {prefix}*:\n{}", c.log);
+    }
+}
+
+use kit::{Fmt, Rng, Weights};
+
+const HEADERS: &[(&str, &str)] = tilefuse_codegen::cuda::HEADERS;
+
+// ---------------------------------------------------------------------------
+// Kernel sources.
+
+/// One matvec configuration.
+#[derive(Clone, Debug)]
+struct Mv {
+    fmt: Fmt,
+    /// "Auto", "Mma" or "Simt".
+    path: &'static str,
+    act: DType,
+    out: DType,
+    max_t: usize,
+    rows: usize,
+    threads: usize,
+    k: usize,
+    norm: bool,
+    /// Bytes the launch-bounds hint lets ptxas assume: CTAs per SM.
+    min_blocks: usize,
+}
+
+impl Mv {
+    fn name(&self, tag: &str) -> String {
+        format!(
+            "mv_{tag}_{}_{}_{}_t{}_r{}_k{}{}",
+            self.fmt.name(),
+            self.path.to_lowercase(),
+            if self.act == DType::BF16 { "xb" } else { "xf" },
+            self.max_t,
+            self.rows,
+            self.k,
+            if self.norm { "_norm" } else { "" }
+        )
+    }
+
+    fn smem(&self) -> usize {
+        kit::matvec_smem(self.path, self.fmt, self.act, self.max_t, self.rows, self.threads, self.k, self.norm)
+    }
+
+    /// `extern "C"` wrapper: `(x, gamma, eps, weights.., y, T, N)`, grid ceil(N / ROWS),
+    /// looping over chunks of MAX_T tokens.
+    fn source(&self, name: &str) -> String {
+        let (act, out) = (kit::cpp(self.act), kit::cpp(self.out));
+        format!(
+            r#"
+extern "C" __global__ void __launch_bounds__({th}, {mb}) {name}(const {act}* x, const {act}* gamma, float eps, {wp}, {out}* y, int T, int N) {{
+    extern __shared__ __align__(16) char smem[];
+    using C = tf::MvCfg<{mt}, {rows}, {th}, {k}, {norm}, tf::MvPath::{path}>;
+    static_assert(tf::matvec_smem_bytes<C, {act}, {wt}>() == {smem}, "matvec smem formula (Rust replica) disagrees");
+    const {wt} w = {ctor};
+    for (int t0 = 0; t0 < T; t0 += {mt})
+        tf::matvec_tile<C>(blockIdx.x, x, t0, min({mt}, T - t0), gamma, eps, w, N,
+            [&](int t, int n, float acc) {{ y[(size_t)t * N + n] = tf::from_float<{out}>(acc); }}, smem);
+}}
+"#,
+            th = self.threads,
+            mb = self.min_blocks,
+            wp = self.fmt.params("w"),
+            mt = self.max_t,
+            rows = self.rows,
+            k = self.k,
+            norm = self.norm,
+            path = self.path,
+            wt = self.fmt.cpp(),
+            smem = self.smem(),
+            ctor = self.fmt.ctor("w"),
+        )
+    }
+}
+
+/// One router configuration.
+#[derive(Clone, Copy, Debug)]
+struct Router {
+    max_t: usize,
+    e: usize,
+    k: usize,
+    n_group: usize,
+    topk_group: usize,
+    softmax: bool,
+    norm: bool,
+    threads: usize,
+    norm_eps: f32,
+    scale: f32,
+}
+
+impl Router {
+    fn name(&self, tag: &str) -> String {
+        format!("router_{tag}_e{}_k{}_g{}_{}_t{}", self.e, self.k, self.n_group, self.topk_group, self.max_t)
+    }
+    fn smem(&self) -> usize {
+        kit::router_smem(self.max_t, self.e, self.k, self.n_group, self.threads)
+    }
+    fn cfg(&self) -> RouterConfig {
+        RouterConfig {
+            score: if self.softmax { ScoreFn::Softmax } else { ScoreFn::Sigmoid },
+            top_k: self.k,
+            n_group: self.n_group,
+            topk_group: self.topk_group,
+            norm_topk: self.norm,
+            norm_eps: self.norm_eps,
+            scale: self.scale,
+        }
+    }
+    fn table_ints(&self) -> usize {
+        2 + 3 * self.max_t * self.k
+    }
+    /// `(logits, bias, T, norm_eps, scale, idx, w, route)`, one CTA.
+    fn source(&self, name: &str) -> String {
+        format!(
+            r#"
+extern "C" __global__ void __launch_bounds__({th}, 1) {name}(const float* logits, const float* bias, int T, float norm_eps, float scale, int* idx, float* w, int* route) {{
+    extern __shared__ __align__(16) char smem[];
+    using C = tf::RouterCfg<{mt}, {e}, {k}, {ng}, {tg}, {sm}, {nm}, {th}>;
+    static_assert(tf::router_smem_bytes<C>() == {smem}, "router smem formula (Rust replica) disagrees");
+    static_assert(tf::route_table_ints({mt}, {k}) == {ti}, "route table size");
+    tf::router_tile<C>(0, logits, bias, T, norm_eps, scale, idx, w, route, smem);
+}}
+"#,
+            th = self.threads,
+            mt = self.max_t,
+            e = self.e,
+            k = self.k,
+            ng = self.n_group,
+            tg = self.topk_group,
+            sm = self.softmax,
+            nm = self.norm,
+            smem = self.smem(),
+            ti = self.table_ints(),
+        )
+    }
+}
+
+/// One expert-FFN configuration (both tiles).
+#[derive(Clone, Copy, Debug)]
+struct Ex {
+    fmt: Fmt,
+    path: &'static str,
+    max_t: usize,
+    k: usize,
+    h: usize,
+    i: usize,
+    rows_up: usize,
+    rows_down: usize,
+    threads: usize,
+}
+
+impl Ex {
+    fn name(&self, tag: &str, up: bool) -> String {
+        format!(
+            "ex_{}_{tag}_{}_{}_t{}_h{}_i{}",
+            if up { "up" } else { "down" },
+            self.fmt.name(),
+            self.path.to_lowercase(),
+            self.max_t,
+            self.h,
+            self.i
+        )
+    }
+    fn smem(&self, up: bool) -> usize {
+        let rows = if up { self.rows_up } else { self.rows_down };
+        kit::experts_smem(up, self.path, self.fmt, self.max_t, rows, self.threads)
+    }
+    fn up_tiles(&self, t: usize, e: usize) -> usize {
+        e.min(t * self.k) * self.i.div_ceil(self.rows_up)
+    }
+    fn down_tiles(&self) -> usize {
+        self.h.div_ceil(self.rows_down)
+    }
+    /// up: `(x, T, route, weights.., h)`; down: `(h, w, T, route, weights.., y)`.
+    fn source(&self, tag: &str) -> String {
+        let cfg = |rows: usize| {
+            format!(
+                "tf::MoeCfg<{}, {}, {}, {}, {}, {}, tf::MvPath::{}>",
+                self.max_t, self.k, rows, self.threads, self.h, self.i, self.path
+            )
+        };
+        format!(
+            r#"
+extern "C" __global__ void __launch_bounds__({th}, 1) {up}(const tf::bf16* x, int T, const int* route, {wp}, tf::bf16* h) {{
+    extern __shared__ __align__(16) char smem[];
+    using C = {cu};
+    static_assert(tf::experts_up_smem_bytes<C, {wt}>() == {su}, "experts_up smem formula (Rust replica) disagrees");
+    tf::experts_up_tile<C>(blockIdx.x, x, T, route, {ctor}, h, smem);
+}}
+extern "C" __global__ void __launch_bounds__({th}, 1) {down}(const tf::bf16* h, const float* w, int T, const int* route, {wp}, tf::bf16* y) {{
+    extern __shared__ __align__(16) char smem[];
+    using C = {cd};
+    static_assert(tf::experts_down_smem_bytes<C, {wt}>() == {sd}, "experts_down smem formula (Rust replica) disagrees");
+    tf::experts_down_tile<C>(blockIdx.x, h, w, T, route, {ctor},
+        [&](int t, int n, float acc) {{ y[(size_t)t * {hd} + n] = tf::from_float<tf::bf16>(acc); }}, smem);
+}}
+"#,
+            th = self.threads,
+            up = self.name(tag, true),
+            down = self.name(tag, false),
+            wp = self.fmt.params("w"),
+            wt = self.fmt.cpp(),
+            ctor = self.fmt.ctor("w"),
+            cu = cfg(self.rows_up),
+            cd = cfg(self.rows_down),
+            su = self.smem(true),
+            sd = self.smem(false),
+            hd = self.h,
+        )
+    }
+}
+
+/// `argmax_{tag}(logits, V, out)` and `sample_{tag}(logits, V, temperature, seed, out)`.
+fn sample_source(tag: &str, logit: DType, threads: usize) -> String {
+    let l = kit::cpp(logit);
+    format!(
+        r#"
+extern "C" __global__ void __launch_bounds__({threads}, 1) argmax_{tag}(const {l}* logits, int V, int* out) {{
+    extern __shared__ __align__(16) char smem[];
+    static_assert(tf::argmax_smem_bytes<{threads}>() == {sa}, "argmax smem");
+    tf::argmax_tile<{threads}>(blockIdx.x, logits, V, out, smem);
+}}
+extern "C" __global__ void __launch_bounds__({threads}, 1) sample_{tag}(const {l}* logits, int V, float temperature, const int* seed, int* out) {{
+    extern __shared__ __align__(16) char smem[];
+    static_assert(tf::sample_smem_bytes<{threads}>() == {ss}, "sample smem");
+    tf::sample_tile<{threads}>(blockIdx.x, logits, V, temperature, seed, out, smem);
+}}
+"#,
+        sa = argmax_smem(threads),
+        ss = sample_smem(threads),
+    )
+}
+
+fn argmax_smem(threads: usize) -> usize {
+    8 * (threads / 32)
+}
+
+fn sample_smem(threads: usize) -> usize {
+    4 * (3 * (threads / 32) + 4)
+}
+
+fn program(kernels: &[String]) -> String {
+    let mut s = String::from("#include \"prelude.cuh\"\n#include \"matvec.cuh\"\n#include \"moe.cuh\"\n#include \"sample.cuh\"\n");
+    for k in kernels {
+        s.push_str(k);
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------
+// NVRTC, no GPU.
+
+/// The shapes instantiated by the compile test.
+fn compile_matrix() -> (Vec<String>, Vec<String>) {
+    let mut kernels = Vec::new();
+    let mut names = Vec::new();
+    let mut mv = |m: Mv| {
+        let n = m.name("c");
+        kernels.push(m.source(&n));
+        names.push(n);
+    };
+    let base = |fmt: Fmt, max_t: usize, rows: usize, k: usize| Mv {
+        fmt,
+        path: "Auto",
+        act: DType::BF16,
+        out: DType::BF16,
+        max_t,
+        rows,
+        threads: 256,
+        k,
+        norm: false,
+        min_blocks: 1,
+    };
+    for fmt in [Fmt::Bf16, Fmt::Mx, Fmt::Nv, Fmt::E4m3] {
+        for max_t in [1, 8, 16] {
+            mv(base(fmt, max_t, 16, 4096)); // MiMo H (q/k/v, gate/up, lm_head)
+        }
+        mv(base(fmt, 1, 32, 2048)); // MiMo expert I / Qwen H
+        mv(base(fmt, 16, 16, 768)); // Qwen expert I
+    }
+    mv(base(Fmt::Bf16, 1, 16, 16384)); // dense MLP down
+    mv(base(Fmt::Bf16, 16, 16, 8192)); // o_proj
+    mv(Mv { norm: true, ..base(Fmt::Bf16, 1, 16, 4096) });
+    mv(Mv { norm: true, ..base(Fmt::Bf16, 16, 64, 4096) });
+    mv(Mv { norm: true, ..base(Fmt::Mx, 8, 32, 2048) });
+    // The router projection: f32 weights and f32 logits (CUDA cores), N = E.
+    for max_t in [1, 8, 16] {
+        mv(Mv { out: DType::F32, ..base(Fmt::F32, max_t, 2, 4096) });
+    }
+    mv(Mv { out: DType::F32, norm: true, ..base(Fmt::F32, 8, 2, 2048) });
+    // Forced CUDA-core path and f32 activations.
+    mv(Mv { path: "Simt", ..base(Fmt::Mx, 4, 16, 4096) });
+    mv(Mv { path: "Simt", ..base(Fmt::Bf16, 1, 16, 4096) });
+    mv(Mv { act: DType::F32, out: DType::F32, ..base(Fmt::Bf16, 4, 16, 2048) });
+
+    for (h, i, e) in [(4096, 2048, 256), (2048, 768, 128)] {
+        let _ = e;
+        for fmt in Fmt::ALL {
+            for max_t in [1, 8, 16] {
+                let ex = Ex {
+                    fmt,
+                    path: "Auto",
+                    max_t,
+                    k: 8,
+                    h,
+                    i,
+                    rows_up: 16,
+                    rows_down: if fmt == Fmt::Bf16 { 16 } else { 32 },
+                    threads: 256,
+                };
+                kernels.push(ex.source("c"));
+                names.push(ex.name("c", true));
+                names.push(ex.name("c", false));
+            }
+        }
+    }
+    for r in [
+        // MiMo-V2: 256 experts, sigmoid, bias, no groups; DeepSeek-style groups; Qwen3 softmax.
+        Router { max_t: 64, e: 256, k: 8, n_group: 1, topk_group: 1, softmax: false, norm: true, threads: 256, norm_eps: 1e-20, scale: 1.0 },
+        Router { max_t: 64, e: 256, k: 8, n_group: 8, topk_group: 4, softmax: false, norm: true, threads: 256, norm_eps: 1e-20, scale: 2.5 },
+        Router { max_t: 64, e: 128, k: 8, n_group: 1, topk_group: 1, softmax: true, norm: true, threads: 256, norm_eps: 0.0, scale: 1.0 },
+        Router { max_t: 16, e: 512, k: 8, n_group: 1, topk_group: 1, softmax: false, norm: true, threads: 256, norm_eps: 1e-20, scale: 1.0 },
+    ] {
+        let n = r.name("c");
+        kernels.push(r.source(&n));
+        names.push(n);
+    }
+    for (tag, dt) in [("c_f32", DType::F32), ("c_bf16", DType::BF16)] {
+        kernels.push(sample_source(tag, dt, 1024));
+        names.push(format!("argmax_{tag}"));
+        names.push(format!("sample_{tag}"));
+    }
+    (kernels, names)
+}
+
+#[test]
+fn every_template_compiles_without_spills() {
+    let (kernels, names) = compile_matrix();
+    // Two programs compiled side by side (NVRTC compiles are independent).
+    let half = kernels.len() / 2;
+    let parts = [program(&kernels[..half]), program(&kernels[half..])];
+    let results: Vec<Compiled> = std::thread::scope(|s| {
+        let hs: Vec<_> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, src)| {
+                s.spawn(move || {
+                    nvrtc::compile(&format!("kernels_weights_{i}"), src, HEADERS, &CompileOptions::default())
+                        .unwrap_or_else(|e| panic!("{e}"))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for n in &names {
+        let r = results
+            .iter()
+            .flat_map(|c| c.resources.iter())
+            .find(|r| &r.name == n)
+            .unwrap_or_else(|| panic!("no ptxas report for {n}"));
+        println!("{n}: {} registers, {} B static smem", r.registers, r.shared);
+    }
+    for c in &results {
+        for prefix in ["mv_", "ex_"] {
+            kit::assert_no_spills(c, prefix);
+        }
+        // Every kernel of the matrix, router and sampling included, is spill-free too.
+        for r in &c.resources {
+            assert!(r.spill_stores == 0 && r.stack_frame == 0, "{r:?}");
+        }
+        if !c.cached {
+            assert!(
+                c.ptx.contains("ld.global.nc.L1::no_allocate.v4.u32"),
+                "weights must be read with 16-byte streaming loads"
+            );
+            assert!(c.ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"), "tensor-core path missing");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// GPU: matvec.
+
+struct MvCase {
+    mv: Mv,
+    n: usize,
+    t: usize,
+}
+
+fn matvec_graph(m: &Mv, n: usize) -> Graph {
+    let mut b = Builder::new("matvec", &["T"]);
+    let x = b.input("x", m.act, shape![T, (m.k)]).unwrap();
+    let xin = if m.norm {
+        let g = b.weight("gamma", m.act, shape![(m.k)]).unwrap();
+        b.rms_norm(x, g, 1e-5).unwrap()
+    } else {
+        x
+    };
+    let w = b.weight("w", m.fmt.dtype(), shape![(n), (m.k)]).unwrap();
+    let y = b.matmul_to(xin, w, m.out).unwrap();
+    b.output("y", y).unwrap();
+    b.finish().unwrap()
+}
+
+#[test]
+fn matvec_matches_the_interpreter() {
+    let mk = |fmt: Fmt, path: &'static str, max_t: usize, rows: usize, k: usize, n: usize, t: usize| MvCase {
+        mv: Mv {
+            fmt,
+            path,
+            act: DType::BF16,
+            out: DType::BF16,
+            max_t,
+            rows,
+            threads: 256,
+            k,
+            norm: false,
+            min_blocks: 1,
+        },
+        n,
+        t,
+    };
+    let mut cases = vec![
+        // bf16 on tensor cores: T = 1, 3, 8, 16, 40 (three chunks of 16), ragged N.
+        mk(Fmt::Bf16, "Auto", 16, 16, 512, 200, 1),
+        mk(Fmt::Bf16, "Auto", 16, 16, 512, 200, 3),
+        mk(Fmt::Bf16, "Auto", 8, 16, 512, 200, 8),
+        mk(Fmt::Bf16, "Auto", 16, 32, 512, 200, 16),
+        mk(Fmt::Bf16, "Auto", 16, 16, 512, 77, 40),
+        // FP4 and FP8.
+        mk(Fmt::Mx, "Auto", 1, 16, 1024, 300, 1),
+        mk(Fmt::Mx, "Auto", 8, 32, 1024, 300, 3),
+        mk(Fmt::Mx, "Auto", 16, 16, 1024, 300, 16),
+        mk(Fmt::Nv, "Auto", 1, 16, 1024, 130, 1),
+        mk(Fmt::Nv, "Auto", 16, 16, 1024, 130, 16),
+        mk(Fmt::E4m3, "Auto", 4, 16, 512, 90, 4),
+        // CUDA cores: f32 weights (router), and forced for the others.
+        mk(Fmt::F32, "Auto", 16, 2, 512, 37, 3),
+        mk(Fmt::Mx, "Simt", 8, 16, 1024, 50, 5),
+        mk(Fmt::Nv, "Simt", 8, 16, 1024, 50, 8),
+        mk(Fmt::Bf16, "Simt", 8, 16, 512, 50, 8),
+        mk(Fmt::E4m3, "Simt", 2, 16, 512, 50, 2),
+    ];
+    cases[11].mv.out = DType::F32;
+    // RMSNorm prologue: bf16 with one chunk, MXFP4 at K = 4096 with T = 16 (chunked x).
+    let mut c = mk(Fmt::Bf16, "Auto", 16, 16, 512, 60, 5);
+    c.mv.norm = true;
+    cases.push(c);
+    let mut c = mk(Fmt::Mx, "Auto", 16, 16, 4096, 40, 16);
+    c.mv.norm = true;
+    cases.push(c);
+    // f32 activations (CUDA cores), norm, f32 out; and the router projection.
+    let mut c = mk(Fmt::F32, "Auto", 4, 4, 1024, 21, 3);
+    c.mv.act = DType::F32;
+    c.mv.out = DType::F32;
+    c.mv.threads = 128;
+    c.mv.norm = true;
+    cases.push(c);
+    let mut c = mk(Fmt::Bf16, "Auto", 4, 4, 1024, 21, 3);
+    c.mv.act = DType::F32;
+    c.mv.out = DType::F32;
+    c.mv.threads = 128;
+    cases.push(c);
+
+    // References first (they need no GPU).
+    let mut r = Rng::new(0x5eed_0001);
+    let mut prepared = Vec::new();
+    for (ci, c) in cases.iter().enumerate() {
+        let m = &c.mv;
+        let x = kit::rand_vals(&mut r, c.t * m.k, m.act, 2.0);
+        let gamma = kit::rand_vals(&mut r, m.k, m.act, 1.0).iter().map(|v| v.abs() + 0.5).map(|v| interp::round_to(m.act, v)).collect::<Vec<_>>();
+        let w = Weights::random(&mut r, m.fmt, &[c.n, m.k]);
+        let g = matvec_graph(m, c.n);
+        let mut vals = BTreeMap::new();
+        vals.insert("x".to_string(), Tensor::f32(m.act, &[c.t, m.k], x.clone()).unwrap());
+        vals.insert("gamma".to_string(), Tensor::f32(m.act, &[m.k], gamma.clone()).unwrap());
+        vals.insert("w".to_string(), w.tensor.clone());
+        let want = kit::f32s(&kit::run_graph(&g, c.t, &vals)["y"]);
+        prepared.push((ci, x, gamma, w, want));
+    }
+    let Some(gpu) = Gpu::open().unwrap() else {
+        println!("{}", Gpu::SKIP);
+        return;
+    };
+    let names: Vec<String> = cases.iter().enumerate().map(|(i, c)| c.mv.name(&format!("g{i}"))).collect();
+    let src = program(&cases.iter().zip(&names).map(|(c, n)| c.mv.source(n)).collect::<Vec<_>>());
+    let module = gpu.load("kernels_weights_matvec", &src, HEADERS).unwrap();
+    for (ci, x, gamma, w, want) in prepared {
+        let c = &cases[ci];
+        let m = &c.mv;
+        let f = module.function(&names[ci]).unwrap();
+        let xb = gpu.upload(&kit::act_bytes(&x, m.act), "x").unwrap();
+        let gb = gpu.upload(&kit::act_bytes(&gamma, m.act), "gamma").unwrap();
+        let (_wbufs, wargs) = w.upload(&gpu, "weights");
+        let yb = kit::poison(&gpu, c.t * c.n * kit::size_of(m.out), "y");
+        let mut args = vec![Arg::Ptr(xb.ptr()), Arg::Ptr(if m.norm { gb.ptr() } else { 0 }), Arg::F32(1e-5)];
+        args.extend(wargs);
+        args.extend([Arg::Ptr(yb.ptr()), Arg::I32(c.t as i32), Arg::I32(c.n as i32)]);
+        gpu.launch(&names[ci], &f, c.n.div_ceil(m.rows) as u32, m.threads as u32, m.smem() as u32, &args).unwrap();
+        gpu.sync(&names[ci]).unwrap();
+        let got = kit::floats(&gpu.download(&yb).unwrap(), m.out);
+        let what = format!("{} (N {}, T {})", names[ci], c.n, c.t);
+        if m.out == DType::F32 {
+            kit::check_f32(&got, &want, 1e-4, &what);
+        } else {
+            kit::check_bf16(&got, &want, 2.0, 1e-3, &what);
+        }
+        println!("ok {what}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// GPU: router and experts.
+
+fn router_graph(r: &Router, bias: bool) -> Graph {
+    let mut b = Builder::new("router", &["T"]);
+    let l = b.input("logits", DType::F32, shape![T, (r.e)]).unwrap();
+    let bi = if bias { Some(b.weight("bias", DType::F32, shape![(r.e)]).unwrap()) } else { None };
+    let idx = b.router_select(l, bi, &r.cfg()).unwrap();
+    let w = b.router_weights(l, idx, &r.cfg()).unwrap();
+    b.output("idx", idx).unwrap();
+    b.output("w", w).unwrap();
+    b.finish().unwrap()
+}
+
+/// The routing table must list the distinct experts ascending and, for each,
+/// its (t, j) pairs ascending.
+#[track_caller]
+fn check_route_table(route: &[i32], idx: &[i32], t: usize, k: usize, what: &str) {
+    let tk = t * k;
+    let mut distinct: Vec<i32> = idx.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let nd = route[0] as usize;
+    assert_eq!(nd, distinct.len(), "{what}: n_distinct");
+    let (expert, offset, pair) = (&route[1..1 + tk], &route[1 + tk..2 + 2 * tk], &route[2 + 2 * tk..2 + 3 * tk]);
+    assert_eq!(&expert[..nd], &distinct[..], "{what}: experts");
+    assert_eq!(offset[nd] as usize, tk, "{what}: last offset");
+    for (d, &e) in distinct.iter().enumerate() {
+        let want: Vec<i32> = (0..tk as i32).filter(|&p| idx[p as usize] == e).collect();
+        assert_eq!(&pair[offset[d] as usize..offset[d + 1] as usize], &want[..], "{what}: pairs of expert {e}");
+    }
+}
+
+/// Logits with some experts shared between neighbouring tokens (so experts
+/// repeat across tokens) and a few exact ties.
+fn router_logits(r: &mut Rng, t: usize, e: usize) -> Vec<f32> {
+    let mut l: Vec<f32> = (0..t * e).map(|_| r.uniform(-3.0, 3.0) as f32).collect();
+    for tt in (1..t).step_by(2) {
+        for j in 0..e / 2 {
+            l[tt * e + j] = l[(tt - 1) * e + j];
+        }
+    }
+    for tt in 0..t {
+        l[tt * e + 5] = l[tt * e + 3];
+    }
+    l
+}
+
+#[test]
+fn router_matches_the_interpreter() {
+    let base = Router { max_t: 64, e: 64, k: 6, n_group: 4, topk_group: 2, softmax: false, norm: true, threads: 256, norm_eps: 1e-20, scale: 2.5 };
+    let cases: Vec<(Router, bool, usize)> = vec![
+        (base, true, 1),
+        (base, true, 7),
+        (base, true, 64),
+        (Router { e: 256, k: 8, n_group: 8, topk_group: 4, ..base }, true, 16),
+        (Router { e: 128, k: 8, n_group: 1, topk_group: 1, softmax: true, norm_eps: 0.0, scale: 1.0, ..base }, false, 16),
+        (Router { e: 100, k: 3, n_group: 1, topk_group: 1, softmax: true, norm: false, scale: 1.0, max_t: 4, threads: 64, ..base }, false, 3),
+        (Router { e: 512, k: 8, n_group: 1, topk_group: 1, max_t: 8, ..base }, true, 5),
+    ];
+    let mut rng = Rng::new(0x5eed_0002);
+    let mut prepared = Vec::new();
+    for (r, bias, t) in &cases {
+        let logits = router_logits(&mut rng, *t, r.e);
+        let bv: Vec<f32> = (0..r.e).map(|_| rng.uniform(-0.3, 0.3) as f32).collect();
+        let mut vals = BTreeMap::new();
+        vals.insert("logits".to_string(), Tensor::f32(DType::F32, &[*t, r.e], logits.clone()).unwrap());
+        vals.insert("bias".to_string(), Tensor::f32(DType::F32, &[r.e], bv.clone()).unwrap());
+        let out = kit::run_graph(&router_graph(r, *bias), *t, &vals);
+        prepared.push((logits, bv, out["idx"].as_i32().unwrap().to_vec(), kit::f32s(&out["w"])));
+    }
+    let Some(gpu) = Gpu::open().unwrap() else {
+        println!("{}", Gpu::SKIP);
+        return;
+    };
+    let names: Vec<String> = cases.iter().enumerate().map(|(i, c)| c.0.name(&format!("g{i}"))).collect();
+    let src = program(&cases.iter().zip(&names).map(|(c, n)| c.0.source(n)).collect::<Vec<_>>());
+    let module = gpu.load("kernels_weights_router", &src, HEADERS).unwrap();
+    for (ci, ((r, bias, t), (logits, bv, want_idx, want_w))) in cases.iter().zip(prepared).enumerate() {
+        let f = module.function(&names[ci]).unwrap();
+        let lb = gpu.upload(&kit::act_bytes(&logits, DType::F32), "logits").unwrap();
+        let bb = gpu.upload(&kit::act_bytes(&bv, DType::F32), "bias").unwrap();
+        let ib = kit::poison(&gpu, t * r.k * 4, "idx");
+        let wb = kit::poison(&gpu, t * r.k * 4, "w");
+        let rb = kit::poison(&gpu, r.table_ints() * 4, "route");
+        let args = [
+            Arg::Ptr(lb.ptr()),
+            Arg::Ptr(if *bias { bb.ptr() } else { 0 }),
+            Arg::I32(*t as i32),
+            Arg::F32(r.norm_eps),
+            Arg::F32(r.scale),
+            Arg::Ptr(ib.ptr()),
+            Arg::Ptr(wb.ptr()),
+            Arg::Ptr(rb.ptr()),
+        ];
+        gpu.launch(&names[ci], &f, 1, r.threads as u32, r.smem() as u32, &args).unwrap();
+        gpu.sync(&names[ci]).unwrap();
+        let what = format!("{} (T {t}, bias {bias})", names[ci]);
+        let idx = kit::ints(&gpu.download(&ib).unwrap());
+        assert_eq!(idx, want_idx, "{what}: expert indices");
+        let w = kit::floats(&gpu.download(&wb).unwrap(), DType::F32);
+        for (i, (&g, &x)) in w.iter().zip(&want_w).enumerate() {
+            assert!((g - x).abs() <= 1e-5 * x.abs(), "{what}: w[{i}] = {g}, want {x}");
+        }
+        check_route_table(&kit::ints(&gpu.download(&rb).unwrap()), &idx, *t, r.k, &what);
+        println!("ok {what}");
+    }
+}
+
+fn experts_graph(r: &Router, fmt: Fmt, h: usize, i: usize) -> Graph {
+    let mut b = Builder::new("moe", &["T"]);
+    let x = b.input("x", DType::BF16, shape![T, (h)]).unwrap();
+    let l = b.input("logits", DType::F32, shape![T, (r.e)]).unwrap();
+    let bi = b.weight("bias", DType::F32, shape![(r.e)]).unwrap();
+    let idx = b.router_select(l, Some(bi), &r.cfg()).unwrap();
+    let w = b.router_weights(l, idx, &r.cfg()).unwrap();
+    let gu = b.weight("gate_up", fmt.dtype(), shape![(r.e), (2 * i), (h)]).unwrap();
+    let dn = b.weight("down", fmt.dtype(), shape![(r.e), (h), (i)]).unwrap();
+    let y = b.experts(x, idx, w, gu, dn).unwrap();
+    b.output("idx", idx).unwrap();
+    b.output("w", w).unwrap();
+    b.output("y", y).unwrap();
+    b.finish().unwrap()
+}
+
+#[test]
+fn experts_match_the_interpreter() {
+    let router = Router { max_t: 16, e: 16, k: 4, n_group: 4, topk_group: 2, softmax: false, norm: true, threads: 256, norm_eps: 1e-20, scale: 2.0 };
+    let ex = |fmt: Fmt, path: &'static str, h: usize, i: usize, rows_up: usize, rows_down: usize| Ex {
+        fmt,
+        path,
+        max_t: 16,
+        k: router.k,
+        h,
+        i,
+        rows_up,
+        rows_down,
+        threads: 256,
+    };
+    let cases: Vec<(Ex, usize)> = vec![
+        // bf16 on tensor cores with ragged tiles: I = 160 in chunks of 64, H = 288 in rows of 64.
+        (ex(Fmt::Bf16, "Auto", 288, 160, 64, 64), 1),
+        (ex(Fmt::Bf16, "Auto", 288, 160, 64, 64), 16),
+        (ex(Fmt::Mx, "Auto", 256, 256, 16, 32), 1),
+        (ex(Fmt::Mx, "Auto", 256, 256, 16, 32), 5),
+        (ex(Fmt::Mx, "Auto", 256, 256, 16, 32), 16),
+        (ex(Fmt::Nv, "Auto", 256, 256, 16, 16), 3),
+        (ex(Fmt::Nv, "Auto", 256, 256, 16, 16), 16),
+        (ex(Fmt::E4m3, "Auto", 256, 128, 16, 16), 8),
+        (ex(Fmt::F32, "Auto", 128, 96, 16, 16), 12),
+        (ex(Fmt::Mx, "Simt", 256, 256, 16, 16), 6),
+    ];
+    let mut rng = Rng::new(0x5eed_0003);
+    let mut prepared = Vec::new();
+    for (c, t) in &cases {
+        let x = kit::rand_vals(&mut rng, t * c.h, DType::BF16, 1.0);
+        let logits = router_logits(&mut rng, *t, router.e);
+        let bias: Vec<f32> = (0..router.e).map(|_| rng.uniform(-0.3, 0.3) as f32).collect();
+        let gu = Weights::random(&mut rng, c.fmt, &[router.e, 2 * c.i, c.h]);
+        let dn = Weights::random(&mut rng, c.fmt, &[router.e, c.h, c.i]);
+        let mut vals = BTreeMap::new();
+        vals.insert("x".to_string(), Tensor::f32(DType::BF16, &[*t, c.h], x.clone()).unwrap());
+        vals.insert("logits".to_string(), Tensor::f32(DType::F32, &[*t, router.e], logits.clone()).unwrap());
+        vals.insert("bias".to_string(), Tensor::f32(DType::F32, &[router.e], bias.clone()).unwrap());
+        vals.insert("gate_up".to_string(), gu.tensor.clone());
+        vals.insert("down".to_string(), dn.tensor.clone());
+        let out = kit::run_graph(&experts_graph(&router, c.fmt, c.h, c.i), *t, &vals);
+        let want_idx = out["idx"].as_i32().unwrap().to_vec();
+        let mut counts = vec![0; router.e];
+        want_idx.iter().for_each(|&e| counts[e as usize] += 1);
+        if *t >= 5 {
+            assert!(counts.iter().any(|&n| n > 1), "the case should repeat an expert across tokens");
+        }
+        prepared.push((x, logits, bias, gu, dn, want_idx, kit::f32s(&out["w"]), kit::f32s(&out["y"])));
+    }
+    let Some(gpu) = Gpu::open().unwrap() else {
+        println!("{}", Gpu::SKIP);
+        return;
+    };
+    let rname = router.name("ex");
+    let mut kernels = vec![router.source(&rname)];
+    kernels.extend(cases.iter().enumerate().map(|(i, (c, _))| c.source(&format!("g{i}"))));
+    let module = gpu.load("kernels_weights_experts", &program(&kernels), HEADERS).unwrap();
+    let rf = module.function(&rname).unwrap();
+    for (ci, ((c, t), (x, logits, bias, gu, dn, want_idx, want_w, want_y))) in cases.iter().zip(prepared).enumerate() {
+        let t = *t;
+        let tag = format!("g{ci}");
+        let (upn, downn) = (c.name(&tag, true), c.name(&tag, false));
+        let (uf, df) = (module.function(&upn).unwrap(), module.function(&downn).unwrap());
+        let xb = gpu.upload(&kit::act_bytes(&x, DType::BF16), "x").unwrap();
+        let lb = gpu.upload(&kit::act_bytes(&logits, DType::F32), "logits").unwrap();
+        let bb = gpu.upload(&kit::act_bytes(&bias, DType::F32), "bias").unwrap();
+        let ib = kit::poison(&gpu, t * router.k * 4, "idx");
+        let wb = kit::poison(&gpu, t * router.k * 4, "w");
+        let rb = kit::poison(&gpu, router.table_ints() * 4, "route");
+        let hb = kit::poison(&gpu, t * router.k * c.i * 2, "h");
+        let yb = kit::poison(&gpu, t * c.h * 2, "y");
+        let (_gbufs, gargs) = gu.upload(&gpu, "gate_up");
+        let (_dbufs, dargs) = dn.upload(&gpu, "down");
+        let rargs = [
+            Arg::Ptr(lb.ptr()),
+            Arg::Ptr(bb.ptr()),
+            Arg::I32(t as i32),
+            Arg::F32(router.norm_eps),
+            Arg::F32(router.scale),
+            Arg::Ptr(ib.ptr()),
+            Arg::Ptr(wb.ptr()),
+            Arg::Ptr(rb.ptr()),
+        ];
+        gpu.launch(&rname, &rf, 1, router.threads as u32, router.smem() as u32, &rargs).unwrap();
+        let mut uargs = vec![Arg::Ptr(xb.ptr()), Arg::I32(t as i32), Arg::Ptr(rb.ptr())];
+        uargs.extend(gargs);
+        uargs.push(Arg::Ptr(hb.ptr()));
+        gpu.launch(&upn, &uf, c.up_tiles(t, router.e) as u32, c.threads as u32, c.smem(true) as u32, &uargs).unwrap();
+        let mut dargs_all = vec![Arg::Ptr(hb.ptr()), Arg::Ptr(wb.ptr()), Arg::I32(t as i32), Arg::Ptr(rb.ptr())];
+        dargs_all.extend(dargs);
+        dargs_all.push(Arg::Ptr(yb.ptr()));
+        gpu.launch(&downn, &df, c.down_tiles() as u32, c.threads as u32, c.smem(false) as u32, &dargs_all).unwrap();
+        gpu.sync(&downn).unwrap();
+        let what = format!("{downn} (T {t})");
+        let idx = kit::ints(&gpu.download(&ib).unwrap());
+        assert_eq!(idx, want_idx, "{what}: expert indices");
+        let w = kit::floats(&gpu.download(&wb).unwrap(), DType::F32);
+        for (i, (&g, &x)) in w.iter().zip(&want_w).enumerate() {
+            assert!((g - x).abs() <= 1e-5 * x.abs(), "{what}: w[{i}] = {g}, want {x}");
+        }
+        check_route_table(&kit::ints(&gpu.download(&rb).unwrap()), &idx, t, router.k, &what);
+        // Every (t, j) row of h was written by its expert's tiles.
+        let h = kit::floats(&gpu.download(&hb).unwrap(), DType::BF16);
+        assert!(h.iter().all(|v| !v.is_nan()), "{what}: h not fully written");
+        let y = kit::floats(&gpu.download(&yb).unwrap(), DType::BF16);
+        kit::check_bf16(&y, &want_y, 2.0, 1.0 / 64.0, &what);
+        println!("ok {what}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// GPU: argmax and sampling.
+
+fn sample_graph(v: usize, dt: DType, temperature: f32) -> Graph {
+    let mut b = Builder::new("choose", &["T"]);
+    let l = b.input("logits", dt, shape![T, (v)]).unwrap();
+    let seed = b.input("seed", DType::I32, shape![2]).unwrap();
+    let a = b.argmax(l).unwrap();
+    let s = b.sample(l, seed, temperature).unwrap();
+    b.output("argmax", a).unwrap();
+    b.output("sample", s).unwrap();
+    b.finish().unwrap()
+}
+
+#[test]
+fn argmax_and_sample_match_the_interpreter() {
+    // (V, logits dtype, temperature, peaked, rows)
+    let cases = [
+        (1000usize, DType::F32, 1.0f32, false, 3usize),
+        (5003, DType::BF16, 0.7, true, 4),
+        (152_576, DType::F32, 1.0, true, 3),
+        (152_576, DType::BF16, 0.8, false, 2),
+    ];
+    let threads = 1024;
+    let mut rng = Rng::new(0x5eed_0004);
+    let seed = [1234i32, 99];
+    let mut prepared = Vec::new();
+    for &(v, dt, temp, peaked, t) in &cases {
+        let mut l = kit::rand_vals(&mut rng, t * v, dt, 3.0);
+        if peaked {
+            for tt in 0..t {
+                for j in 0..5 {
+                    l[tt * v + rng.below(v)] = interp::round_to(dt, 6.0 + j as f32);
+                }
+            }
+        }
+        // A tie for the maximum in row 1 (first index wins), a NaN in row 0 (argmax picks it).
+        let m = l[v..2 * v].iter().cloned().fold(f32::MIN, f32::max);
+        l[v + 17] = m;
+        l[v + 9] = m;
+        l[3] = f32::NAN;
+        let mut vals = BTreeMap::new();
+        vals.insert("logits".to_string(), Tensor::f32(dt, &[t, v], l.clone()).unwrap());
+        vals.insert("seed".to_string(), Tensor::i32(&[2], seed.to_vec()).unwrap());
+        let out = kit::run_graph(&sample_graph(v, dt, temp), t, &vals);
+        prepared.push((l, out["argmax"].as_i32().unwrap().to_vec(), out["sample"].as_i32().unwrap().to_vec()));
+    }
+    // Row 0 holds a NaN: the oracle's sampling falls back to the last positive e_i;
+    // the other rows are ordinary.
+    let Some(gpu) = Gpu::open().unwrap() else {
+        println!("{}", Gpu::SKIP);
+        return;
+    };
+    let src = program(&[sample_source("f32", DType::F32, threads), sample_source("bf16", DType::BF16, threads)]);
+    let module = gpu.load("kernels_weights_sample", &src, HEADERS).unwrap();
+    for (&(v, dt, temp, _, t), (l, want_a, want_s)) in cases.iter().zip(prepared) {
+        let tag = if dt == DType::F32 { "f32" } else { "bf16" };
+        let (an, sn) = (format!("argmax_{tag}"), format!("sample_{tag}"));
+        let (af, sf) = (module.function(&an).unwrap(), module.function(&sn).unwrap());
+        let lb = gpu.upload(&kit::act_bytes(&l, dt), "logits").unwrap();
+        let sb = gpu.upload(&kit::i32_bytes(&seed), "seed").unwrap();
+        let ab = kit::poison(&gpu, 4 * t, "argmax");
+        let ob = kit::poison(&gpu, 4 * t, "sample");
+        gpu.launch(&an, &af, t as u32, threads as u32, argmax_smem(threads) as u32, &[Arg::Ptr(lb.ptr()), Arg::I32(v as i32), Arg::Ptr(ab.ptr())]).unwrap();
+        gpu.launch(
+            &sn,
+            &sf,
+            t as u32,
+            threads as u32,
+            sample_smem(threads) as u32,
+            &[Arg::Ptr(lb.ptr()), Arg::I32(v as i32), Arg::F32(temp), Arg::Ptr(sb.ptr()), Arg::Ptr(ob.ptr())],
+        )
+        .unwrap();
+        gpu.sync(&sn).unwrap();
+        let what = format!("V {v} {dt} T {temp}");
+        assert_eq!(kit::ints(&gpu.download(&ab).unwrap()), want_a, "{what}: argmax");
+        let got = kit::ints(&gpu.download(&ob).unwrap());
+        for row in 0..t {
+            if got[row] == want_s[row] {
+                continue;
+            }
+            // Only a target within 1e-5 of the total from a boundary may differ.
+            let lr = &l[row * v..(row + 1) * v];
+            let m = lr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f64> = lr.iter().map(|&x| f64::from(((x - m) / temp).exp())).collect();
+            let total: f64 = e.iter().sum();
+            let u = f64::from(interp::uniform(seed[0] as u32, (seed[1] as u32).wrapping_add(row as u32)));
+            let target = u * total;
+            let g = usize::try_from(got[row]).unwrap_or_else(|_| panic!("{what}: row {row}: no token"));
+            let before: f64 = e[..g].iter().sum();
+            let tol = 1e-5 * total;
+            assert!(
+                before <= target + tol && before + e[g] >= target - tol,
+                "{what}: row {row}: sampled {g}, the interpreter {}; the target {target} is not within {tol} of token {g}'s interval [{before}, {}]",
+                want_s[row],
+                before + e[g]
+            );
+            println!("note: {what}: row {row} sampled {g}, the interpreter {} (target at a boundary)", want_s[row]);
+        }
+        println!("ok {what}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// GPU: bandwidth, print only.
+
+#[test]
+fn matvec_bandwidth_print_only() {
+    let Some(gpu) = Gpu::open().unwrap() else {
+        println!("{}", Gpu::SKIP);
+        return;
+    };
+    use cudarc::driver::sys::CUevent_flags;
+    // One MiMo expert's gate_up: [2I, H] = [4096, 4096], T = 1. Copies of the
+    // weights rotate so that each launch reads from HBM (> 50 MB L2).
+    let (n, k) = (4096usize, 4096usize);
+    let stream = gpu.stream().clone();
+    let time = |f: &mut dyn FnMut()| -> f64 {
+        f(); // warm-up
+        gpu.sync("warm-up").unwrap();
+        let a = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+        let reps = 20;
+        for _ in 0..reps {
+            f();
+        }
+        let b = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+        f64::from(a.elapsed_ms(&b).unwrap()) / 1e3 / f64::from(reps)
+    };
+    // Device-to-device copy of 512 MiB.
+    let bytes = 512usize << 20;
+    let src = gpu.alloc(bytes, "copy source").unwrap();
+    let dst = gpu.alloc(bytes, "copy destination").unwrap();
+    let copy_s = time(&mut || {
+        // SAFETY: both buffers hold `bytes` bytes and live until after the sync below.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr(), src.ptr(), bytes, stream.cu_stream()) }.unwrap();
+    });
+    gpu.sync("copy").unwrap();
+    let copy_gbs = 2.0 * bytes as f64 / copy_s / 1e9;
+    println!("device-to-device copy: {copy_gbs:.0} GB/s (read + write)");
+    drop((src, dst));
+
+    let mut r = Rng::new(0x5eed_0005);
+    for fmt in [Fmt::Bf16, Fmt::Mx] {
+        let m = Mv {
+            fmt,
+            path: "Auto",
+            act: DType::BF16,
+            out: DType::BF16,
+            max_t: 1,
+            rows: if fmt == Fmt::Bf16 { 16 } else { 32 },
+            threads: 256,
+            k,
+            norm: false,
+            min_blocks: 1,
+        };
+        let name = m.name("bench");
+        let module = gpu.load("kernels_weights_bench", &program(&[m.source(&name)]), HEADERS).unwrap();
+        let f = module.function(&name).unwrap();
+        let w = Weights::random(&mut r, fmt, &[n, k]);
+        let copies = (256usize << 20).div_ceil(fmt.bytes(n, k)).max(2);
+        let uploads: Vec<(Vec<Buffer>, Vec<Arg>)> = (0..copies).map(|_| w.upload(&gpu, "weights")).collect();
+        let x = kit::rand_vals(&mut r, k, DType::BF16, 1.0);
+        let xb = gpu.upload(&kit::act_bytes(&x, DType::BF16), "x").unwrap();
+        let yb = kit::poison(&gpu, n * 2, "y");
+        let mut i = 0usize;
+        let s = time(&mut || {
+            let mut args = vec![Arg::Ptr(xb.ptr()), Arg::Ptr(0), Arg::F32(0.0)];
+            args.extend(uploads[i % copies].1.iter().copied());
+            args.extend([Arg::Ptr(yb.ptr()), Arg::I32(1), Arg::I32(n as i32)]);
+            gpu.launch(&name, &f, n.div_ceil(m.rows) as u32, m.threads as u32, m.smem() as u32, &args).unwrap();
+            i += 1;
+        });
+        gpu.sync(&name).unwrap();
+        let gbs = fmt.bytes(n, k) as f64 / s / 1e9;
+        println!(
+            "matvec {} [{n} x {k}], T = 1, ROWS {}: {:.1} us, {gbs:.0} GB/s = {:.0}% of the copy",
+            fmt.name(),
+            m.rows,
+            s * 1e6,
+            100.0 * gbs / copy_gbs
+        );
+    }
+}
