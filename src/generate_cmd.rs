@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
 use std::time::Instant;
 
 use tilefuse::model::checkpoint::{self, LoadOptions};
@@ -73,26 +74,6 @@ struct Ready {
     weights: String,
 }
 
-/// The end-of-sequence ids of a checkpoint: config.json's and
-/// generation_config.json's `eos_token_id`.
-fn eos_ids(dir: &Path, config_eos: &[i64]) -> Vec<i64> {
-    let mut ids = config_eos.to_vec();
-    if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
-        if let Ok(v) = serde_json_lite(&text) {
-            ids.extend(v);
-        }
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
-
-/// The `eos_token_id` of a generation config, without a JSON dependency in
-/// the binary: the model crate's parser reads it as a config field.
-fn serde_json_lite(text: &str) -> Result<Vec<i64>, ()> {
-    tilefuse::model::config::eos_token_ids(text).map_err(|_| ())
-}
-
 fn prepare(args: &GenerateArgs<'_>) -> Result<Ready, String> {
     match args.source {
         Source::Preset(name) => {
@@ -131,7 +112,7 @@ fn prepare(args: &GenerateArgs<'_>) -> Result<Ready, String> {
                 (Err(_), Prompt::Ids(_)) => Tokenizer::Bytes,
                 (Err(e), Prompt::Text(_)) => return Err(e.to_string()),
             };
-            let eos = eos_ids(dir, &m.config.eos_token_ids);
+            let eos = checkpoint::eos_token_ids(dir, &m.config);
             let weights = format!(
                 "{} weights, {} experts, {}",
                 m.options.dtype,
@@ -198,6 +179,17 @@ pub fn run(args: GenerateArgs<'_>) -> Result<(), String> {
             "prompt token id {bad} is outside the model's vocabulary of {vocab} (ids 0..{vocab})"
         ));
     }
+    // Session::generate checks this too; here it comes before any output.
+    let needed = ids.len() + args.max_tokens.saturating_sub(1);
+    if needed > context {
+        return Err(format!(
+            "the prompt ({} tokens) plus {} new tokens need {needed} positions, past the context limit of {context}; \
+             shorten the prompt, ask for fewer tokens{}",
+            ids.len(),
+            args.max_tokens,
+            if model_dir.is_some() { " or pass a larger --context" } else { "" }
+        ));
+    }
     let sampling = if args.temperature == 0.0 {
         Sampling::Greedy
     } else {
@@ -211,7 +203,11 @@ pub fn run(args: GenerateArgs<'_>) -> Result<(), String> {
     let mut stream = StreamDecoder::new();
     if !args.json {
         eprintln!("{name} on {backend} ({weights}); loaded in {load:.1?}");
-        let _ = out.write_all(tokenizer.decode(&ids).as_bytes());
+        let shown = match &args.prompt {
+            Prompt::Text(t) => t.to_string(),
+            Prompt::Ids(_) => tokenizer.decode(&ids),
+        };
+        let _ = out.write_all(shown.as_bytes());
         let _ = out.flush();
     }
     let json = args.json;

@@ -1,14 +1,14 @@
 //! The `tilefuse` command line.
 
 mod bench_cmd;
+mod checkpoint_cmds;
+mod generate_cmd;
 
-use std::io::Write;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tilefuse::model::presets;
-use tilefuse::runtime::{Backend, Executable, LaunchMode, Sampling, Session};
+use tilefuse::runtime::{Backend, LaunchMode};
 
 #[derive(Parser)]
 #[command(name = "tilefuse", version, about = "Fused, memory-bound decoding for Mixture-of-Experts models")]
@@ -45,16 +45,31 @@ enum EmitArg {
     Ptx,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    /// OCP MXFP4: blocks of 32, E8M0 scales.
+    Mxfp4,
+    /// NVFP4: blocks of 16, E4M3 scales, one f32 scale per tensor.
+    Nvfp4,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Generate text from a prompt (a built-in model when none is given).
+    /// Generate text from a prompt with a checkpoint (`--model`) or a built-in
+    /// model (`--preset`; the default preset when neither is given).
     Generate {
-        /// Built-in model (see `tilefuse presets`).
-        #[arg(long, default_value = presets::DEFAULT)]
-        preset: String,
-        /// The prompt (byte-level tokens for built-in models).
+        /// A Hugging Face checkpoint directory (config.json + safetensors).
+        #[arg(long, conflicts_with = "preset")]
+        model: Option<std::path::PathBuf>,
+        /// Built-in model with random weights (see `tilefuse presets`) [default: mimo-v2-tiny].
+        #[arg(long)]
+        preset: Option<String>,
+        /// The prompt (tokenized by the checkpoint's tokenizer.json, else as bytes).
         #[arg(long, default_value = "def fibonacci(n):")]
         prompt: String,
+        /// The prompt as comma-separated token ids instead of text.
+        #[arg(long, conflicts_with = "prompt")]
+        prompt_ids: Option<String>,
         /// Tokens to generate.
         #[arg(long, default_value_t = 32)]
         max_tokens: usize,
@@ -70,9 +85,38 @@ enum Command {
         /// How GPU kernels are launched.
         #[arg(long, value_enum, default_value = "graph")]
         mode: ModeArg,
+        /// Positions the KV caches hold [default: the preset's; for a checkpoint
+        /// max_position_embeddings, at most 4096].
+        #[arg(long)]
+        context: Option<usize>,
         /// Print one JSON object (prompt and generated ids, text, timings) instead of streaming text.
         #[arg(long)]
         json: bool,
+    },
+    /// Write a built-in model (random weights) as a checkpoint directory
+    /// that transformers and `tilefuse generate --model` load.
+    Init {
+        /// Built-in model (see `tilefuse presets`).
+        #[arg(long)]
+        preset: String,
+        /// The directory to create (must not exist).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Seed of the random weights (as `generate --seed`).
+        #[arg(long, default_value_t = 0)]
+        seed: u32,
+    },
+    /// Write a copy of a checkpoint with its routed experts in FP4 (the rest as it was).
+    Quantize {
+        /// The checkpoint directory to read.
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// The directory to create (must not exist); written atomically.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// The FP4 format of the experts.
+        #[arg(long, value_enum)]
+        format: FormatArg,
     },
     /// Print a built-in model's IR: the whole forward, or one decoder layer.
     Graph {
@@ -210,139 +254,61 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Generate {
+            model,
             preset,
             prompt,
+            prompt_ids,
             max_tokens,
             temperature,
             seed,
             backend,
             mode,
+            context,
             json,
-        } => generate(&preset, &prompt, max_tokens, temperature, seed, backend, mode, json),
+        } => {
+            let source = match (&model, &preset) {
+                (Some(dir), _) => generate_cmd::Source::Model(dir),
+                (None, Some(name)) => generate_cmd::Source::Preset(name),
+                (None, None) => generate_cmd::Source::Preset(presets::DEFAULT),
+            };
+            let prompt = match &prompt_ids {
+                Some(ids) => generate_cmd::Prompt::Ids(generate_cmd::parse_ids(ids)?),
+                None => generate_cmd::Prompt::Text(&prompt),
+            };
+            generate_cmd::run(generate_cmd::GenerateArgs {
+                source,
+                prompt,
+                max_tokens,
+                temperature,
+                seed,
+                backend: resolve_backend(backend, mode),
+                context,
+                json,
+            })
+        }
+        Command::Init { preset, out, seed } => checkpoint_cmds::init(&preset, &out, u64::from(seed)),
+        Command::Quantize { model, out, format } => {
+            let format = match format {
+                FormatArg::Mxfp4 => tilefuse::ir::fp4::Fp4Format::Mx,
+                FormatArg::Nvfp4 => tilefuse::ir::fp4::Fp4Format::Nv,
+            };
+            checkpoint_cmds::quantize(&model, &out, format)
+        }
     }
 }
 
-/// Writes the complete UTF-8 prefix of `pending` and keeps an incomplete tail.
-fn flush_utf8(pending: &mut Vec<u8>, out: &mut impl Write) {
-    let valid = match std::str::from_utf8(pending) {
-        Ok(s) => s.len(),
-        Err(e) if e.error_len().is_none() => e.valid_up_to(),
-        Err(_) => pending.len(),
-    };
-    let _ = out.write_all(String::from_utf8_lossy(&pending[..valid]).as_bytes());
-    let _ = out.flush();
-    pending.drain(..valid);
-}
-
-#[allow(clippy::too_many_arguments)]
-fn generate(
-    preset: &str,
-    prompt: &str,
-    max_tokens: usize,
-    temperature: f32,
-    seed: u32,
-    backend: BackendArg,
-    mode: ModeArg,
-    json: bool,
-) -> Result<(), String> {
-    if prompt.is_empty() {
-        return Err("the prompt is empty; pass some text with --prompt".into());
-    }
-    if !(temperature >= 0.0 && temperature.is_finite()) {
-        return Err(format!("--temperature must be >= 0 (0 = greedy), found {temperature}"));
-    }
-    let p = presets::by_name(preset)?;
+/// The backend a `--backend` choice means on this machine.
+fn resolve_backend(backend: BackendArg, mode: ModeArg) -> Backend {
     let mode = match mode {
         ModeArg::Stream => LaunchMode::Stream,
         ModeArg::Graph => LaunchMode::Graph,
         ModeArg::Persistent => LaunchMode::Persistent,
     };
     let has_gpu = || matches!(tilefuse::runtime::gpu::Gpu::open(), Ok(Some(_)));
-    let backend = match backend {
+    match backend {
         BackendArg::Cpu => Backend::Cpu,
         BackendArg::Cuda => Backend::Cuda(mode),
         BackendArg::Auto if has_gpu() => Backend::Cuda(mode),
         BackendArg::Auto => Backend::Cpu,
-    };
-    let t_load = Instant::now();
-    let graph = p.arch.forward_graph(&p.options).map_err(|e| e.to_string())?;
-    let weights = presets::random_weights(&graph, u64::from(seed)).map_err(|e| e.to_string())?;
-    let exe = Executable::new(graph, weights, backend).map_err(|e| e.to_string())?;
-    let load = t_load.elapsed();
-    let mut session = Session::new(exe, p.options.context, p.options.max_tokens).map_err(|e| e.to_string())?;
-    let vocab = session.vocab();
-    // Built-in models read bytes: token id = byte value.
-    let ids: Vec<i32> = prompt.bytes().map(i32::from).collect();
-    if vocab < 256 {
-        return Err(format!("preset {preset} has a vocabulary of {vocab}, too small for byte tokens"));
     }
-    let sampling = if temperature == 0.0 {
-        Sampling::Greedy
-    } else {
-        Sampling::Temperature { temperature, seed }
-    };
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let mut pending = Vec::new();
-    if !json {
-        eprintln!("{} on {backend} (random weights, seed {seed}); loaded in {:.1?}", p.name, load);
-        let _ = out.write_all(prompt.as_bytes());
-    }
-    let generated = session
-        .generate(&ids, max_tokens, sampling, |tok| {
-            if !json {
-                match u8::try_from(tok) {
-                    Ok(b) => pending.push(b),
-                    Err(_) => pending.extend(format!("<{tok}>").bytes()),
-                }
-                flush_utf8(&mut pending, &mut out);
-            }
-            true
-        })
-        .map_err(|e| e.to_string())?;
-    let bytes: Vec<u8> = generated
-        .iter()
-        .flat_map(|&t| u8::try_from(t).map(|b| vec![b]).unwrap_or_else(|_| format!("<{t}>").into_bytes()))
-        .collect();
-    let text = String::from_utf8_lossy(&bytes).to_string();
-    let ttft = session.times.prefill;
-    let decode: std::time::Duration = session.times.decode.iter().sum();
-    let n_dec = session.times.decode.len();
-    let tps = if decode.is_zero() { 0.0 } else { n_dec as f64 / decode.as_secs_f64() };
-    if json {
-        let list = |v: &[i32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
-        println!(
-            "{{\"preset\":{},\"backend\":\"{backend}\",\"prompt_ids\":[{}],\"generated_ids\":[{}],\"text\":{},\"time_to_first_token_s\":{:.6},\"decode_tokens\":{n_dec},\"decode_s\":{:.6},\"tokens_per_s\":{:.3}}}",
-            json_str(p.name),
-            list(&ids),
-            list(&generated),
-            json_str(&text),
-            ttft.as_secs_f64(),
-            decode.as_secs_f64(),
-            tps
-        );
-    } else {
-        flush_utf8(&mut pending, &mut out);
-        let _ = writeln!(out);
-        eprintln!(
-            "time to first token {:.1?} ({} prompt tokens), {n_dec} decode steps at {tps:.1} tokens/s",
-            ttft,
-            ids.len()
-        );
-    }
-    Ok(())
-}
-
-fn json_str(s: &str) -> String {
-    let mut o = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
 }

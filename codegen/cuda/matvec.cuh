@@ -311,7 +311,7 @@ enum class MvPath : int { Auto = 0, Simt = 1, Mma = 2 };
 //           32 bf16, 64 E4M3, 128 FP4; the SIMT path needs K % EPV == 0 only)
 //   NORM    RMSNorm prologue over x (gamma, eps)
 //   PATH    MMA / SIMT / Auto
-//   U       k-blocks in flight per lane and row (0: default, 4 for bf16/E4M3, 2 for FP4 and SIMT)
+//   U       k-blocks in flight per lane and row (0: default, 4 on the MMA path, 2 on SIMT)
 template <int MAX_T, int ROWS, int THREADS, int K, bool NORM = false, MvPath PATH = MvPath::Auto, int U = 0>
 struct MvCfg {
     enum : int { max_t = MAX_T, rows = ROWS, threads = THREADS, k = K, u = U };
@@ -345,7 +345,7 @@ struct Plan {
         NKB = cdiv(K, KB),
         NT = cdiv(MAXCOL, 8),               // MMA n-tiles
         NCOLP = MMA_ ? 8 * NT : MAXCOL,     // columns of the reduction buffer
-        U = U_ > 0 ? U_ : (MMA_ && EPV < 32 ? 4 : 2),
+        U = U_ > 0 ? U_ : (MMA_ ? 4 : 2),
     };
     static_assert(THREADS % 32 == 0, "THREADS must be a multiple of 32");
     static_assert(NROWS % G == 0, "rows per tile must be a multiple of the row group (16 on the MMA path)");
@@ -385,19 +385,16 @@ template <class P, class W, int K> struct MmaWarp {
         for (int kb = kb0; kb < kb1; kb += kbs * P::U) {
             uint4 va[P::U], vb[P::U];
             typename W::Aux sa[P::U], sb[P::U];
-            // All weight loads of the batch first (2 * U 16-byte loads in flight per lane).
+            // All weight loads of the batch first (2 * U 16-byte loads in flight
+            // per lane). Past kb1 the last k-block is loaded again (no branch
+            // around the loads; its products are skipped below).
 #pragma unroll
             for (int u = 0; u < P::U; ++u) {
-                const int kbu = kb + u * kbs;
-                va[u] = vb[u] = make_uint4(0, 0, 0, 0);
-                sa[u] = sb[u] = typename W::Aux{};
-                if (kbu < kb1) {
-                    const int k = kbu * P::KB + q * EPV;
-                    va[u] = w.load(ra, k, K);
-                    vb[u] = w.load(rb, k, K);
-                    sa[u] = w.aux(ra, k, K);
-                    sb[u] = w.aux(rb, k, K);
-                }
+                const int k = min(kb + u * kbs, kb1 - 1) * P::KB + q * EPV;
+                va[u] = w.load(ra, k, K);
+                vb[u] = w.load(rb, k, K);
+                sa[u] = w.aux(ra, k, K);
+                sb[u] = w.aux(rb, k, K);
             }
 #pragma unroll
             for (int u = 0; u < P::U; ++u) {
@@ -479,17 +476,15 @@ template <class P, class W, int K, typename Act> struct SimtWarp {
         for (int kb = kb0; kb < kb1; kb += kbs * P::U) {
             uint4 v[P::U][G];
             typename W::Aux a[P::U][G];
+            // Loads of the batch first; out-of-range vectors load the row's
+            // last vector instead (no branch) and are skipped below.
 #pragma unroll
             for (int u = 0; u < P::U; ++u) {
-                const int k = (kb + u * kbs) * P::KB + lane * EPV;
+                const int k = min(min(kb + u * kbs, kb1 - 1) * P::KB + lane * EPV, K - EPV);
 #pragma unroll
                 for (int r = 0; r < G; ++r) {
-                    v[u][r] = make_uint4(0, 0, 0, 0);
-                    a[u][r] = typename W::Aux{};
-                    if (kb + u * kbs < kb1 && k < K) {
-                        v[u][r] = w.load(rows[r], k, K);
-                        a[u][r] = w.aux(rows[r], k, K);
-                    }
+                    v[u][r] = w.load(rows[r], k, K);
+                    a[u][r] = w.aux(rows[r], k, K);
                 }
             }
 #pragma unroll

@@ -48,6 +48,14 @@ pub enum KernelKind {
         q_norm: Option<NodeId>,
         /// The group that appends this attention's keys and values.
         append: NodeId,
+        /// Keys split across tiles (flash-decoding): partials go to a
+        /// workspace that an [`KernelKind::AttentionCombine`] kernel merges.
+        split: bool,
+    },
+    /// Merges the split-key partials of an attention into its output.
+    AttentionCombine {
+        /// The `attn.attention` node.
+        attn: NodeId,
     },
     /// Expert choice and weights, and the routing table of the expert kernels.
     Router {
@@ -94,6 +102,7 @@ impl KernelKind {
             KernelKind::MatVec { .. } => "matvec",
             KernelKind::RopeAppend { .. } => "rope_append",
             KernelKind::Attention { .. } => "attention",
+            KernelKind::AttentionCombine { .. } => "attention_combine",
             KernelKind::Router { .. } => "router",
             KernelKind::ExpertsUp { .. } => "moe_up",
             KernelKind::ExpertsDown { .. } => "moe_down",

@@ -367,6 +367,11 @@ fn schedule(f: &Fused) -> Result<Vec<usize>, CodegenError> {
             KernelKind::MatVec { norm: Some(nm), .. } => {
                 nodes.insert(nm);
             }
+            // A split attention kernel reads the caches of the attention node it
+            // does not own (its combine kernel does).
+            KernelKind::Attention { attn, .. } => {
+                nodes.insert(attn);
+            }
             _ => {}
         }
         for &node in &nodes {
@@ -433,11 +438,22 @@ fn accesses(
     let mut cache_reads = BTreeSet::new();
     let mut cache_writes = BTreeSet::new();
     let mut computed: BTreeSet<NodeId> = group.nodes.clone();
-    if let KernelKind::MatVec { norm: Some(nm), .. } = group.kind {
-        computed.insert(nm);
-    }
-    if let KernelKind::ExpertsUp { experts } = group.kind {
-        computed.insert(experts);
+    match group.kind {
+        KernelKind::MatVec { norm: Some(nm), .. } => {
+            computed.insert(nm);
+        }
+        KernelKind::ExpertsUp { experts } => {
+            computed.insert(experts);
+        }
+        KernelKind::Attention { attn, .. } => {
+            computed.insert(attn);
+        }
+        // The combine kernel reads only the attention kernel's partials
+        // (found below) and the sinks, a weight.
+        KernelKind::AttentionCombine { .. } => {
+            computed.clear();
+        }
+        _ => {}
     }
     for &node in &computed {
         for i in g.inputs(node) {
@@ -464,11 +480,13 @@ fn accesses(
     // The up kernel of the experts writes only its workspace; the down
     // kernel reads it and writes the node.
     match group.kind {
-        KernelKind::ExpertsUp { experts } => {
+        KernelKind::ExpertsUp { .. } | KernelKind::Attention { split: true, .. } => {
             for (slot, _, _) in &tiling.workspaces {
                 writes.insert(Value::Work(ki, *slot));
             }
-            let _ = experts;
+        }
+        KernelKind::AttentionCombine { attn } => {
+            writes.insert(Value::Node(attn));
         }
         _ => {
             for &node in &group.nodes {
@@ -497,6 +515,7 @@ fn accesses(
                 g.inputs(*experts)[1] == *select
             }
             (KernelKind::ExpertsUp { experts: a }, KernelKind::ExpertsDown { experts: b }) => a == b,
+            (KernelKind::Attention { attn: a, split: true, .. }, KernelKind::AttentionCombine { attn: b }) => a == b,
             _ => false,
         };
         if reads_it {

@@ -127,6 +127,23 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     config::parse(&read_text(&path)?, &path.display().to_string())
 }
 
+/// The end-of-sequence token ids of a checkpoint: `eos_token_id` of its
+/// config and of its `generation_config.json` (one id or a list), if any.
+pub fn eos_token_ids(dir: &Path, cfg: &ModelConfig) -> Vec<i64> {
+    let mut ids = cfg.eos_token_ids.clone();
+    let generation = std::fs::read_to_string(dir.join("generation_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok());
+    match generation.as_ref().and_then(|g| g.get("eos_token_id")) {
+        Some(Value::Number(n)) => ids.extend(n.as_i64()),
+        Some(Value::Array(a)) => ids.extend(a.iter().filter_map(Value::as_i64)),
+        _ => {}
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// Why a safetensors file could not be read, in words.
 fn explain(file: &str, len: usize, bytes: &[u8], e: &SafeTensorError) -> String {
     let fix = "re-download or re-save the checkpoint";
@@ -305,19 +322,28 @@ impl Checkpoint {
         if !also.is_empty() {
             looked = format!(" (nor {})", also.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", "));
         }
-        let parent = name.rsplit_once('.').map_or("", |(p, _)| p);
-        let near: Vec<&str> = self
-            .names()
-            .filter(|n| !parent.is_empty() && n.starts_with(parent) && n[parent.len()..].starts_with('.'))
-            .take(8)
-            .collect();
+        // The nearest enclosing module that holds anything, and what it holds.
+        let mut parent = name;
+        let mut near: Vec<&str> = Vec::new();
+        while let Some((p, _)) = parent.rsplit_once('.') {
+            parent = p;
+            near = self
+                .names()
+                .filter(|n| n.starts_with(parent) && n[parent.len()..].starts_with('.'))
+                .take(12)
+                .collect();
+            if !near.is_empty() {
+                break;
+            }
+        }
         let hint = if near.is_empty() {
             format!(
-                "; the checkpoint holds {} tensors, none under `{parent}`; is it a model of another architecture or size?",
+                "; none of its {} tensors shares a prefix with it; is it a model of another architecture?",
                 self.tensors.len()
             )
         } else {
-            format!("; under `{parent}` it holds: {}", near.iter().map(|n| format!("`{}`", &n[parent.len() + 1..])).collect::<Vec<_>>().join(", "))
+            let list: Vec<String> = near.iter().map(|n| format!("`{}`", &n[parent.len() + 1..])).collect();
+            format!("; under `{parent}` it holds {}", list.join(", "))
         };
         LoadError::new(format!("tensor `{name}` is missing from {}{looked}{hint}", self.dir.display()))
     }

@@ -15,6 +15,7 @@ pub mod gpu;
 pub mod inspect;
 pub mod nvrtc;
 pub mod session;
+pub mod speculative;
 
 pub use cuda_exec::LaunchMode;
 pub use executable::{Backend, Executable};

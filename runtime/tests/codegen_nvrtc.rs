@@ -38,3 +38,10 @@ fn canonical_graphs_compile() {
         compile_graph(canonical::norm_linear(DType::NVFP4).unwrap(), t);
     }
 }
+
+#[test]
+fn attention_block_compiles() {
+    for t in [1, 8, 16, 64] {
+        compile_graph(canonical::attention_block().unwrap(), t);
+    }
+}

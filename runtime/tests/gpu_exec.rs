@@ -97,3 +97,17 @@ fn norm_linear_matches_the_interpreter() {
         }
     }
 }
+
+#[test]
+fn attention_block_matches_the_interpreter_across_the_ring() {
+    let Some(mut gpu) = Gpu::open().unwrap() else {
+        println!("{}", Gpu::SKIP);
+        return;
+    };
+    let g = tilefuse_model::canonical::attention_block().unwrap();
+    // Prefill 5, decode, a block of 16, decodes past the ring's 31 slots, a block of 8.
+    let steps = [(0, 5), (5, 1), (6, 16), (22, 1), (23, 1), (24, 8), (32, 1), (33, 16), (49, 1)];
+    for mode in [LaunchMode::Stream, LaunchMode::Graph, LaunchMode::Persistent] {
+        gpu = check(gpu, &g, &steps, mode, &[1, 8, 16]);
+    }
+}

@@ -758,8 +758,13 @@ struct Kernels {
 
 fn load(gpu: &Gpu, l: &Layer, name: &str) -> Kernels {
     let src = format!("#include \"attention.cuh\"\n{}", l.wrappers("k"));
+    // The program name: the case description with anything but [A-Za-z0-9_] as '_'.
+    let prog: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
     let m = gpu
-        .load(name, &src, tilefuse_codegen::cuda::HEADERS)
+        .load(&prog, &src, tilefuse_codegen::cuda::HEADERS)
         .unwrap_or_else(|e| panic!("{e}"));
     for r in &m.compiled.resources {
         assert_eq!(
@@ -1288,8 +1293,22 @@ fn gpu_attention_decode_timing_16k() {
     let full = mimo_full();
     let variants = [
         ("full, 32 splits x 544", full),
-        ("full, 33 splits x 512", Layer { nsplit: 33, ch: 512, ..full }),
-        ("full, 64 splits x 288", Layer { nsplit: 64, ch: 288, ..full }),
+        (
+            "full, 33 splits x 512",
+            Layer {
+                nsplit: 33,
+                ch: 512,
+                ..full
+            },
+        ),
+        (
+            "full, 64 splits x 288",
+            Layer {
+                nsplit: 64,
+                ch: 288,
+                ..full
+            },
+        ),
         ("sliding w128, 1 split", mimo_sliding()),
         (
             "sliding w128, 4 splits x 32",

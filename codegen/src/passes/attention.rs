@@ -90,17 +90,31 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
             },
             append_nodes,
         ));
-        let mut attn_nodes = vec![a, q];
+        // Over a full cache (thousands of positions) the keys are split across
+        // tiles and merged by a second kernel, which then owns the output; a
+        // sliding window's ring is read by one tile per query block.
+        let Op::Attn(Attn::KvAppend { ring, .. }) = f.graph.node(keys).op else {
+            unreachable!("checked above")
+        };
+        let split = !ring;
+        let mut attn_nodes = vec![q];
         attn_nodes.extend(q_norm);
+        if !split {
+            attn_nodes.push(a);
+        }
         f.groups.push(Group::new(
             KernelKind::Attention {
                 attn: a,
                 q_rope: q,
                 q_norm,
                 append: keys,
+                split,
             },
             attn_nodes,
         ));
+        if split {
+            f.groups.push(Group::new(KernelKind::AttentionCombine { attn: a }, [a]));
+        }
     }
     Ok(())
 }
