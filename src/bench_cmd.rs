@@ -34,7 +34,15 @@ fn peer_rows(preset: &presets::Preset, contexts: &[usize]) -> Vec<String> {
     for &ctx in contexts {
         eprintln!("peer: transformers {arch}, {layers} layers, context {ctx}");
         match std::process::Command::new("python3")
-            .args(["tools/bench_peer.py", "--arch", arch, "--layers", &layers.to_string(), "--context", &ctx.to_string()])
+            .args([
+                "tools/bench_peer.py",
+                "--arch",
+                arch,
+                "--layers",
+                &layers.to_string(),
+                "--context",
+                &ctx.to_string(),
+            ])
             .output()
         {
             Ok(o) if o.status.success() => {
@@ -42,7 +50,13 @@ fn peer_rows(preset: &presets::Preset, contexts: &[usize]) -> Vec<String> {
                     out.push(l.to_string());
                 }
             }
-            Ok(o) => eprintln!("peer failed: {}", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")),
+            Ok(o) => eprintln!(
+                "peer failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            ),
             Err(e) => eprintln!("peer not run: {e}"),
         }
     }
@@ -63,12 +77,25 @@ pub fn run(a: BenchArgs<'_>) -> Result<(), String> {
     let mut gpu = gpu;
     for name in a.presets {
         let p = presets::by_name(name)?;
-        let graph = p.arch.forward_graph(&p.options).map_err(|e| e.to_string())?;
+        let graph = p
+            .arch
+            .forward_graph(&p.options)
+            .map_err(|e| e.to_string())?;
         let label = format!("{} ({}L)", p.name, p.arch.num_layers());
-        let (r, k, g) = bench::bench_model(gpu, &label, &graph, a.tokens, a.contexts, a.modes, bandwidth, a.reps, |m| {
-            eprint!("\r\x1b[K{m}");
-            let _ = std::io::stderr().flush();
-        })
+        let (r, k, g) = bench::bench_model(
+            gpu,
+            &label,
+            &graph,
+            a.tokens,
+            a.contexts,
+            a.modes,
+            bandwidth,
+            a.reps,
+            |m| {
+                eprint!("\r\x1b[K{m}");
+                let _ = std::io::stderr().flush();
+            },
+        )
         .map_err(|e| e.to_string())?;
         eprintln!();
         gpu = g;
@@ -82,7 +109,9 @@ pub fn run(a: BenchArgs<'_>) -> Result<(), String> {
     }
     let mut text = bench::table(&device, bandwidth, &rows);
     if !kernels.is_empty() {
-        text.push_str("\nslowest kernels of the first decode forward (stream mode, median of 20):\n");
+        text.push_str(
+            "\nslowest kernels of the first decode forward (stream mode, median of 20):\n",
+        );
         let mut ks = kernels.clone();
         ks.sort_by(|a, b| b.1.total_cmp(&a.1));
         for (n, t) in ks.iter().take(12) {
@@ -96,12 +125,20 @@ pub fn run(a: BenchArgs<'_>) -> Result<(), String> {
         }
     }
     print!("{text}");
-    std::fs::create_dir_all(a.out).map_err(|e| format!("cannot create {}: {e}", a.out.display()))?;
+    std::fs::create_dir_all(a.out)
+        .map_err(|e| format!("cannot create {}: {e}", a.out.display()))?;
     let mut json = bench::json(&device, bandwidth, &rows, &kernels);
     if !peers.is_empty() {
-        json = json.trim_end().trim_end_matches('}').to_string() + ",\"peer\":[" + &peers.join(",") + "]}\n";
+        json = json.trim_end().trim_end_matches('}').to_string()
+            + ",\"peer\":["
+            + &peers.join(",")
+            + "]}\n";
     }
-    for (file, body) in [("bench.json", json), ("bench.svg", bench::svg(&rows)), ("bench.txt", text)] {
+    for (file, body) in [
+        ("bench.json", json),
+        ("bench.svg", bench::svg(&rows)),
+        ("bench.txt", text),
+    ] {
         let tmp = a.out.join(format!(".{file}.tmp"));
         std::fs::write(&tmp, body).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
         std::fs::rename(&tmp, a.out.join(file)).map_err(|e| format!("cannot write {file}: {e}"))?;

@@ -33,10 +33,9 @@ pub fn parse_ids(s: &str) -> Result<Vec<i32>, String> {
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .map(|p| {
-            p.parse::<i32>()
-                .ok()
-                .filter(|&i| i >= 0)
-                .ok_or_else(|| format!("--prompt-ids: `{p}` is not a token id (a non-negative integer)"))
+            p.parse::<i32>().ok().filter(|&i| i >= 0).ok_or_else(|| {
+                format!("--prompt-ids: `{p}` is not a token id (a non-negative integer)")
+            })
         })
         .collect()
 }
@@ -78,8 +77,12 @@ fn prepare(args: &GenerateArgs<'_>) -> Result<Ready, String> {
     match args.source {
         Source::Preset(name) => {
             let p = presets::by_name(name)?;
-            let graph = p.arch.forward_graph(&p.options).map_err(|e| e.to_string())?;
-            let weights = presets::random_weights(&graph, u64::from(args.seed)).map_err(|e| e.to_string())?;
+            let graph = p
+                .arch
+                .forward_graph(&p.options)
+                .map_err(|e| e.to_string())?;
+            let weights =
+                presets::random_weights(&graph, u64::from(args.seed)).map_err(|e| e.to_string())?;
             let exe = Executable::new(graph, weights, args.backend).map_err(|e| e.to_string())?;
             let context = args.context.unwrap_or(p.options.context);
             if context > p.options.context {
@@ -113,6 +116,15 @@ fn prepare(args: &GenerateArgs<'_>) -> Result<Ready, String> {
                 (Err(e), Prompt::Text(_)) => return Err(e.to_string()),
             };
             let eos = checkpoint::eos_token_ids(dir, &m.config);
+            if let Some(first) = m.unused.first() {
+                eprintln!(
+                    "warning: {} tensors of {} are not used by the {} graph (e.g. `{first}`); \
+                     check that config.json describes these weights",
+                    m.unused.len(),
+                    dir.display(),
+                    tilefuse::model::config::model_type_of(&m.config.arch)
+                );
+            }
             let weights = format!(
                 "{} weights, {} experts, {}",
                 m.options.dtype,
@@ -120,7 +132,8 @@ fn prepare(args: &GenerateArgs<'_>) -> Result<Ready, String> {
                 tokenizer.describe()
             );
             let (context, max_tokens) = (m.options.context, m.options.max_tokens);
-            let exe = Executable::new(m.graph, m.weights, args.backend).map_err(|e| e.to_string())?;
+            let exe =
+                Executable::new(m.graph, m.weights, args.backend).map_err(|e| e.to_string())?;
             Ok(Ready {
                 name: dir.display().to_string(),
                 model_dir: Some(dir.to_path_buf()),
@@ -138,7 +151,10 @@ fn prepare(args: &GenerateArgs<'_>) -> Result<Ready, String> {
 /// Runs `tilefuse generate`.
 pub fn run(args: GenerateArgs<'_>) -> Result<(), String> {
     if let Prompt::Text("") = args.prompt {
-        return Err("the prompt is empty; pass some text with --prompt (or token ids with --prompt-ids)".into());
+        return Err(
+            "the prompt is empty; pass some text with --prompt (or token ids with --prompt-ids)"
+                .into(),
+        );
     }
     if let Prompt::Ids(ids) = &args.prompt {
         if ids.is_empty() {
@@ -174,7 +190,10 @@ pub fn run(args: GenerateArgs<'_>) -> Result<(), String> {
     if ids.is_empty() {
         return Err("the prompt tokenizes to no tokens; pass a longer prompt".into());
     }
-    if let Some(&bad) = ids.iter().find(|&&i| usize::try_from(i).map_or(true, |i| i >= vocab)) {
+    if let Some(&bad) = ids
+        .iter()
+        .find(|&&i| usize::try_from(i).map_or(true, |i| i >= vocab))
+    {
         return Err(format!(
             "prompt token id {bad} is outside the model's vocabulary of {vocab} (ids 0..{vocab})"
         ));
@@ -230,7 +249,12 @@ pub fn run(args: GenerateArgs<'_>) -> Result<(), String> {
         n_dec as f64 / decode.as_secs_f64()
     };
     if json {
-        let list = |v: &[i32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+        let list = |v: &[i32]| {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let (preset, model) = match &model_dir {
             Some(d) => ("null".to_string(), json_str(&d.display().to_string())),
             None => (json_str(&name), "null".to_string()),

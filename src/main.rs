@@ -3,6 +3,7 @@
 mod bench_cmd;
 mod checkpoint_cmds;
 mod generate_cmd;
+mod spec_cmd;
 
 use std::process::ExitCode;
 
@@ -11,7 +12,11 @@ use tilefuse::model::presets;
 use tilefuse::runtime::{Backend, LaunchMode};
 
 #[derive(Parser)]
-#[command(name = "tilefuse", version, about = "Fused, memory-bound decoding for Mixture-of-Experts models")]
+#[command(
+    name = "tilefuse",
+    version,
+    about = "Fused, memory-bound decoding for Mixture-of-Experts models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -92,6 +97,14 @@ enum Command {
         /// Print one JSON object (prompt and generated ids, text, timings) instead of streaming text.
         #[arg(long)]
         json: bool,
+        /// Speculative decoding with this built-in DFlash draft
+        /// (`mimo-v2-tiny-dflash`, `qwen3-moe-tiny-dflash`; CPU only for now),
+        /// reported beside plain decoding.
+        #[arg(long, conflicts_with = "model")]
+        draft: Option<String>,
+        /// Draft block size B (one committed token plus B − 1 drafts) [default: the draft's].
+        #[arg(long, requires = "draft")]
+        block: Option<usize>,
     },
     /// Write a built-in model (random weights) as a checkpoint directory
     /// that transformers and `tilefuse generate --model` load.
@@ -140,7 +153,12 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         tokens: usize,
         /// What to write (comma-separated).
-        #[arg(long, value_enum, value_delimiter = ',', default_value = "ir,plan,cuda,ptx")]
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "ir,plan,cuda,ptx"
+        )]
         emit: Vec<EmitArg>,
         /// Output folder (replaced whole).
         #[arg(long, default_value = "tilefuse-out")]
@@ -149,7 +167,11 @@ enum Command {
     /// Time forwards on the GPU as a fraction of the roofline (bandwidth measured in the same run).
     Bench {
         /// Built-in models (comma-separated).
-        #[arg(long, value_delimiter = ',', default_value = "mimo-v2-flash-4l,qwen3-30b-a3b")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "mimo-v2-flash-4l,qwen3-30b-a3b"
+        )]
         preset: Vec<String>,
         /// Cached positions before the timed forwards (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "1024,16384")]
@@ -158,7 +180,12 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "1,8,16")]
         tokens: Vec<usize>,
         /// Launch modes (comma-separated).
-        #[arg(long, value_enum, value_delimiter = ',', default_value = "stream,graph,persistent")]
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "stream,graph,persistent"
+        )]
         mode: Vec<ModeArg>,
         /// Timed forwards per measurement (the median is reported).
         #[arg(long, default_value_t = 30)]
@@ -265,6 +292,8 @@ fn run(cli: Cli) -> Result<(), String> {
             mode,
             context,
             json,
+            draft,
+            block,
         } => {
             let source = match (&model, &preset) {
                 (Some(dir), _) => generate_cmd::Source::Model(dir),
@@ -275,6 +304,23 @@ fn run(cli: Cli) -> Result<(), String> {
                 Some(ids) => generate_cmd::Prompt::Ids(generate_cmd::parse_ids(ids)?),
                 None => generate_cmd::Prompt::Text(&prompt),
             };
+            if let Some(draft) = &draft {
+                return spec_cmd::run(spec_cmd::SpecArgs {
+                    preset: preset.as_deref().unwrap_or(presets::DEFAULT),
+                    draft,
+                    block,
+                    prompt,
+                    max_tokens,
+                    temperature,
+                    seed,
+                    // The draft runs on the CPU for now: `auto` means the CPU.
+                    backend: match backend {
+                        BackendArg::Auto => Backend::Cpu,
+                        b => resolve_backend(b, mode),
+                    },
+                    json,
+                });
+            }
             generate_cmd::run(generate_cmd::GenerateArgs {
                 source,
                 prompt,
@@ -286,7 +332,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 json,
             })
         }
-        Command::Init { preset, out, seed } => checkpoint_cmds::init(&preset, &out, u64::from(seed)),
+        Command::Init { preset, out, seed } => {
+            checkpoint_cmds::init(&preset, &out, u64::from(seed))
+        }
         Command::Quantize { model, out, format } => {
             let format = match format {
                 FormatArg::Mxfp4 => tilefuse::ir::fp4::Fp4Format::Mx,

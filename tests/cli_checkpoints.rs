@@ -19,22 +19,47 @@ fn tilefuse(args: &[&str]) -> Output {
 /// Runs and expects success; returns stdout.
 fn ok(args: &[&str]) -> String {
     let out = tilefuse(args);
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "tilefuse {args:?} failed\nstdout: {stdout}\nstderr: {stderr}");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "tilefuse {args:?} failed\nstdout: {stdout}\nstderr: {stderr}"
+    );
     stdout.into_owned()
 }
 
 /// Runs and expects one `error:` line that contains every one of `expect`.
 fn fails(args: &[&str], expect: &[&str]) {
     let out = tilefuse(args);
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success(), "tilefuse {args:?} should fail\nstdout: {stdout}\nstderr: {stderr}");
-    assert!(stdout.is_empty(), "tilefuse {args:?}: nothing should reach stdout, found {stdout}");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        !out.status.success(),
+        "tilefuse {args:?} should fail\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stdout.is_empty(),
+        "tilefuse {args:?}: nothing should reach stdout, found {stdout}"
+    );
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "tilefuse {args:?}: one error line expected, found:\n{stderr}");
-    assert!(lines[0].starts_with("error: "), "tilefuse {args:?}: {stderr}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "tilefuse {args:?}: one error line expected, found:\n{stderr}"
+    );
+    assert!(
+        lines[0].starts_with("error: "),
+        "tilefuse {args:?}: {stderr}"
+    );
     for e in expect {
-        assert!(lines[0].contains(e), "tilefuse {args:?}: the error should mention `{e}`:\n{stderr}");
+        assert!(
+            lines[0].contains(e),
+            "tilefuse {args:?}: the error should mention `{e}`:\n{stderr}"
+        );
     }
 }
 
@@ -44,7 +69,12 @@ fn s(p: &Path) -> &str {
 
 fn generated_ids(json: &str) -> Vec<i64> {
     let v: Value = serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("{e}: {json}"));
-    v["generated_ids"].as_array().expect("generated_ids").iter().filter_map(Value::as_i64).collect()
+    v["generated_ids"]
+        .as_array()
+        .expect("generated_ids")
+        .iter()
+        .filter_map(Value::as_i64)
+        .collect()
 }
 
 /// `tilefuse init` of `preset` into `dir/name`.
@@ -67,7 +97,8 @@ fn edit_tensors(dir: &Path, edit: impl FnOnce(&mut Vec<(String, TensorView<'_>)>
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, Value>)) {
     let path = dir.join("config.json");
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
+    let mut v: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
     f(v.as_object_mut().expect("object"));
     std::fs::write(&path, v.to_string()).expect("write config");
 }
@@ -78,7 +109,11 @@ fn generate_model(dir: &Path, extra: &[&str]) -> Vec<&'static str> {
     let mut a: Vec<&'static str> = vec!["generate", "--model"];
     a.push(Box::leak(s(dir).to_string().into_boxed_str()));
     a.extend(CPU);
-    a.extend(extra.iter().map(|x| &*Box::leak(x.to_string().into_boxed_str())));
+    a.extend(
+        extra
+            .iter()
+            .map(|x| &*Box::leak(x.to_string().into_boxed_str())),
+    );
     a
 }
 
@@ -91,7 +126,11 @@ fn init_then_generate_matches_the_preset() {
         let mut a = vec!["generate", "--preset", preset, "--json"];
         a.extend(CPU);
         let from_preset = ok(&a);
-        assert_eq!(generated_ids(&from_dir), generated_ids(&from_preset), "{preset}");
+        assert_eq!(
+            generated_ids(&from_dir),
+            generated_ids(&from_preset),
+            "{preset}"
+        );
         assert_eq!(generated_ids(&from_dir).len(), 6);
     }
 }
@@ -99,14 +138,37 @@ fn init_then_generate_matches_the_preset() {
 #[test]
 fn generate_model_reproduces_the_transformers_fixtures() {
     for name in ["mimo_v2_tiny", "qwen3_moe_tiny"] {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
-        let r: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).expect("reference")).expect("json");
-        let ids: Vec<String> = r["prompt_ids"].as_array().expect("ids").iter().map(|v| v.to_string()).collect();
-        let want: Vec<i64> = r["greedy_ids"].as_array().expect("ids").iter().filter_map(Value::as_i64).collect();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        let r: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("reference.json")).expect("reference"),
+        )
+        .expect("json");
+        let ids: Vec<String> = r["prompt_ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .map(|v| v.to_string())
+            .collect();
+        let want: Vec<i64> = r["greedy_ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .filter_map(Value::as_i64)
+            .collect();
         let n = want.len().to_string();
         let out = ok(&[
-            "generate", "--model", s(&dir), "--backend", "cpu", "--json",
-            "--prompt-ids", &ids.join(","), "--max-tokens", &n,
+            "generate",
+            "--model",
+            s(&dir),
+            "--backend",
+            "cpu",
+            "--json",
+            "--prompt-ids",
+            &ids.join(","),
+            "--max-tokens",
+            &n,
         ]);
         assert_eq!(generated_ids(&out), want, "{name}");
     }
@@ -118,17 +180,58 @@ fn quantize_writes_a_checkpoint_that_generate_reads() {
     let src = init(tmp.path(), "mimo-v2-tiny", "src");
     for format in ["mxfp4", "nvfp4"] {
         let out = tmp.path().join(format);
-        ok(&["quantize", "--model", s(&src), "--out", s(&out), "--format", format]);
-        let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).expect("config")).expect("json");
+        ok(&[
+            "quantize",
+            "--model",
+            s(&src),
+            "--out",
+            s(&out),
+            "--format",
+            format,
+        ]);
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("config.json")).expect("config"),
+        )
+        .expect("json");
         assert_eq!(cfg["quantization_config"]["quant_method"], format);
-        assert_eq!(generated_ids(&ok(&generate_model(&out, &["--json"]))).len(), 6);
+        assert_eq!(
+            generated_ids(&ok(&generate_model(&out, &["--json"]))).len(),
+            6
+        );
         // Never over an existing directory.
-        fails(&["quantize", "--model", s(&src), "--out", s(&out), "--format", format], &["already exists"]);
+        fails(
+            &[
+                "quantize",
+                "--model",
+                s(&src),
+                "--out",
+                s(&out),
+                "--format",
+                format,
+            ],
+            &["already exists"],
+        );
     }
-    fails(&["init", "--preset", "mimo-v2-tiny", "--out", s(&src)], &["already exists"]);
-    fails(&["init", "--preset", "no-such-preset", "--out", s(&tmp.path().join("x"))], &["unknown preset `no-such-preset`"]);
+    fails(
+        &["init", "--preset", "mimo-v2-tiny", "--out", s(&src)],
+        &["already exists"],
+    );
+    fails(
+        &[
+            "init",
+            "--preset",
+            "no-such-preset",
+            "--out",
+            s(&tmp.path().join("x")),
+        ],
+        &["unknown preset `no-such-preset`"],
+    );
     // Nothing half-written was left behind.
-    let mut left: Vec<String> = std::fs::read_dir(tmp.path()).expect("list").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut left: Vec<String> = std::fs::read_dir(tmp.path())
+        .expect("list")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     left.sort();
     assert_eq!(left, ["mxfp4", "nvfp4", "src"]);
 }
@@ -139,11 +242,23 @@ fn truncated_safetensors() {
     let dir = init(tmp.path(), "qwen3-moe-tiny", "m");
     let path = dir.join("model.safetensors");
     let len = std::fs::metadata(&path).expect("size").len();
-    let f = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
     f.set_len(len - 1000).expect("truncate");
-    fails(&generate_model(&dir, &[]), &["model.safetensors is truncated", &format!("holds {} bytes", len - 1000)]);
+    fails(
+        &generate_model(&dir, &[]),
+        &[
+            "model.safetensors is truncated",
+            &format!("holds {} bytes", len - 1000),
+        ],
+    );
     f.set_len(5).expect("truncate");
-    fails(&generate_model(&dir, &[]), &["model.safetensors is truncated"]);
+    fails(
+        &generate_model(&dir, &[]),
+        &["model.safetensors is truncated"],
+    );
 }
 
 #[test]
@@ -159,7 +274,10 @@ fn wrong_tensor_name() {
     });
     fails(
         &generate_model(&dir, &[]),
-        &["tensor `model.layers.1.self_attn.k_norm.weight` is missing", "`key_norm.weight`"],
+        &[
+            "tensor `model.layers.1.self_attn.k_norm.weight` is missing",
+            "`key_norm.weight`",
+        ],
     );
 }
 
@@ -178,7 +296,10 @@ fn wrong_tensor_shape() {
     });
     fails(
         &generate_model(&dir, &[]),
-        &["tensor `model.layers.2.mlp.experts.6.gate_proj.weight`", "has shape [16, 64], expected [32, 64]"],
+        &[
+            "tensor `model.layers.2.mlp.experts.6.gate_proj.weight`",
+            "has shape [16, 64], expected [32, 64]",
+        ],
     );
 }
 
@@ -189,12 +310,18 @@ fn config_with_a_missing_field() {
     edit_config(&dir, |c| {
         c.remove("moe_intermediate_size");
     });
-    fails(&generate_model(&dir, &[]), &["config.json", "`moe_intermediate_size` is missing"]);
+    fails(
+        &generate_model(&dir, &[]),
+        &["config.json", "`moe_intermediate_size` is missing"],
+    );
     edit_config(&dir, |c| {
         c.insert("moe_intermediate_size".into(), Value::from(32));
         c.insert("num_key_value_heads".into(), Value::from("one"));
     });
-    fails(&generate_model(&dir, &[]), &["`num_key_value_heads` must be a positive integer, found \"one\""]);
+    fails(
+        &generate_model(&dir, &[]),
+        &["`num_key_value_heads` must be a positive integer, found \"one\""],
+    );
     std::fs::remove_file(dir.join("config.json")).expect("rm");
     fails(&generate_model(&dir, &[]), &["has no config.json"]);
 }
@@ -206,27 +333,52 @@ fn unsupported_model_type() {
     edit_config(&dir, |c| {
         c.insert("model_type".into(), Value::from("llama"));
     });
-    fails(&generate_model(&dir, &[]), &["model_type `llama` is not supported", "mimo_v2_flash", "qwen3_moe"]);
+    fails(
+        &generate_model(&dir, &[]),
+        &[
+            "model_type `llama` is not supported",
+            "mimo_v2_flash",
+            "qwen3_moe",
+        ],
+    );
     edit_config(&dir, |c| {
         c.insert("model_type".into(), Value::from("qwen3_moe"));
         c.insert("use_sliding_window".into(), Value::from(true));
     });
-    fails(&generate_model(&dir, &[]), &["`use_sliding_window` = true is not supported"]);
+    fails(
+        &generate_model(&dir, &[]),
+        &["`use_sliding_window` = true is not supported"],
+    );
 }
 
 #[test]
 fn empty_and_too_long_prompts() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = init(tmp.path(), "qwen3-moe-tiny", "m");
-    fails(&generate_model(&dir, &["--prompt", ""]), &["the prompt is empty"]);
-    fails(&generate_model(&dir, &["--prompt-ids", ""]), &["--prompt-ids is empty"]);
-    fails(&["generate", "--backend", "cpu", "--prompt", ""], &["the prompt is empty"]);
+    fails(
+        &generate_model(&dir, &["--prompt", ""]),
+        &["the prompt is empty"],
+    );
+    fails(
+        &generate_model(&dir, &["--prompt-ids", ""]),
+        &["--prompt-ids is empty"],
+    );
+    fails(
+        &["generate", "--backend", "cpu", "--prompt", ""],
+        &["the prompt is empty"],
+    );
     fails(
         &generate_model(&dir, &["--context", "8"]),
         &["the prompt (17 tokens) plus 6 new tokens need 22 positions, past the context limit of 8"],
     );
-    fails(&generate_model(&dir, &["--prompt-ids", "1,300"]), &["prompt token id 300 is outside the model's vocabulary of 256"]);
-    fails(&generate_model(&dir, &["--context", "100000"]), &["max_position_embeddings = 512"]);
+    fails(
+        &generate_model(&dir, &["--prompt-ids", "1,300"]),
+        &["prompt token id 300 is outside the model's vocabulary of 256"],
+    );
+    fails(
+        &generate_model(&dir, &["--context", "100000"]),
+        &["max_position_embeddings = 512"],
+    );
 }
 
 #[test]
@@ -236,5 +388,30 @@ fn not_a_checkpoint_directory() {
     fails(&generate_model(&missing, &[]), &["does not exist"]);
     let dir = init(tmp.path(), "qwen3-moe-tiny", "m");
     std::fs::remove_file(dir.join("model.safetensors")).expect("rm");
-    fails(&generate_model(&dir, &[]), &["has neither model.safetensors nor model.safetensors.index.json"]);
+    fails(
+        &generate_model(&dir, &[]),
+        &["has neither model.safetensors nor model.safetensors.index.json"],
+    );
+}
+
+#[test]
+fn tokenizer_json_is_used_when_present() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = init(tmp.path(), "qwen3-moe-tiny", "m");
+    let words = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+      "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+      "decoder": null,
+      "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "hello": 1, "world": 2}, "unk_token": "[UNK]"}}"#;
+    std::fs::write(dir.join("tokenizer.json"), words).expect("tokenizer.json");
+    let out = ok(&generate_model(
+        &dir,
+        &["--prompt", "hello world", "--json"],
+    ));
+    let v: Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(v["prompt_ids"], serde_json::json!([1, 2]));
+    std::fs::write(dir.join("tokenizer.json"), "{").expect("tokenizer.json");
+    fails(
+        &generate_model(&dir, &["--prompt", "hello"]),
+        &["tokenizer.json"],
+    );
 }

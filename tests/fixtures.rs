@@ -25,7 +25,9 @@ const CHUNK: usize = 5;
 const TOLERANCE: f64 = 1e-4;
 
 fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 struct Reference {
@@ -48,7 +50,8 @@ fn reference(dir: &Path) -> Reference {
             .collect()
     };
     let bytes = std::fs::read(dir.join("reference.safetensors")).expect("reference.safetensors");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("reference.safetensors is safetensors");
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .expect("reference.safetensors is safetensors");
     let t = st.tensor("logits").expect("logits");
     assert_eq!(t.dtype(), safetensors::Dtype::F32);
     let logits = t
@@ -69,10 +72,15 @@ fn forward(exe: &mut Executable, len: usize, tokens: &[i32]) -> Vec<f32> {
     let t = tokens.len();
     let pos: Vec<i32> = (len..len + t).map(|p| p as i32).collect();
     let mut inputs = BTreeMap::new();
-    inputs.insert("ids".to_string(), Tensor::i32(&[t], tokens.to_vec()).expect("ids"));
+    inputs.insert(
+        "ids".to_string(),
+        Tensor::i32(&[t], tokens.to_vec()).expect("ids"),
+    );
     inputs.insert("pos".to_string(), Tensor::i32(&[t], pos).expect("pos"));
     let b = Bindings::new().with("S", len).with("T", t);
-    let out = exe.run(&b, inputs).unwrap_or_else(|e| panic!("forward at {len}: {e}"));
+    let out = exe
+        .run(&b, inputs)
+        .unwrap_or_else(|e| panic!("forward at {len}: {e}"));
     out["logits"].to_f32()
 }
 
@@ -88,7 +96,8 @@ fn check(name: &str) -> f64 {
     };
     let m = load(&dir, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(m.config.arch.vocab_size(), r.vocab);
-    let mut exe = Executable::new(m.graph, m.weights, Backend::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let mut exe =
+        Executable::new(m.graph, m.weights, Backend::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
 
     let mut ours: Vec<f32> = Vec::with_capacity(r.logits.len());
     let mut len = 0;
@@ -100,7 +109,8 @@ fn check(name: &str) -> f64 {
         let last = &ours[ours.len() - r.vocab..];
         let got = argmax_row(last).expect("a token") as i32;
         assert_eq!(
-            got, want,
+            got,
+            want,
             "{name}: greedy token {i} (position {len}) is {got}, transformers chose {want}; \
              generated so far {:?}",
             &r.greedy[..i]
@@ -122,7 +132,10 @@ fn check(name: &str) -> f64 {
         r.logits.len() / r.vocab,
         r.greedy.len()
     );
-    assert!(rel < TOLERANCE, "{name}: relative L2 error {rel:.3e} is not below {TOLERANCE:e}");
+    assert!(
+        rel < TOLERANCE,
+        "{name}: relative L2 error {rel:.3e} is not below {TOLERANCE:e}"
+    );
     rel
 }
 

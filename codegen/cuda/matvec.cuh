@@ -43,7 +43,24 @@
 // with the non-coherent path (`ld.global.nc`): they must not be written during
 // the launch. Activations (x, gamma) are read with ordinary loads, so a
 // persistent kernel may produce them earlier in the same launch (after its
-// acquire + barrier).
+// acquire + barrier); they must not be written by the kernel that reads them
+// (every tile reads all of x: an epilogue must never store into x).
+//
+// Tuning (what the code generator should pick; the tests use these):
+// - Launch bounds: compile the calling kernel with __launch_bounds__(THREADS, 1)
+//   (or 2). Without a minimum-blocks hint ptxas trades the batched loads for
+//   occupancy and keeps only one k-block (2 loads) per lane in flight, which a
+//   persistent kernel (one CTA per SM) cannot hide.
+// - THREADS 256; ROWS 16 (N = 4096 gives 256 tiles for 132 SMs). Each lane
+//   issues U k-blocks x 2 rows of 16-byte loads before using any (U = 4 by
+//   default, capped at the k-blocks a warp owns, ceil(K / KB) / KW): 32 KiB in
+//   flight per CTA at bf16 K >= 4096. With FP4 and K = 2048 (expert down
+//   projections) a 16-row tile is only 16 KiB: prefer ROWS 32 there.
+// - FP4 dequantisation costs about 2.5 instructions per weight (4 integer ops
+//   and one bf16x2 multiply per pair), so at T = 1 an SM must issue ~2.5 warp
+//   instructions per clock to keep up with HBM: close to, but under, its 4.
+// - MAX_T: 8 or 16 for verification blocks (one or two mma n-tiles); MAX_T = 1
+//   costs the same bytes, and the same instructions bar the mma count.
 #pragma once
 #include "prelude.cuh"
 
@@ -345,7 +362,9 @@ struct Plan {
         NKB = cdiv(K, KB),
         NT = cdiv(MAXCOL, 8),               // MMA n-tiles
         NCOLP = MMA_ ? 8 * NT : MAXCOL,     // columns of the reduction buffer
-        U = U_ > 0 ? U_ : (MMA_ ? 4 : 2),
+        // Batch depth, never more than the k-blocks one warp owns (no wasted
+        // reloads when a warp has fewer than the default).
+        U = cmin(U_ > 0 ? U_ : (MMA_ ? 4 : 2), cmax(1, cdiv(NKB, KW))),
     };
     static_assert(THREADS % 32 == 0, "THREADS must be a multiple of 32");
     static_assert(NROWS % G == 0, "rows per tile must be a multiple of the row group (16 on the MMA path)");
@@ -582,8 +601,8 @@ template <class C, typename Act, class W> struct MatvecPlan {
     static_assert(C::max_t >= 1 && (MMA ? C::max_t <= 64 : C::max_t <= 32), "MAX_T out of range");
     using P = Plan<C::rows, C::threads, C::k, C::max_t, MMA, W, C::u>;
     using Warp = WarpOf<P, W, C::k, Act>;
-    // Reduction buffer: [KW][ROWS][NCOLP] f32.
-    enum : int { RED_FLOATS = (int)P::KW * (int)C::rows * (int)P::NCOLP };
+    // Reduction buffer: [KW][ROWS][NCOLP] f32, padded to 16 bytes.
+    enum : int { RED_FLOATS = ((int)P::KW * (int)C::rows * (int)P::NCOLP + 3) / 4 * 4 };
     // RMSNorm: inv[MAX_T] (padded to 4 floats) and the normalised x chunk
     // xs[MAX_T][KC] (Act), KC a multiple of the k-block with
     // MAX_T * KC * sizeof(Act) <= 32 KiB (at least one k-block), at most K.
@@ -599,7 +618,7 @@ template <class C, typename Act, class W> struct MatvecPlan {
 }  // namespace mv_detail
 
 // Dynamic shared memory bytes of matvec_tile<C> (16-byte aligned base):
-//   4 * KW * ROWS * NCOLP                                   (cross-warp reduction)
+//   4 * round_up(KW * ROWS * NCOLP, 4)                      (cross-warp reduction)
 // + NORM ? 4 * round_up(MAX_T, 4) + MAX_T * KC * sizeof(Act) : 0
 // where, on the MMA path G = 16, NCOLP = 8 * ceil(MAX_T / 8), KB = 4 * EPV;
 // on the SIMT path G = max(2, ROWS / (THREADS/32)), NCOLP = MAX_T, KB = 32 * EPV;

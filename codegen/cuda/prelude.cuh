@@ -100,7 +100,7 @@ template <int THREADS> __device__ __forceinline__ float block_max(float v, float
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    float r = -INFINITY;
+    float r = __int_as_float(0xff800000);  // -inf (NVRTC has no INFINITY)
 #pragma unroll
     for (int i = 0; i < W; ++i) r = fmaxf(r, scratch[i]);
     return r;

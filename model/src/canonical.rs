@@ -28,8 +28,19 @@ pub fn norm_linear(weight_dtype: DType) -> Result<Graph> {
 /// residual included: 8 query heads, 2 KV heads, head dims 64 (q, k) and 32
 /// (v), window 16, ring cache of 16 + 16 - 1 slots.
 pub fn attention_block() -> Result<Graph> {
+    attention(true)
+}
+
+/// The same block with full causal attention over a 512-position cache and
+/// no sinks (a MiMo-V2 full layer): the split-key path of the GPU kernels.
+pub fn full_attention_block() -> Result<Graph> {
+    attention(false)
+}
+
+fn attention(sliding: bool) -> Result<Graph> {
     let (h, nh, kvh, dk, dv, window, max_t) = (HIDDEN, 8usize, 2usize, 64usize, 32usize, 16usize, 16usize);
-    let mut b = Builder::new("attention_block", &["S", "T"]);
+    let name = if sliding { "attention_block" } else { "full_attention_block" };
+    let mut b = Builder::new(name, &["S", "T"]);
     b.set_loc(file!(), line!());
     let x = b.input("x", DType::BF16, shape![T, (h)])?;
     let pos = b.input("pos", DType::I32, shape![T])?;
@@ -38,8 +49,12 @@ pub fn attention_block() -> Result<Graph> {
     let wk = b.weight("k_proj.weight", DType::BF16, shape![(kvh * dk), (h)])?;
     let wv = b.weight("v_proj.weight", DType::BF16, shape![(kvh * dv), (h)])?;
     let wo = b.weight("o_proj.weight", DType::BF16, shape![(h), (nh * dv)])?;
-    let sinks = b.weight("sinks", DType::BF16, shape![(nh)])?;
-    let cap = window + max_t - 1;
+    let sinks = if sliding {
+        Some(b.weight("sinks", DType::BF16, shape![(nh)])?)
+    } else {
+        None
+    };
+    let cap = if sliding { window + max_t - 1 } else { 512 };
     let kc = b.cache("k_cache", DType::BF16, shape![(cap), (kvh), (dk)])?;
     let vc = b.cache("v_cache", DType::BF16, shape![(cap), (kvh), (dv)])?;
     b.set_loc(file!(), line!());
@@ -59,14 +74,14 @@ pub fn attention_block() -> Result<Graph> {
     b.name(q, "q_rope");
     let k = b.rope(k, pos, 10_000.0, 16)?;
     b.name(k, "k_rope");
-    let keys = b.kv_append(kc, k, "S", true)?;
+    let keys = b.kv_append(kc, k, "S", sliding)?;
     b.name(keys, "keys");
-    let values = b.kv_append(vc, v, "S", true)?;
+    let values = b.kv_append(vc, v, "S", sliding)?;
     b.name(values, "values");
-    let window = Mask::Causal {
-        window: Some(window as u32),
+    let mask = Mask::Causal {
+        window: sliding.then_some(window as u32),
     };
-    let a = b.attention(q, keys, values, Some(sinks), window, (dk as f32).powf(-0.5))?;
+    let a = b.attention(q, keys, values, sinks, mask, (dk as f32).powf(-0.5))?;
     b.name(a, "attn");
     let a = b.reshape(a, shape![T, (nh * dv)])?;
     let o = b.matmul(a, wo)?;

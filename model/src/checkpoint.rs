@@ -31,7 +31,8 @@
 //! Every error names the tensor and the file, and says what was expected and
 //! what was found.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -93,17 +94,23 @@ pub struct Checkpoint {
     dir: PathBuf,
     shards: Vec<Shard>,
     tensors: BTreeMap<String, Entry>,
+    /// Names fetched with [`Checkpoint::get`] so far.
+    read: RefCell<BTreeSet<String>>,
 }
 
 /// Reads a file of a checkpoint as text, with an error naming it.
 pub fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| LoadError::new(format!("cannot read {}: {e}", path.display())))
+    std::fs::read_to_string(path)
+        .map_err(|e| LoadError::new(format!("cannot read {}: {e}", path.display())))
 }
 
 /// Checks that `dir` is a directory with a `config.json`.
 fn check_dir(dir: &Path) -> Result<()> {
     if !dir.exists() {
-        return Err(LoadError::new(format!("{} does not exist; pass a checkpoint directory", dir.display())));
+        return Err(LoadError::new(format!(
+            "{} does not exist; pass a checkpoint directory",
+            dir.display()
+        )));
     }
     if !dir.is_dir() {
         return Err(LoadError::new(format!(
@@ -202,18 +209,26 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             shards: Vec::new(),
             tensors: BTreeMap::new(),
+            read: RefCell::new(BTreeSet::new()),
         };
         if index.exists() {
             let text = read_text(&index)?;
-            let v: Value = serde_json::from_str(&text)
-                .map_err(|e| LoadError::new(format!("{} is not valid JSON: {e}", index.display())))?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                LoadError::new(format!("{} has no `weight_map` object", index.display()))
+            let v: Value = serde_json::from_str(&text).map_err(|e| {
+                LoadError::new(format!("{} is not valid JSON: {e}", index.display()))
             })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| {
+                    LoadError::new(format!("{} has no `weight_map` object", index.display()))
+                })?;
             let mut files: Vec<&str> = Vec::new();
             for (name, file) in map {
                 let file = file.as_str().ok_or_else(|| {
-                    LoadError::new(format!("{}: `weight_map.{name}` must be a file name", index.display()))
+                    LoadError::new(format!(
+                        "{}: `weight_map.{name}` must be a file name",
+                        index.display()
+                    ))
                 })?;
                 if !files.contains(&file) {
                     files.push(file);
@@ -225,7 +240,10 @@ impl Checkpoint {
             }
             for (name, file) in map {
                 let file = file.as_str().unwrap_or_default();
-                let held = ck.tensors.get(name).map(|e| ck.shards[e.shard].name.as_str());
+                let held = ck
+                    .tensors
+                    .get(name)
+                    .map(|e| ck.shards[e.shard].name.as_str());
                 if held != Some(file) {
                     return Err(LoadError::new(format!(
                         "{INDEX_FILE} maps `{name}` to {file}, but {file} does not hold it; \
@@ -246,13 +264,16 @@ impl Checkpoint {
 
     fn add_shard(&mut self, file: &str) -> Result<()> {
         let path = self.dir.join(file);
-        let f = File::open(&path).map_err(|e| LoadError::new(format!("cannot open {}: {e}", path.display())))?;
+        let f = File::open(&path)
+            .map_err(|e| LoadError::new(format!("cannot open {}: {e}", path.display())))?;
         // SAFETY: the mapping is read-only and private to this process; it is
         // only unsound if another process truncates or rewrites the file while
         // it is mapped, which checkpoint files are not (tilefuse itself writes
         // checkpoints to a fresh directory and renames it into place).
-        let map = unsafe { Mmap::map(&f) }.map_err(|e| LoadError::new(format!("cannot map {}: {e}", path.display())))?;
-        let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| LoadError::new(explain(file, map.len(), &map, &e)))?;
+        let map = unsafe { Mmap::map(&f) }
+            .map_err(|e| LoadError::new(format!("cannot map {}: {e}", path.display())))?;
+        let (n, meta) = SafeTensors::read_metadata(&map)
+            .map_err(|e| LoadError::new(explain(file, map.len(), &map, &e)))?;
         let shard = self.shards.len();
         for (name, info) in meta.tensors() {
             if let Some(prev) = self.tensors.get(&name) {
@@ -295,12 +316,15 @@ impl Checkpoint {
         self.tensors.contains_key(name)
     }
 
-    /// The raw tensor `name`.
+    /// The raw tensor `name` (which then counts as read, see [`Checkpoint::unread`]).
     pub fn get(&self, name: &str) -> Option<RawTensor<'_>> {
         let (key, e) = self.tensors.get_key_value(name)?;
+        self.read.borrow_mut().insert(key.clone());
         let shard = &self.shards[e.shard];
         // `read_metadata` checked that the offsets lie inside the file.
-        let data = shard.map.get(shard.data_start + e.start..shard.data_start + e.end)?;
+        let data = shard
+            .map
+            .get(shard.data_start + e.start..shard.data_start + e.end)?;
         Some(RawTensor {
             name: key,
             file: &shard.name,
@@ -308,6 +332,16 @@ impl Checkpoint {
             shape: &e.shape,
             data,
         })
+    }
+
+    /// The tensors never fetched with [`Checkpoint::get`], multi-token
+    /// prediction layers (`model.mtp.*`, which transformers ignores too) aside.
+    pub fn unread(&self) -> Vec<String> {
+        let read = self.read.borrow();
+        self.names()
+            .filter(|n| !read.contains(*n) && !n.starts_with("model.mtp."))
+            .map(str::to_string)
+            .collect()
     }
 
     /// The tensor `name`, or an error naming what is missing and what is near.
@@ -320,7 +354,13 @@ impl Checkpoint {
     fn missing(&self, name: &str, also: &[String]) -> LoadError {
         let mut looked = String::new();
         if !also.is_empty() {
-            looked = format!(" (nor {})", also.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", "));
+            looked = format!(
+                " (nor {})",
+                also.iter()
+                    .map(|a| format!("`{a}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
         // The nearest enclosing module that holds anything, and what it holds.
         let mut parent = name;
@@ -342,10 +382,16 @@ impl Checkpoint {
                 self.tensors.len()
             )
         } else {
-            let list: Vec<String> = near.iter().map(|n| format!("`{}`", &n[parent.len() + 1..])).collect();
+            let list: Vec<String> = near
+                .iter()
+                .map(|n| format!("`{}`", &n[parent.len() + 1..]))
+                .collect();
             format!("; under `{parent}` it holds {}", list.join(", "))
         };
-        LoadError::new(format!("tensor `{name}` is missing from {}{looked}{hint}", self.dir.display()))
+        LoadError::new(format!(
+            "tensor `{name}` is missing from {}{looked}{hint}",
+            self.dir.display()
+        ))
     }
 
     /// The values of a float tensor (F32, F16, BF16, or F8 E4M3 with its
@@ -384,8 +430,12 @@ fn decode_floats(ck: &Checkpoint, t: &RawTensor<'_>, fp8_block: [usize; 2]) -> R
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
-        Dtype::BF16 => le_u16(t.data).map(|b| half::bf16::from_bits(b).to_f32()).collect(),
-        Dtype::F16 => le_u16(t.data).map(|b| half::f16::from_bits(b).to_f32()).collect(),
+        Dtype::BF16 => le_u16(t.data)
+            .map(|b| half::bf16::from_bits(b).to_f32())
+            .collect(),
+        Dtype::F16 => le_u16(t.data)
+            .map(|b| half::f16::from_bits(b).to_f32())
+            .collect(),
         Dtype::F8_E4M3 => dequantize_fp8(ck, t, fp8_block)?,
         other => {
             return Err(LoadError::new(format!(
@@ -483,13 +533,21 @@ pub fn per_expert_names(prefix: &str, kind: ExpertKind, e: usize) -> Vec<String>
 
 /// Reads the stacked expert tensor `{prefix}.{kind}` of shape `[E, N, K]`
 /// (see the module docs for the three layouts accepted).
-pub fn read_experts(ck: &Checkpoint, prefix: &str, kind: ExpertKind, shape: [usize; 3], fp8_block: [usize; 2]) -> Result<ExpertWeights> {
+pub fn read_experts(
+    ck: &Checkpoint,
+    prefix: &str,
+    kind: ExpertKind,
+    shape: [usize; 3],
+    fp8_block: [usize; 2],
+) -> Result<ExpertWeights> {
     let stacked = format!("{prefix}.{}", kind.stacked_name());
     if ck.contains(&format!("{stacked}_blocks")) {
         return crate::quantize::read_fp4(ck, &stacked, &shape).map(ExpertWeights::Fp4);
     }
     if ck.contains(&stacked) {
-        return ck.floats(&stacked, &shape, fp8_block).map(ExpertWeights::Floats);
+        return ck
+            .floats(&stacked, &shape, fp8_block)
+            .map(ExpertWeights::Floats);
     }
     let [e, n, k] = shape;
     let first = per_expert_names(prefix, kind, 0);
@@ -515,7 +573,10 @@ pub fn fp8_block(cfg: &ModelConfig) -> [usize; 2] {
 /// The on-disk names a graph weight is read from, in order of preference.
 fn plain_sources(name: &str, cfg: &ModelConfig) -> Vec<String> {
     if let Some(p) = name.strip_suffix(".self_attn.sinks") {
-        return vec![format!("{p}.self_attn.attention_sink_bias"), name.to_string()];
+        return vec![
+            format!("{p}.self_attn.attention_sink_bias"),
+            name.to_string(),
+        ];
     }
     if name == "lm_head.weight" && cfg.tie_word_embeddings {
         return vec![name.to_string(), "model.embed_tokens.weight".to_string()];
@@ -529,19 +590,29 @@ pub fn to_tensor(name: &str, dtype: DType, shape: &[usize], values: Vec<f32>) ->
     let err = |m: String| LoadError::new(format!("weight `{name}`: {m}"));
     match dtype {
         DType::MXFP4 | DType::NVFP4 => {
-            let format = if dtype == DType::MXFP4 { Fp4Format::Mx } else { Fp4Format::Nv };
+            let format = if dtype == DType::MXFP4 {
+                Fp4Format::Mx
+            } else {
+                Fp4Format::Nv
+            };
             let last = shape.last().copied().unwrap_or(1);
             let q = fp4::quantize(&values, last, format).map_err(err)?;
             Tensor::fp4(shape, q).map_err(|e| err(e.to_string()))
         }
         d if d.is_float() => Tensor::f32(d, shape, values).map_err(|e| err(e.to_string())),
-        d => Err(err(format!("the graph declares {d}, which is not a weight dtype tilefuse loads"))),
+        d => Err(err(format!(
+            "the graph declares {d}, which is not a weight dtype tilefuse loads"
+        ))),
     }
 }
 
 /// Reads every weight input of `graph` from `ck`, in the dtype and shape the
 /// graph declares.
-pub fn load_weights(ck: &Checkpoint, cfg: &ModelConfig, graph: &Graph) -> Result<BTreeMap<String, Tensor>> {
+pub fn load_weights(
+    ck: &Checkpoint,
+    cfg: &ModelConfig,
+    graph: &Graph,
+) -> Result<BTreeMap<String, Tensor>> {
     let none = Bindings::new();
     let block = fp8_block(cfg);
     let mut out = BTreeMap::new();
@@ -549,28 +620,36 @@ pub fn load_weights(ck: &Checkpoint, cfg: &ModelConfig, graph: &Graph) -> Result
         let node = graph.node(id);
         let name = node.name.as_str();
         let dtype = node.ty.dtype;
-        let shape = node
-            .ty
-            .shape
-            .eval(&none)
-            .map_err(|m| LoadError::new(format!("weight `{name}` has no constant shape: {m}")))?;
+        let shape =
+            node.ty.shape.eval(&none).map_err(|m| {
+                LoadError::new(format!("weight `{name}` has no constant shape: {m}"))
+            })?;
         let expert = [ExpertKind::GateUp, ExpertKind::Down]
             .into_iter()
-            .find_map(|k| name.strip_suffix(&format!(".{}", k.stacked_name())).filter(|p| p.ends_with(".mlp.experts")).map(|p| (p, k)));
+            .find_map(|k| {
+                name.strip_suffix(&format!(".{}", k.stacked_name()))
+                    .filter(|p| p.ends_with(".mlp.experts"))
+                    .map(|p| (p, k))
+            });
         let tensor = if let Some((prefix, kind)) = expert {
             let &[e, n, k] = shape.as_slice() else {
-                return Err(LoadError::new(format!("weight `{name}`: expected a 3-d expert tensor, the graph declares {}", fmt_shape(&shape))));
+                return Err(LoadError::new(format!(
+                    "weight `{name}`: expected a 3-d expert tensor, the graph declares {}",
+                    fmt_shape(&shape)
+                )));
             };
             match read_experts(ck, prefix, kind, [e, n, k], block)? {
-                ExpertWeights::Fp4(q) if q.format.dtype() == dtype => {
-                    Tensor::fp4(&shape, q).map_err(|err| LoadError::new(format!("weight `{name}`: {err}")))?
-                }
+                ExpertWeights::Fp4(q) if q.format.dtype() == dtype => Tensor::fp4(&shape, q)
+                    .map_err(|err| LoadError::new(format!("weight `{name}`: {err}")))?,
                 ExpertWeights::Fp4(q) => to_tensor(name, dtype, &shape, q.dequantize())?,
                 ExpertWeights::Floats(v) => to_tensor(name, dtype, &shape, v)?,
             }
         } else {
             let sources = plain_sources(name, cfg);
-            let src = sources.iter().find(|s| ck.contains(s)).ok_or_else(|| ck.missing(&sources[0], &sources[1..]))?;
+            let src = sources
+                .iter()
+                .find(|s| ck.contains(s))
+                .ok_or_else(|| ck.missing(&sources[0], &sources[1..]))?;
             to_tensor(name, dtype, &shape, ck.floats(src, &shape, block)?)?
         };
         out.insert(name.to_string(), tensor);
@@ -608,13 +687,18 @@ pub struct LoadedModel {
     pub graph: Graph,
     /// Its weights, by graph name.
     pub weights: BTreeMap<String, Tensor>,
+    /// Checkpoint tensors the graph did not use (a sign that config.json
+    /// does not describe these weights, or of biases tilefuse ignores).
+    pub unused: Vec<String>,
 }
 
 /// The graph options for a checkpoint with `cfg` under `opts`.
 pub fn graph_options(cfg: &ModelConfig, opts: &LoadOptions) -> Result<GraphOptions> {
     let dtype = opts.dtype.or(cfg.dtype).unwrap_or(DType::BF16);
     if !dtype.is_activation() {
-        return Err(LoadError::new(format!("the model dtype must be f32, bf16 or f16, not {dtype}")));
+        return Err(LoadError::new(format!(
+            "the model dtype must be f32, bf16 or f16, not {dtype}"
+        )));
     }
     let expert_dtype = opts
         .expert_dtype
@@ -627,7 +711,11 @@ pub fn graph_options(cfg: &ModelConfig, opts: &LoadOptions) -> Result<GraphOptio
     }
     let limit = cfg.max_position_embeddings.unwrap_or(usize::MAX);
     let context = match opts.context {
-        Some(0) => return Err(LoadError::new("the context must hold at least one position")),
+        Some(0) => {
+            return Err(LoadError::new(
+                "the context must hold at least one position",
+            ))
+        }
         Some(c) if c > limit => {
             return Err(LoadError::new(format!(
                 "a context of {c} positions is past the model's max_position_embeddings = {limit}"
@@ -657,5 +745,6 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         options,
         graph,
         weights,
+        unused: ck.unread(),
     })
 }

@@ -90,28 +90,36 @@ pub fn parse(text: &str, file: &str) -> Result<ModelConfig> {
         MIMO_V2_MODEL_TYPE => Arch::MimoV2(mimo_config(&f)?),
         QWEN3_MOE_MODEL_TYPE => Arch::Qwen3Moe(qwen_config(&f)?),
         other => {
-            return Err(LoadError::new(format!(
-                "{file}: model_type `{other}` is not supported; tilefuse runs `{MIMO_V2_MODEL_TYPE}` \
-                 ({MIMO_V2_ARCHITECTURE}) and `{QWEN3_MOE_MODEL_TYPE}` ({QWEN3_MOE_ARCHITECTURE})"
-            )))
+            let known = format!(
+                "`{MIMO_V2_MODEL_TYPE}` ({MIMO_V2_ARCHITECTURE}) and \
+                 `{QWEN3_MOE_MODEL_TYPE}` ({QWEN3_MOE_ARCHITECTURE})"
+            );
+            let msg =
+                format!("{file}: model_type `{other}` is not supported; tilefuse runs {known}");
+            return Err(LoadError::new(msg));
         }
     };
-    let dtype = match f.first::<String>(&["dtype", "torch_dtype"], "a dtype name such as \"bfloat16\"")? {
+    let dtype_what = "a dtype name such as \"bfloat16\"";
+    let dtype = match f.first::<String>(&["dtype", "torch_dtype"], dtype_what)? {
         None => None,
         Some((key, s)) => Some(torch_dtype(&s).ok_or_else(|| {
             LoadError::new(format!(
-                "{file}: `{key}` = \"{s}\" is not a dtype tilefuse loads; expected \"float32\", \"bfloat16\" or \"float16\""
+                "{file}: `{key}` = \"{s}\" is not a dtype tilefuse loads; \
+                 expected \"float32\", \"bfloat16\" or \"float16\""
             ))
         })?),
     };
     let eos_token_ids = match f.raw("eos_token_id") {
         None | Some(Value::Null) => Vec::new(),
         Some(v) => match v {
-            Value::Array(_) => f.req::<Vec<i64>>("eos_token_id", "a token id or a list of token ids")?,
+            Value::Array(_) => {
+                f.req::<Vec<i64>>("eos_token_id", "a token id or a list of token ids")?
+            }
             _ => vec![f.req::<i64>("eos_token_id", "a token id or a list of token ids")?],
         },
     };
-    let max_position_embeddings = f.opt::<usize>("max_position_embeddings", "a positive integer")?;
+    let max_position_embeddings =
+        f.opt::<usize>("max_position_embeddings", "a positive integer")?;
     if max_position_embeddings == Some(0) {
         return Err(f.bad("max_position_embeddings", "a positive integer"));
     }
@@ -123,6 +131,14 @@ pub fn parse(text: &str, file: &str) -> Result<ModelConfig> {
         eos_token_ids,
         quantization: quantization(&f)?,
     })
+}
+
+/// The `model_type` of an architecture.
+pub fn model_type_of(arch: &Arch) -> &'static str {
+    match arch {
+        Arch::MimoV2(_) => MIMO_V2_MODEL_TYPE,
+        Arch::Qwen3Moe(_) => QWEN3_MOE_MODEL_TYPE,
+    }
 }
 
 /// The dtype of a transformers `dtype` string.
@@ -230,7 +246,11 @@ impl<'a> Fields<'a> {
     }
 
     /// The first present (non-null) field of `keys`, with its key.
-    fn first<T: DeserializeOwned>(&self, keys: &[&'static str], what: &str) -> Result<Option<(&'static str, T)>> {
+    fn first<T: DeserializeOwned>(
+        &self,
+        keys: &[&'static str],
+        what: &str,
+    ) -> Result<Option<(&'static str, T)>> {
         for &k in keys {
             if let Some(v) = self.opt(k, what)? {
                 return Ok(Some((k, v)));
@@ -274,7 +294,9 @@ impl<'a> Fields<'a> {
     /// A positive finite number (as f32), or `default` when absent.
     fn positive(&self, keys: &[&'static str], default: f64) -> Result<f32> {
         match self.first::<f64>(keys, "a positive number")? {
-            Some((k, x)) if !(x > 0.0 && x.is_finite() && (x as f32) > 0.0) => Err(self.bad(k, "a positive number")),
+            Some((k, x)) if !(x > 0.0 && x.is_finite() && (x as f32) > 0.0) => {
+                Err(self.bad(k, "a positive number"))
+            }
             Some((_, x)) => Ok(x as f32),
             None => Ok(default as f32),
         }
@@ -297,13 +319,16 @@ impl<'a> Fields<'a> {
     /// Errors naming `key` and its value.
     fn invalid(&self, key: &str, why: &str) -> LoadError {
         let found = self.raw(key).map_or("(absent)".to_string(), short);
-        LoadError::new(format!("{}: `{}{key}` = {found}: {why}", self.file, self.prefix))
+        LoadError::new(format!(
+            "{}: `{}{key}` = {found}: {why}",
+            self.file, self.prefix
+        ))
     }
 }
 
 /// Checks shared by both architectures.
 fn check_heads(f: &Fields<'_>, heads: usize, kv_heads: usize, kv_key: &str) -> Result<()> {
-    if heads % kv_heads != 0 {
+    if !heads.is_multiple_of(kv_heads) {
         return Err(f.invalid(
             kv_key,
             &format!("it must divide num_attention_heads = {heads} (grouped-query attention)"),
@@ -333,15 +358,24 @@ fn check_common(f: &Fields<'_>) -> Result<()> {
 }
 
 /// Routing checks: `1 <= top_k <= experts` and consistent groups.
-fn check_routing(f: &Fields<'_>, experts: usize, top_k: usize, n_group: usize, topk_group: usize) -> Result<()> {
+fn check_routing(
+    f: &Fields<'_>,
+    experts: usize,
+    top_k: usize,
+    n_group: usize,
+    topk_group: usize,
+) -> Result<()> {
     if top_k > experts {
         return Err(f.invalid(
             "num_experts_per_tok",
             &format!("a token cannot choose more than the {experts} experts there are"),
         ));
     }
-    if experts % n_group != 0 {
-        return Err(f.invalid("n_group", &format!("it must divide the {experts} routed experts")));
+    if !experts.is_multiple_of(n_group) {
+        return Err(f.invalid(
+            "n_group",
+            &format!("it must divide the {experts} routed experts"),
+        ));
     }
     if n_group > 1 && experts / n_group < 2 {
         return Err(f.invalid(
@@ -350,7 +384,10 @@ fn check_routing(f: &Fields<'_>, experts: usize, top_k: usize, n_group: usize, t
         ));
     }
     if topk_group > n_group {
-        return Err(f.invalid("topk_group", &format!("at most n_group = {n_group} groups can be kept")));
+        return Err(f.invalid(
+            "topk_group",
+            &format!("at most n_group = {n_group} groups can be kept"),
+        ));
     }
     if topk_group * (experts / n_group) < top_k {
         return Err(f.invalid(
@@ -366,9 +403,15 @@ fn check_routing(f: &Fields<'_>, experts: usize, top_k: usize, n_group: usize, t
 
 /// Rotated dims as transformers computes them, `int(head_dim * factor)` in
 /// f64, checked against what the graph will compute from the f32 factor.
-fn check_rotary(f: &Fields<'_>, key: &str, head_dim: usize, factor: f64, graph_dims: usize) -> Result<()> {
+fn check_rotary(
+    f: &Fields<'_>,
+    key: &str,
+    head_dim: usize,
+    factor: f64,
+    graph_dims: usize,
+) -> Result<()> {
     let dims = (head_dim as f64 * factor) as usize;
-    if !(factor > 0.0 && factor <= 1.0) || dims < 2 || dims % 2 != 0 {
+    if !(factor > 0.0 && factor <= 1.0) || dims < 2 || !dims.is_multiple_of(2) {
         return Err(f.invalid(
             key,
             &format!(
@@ -398,7 +441,11 @@ fn mimo_rope(f: &Fields<'_>, params: &Map<String, Value>, layer_type: &str) -> R
             ))
         })?;
     let sub = f.sub(entry, &format!("rope_parameters.{layer_type}"));
-    sub.refuse_unless("rope_type", &json!("default"), "tilefuse implements plain RoPE only")?;
+    sub.refuse_unless(
+        "rope_type",
+        &json!("default"),
+        "tilefuse implements plain RoPE only",
+    )?;
     let theta = sub.req::<f64>("rope_theta", "a positive number")?;
     if !(theta > 0.0 && theta.is_finite()) {
         return Err(sub.bad("rope_theta", "a positive number"));
@@ -419,7 +466,12 @@ fn mimo_config(f: &Fields<'_>) -> Result<mimo_v2::Config> {
     let num_key_value_heads = f.size(&["num_key_value_heads"])?;
     let head_dim = f.size(&["head_dim"])?;
     let v_head_dim = f.size(&["v_head_dim"])?;
-    check_heads(f, num_attention_heads, num_key_value_heads, "num_key_value_heads")?;
+    check_heads(
+        f,
+        num_attention_heads,
+        num_key_value_heads,
+        "num_key_value_heads",
+    )?;
     // Hub spellings of the sliding layers' shapes: tilefuse (as transformers)
     // derives them from the full layers', so they must agree.
     for (key, want) in [
@@ -450,11 +502,26 @@ fn mimo_config(f: &Fields<'_>) -> Result<mimo_v2::Config> {
         &json!(true),
         "tilefuse's MiMo-V2 graph always has sinks on sliding layers",
     )?;
-    f.refuse_unless("use_qk_norm", &json!(false), "MiMo-V2 in tilefuse has no q/k norms")?;
-    f.refuse_unless("scoring_func", &json!("sigmoid"), "MiMo-V2 routes with sigmoid scores")?;
-    f.refuse_unless("n_shared_experts", &json!(0), "tilefuse's MiMo-V2 graph has no shared expert")?;
+    f.refuse_unless(
+        "use_qk_norm",
+        &json!(false),
+        "MiMo-V2 in tilefuse has no q/k norms",
+    )?;
+    f.refuse_unless(
+        "scoring_func",
+        &json!("sigmoid"),
+        "MiMo-V2 routes with sigmoid scores",
+    )?;
+    f.refuse_unless(
+        "n_shared_experts",
+        &json!(0),
+        "tilefuse's MiMo-V2 graph has no shared expert",
+    )?;
 
-    let layer_types: Vec<LayerType> = if let Some(names) = f.opt::<Vec<String>>("layer_types", "a list of \"full_attention\" / \"sliding_attention\"")? {
+    let layer_types: Vec<LayerType> = if let Some(names) = f.opt::<Vec<String>>(
+        "layer_types",
+        "a list of \"full_attention\" / \"sliding_attention\"",
+    )? {
         let mut out = Vec::with_capacity(names.len());
         for (i, n) in names.iter().enumerate() {
             out.push(match n.as_str() {
@@ -471,11 +538,16 @@ fn mimo_config(f: &Fields<'_>) -> Result<mimo_v2::Config> {
         if out.len() != num_hidden_layers {
             return Err(f.invalid(
                 "layer_types",
-                &format!("it has {} entries for num_hidden_layers = {num_hidden_layers}", out.len()),
+                &format!(
+                    "it has {} entries for num_hidden_layers = {num_hidden_layers}",
+                    out.len()
+                ),
             ));
         }
         out
-    } else if let Some(p) = f.opt::<Vec<i64>>("hybrid_layer_pattern", "a list of 0 (full) / 1 (sliding)")? {
+    } else if let Some(p) =
+        f.opt::<Vec<i64>>("hybrid_layer_pattern", "a list of 0 (full) / 1 (sliding)")?
+    {
         if p.len() != num_hidden_layers || p.iter().any(|&x| x != 0 && x != 1) {
             return Err(f.invalid(
                 "hybrid_layer_pattern",
@@ -483,14 +555,20 @@ fn mimo_config(f: &Fields<'_>) -> Result<mimo_v2::Config> {
             ));
         }
         p.iter()
-            .map(|&x| if x == 1 { LayerType::Sliding } else { LayerType::Full })
+            .map(|&x| {
+                if x == 1 {
+                    LayerType::Sliding
+                } else {
+                    LayerType::Full
+                }
+            })
             .collect()
     } else {
         mimo_v2::Config::default_layer_types(num_hidden_layers)
     };
     let any_sliding = layer_types.contains(&LayerType::Sliding);
     let any_full = layer_types.contains(&LayerType::Full);
-    if any_sliding && num_attention_heads % (2 * num_key_value_heads) != 0 {
+    if any_sliding && !num_attention_heads.is_multiple_of(2 * num_key_value_heads) {
         return Err(f.invalid(
             "num_key_value_heads",
             &format!(
@@ -498,8 +576,13 @@ fn mimo_config(f: &Fields<'_>) -> Result<mimo_v2::Config> {
             ),
         ));
     }
-    let sliding_window = match f.first::<usize>(&["sliding_window", "sliding_window_size"], "a positive integer")? {
-        Some((k, w)) if w == 0 || u32::try_from(w).is_err() => return Err(f.bad(k, "a positive integer below 2^32")),
+    let sliding_window = match f.first::<usize>(
+        &["sliding_window", "sliding_window_size"],
+        "a positive integer",
+    )? {
+        Some((k, w)) if w == 0 || u32::try_from(w).is_err() => {
+            return Err(f.bad(k, "a positive integer below 2^32"))
+        }
         Some((_, w)) => w,
         None => 128,
     };
@@ -535,13 +618,24 @@ fn mimo_config(f: &Fields<'_>) -> Result<mimo_v2::Config> {
             let factor = f
                 .opt::<f64>("partial_rotary_factor", "a number in (0, 1]")?
                 .unwrap_or(0.334);
-            let theta = f.opt::<f64>("rope_theta", "a positive number")?.unwrap_or(5_000_000.0);
+            let theta = f
+                .opt::<f64>("rope_theta", "a positive number")?
+                .unwrap_or(5_000_000.0);
             let swa_theta = f
                 .opt::<f64>("swa_rope_theta", "a positive number")?
                 .unwrap_or(10_000.0);
-            ((theta, factor), (swa_theta, factor), "partial_rotary_factor")
+            (
+                (theta, factor),
+                (swa_theta, factor),
+                "partial_rotary_factor",
+            )
         }
-        Some(_) => return Err(f.bad("rope_parameters", "an object with `full_attention` and `sliding_attention` entries")),
+        Some(_) => {
+            return Err(f.bad(
+                "rope_parameters",
+                "an object with `full_attention` and `sliding_attention` entries",
+            ))
+        }
     };
     for (key, theta) in [("rope_theta", full_rope.0), ("swa_rope_theta", swa_rope.0)] {
         if !(theta > 0.0 && theta.is_finite() && (theta as f32).is_finite()) {
@@ -563,7 +657,9 @@ fn mimo_config(f: &Fields<'_>) -> Result<mimo_v2::Config> {
         }
     };
 
-    let dense_layers: Vec<bool> = if let Some(kinds) = f.opt::<Vec<String>>("mlp_layer_types", "a list of \"dense\" / \"sparse\"")? {
+    let dense_layers: Vec<bool> = if let Some(kinds) =
+        f.opt::<Vec<String>>("mlp_layer_types", "a list of \"dense\" / \"sparse\"")?
+    {
         let mut out = Vec::with_capacity(kinds.len());
         for (i, k) in kinds.iter().enumerate() {
             out.push(match k.as_str() {
@@ -580,11 +676,16 @@ fn mimo_config(f: &Fields<'_>) -> Result<mimo_v2::Config> {
         if out.len() != num_hidden_layers {
             return Err(f.invalid(
                 "mlp_layer_types",
-                &format!("it has {} entries for num_hidden_layers = {num_hidden_layers}", out.len()),
+                &format!(
+                    "it has {} entries for num_hidden_layers = {num_hidden_layers}",
+                    out.len()
+                ),
             ));
         }
         out
-    } else if let Some(freq) = f.opt::<Vec<i64>>("moe_layer_freq", "a list of 0 (dense) / 1 (MoE)")? {
+    } else if let Some(freq) =
+        f.opt::<Vec<i64>>("moe_layer_freq", "a list of 0 (dense) / 1 (MoE)")?
+    {
         if freq.len() != num_hidden_layers || freq.iter().any(|&x| x != 0 && x != 1) {
             return Err(f.invalid(
                 "moe_layer_freq",
@@ -597,7 +698,11 @@ fn mimo_config(f: &Fields<'_>) -> Result<mimo_v2::Config> {
     };
     let any_dense = dense_layers.iter().any(|&d| d);
     let any_sparse = dense_layers.iter().any(|&d| !d);
-    let intermediate_size = if any_dense { f.size(&["intermediate_size"])? } else { f.opt_size("intermediate_size")?.unwrap_or(0) };
+    let intermediate_size = if any_dense {
+        f.size(&["intermediate_size"])?
+    } else {
+        f.opt_size("intermediate_size")?.unwrap_or(0)
+    };
     let (moe_intermediate_size, n_routed_experts, num_experts_per_tok) = if any_sparse {
         (
             f.size(&["moe_intermediate_size"])?,
@@ -610,13 +715,22 @@ fn mimo_config(f: &Fields<'_>) -> Result<mimo_v2::Config> {
     let n_group = f.opt_size("n_group")?.unwrap_or(1);
     let topk_group = f.opt_size("topk_group")?.unwrap_or(1);
     if any_sparse {
-        check_routing(f, n_routed_experts, num_experts_per_tok, n_group, topk_group)?;
+        check_routing(
+            f,
+            n_routed_experts,
+            num_experts_per_tok,
+            n_group,
+            topk_group,
+        )?;
     }
-    let routed_scaling_factor = match f.opt::<f64>("routed_scaling_factor", "a finite number or null")? {
-        Some(x) if !x.is_finite() => return Err(f.bad("routed_scaling_factor", "a finite number or null")),
-        Some(x) => x as f32,
-        None => 1.0,
-    };
+    let routed_scaling_factor =
+        match f.opt::<f64>("routed_scaling_factor", "a finite number or null")? {
+            Some(x) if !x.is_finite() => {
+                return Err(f.bad("routed_scaling_factor", "a finite number or null"))
+            }
+            Some(x) => x as f32,
+            None => 1.0,
+        };
     let cfg = mimo_v2::Config {
         hidden_size,
         num_hidden_layers,
@@ -658,19 +772,31 @@ fn qwen_config(f: &Fields<'_>) -> Result<qwen3_moe::Config> {
     let vocab_size = f.size(&["vocab_size"])?;
     let num_attention_heads = f.size(&["num_attention_heads"])?;
     let num_key_value_heads = f.size(&["num_key_value_heads"])?;
-    check_heads(f, num_attention_heads, num_key_value_heads, "num_key_value_heads")?;
+    check_heads(
+        f,
+        num_attention_heads,
+        num_key_value_heads,
+        "num_key_value_heads",
+    )?;
     // transformers: `getattr(config, "head_dim", None) or hidden_size // num_attention_heads`.
     let head_dim = match f.opt_size("head_dim")? {
         Some(d) => d,
         None => hidden_size / num_attention_heads,
     };
-    if head_dim < 2 || head_dim % 2 != 0 {
-        return Err(f.invalid("head_dim", "RoPE over the whole head needs an even head_dim"));
+    if head_dim < 2 || !head_dim.is_multiple_of(2) {
+        return Err(f.invalid(
+            "head_dim",
+            "RoPE over the whole head needs an even head_dim",
+        ));
     }
     let rope_theta = match f.raw("rope_parameters") {
         Some(Value::Object(p)) => {
             let sub = f.sub(p, "rope_parameters");
-            sub.refuse_unless("rope_type", &json!("default"), "tilefuse implements plain RoPE only")?;
+            sub.refuse_unless(
+                "rope_type",
+                &json!("default"),
+                "tilefuse implements plain RoPE only",
+            )?;
             sub.refuse_unless(
                 "partial_rotary_factor",
                 &json!(1.0),
@@ -678,20 +804,34 @@ fn qwen_config(f: &Fields<'_>) -> Result<qwen3_moe::Config> {
             )?;
             match sub.opt::<f64>("rope_theta", "a positive number")? {
                 Some(t) => t,
-                None => f.opt::<f64>("rope_theta", "a positive number")?.unwrap_or(10_000.0),
+                None => f
+                    .opt::<f64>("rope_theta", "a positive number")?
+                    .unwrap_or(10_000.0),
             }
         }
-        None | Some(Value::Null) => f.opt::<f64>("rope_theta", "a positive number")?.unwrap_or(10_000.0),
-        Some(_) => return Err(f.bad("rope_parameters", "an object such as {\"rope_type\": \"default\", \"rope_theta\": 1000000.0}")),
+        None | Some(Value::Null) => f
+            .opt::<f64>("rope_theta", "a positive number")?
+            .unwrap_or(10_000.0),
+        Some(_) => {
+            return Err(f.bad(
+                "rope_parameters",
+                "an object such as {\"rope_type\": \"default\", \"rope_theta\": 1000000.0}",
+            ))
+        }
     };
     if !(rope_theta > 0.0 && rope_theta.is_finite() && (rope_theta as f32).is_finite()) {
         return Err(f.invalid("rope_theta", "RoPE theta must be a positive finite number"));
     }
-    let num_experts = match f.first::<usize>(&["num_experts", "num_local_experts"], "a non-negative integer")? {
+    let num_experts = match f.first::<usize>(
+        &["num_experts", "num_local_experts"],
+        "a non-negative integer",
+    )? {
         Some((_, n)) => n,
         None => return Err(f.missing("num_experts")),
     };
-    let decoder_sparse_step = f.opt::<usize>("decoder_sparse_step", "a positive integer")?.unwrap_or(1);
+    let decoder_sparse_step = f
+        .opt::<usize>("decoder_sparse_step", "a positive integer")?
+        .unwrap_or(1);
     if num_experts > 0 && decoder_sparse_step == 0 {
         return Err(f.bad("decoder_sparse_step", "a positive integer"));
     }
@@ -723,7 +863,11 @@ fn qwen_config(f: &Fields<'_>) -> Result<qwen3_moe::Config> {
     };
     let any_sparse = (0..num_hidden_layers).any(|i| cfg.is_sparse(i));
     let any_dense = (0..num_hidden_layers).any(|i| !cfg.is_sparse(i));
-    cfg.intermediate_size = if any_dense { f.size(&["intermediate_size"])? } else { f.opt_size("intermediate_size")?.unwrap_or(0) };
+    cfg.intermediate_size = if any_dense {
+        f.size(&["intermediate_size"])?
+    } else {
+        f.opt_size("intermediate_size")?.unwrap_or(0)
+    };
     if any_sparse {
         cfg.moe_intermediate_size = f.size(&["moe_intermediate_size"])?;
         cfg.num_experts_per_tok = f.size(&["num_experts_per_tok"])?;
@@ -801,9 +945,7 @@ pub fn to_json(arch: &Arch, dtype: DType, max_position_embeddings: usize) -> Val
                 .iter()
                 .map(|&d| if d { "dense" } else { "sparse" })
                 .collect();
-            let rope = |theta: f32| {
-                json!({"rope_type": "default", "rope_theta": f64::from(theta), "partial_rotary_factor": f32_json(c.partial_rotary_factor)})
-            };
+            let rope = |theta: f32| json!({"rope_type": "default", "rope_theta": f64::from(theta), "partial_rotary_factor": f32_json(c.partial_rotary_factor)});
             json!({
                 "architectures": [MIMO_V2_ARCHITECTURE],
                 "model_type": MIMO_V2_MODEL_TYPE,
@@ -903,31 +1045,52 @@ mod tests {
     fn errors_name_the_field() {
         let mut v = to_json(&Arch::Qwen3Moe(qwen3_moe::Config::tiny()), DType::BF16, 64);
         v.as_object_mut().map(|m| m.remove("hidden_size"));
-        let e = parse_json(v).unwrap_err().to_string();
+        let e = parse_json(v)
+            .expect_err("the config must be refused")
+            .to_string();
         assert!(e.contains("`hidden_size` is missing"), "{e}");
 
         let mut v = to_json(&Arch::MimoV2(mimo_v2::Config::tiny()), DType::BF16, 64);
         v["num_key_value_heads"] = json!(3);
-        let e = parse_json(v).unwrap_err().to_string();
+        let e = parse_json(v)
+            .expect_err("the config must be refused")
+            .to_string();
         assert!(e.contains("`num_key_value_heads` = 3"), "{e}");
 
         let mut v = to_json(&Arch::MimoV2(mimo_v2::Config::tiny()), DType::BF16, 64);
         v["hidden_size"] = json!("64");
-        let e = parse_json(v).unwrap_err().to_string();
-        assert!(e.contains("`hidden_size` must be a positive integer, found \"64\""), "{e}");
+        let e = parse_json(v)
+            .expect_err("the config must be refused")
+            .to_string();
+        assert!(
+            e.contains("`hidden_size` must be a positive integer, found \"64\""),
+            "{e}"
+        );
 
-        let e = parse_json(json!({"model_type": "llama"})).unwrap_err().to_string();
+        let e = parse_json(json!({"model_type": "llama"}))
+            .expect_err("the config must be refused")
+            .to_string();
         assert!(e.contains("model_type `llama` is not supported"), "{e}");
 
         let mut v = to_json(&Arch::MimoV2(mimo_v2::Config::tiny()), DType::BF16, 64);
         v["attention_bias"] = json!(true);
-        let e = parse_json(v).unwrap_err().to_string();
-        assert!(e.contains("`attention_bias` = true is not supported"), "{e}");
+        let e = parse_json(v)
+            .expect_err("the config must be refused")
+            .to_string();
+        assert!(
+            e.contains("`attention_bias` = true is not supported"),
+            "{e}"
+        );
 
         let mut v = to_json(&Arch::MimoV2(mimo_v2::Config::tiny()), DType::BF16, 64);
         v["rope_parameters"]["sliding_attention"]["rope_type"] = json!("yarn");
-        let e = parse_json(v).unwrap_err().to_string();
-        assert!(e.contains("rope_parameters.sliding_attention.rope_type"), "{e}");
+        let e = parse_json(v)
+            .expect_err("the config must be refused")
+            .to_string();
+        assert!(
+            e.contains("rope_parameters.sliding_attention.rope_type"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -41,7 +41,10 @@
 //! over `concat([cache view of S+C rows ; block T rows], axis 0)` with
 //! [`Mask::Block`]: every block query sees the whole block and the context
 //! (all of it, or with a sliding window `w` the context positions `j > p − w`
-//! for the query at `p`). The keys are `L = S+C+T` rows and the queries the
+//! for the query at `p`); or, for layers the config makes causal
+//! ([`DraftConfig::layer_causal`]), [`Mask::Causal`] with the same window. The
+//! newer reference's non-causal window is symmetric (`|p − j| < w`), which
+//! equals [`Mask::Block`] whenever `B ≤ w`. The keys are `L = S+C+T` rows and the queries the
 //! last `T`, which is the interpreter's convention "query `i` sits at
 //! `L − T + i`", so the mask positions equal the RoPE positions. The RoPE is
 //! the draft's own (its `rope_theta`), full head width. A dense SwiGLU MLP,
@@ -77,6 +80,7 @@
 //! | `block_size` or `dflash_config.block_size` | `block_size` |
 //! | `dflash_config.target_layer_ids` (default [`build_target_layer_ids`]) | `target_layer_ids` |
 //! | `dflash_config.mask_token_id` | `mask` = [`MaskToken::Id`] |
+//! | `is_causal` (absent: sliding layers causal, as the newer reference) | `is_causal` |
 //!
 //! Tensors (bf16): `fc.weight [H, k·H]`, `hidden_norm.weight [H]`,
 //! `layers.{i}.input_layernorm.weight [H]`,
@@ -97,8 +101,8 @@
 //!
 //! Not supported (rejected by the parser with the field named): the DFlash2
 //! extras (`final_logit_softcapping`, `output_multiplier`,
-//! `input_embedding_scale`, convolutions, candidate selectors), causal drafts
-//! (`is_causal: true`) and attention biases.
+//! `input_embedding_scale`, convolutions, candidate selectors) and attention
+//! biases.
 
 use std::collections::BTreeMap;
 
@@ -173,6 +177,12 @@ pub struct DraftConfig {
     pub block_size: usize,
     /// How mask positions are embedded.
     pub mask: MaskToken,
+    /// `is_causal`: `Some(false)` makes every layer bidirectional inside the
+    /// block ([`Mask::Block`]), `Some(true)` every layer causal
+    /// ([`Mask::Causal`], block position `i` sees block positions `<= i`);
+    /// `None` is the newer reference's default: sliding layers causal, full
+    /// layers bidirectional.
+    pub is_causal: Option<bool>,
 }
 
 /// The reference's default target layers: one layer gives `[N / 2]`, else
@@ -185,7 +195,11 @@ pub fn build_target_layer_ids(num_target_layers: usize, num_draft_layers: usize)
         return vec![num_target_layers / 2];
     }
     (0..n)
-        .map(|i| (1.0 + i as f64 * (big_n - 4.0) / (n as f64 - 1.0)).round().max(0.0) as usize)
+        .map(|i| {
+            (1.0 + i as f64 * (big_n - 4.0) / (n as f64 - 1.0))
+                .round()
+                .max(0.0) as usize
+        })
         .collect()
 }
 
@@ -208,6 +222,12 @@ impl DraftConfig {
         }
     }
 
+    /// True when draft layer `i` attends causally inside the block.
+    pub fn layer_causal(&self, i: usize) -> bool {
+        self.is_causal
+            .unwrap_or(self.layer_types.get(i) == Some(&DraftLayerType::Sliding))
+    }
+
     /// Checks the config on its own: layer types per layer, head counts,
     /// non-empty and in-range target layers, a mask id inside the vocabulary.
     pub fn validate(&self) -> Result<()> {
@@ -223,20 +243,32 @@ impl DraftConfig {
             ));
         }
         if self.num_key_value_heads == 0
-            || !self.num_attention_heads.is_multiple_of(self.num_key_value_heads)
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
         {
             return bad(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return bad(format!("head_dim must be even and > 0 (RoPE rotates pairs), found {}", self.head_dim));
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head_dim must be even and > 0 (RoPE rotates pairs), found {}",
+                self.head_dim
+            ));
         }
         if self.target_layer_ids.is_empty() {
-            return bad("target_layer_ids is empty; name the target layers whose outputs feed the draft".into());
+            return bad(
+                "target_layer_ids is empty; name the target layers whose outputs feed the draft"
+                    .into(),
+            );
         }
-        if let Some(&id) = self.target_layer_ids.iter().find(|&&i| i >= self.num_target_layers) {
+        if let Some(&id) = self
+            .target_layer_ids
+            .iter()
+            .find(|&&i| i >= self.num_target_layers)
+        {
             return bad(format!(
                 "target layer {id} does not exist: the target has {} layers (0..{})",
                 self.num_target_layers, self.num_target_layers
@@ -254,7 +286,10 @@ impl DraftConfig {
             }
         }
         if self.block_size < 2 {
-            return bad(format!("block_size must be >= 2 (one committed token plus drafts), found {}", self.block_size));
+            return bad(format!(
+                "block_size must be >= 2 (one committed token plus drafts), found {}",
+                self.block_size
+            ));
         }
         Ok(())
     }
@@ -296,6 +331,7 @@ impl DraftConfig {
             target_layer_ids: vec![0, 2],
             block_size: 8,
             mask: MaskToken::Embedding,
+            is_causal: Some(false),
         }
     }
 
@@ -318,6 +354,7 @@ impl DraftConfig {
             target_layer_ids: vec![0, 1],
             block_size: 16,
             mask: MaskToken::Id(0),
+            is_causal: Some(false),
         }
     }
 
@@ -345,15 +382,22 @@ impl DraftConfig {
                 }
             }
         }
-        if v.get("is_causal").and_then(Value::as_bool) == Some(true)
-            || v.get("causal").and_then(Value::as_bool) == Some(true)
-        {
-            return Err("draft config `is_causal: true`: causal drafts are not supported; \
-                        the draft attends bidirectionally inside the block"
-                .into());
+        let mut is_causal = None;
+        for f in ["is_causal", "causal"] {
+            match v.get(f) {
+                None | Some(Value::Null) => {}
+                Some(Value::Bool(c)) => is_causal = Some(*c),
+                Some(x) => {
+                    return Err(format!(
+                        "draft config field `{f}` must be a boolean, found {x}"
+                    ))
+                }
+            }
         }
         if v.get("attention_bias").and_then(Value::as_bool) == Some(true) {
-            return Err("draft config `attention_bias: true` is not supported (no q/k/v biases)".into());
+            return Err(
+                "draft config `attention_bias: true` is not supported (no q/k/v biases)".into(),
+            );
         }
         let num = |obj: &Value, f: &str| -> std::result::Result<Option<f64>, String> {
             match obj.get(f) {
@@ -368,16 +412,20 @@ impl DraftConfig {
             match num(obj, f)? {
                 None => Ok(None),
                 Some(x) if x >= 0.0 && x.fract() == 0.0 => Ok(Some(x as usize)),
-                Some(x) => Err(format!("draft config field `{f}` must be a non-negative integer, found {x}")),
+                Some(x) => Err(format!(
+                    "draft config field `{f}` must be a non-negative integer, found {x}"
+                )),
             }
         };
         let need = |f: &str| -> std::result::Result<usize, String> {
-            usize_of(&v, f)?.ok_or_else(|| format!("draft config.json has no `{f}`; it is required"))
+            usize_of(&v, f)?
+                .ok_or_else(|| format!("draft config.json has no `{f}`; it is required"))
         };
         let hidden_size = need("hidden_size")?;
         let num_hidden_layers = need("num_hidden_layers")?;
         let num_attention_heads = need("num_attention_heads")?;
-        let num_key_value_heads = usize_of(&v, "num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let num_key_value_heads =
+            usize_of(&v, "num_key_value_heads")?.unwrap_or(num_attention_heads);
         let head_dim = match usize_of(&v, "head_dim")? {
             Some(d) => d,
             None if num_attention_heads > 0 => hidden_size / num_attention_heads,
@@ -386,9 +434,8 @@ impl DraftConfig {
         let rope_theta = match num(&v, "rope_theta")? {
             Some(t) => t,
             None => match v.get("rope_parameters") {
-                Some(rp) => num(rp, "rope_theta")?.ok_or(
-                    "draft config `rope_parameters` has no `rope_theta`".to_string(),
-                )?,
+                Some(rp) => num(rp, "rope_theta")?
+                    .ok_or("draft config `rope_parameters` has no `rope_theta`".to_string())?,
                 None => 10_000.0, // transformers' Qwen3Config default
             },
         } as f32;
@@ -446,6 +493,7 @@ impl DraftConfig {
             mask: MaskToken::Id(u32::try_from(mask_token_id).map_err(|_| {
                 format!("`dflash_config.mask_token_id` {mask_token_id} does not fit 32 bits")
             })?),
+            is_causal,
         };
         cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
@@ -465,7 +513,9 @@ macro_rules! here {
 pub fn target_graph(arch: &Arch, opt: &GraphOptions, target_layer_ids: &[usize]) -> Result<Graph> {
     let n = arch.num_layers();
     if target_layer_ids.is_empty() {
-        return Err(type_err("target_layer_ids is empty; name at least one target layer".into()));
+        return Err(type_err(
+            "target_layer_ids is empty; name at least one target layer".into(),
+        ));
     }
     let g = arch.forward_graph(opt)?;
     let order = g.topo_order()?;
@@ -477,7 +527,11 @@ pub fn target_graph(arch: &Arch, opt: &GraphOptions, target_layer_ids: &[usize])
             )));
         }
         let name = format!("layer{id}.out");
-        let found: Vec<NodeId> = order.iter().copied().filter(|&x| g.node(x).name == name).collect();
+        let found: Vec<NodeId> = order
+            .iter()
+            .copied()
+            .filter(|&x| g.node(x).name == name)
+            .collect();
         match found[..] {
             [x] => layers.push(x),
             _ => {
@@ -493,10 +547,14 @@ pub fn target_graph(arch: &Arch, opt: &GraphOptions, target_layer_ids: &[usize])
     }
     let mut b = Builder::from_graph(g);
     here!(b);
-    let features = b.scoped("dflash", |b| {
-        let c = b.concat(&layers, 1)?;
-        Ok::<_, IrError>(b.name(c, "context"))
-    })?;
+    let features = match layers[..] {
+        // One layer: its output is the features (a concat needs two inputs).
+        [one] => one,
+        _ => b.scoped("dflash", |b| {
+            let c = b.concat(&layers, 1)?;
+            Ok::<_, IrError>(b.name(c, "context"))
+        })?,
+    };
     b.output(CONTEXT_OUTPUT, features)?;
     b.finish()
 }
@@ -504,7 +562,12 @@ pub fn target_graph(arch: &Arch, opt: &GraphOptions, target_layer_ids: &[usize])
 /// The draft forward (see the module docs for its inputs, caches and output).
 pub fn draft_graph(cfg: &DraftConfig, opt: &GraphOptions) -> Result<Graph> {
     cfg.validate()?;
-    let (dt, h, v, f) = (opt.dtype, cfg.hidden_size, cfg.vocab_size, cfg.feature_width());
+    let (dt, h, v, f) = (
+        opt.dtype,
+        cfg.hidden_size,
+        cfg.vocab_size,
+        cfg.feature_width(),
+    );
     let mut b = Builder::new("dflash_draft", &["S", "C", "T"]);
     here!(b);
     let ids = b.input("ids", DType::I32, shape![T])?;
@@ -531,7 +594,9 @@ pub fn draft_graph(cfg: &DraftConfig, opt: &GraphOptions) -> Result<Graph> {
     let ctx = b.rms_norm(ctx, hn, cfg.rms_norm_eps)?;
     let ctx = b.name(ctx, "context");
     for i in 0..cfg.num_hidden_layers {
-        x = b.scoped(&format!("draft{i}"), |b| draft_layer(b, cfg, opt, i, x, ctx, pos, ctx_pos))?;
+        x = b.scoped(&format!("draft{i}"), |b| {
+            draft_layer(b, cfg, opt, i, x, ctx, pos, ctx_pos)
+        })?;
     }
     here!(b);
     let norm = b.weight("norm.weight", dt, shape![(h)])?;
@@ -622,7 +687,12 @@ fn draft_layer(
     } else {
         None
     };
-    let att = b.attention(q, keys, values, None, Mask::Block { window }, (d as f32).powf(-0.5))?;
+    let mask = if cfg.layer_causal(i) {
+        Mask::Causal { window }
+    } else {
+        Mask::Block { window }
+    };
+    let att = b.attention(q, keys, values, None, mask, (d as f32).powf(-0.5))?;
     let att = b.reshape(att, shape![T, (nh * d)])?;
     let o = b.matmul(att, wo)?;
     let o = b.name(o, "attn_out");
@@ -745,7 +815,10 @@ mod tests {
         let c = DraftConfig::from_hf_json(text).unwrap();
         assert_eq!(c.target_layer_ids, vec![1, 9, 17, 25, 33]);
         assert_eq!(c.mask, MaskToken::Id(151669));
-        assert_eq!((c.block_size, c.head_dim, c.feature_width()), (16, 128, 5 * 4096));
+        assert_eq!(
+            (c.block_size, c.head_dim, c.feature_width()),
+            (16, 128, 5 * 4096)
+        );
         assert_eq!(c.layer_types, vec![DraftLayerType::Full; 5]);
         assert_eq!(c.rope_theta, 1e6);
 
@@ -758,11 +831,23 @@ mod tests {
         let c = DraftConfig::from_hf_json(&sliding).unwrap();
         assert_eq!(c.layer_types[0], DraftLayerType::Sliding);
         assert_eq!(c.sliding_window, 2048);
+        // No `is_causal`: sliding layers causal, full layers not (newer reference).
+        assert!(c.layer_causal(0) && !c.layer_causal(4));
+        let g = draft_graph(&c, &GraphOptions::default())
+            .unwrap()
+            .to_string();
+        assert!(g.contains("mask=causal") && g.contains("mask=block"), "{g}");
+        let nc = sliding.replace("\"block_size\"", "\"is_causal\": false, \"block_size\"");
+        assert!(!DraftConfig::from_hf_json(&nc).unwrap().layer_causal(0));
 
-        let v2 = text.replace("\"block_size\": 16,", "\"final_logit_softcapping\": 20.0, \"block_size\": 16,");
+        let v2 = text.replace(
+            "\"block_size\": 16,",
+            "\"final_logit_softcapping\": 20.0, \"block_size\": 16,",
+        );
         let e = DraftConfig::from_hf_json(&v2).unwrap_err();
         assert!(e.contains("final_logit_softcapping"), "{e}");
-        let e = DraftConfig::from_hf_json(&text.replace("\"num_target_layers\": 36,", "")).unwrap_err();
+        let e =
+            DraftConfig::from_hf_json(&text.replace("\"num_target_layers\": 36,", "")).unwrap_err();
         assert!(e.contains("num_target_layers"), "{e}");
     }
 
@@ -771,9 +856,17 @@ mod tests {
         for dp in draft_presets() {
             let target = presets::by_name(dp.targets[0]).unwrap();
             dp.config.check_target(&target.arch).unwrap();
-            let t = target_graph(&target.arch, &target.options, &dp.config.target_layer_ids).unwrap();
-            let (_, out) = t.outputs().iter().find(|(n, _)| n == CONTEXT_OUTPUT).unwrap();
-            assert_eq!(t.node(*out).ty.to_string(), format!("bf16[T,{}]", dp.config.feature_width()));
+            let t =
+                target_graph(&target.arch, &target.options, &dp.config.target_layer_ids).unwrap();
+            let (_, out) = t
+                .outputs()
+                .iter()
+                .find(|(n, _)| n == CONTEXT_OUTPUT)
+                .unwrap();
+            assert_eq!(
+                t.node(*out).ty.to_string(),
+                format!("bf16[T,{}]", dp.config.feature_width())
+            );
             let d = draft_graph(&dp.config, &target.options).unwrap();
             assert_eq!(d.symbols().collect::<Vec<_>>(), ["C", "S", "T"]);
             let text = d.to_string();
@@ -785,7 +878,10 @@ mod tests {
         }
         let p = presets::by_name("qwen3-moe-tiny").unwrap();
         let e = target_graph(&p.arch, &p.options, &[2]).unwrap_err();
-        assert!(e.to_string().contains("target layer 2 does not exist"), "{e}");
+        assert!(
+            e.to_string().contains("target layer 2 does not exist"),
+            "{e}"
+        );
         let e = DraftConfig::tiny_mimo().check_target(&p.arch).unwrap_err();
         assert!(e.to_string().contains("pick the draft preset"), "{e}");
     }

@@ -40,7 +40,10 @@ impl StagingDir {
     /// Prepares to write `dest`, which must not exist (or be an empty directory).
     pub fn new(dest: &Path) -> Result<StagingDir> {
         if dest.exists() {
-            let empty = dest.is_dir() && std::fs::read_dir(dest).map(|mut d| d.next().is_none()).unwrap_or(false);
+            let empty = dest.is_dir()
+                && std::fs::read_dir(dest)
+                    .map(|mut d| d.next().is_none())
+                    .unwrap_or(false);
             if !empty {
                 return Err(LoadError::new(format!(
                     "{} already exists; choose a new output directory (tilefuse does not overwrite)",
@@ -50,7 +53,12 @@ impl StagingDir {
         }
         let name = dest
             .file_name()
-            .ok_or_else(|| LoadError::new(format!("{} does not name a directory to create", dest.display())))?
+            .ok_or_else(|| {
+                LoadError::new(format!(
+                    "{} does not name a directory to create",
+                    dest.display()
+                ))
+            })?
             .to_string_lossy()
             .to_string();
         let parent = match dest.parent() {
@@ -66,9 +74,11 @@ impl StagingDir {
         }
         let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| LoadError::new(format!("cannot clear {}: {e}", tmp.display())))?;
+            std::fs::remove_dir_all(&tmp)
+                .map_err(|e| LoadError::new(format!("cannot clear {}: {e}", tmp.display())))?;
         }
-        std::fs::create_dir(&tmp).map_err(|e| LoadError::new(format!("cannot create {}: {e}", tmp.display())))?;
+        std::fs::create_dir(&tmp)
+            .map_err(|e| LoadError::new(format!("cannot create {}: {e}", tmp.display())))?;
         Ok(StagingDir {
             tmp,
             dest: dest.to_path_buf(),
@@ -83,15 +93,22 @@ impl StagingDir {
 
     /// Flushes every file to disk and renames the directory into place.
     pub fn commit(mut self) -> Result<()> {
-        let entries = std::fs::read_dir(&self.tmp).map_err(|e| LoadError::new(format!("cannot list {}: {e}", self.tmp.display())))?;
+        let entries = std::fs::read_dir(&self.tmp)
+            .map_err(|e| LoadError::new(format!("cannot list {}: {e}", self.tmp.display())))?;
         for entry in entries.flatten() {
             if let Ok(f) = File::open(entry.path()) {
-                f.sync_all().map_err(|e| LoadError::new(format!("cannot flush {}: {e}", entry.path().display())))?;
+                f.sync_all().map_err(|e| {
+                    LoadError::new(format!("cannot flush {}: {e}", entry.path().display()))
+                })?;
             }
         }
         // rename(2) replaces an empty directory atomically.
         std::fs::rename(&self.tmp, &self.dest).map_err(|e| {
-            LoadError::new(format!("cannot move {} to {}: {e}", self.tmp.display(), self.dest.display()))
+            LoadError::new(format!(
+                "cannot move {} to {}: {e}",
+                self.tmp.display(),
+                self.dest.display()
+            ))
         })?;
         self.committed = true;
         Ok(())
@@ -136,9 +153,24 @@ impl View for OutTensor<'_> {
 /// f32 values as bytes of a float dtype (rounded to nearest even).
 pub fn float_bytes(name: &str, dtype: DType, values: &[f32]) -> Result<(Dtype, Vec<u8>)> {
     Ok(match dtype {
-        DType::F32 => (Dtype::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        DType::BF16 => (Dtype::BF16, values.iter().flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes()).collect()),
-        DType::F16 => (Dtype::F16, values.iter().flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes()).collect()),
+        DType::F32 => (
+            Dtype::F32,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        DType::BF16 => (
+            Dtype::BF16,
+            values
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+                .collect(),
+        ),
+        DType::F16 => (
+            Dtype::F16,
+            values
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())
+                .collect(),
+        ),
         d => {
             return Err(LoadError::new(format!(
                 "tensor `{name}` is {d}; checkpoints are written with f32, bf16 or f16 floats"
@@ -157,32 +189,49 @@ pub fn write_safetensors(path: &Path, tensors: Vec<(String, OutTensor<'_>)>) -> 
 
 /// Writes `value` as pretty JSON.
 pub fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| LoadError::new(format!("cannot encode {}: {e}", path.display())))?;
-    std::fs::write(path, text + "\n").map_err(|e| LoadError::new(format!("cannot write {}: {e}", path.display())))
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| LoadError::new(format!("cannot encode {}: {e}", path.display())))?;
+    std::fs::write(path, text + "\n")
+        .map_err(|e| LoadError::new(format!("cannot write {}: {e}", path.display())))
 }
 
 /// The on-disk tensors of graph weights (see the module docs).
-pub fn on_disk_tensors(weights: &BTreeMap<String, Tensor>) -> Result<Vec<(String, OutTensor<'static>)>> {
+pub fn on_disk_tensors(
+    weights: &BTreeMap<String, Tensor>,
+) -> Result<Vec<(String, OutTensor<'static>)>> {
     let mut out = Vec::new();
     for (name, t) in weights {
-        let expert = [ExpertKind::GateUp, ExpertKind::Down].into_iter().find_map(|k| {
-            name.strip_suffix(&format!(".{}", k.stacked_name()))
-                .filter(|p| p.ends_with(".mlp.experts"))
-                .map(|p| (p, k))
-        });
+        let expert = [ExpertKind::GateUp, ExpertKind::Down]
+            .into_iter()
+            .find_map(|k| {
+                name.strip_suffix(&format!(".{}", k.stacked_name()))
+                    .filter(|p| p.ends_with(".mlp.experts"))
+                    .map(|p| (p, k))
+            });
         match (&t.data, expert) {
             (Data::Fp4(q), Some(_)) => out.extend(quantize::fp4_tensors(name, &t.shape, q)?),
             (Data::F32(v), Some((prefix, kind))) => {
                 let &[e, n, k] = t.shape.as_slice() else {
-                    return Err(LoadError::new(format!("expert tensor `{name}` must be 3-d, found {:?}", t.shape)));
+                    return Err(LoadError::new(format!(
+                        "expert tensor `{name}` must be 3-d, found {:?}",
+                        t.shape
+                    )));
                 };
                 for ei in 0..e {
                     let names = per_expert_names(prefix, kind, ei);
                     let rows = n / names.len();
                     for (j, part) in names.into_iter().enumerate() {
                         let start = (ei * n + j * rows) * k;
-                        let (dtype, data) = float_bytes(&part, t.dtype, &v[start..start + rows * k])?;
-                        out.push((part, OutTensor { dtype, shape: vec![rows, k], data: Cow::Owned(data) }));
+                        let (dtype, data) =
+                            float_bytes(&part, t.dtype, &v[start..start + rows * k])?;
+                        out.push((
+                            part,
+                            OutTensor {
+                                dtype,
+                                shape: vec![rows, k],
+                                data: Cow::Owned(data),
+                            },
+                        ));
                     }
                 }
             }
@@ -192,7 +241,14 @@ pub fn on_disk_tensors(weights: &BTreeMap<String, Tensor>) -> Result<Vec<(String
                     None => name.clone(),
                 };
                 let (dtype, data) = float_bytes(name, t.dtype, v)?;
-                out.push((disk, OutTensor { dtype, shape: t.shape.clone(), data: Cow::Owned(data) }));
+                out.push((
+                    disk,
+                    OutTensor {
+                        dtype,
+                        shape: t.shape.clone(),
+                        data: Cow::Owned(data),
+                    },
+                ));
             }
             _ => {
                 return Err(LoadError::new(format!(
@@ -226,14 +282,22 @@ pub fn init(preset: &Preset, seed: u64, out: &Path) -> Result<InitReport> {
     let params: usize = graph
         .inputs_of_kind(InputKind::Weight)
         .into_iter()
-        .map(|id| graph.node(id).ty.shape.eval(&none).map(|s| s.iter().product::<usize>()).unwrap_or(0))
+        .map(|id| {
+            graph
+                .node(id)
+                .ty
+                .shape
+                .eval(&none)
+                .map(|s| s.iter().product::<usize>())
+                .unwrap_or(0)
+        })
         .sum();
     if params * 4 > INIT_LIMIT_BYTES {
         return Err(LoadError::new(format!(
             "preset {} has {params} parameters; init draws them in memory as f32 ({} GiB), past its limit of {} GiB; \
              use a smaller preset",
             preset.name,
-            params * 4 >> 30,
+            (params * 4) >> 30,
             INIT_LIMIT_BYTES >> 30
         )));
     }

@@ -7,6 +7,11 @@
 //! `model.layers.{i}.mlp.experts.gate_up_proj`), so a loader maps checkpoint
 //! tensors to graph weights by name.
 //!
+//! Checkpoints: [`config`] reads (and writes) Hugging Face `config.json`,
+//! [`checkpoint`] maps safetensors files to graph weights, [`export`] writes
+//! checkpoint directories (`tilefuse init`), [`quantize`] makes FP4-expert
+//! checkpoints, [`tokenizer`] turns text into ids.
+//!
 //! Every forward graph declares two symbols: `T`, the query tokens of this
 //! forward, and `S`, the tokens already in the KV caches. Query `t` sits at
 //! absolute position `S + t`.

@@ -41,7 +41,9 @@ use safetensors::Dtype;
 use serde_json::{json, Value};
 use tilefuse_ir::fp4::{self, Fp4Format, Fp4Tensor};
 
-use crate::checkpoint::{self, per_expert_names, Checkpoint, ExpertKind, ExpertWeights, INDEX_FILE, SINGLE_FILE};
+use crate::checkpoint::{
+    self, per_expert_names, Checkpoint, ExpertKind, ExpertWeights, INDEX_FILE, SINGLE_FILE,
+};
 use crate::error::{fmt_shape, LoadError, Result};
 use crate::export::{self, OutTensor, StagingDir};
 use crate::presets::Arch;
@@ -69,11 +71,20 @@ pub fn quantization_config(format: Fp4Format, base: Option<Value>) -> Value {
 }
 
 /// The on-disk tensors of the FP4 stacked expert tensor `name` of `shape`.
-pub fn fp4_tensors(name: &str, shape: &[usize], q: &Fp4Tensor) -> Result<Vec<(String, OutTensor<'static>)>> {
+pub fn fp4_tensors(
+    name: &str,
+    shape: &[usize],
+    q: &Fp4Tensor,
+) -> Result<Vec<(String, OutTensor<'static>)>> {
     let b = q.format.block_size();
     let (lead, k) = match shape.split_last() {
-        Some((&k, lead)) if k % b == 0 => (lead.to_vec(), k),
-        _ => return Err(LoadError::new(format!("FP4 tensor `{name}` of shape {} has no last axis of whole {b}-blocks", fmt_shape(shape)))),
+        Some((&k, lead)) if k.is_multiple_of(b) => (lead.to_vec(), k),
+        _ => {
+            return Err(LoadError::new(format!(
+                "FP4 tensor `{name}` of shape {} has no last axis of whole {b}-blocks",
+                fmt_shape(shape)
+            )))
+        }
     };
     let mut blocks_shape = lead.clone();
     blocks_shape.extend([k / b, b / 2]);
@@ -84,13 +95,31 @@ pub fn fp4_tensors(name: &str, shape: &[usize], q: &Fp4Tensor) -> Result<Vec<(St
         Fp4Format::Nv => Dtype::F8_E4M3,
     };
     let mut out = vec![
-        (format!("{name}_blocks"), OutTensor { dtype: Dtype::U8, shape: blocks_shape, data: Cow::Owned(q.codes.clone()) }),
-        (format!("{name}_scales"), OutTensor { dtype: scale_dtype, shape: scales_shape, data: Cow::Owned(q.scales.clone()) }),
+        (
+            format!("{name}_blocks"),
+            OutTensor {
+                dtype: Dtype::U8,
+                shape: blocks_shape,
+                data: Cow::Owned(q.codes.clone()),
+            },
+        ),
+        (
+            format!("{name}_scales"),
+            OutTensor {
+                dtype: scale_dtype,
+                shape: scales_shape,
+                data: Cow::Owned(q.scales.clone()),
+            },
+        ),
     ];
     if q.format == Fp4Format::Nv {
         out.push((
             format!("{name}_scale_2"),
-            OutTensor { dtype: Dtype::F32, shape: vec![1], data: Cow::Owned(q.tensor_scale.to_le_bytes().to_vec()) },
+            OutTensor {
+                dtype: Dtype::F32,
+                shape: vec![1],
+                data: Cow::Owned(q.tensor_scale.to_le_bytes().to_vec()),
+            },
         ));
     }
     Ok(out)
@@ -113,14 +142,16 @@ pub fn read_fp4(ck: &Checkpoint, name: &str, shape: &[usize]) -> Result<Fp4Tenso
     };
     let b = format.block_size();
     let Some((&k, lead)) = shape.split_last() else {
-        return Err(LoadError::new(format!("`{name}` needs a shape with a last axis")));
+        return Err(LoadError::new(format!(
+            "`{name}` needs a shape with a last axis"
+        )));
     };
     let mut want_blocks = lead.to_vec();
     want_blocks.extend([k / b, b / 2]);
     let mut want_scales = lead.to_vec();
     want_scales.push(k / b);
     let fmt_name = format.dtype().name();
-    if k % b != 0 || blocks.dtype != Dtype::U8 || blocks.shape != want_blocks.as_slice() {
+    if !k.is_multiple_of(b) || blocks.dtype != Dtype::U8 || blocks.shape != want_blocks.as_slice() {
         return Err(LoadError::new(format!(
             "tensor `{}` in {} is {:?} {}, expected U8 {} ({fmt_name} codes of a {} weight, as its {:?} scales say)",
             blocks.name,
@@ -230,7 +261,13 @@ pub fn quantize_checkpoint(src: &Path, out: &Path, format: Fp4Format) -> Result<
     let stage = StagingDir::new(out)?;
     let mut consumed = std::collections::BTreeSet::new();
     let mut tensors: Vec<(String, OutTensor<'_>)> = Vec::new();
-    let mut report = QuantizeReport { layers: 0, parameters: 0, bytes_before: 0, bytes_after: 0, copied: 0 };
+    let mut report = QuantizeReport {
+        layers: 0,
+        parameters: 0,
+        bytes_before: 0,
+        bytes_after: 0,
+        copied: 0,
+    };
     for (layer, gate_up, down) in expert_layers(&cfg.arch) {
         let prefix = format!("model.layers.{layer}.mlp.experts");
         for (kind, shape) in [(ExpertKind::GateUp, gate_up), (ExpertKind::Down, down)] {
@@ -260,7 +297,8 @@ pub fn quantize_checkpoint(src: &Path, out: &Path, format: Fp4Format) -> Result<
                     }
                 }
             }
-            let q = fp4::quantize(&values, shape[2], format).map_err(|m| LoadError::new(format!("`{name}`: {m}")))?;
+            let q = fp4::quantize(&values, shape[2], format)
+                .map_err(|m| LoadError::new(format!("`{name}`: {m}")))?;
             report.parameters += values.len();
             report.bytes_after += q.storage_bytes();
             tensors.extend(fp4_tensors(&name, &shape, &q)?);
@@ -274,7 +312,11 @@ pub fn quantize_checkpoint(src: &Path, out: &Path, format: Fp4Format) -> Result<
         let t = ck.require(name)?;
         tensors.push((
             name.to_string(),
-            OutTensor { dtype: t.dtype, shape: t.shape.to_vec(), data: Cow::Borrowed(t.data) },
+            OutTensor {
+                dtype: t.dtype,
+                shape: t.shape.to_vec(),
+                data: Cow::Borrowed(t.data),
+            },
         ));
         report.copied += 1;
     }
@@ -284,15 +326,22 @@ pub fn quantize_checkpoint(src: &Path, out: &Path, format: Fp4Format) -> Result<
     let cfg_path = src.join("config.json");
     let mut json: Value = serde_json::from_str(&checkpoint::read_text(&cfg_path)?)
         .map_err(|e| LoadError::new(format!("{} is not valid JSON: {e}", cfg_path.display())))?;
-    let base = json.get("quantization_config").filter(|v| !v.is_null()).cloned();
+    let base = json
+        .get("quantization_config")
+        .filter(|v| !v.is_null())
+        .cloned();
     json["quantization_config"] = quantization_config(format, base);
     export::write_json(&stage.path().join("config.json"), &json)?;
 
     // Tokenizer and generation files, as they are.
-    let entries = std::fs::read_dir(src).map_err(|e| LoadError::new(format!("cannot list {}: {e}", src.display())))?;
+    let entries = std::fs::read_dir(src)
+        .map_err(|e| LoadError::new(format!("cannot list {}: {e}", src.display())))?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
-        let skip = name == "config.json" || name == INDEX_FILE || name.ends_with(".safetensors") || name.starts_with('.');
+        let skip = name == "config.json"
+            || name == INDEX_FILE
+            || name.ends_with(".safetensors")
+            || name.starts_with('.');
         if skip || !entry.path().is_file() {
             continue;
         }

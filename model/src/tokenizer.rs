@@ -68,7 +68,9 @@ impl Tokenizer {
                 enc.get_ids()
                     .iter()
                     .map(|&id| {
-                        i32::try_from(id).map_err(|_| LoadError::new(format!("token id {id} does not fit in i32")))
+                        i32::try_from(id).map_err(|_| {
+                            LoadError::new(format!("token id {id} does not fit in i32"))
+                        })
                     })
                     .collect()
             }
@@ -91,7 +93,8 @@ impl Tokenizer {
             }
             Tokenizer::Hf(t) => {
                 let ids: Vec<u32> = ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
-                t.decode(&ids, true).unwrap_or_else(|e| format!("<undecodable: {e}>"))
+                t.decode(&ids, true)
+                    .unwrap_or_else(|e| format!("<undecodable: {e}>"))
             }
         }
     }

@@ -49,23 +49,37 @@ fn write(dir: &Path, file: &str, t: BTreeMap<String, OutTensor<'static>>) {
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut Value)) {
     let path = dir.join("config.json");
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
+    let mut v: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
     f(&mut v);
     std::fs::write(&path, v.to_string()).expect("write config");
 }
 
 fn load(dir: &Path, opts: LoadOptions) -> BTreeMap<String, Tensor> {
-    checkpoint::load(dir, &opts).unwrap_or_else(|e| panic!("load {}: {e}", dir.display())).weights
+    checkpoint::load(dir, &opts)
+        .unwrap_or_else(|e| panic!("load {}: {e}", dir.display()))
+        .weights
 }
 
 fn load_err(dir: &Path) -> String {
-    checkpoint::load(dir, &LoadOptions::default()).map(|_| ()).expect_err("the load must fail").to_string()
+    checkpoint::load(dir, &LoadOptions::default())
+        .map(|_| ())
+        .expect_err("the load must fail")
+        .to_string()
 }
 
 fn f32s(t: &OutTensor<'_>) -> Vec<f32> {
     match t.dtype {
-        Dtype::BF16 => t.data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::F32 => t.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::BF16 => t
+            .data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F32 => t
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
         d => panic!("unexpected {d:?}"),
     }
 }
@@ -78,7 +92,14 @@ fn init_round_trips_the_preset_weights() {
         let p = presets::by_name(preset).expect("preset");
         let graph = p.arch.forward_graph(&p.options).expect("graph");
         let want = presets::random_weights(&graph, 0).expect("weights");
-        let got = load(&out, LoadOptions { context: Some(p.options.context), max_tokens: Some(p.options.max_tokens), ..LoadOptions::default() });
+        let got = load(
+            &out,
+            LoadOptions {
+                context: Some(p.options.context),
+                max_tokens: Some(p.options.max_tokens),
+                ..LoadOptions::default()
+            },
+        );
         assert_eq!(got, want, "{preset}");
     }
     // On-disk names: per-expert tensors and attention_sink_bias, as save_pretrained writes.
@@ -86,7 +107,11 @@ fn init_round_trips_the_preset_weights() {
     assert!(ck.contains("model.layers.1.mlp.experts.7.up_proj.weight"));
     assert!(ck.contains("model.layers.1.self_attn.attention_sink_bias"));
     assert!(!ck.contains("model.layers.1.self_attn.sinks"));
-    assert_eq!(ck.get("model.layers.1.mlp.gate.e_score_correction_bias").map(|t| t.dtype), Some(Dtype::F32));
+    assert_eq!(
+        ck.get("model.layers.1.mlp.gate.e_score_correction_bias")
+            .map(|t| t.dtype),
+        Some(Dtype::F32)
+    );
 }
 
 #[test]
@@ -106,20 +131,50 @@ fn stacked_experts_and_shards_load_the_same() {
         let (mut gu, mut dn) = (Vec::new(), Vec::new());
         for x in 0..e {
             for part in ["gate_proj", "up_proj"] {
-                gu.extend_from_slice(&all.remove(&format!("{p}.{x}.{part}.weight")).expect("expert").data);
+                gu.extend_from_slice(
+                    &all.remove(&format!("{p}.{x}.{part}.weight"))
+                        .expect("expert")
+                        .data,
+                );
             }
-            dn.extend_from_slice(&all.remove(&format!("{p}.{x}.down_proj.weight")).expect("expert").data);
+            dn.extend_from_slice(
+                &all.remove(&format!("{p}.{x}.down_proj.weight"))
+                    .expect("expert")
+                    .data,
+            );
         }
-        all.insert(format!("{p}.gate_up_proj"), OutTensor { dtype: Dtype::BF16, shape: vec![e, 2 * i, 64], data: Cow::Owned(gu) });
-        all.insert(format!("{p}.down_proj"), OutTensor { dtype: Dtype::BF16, shape: vec![e, 64, i], data: Cow::Owned(dn) });
+        all.insert(
+            format!("{p}.gate_up_proj"),
+            OutTensor {
+                dtype: Dtype::BF16,
+                shape: vec![e, 2 * i, 64],
+                data: Cow::Owned(gu),
+            },
+        );
+        all.insert(
+            format!("{p}.down_proj"),
+            OutTensor {
+                dtype: Dtype::BF16,
+                shape: vec![e, 64, i],
+                data: Cow::Owned(dn),
+            },
+        );
     }
     let mut a = BTreeMap::new();
     let mut b = BTreeMap::new();
     let mut map = serde_json::Map::new();
     for (n, t) in all {
-        let file = if n.starts_with("model.layers.2") || n.starts_with("lm_head") { "model-00002-of-00002.safetensors" } else { "model-00001-of-00002.safetensors" };
+        let file = if n.starts_with("model.layers.2") || n.starts_with("lm_head") {
+            "model-00002-of-00002.safetensors"
+        } else {
+            "model-00001-of-00002.safetensors"
+        };
         map.insert(n.clone(), json!(file));
-        if file.contains("00001") { a.insert(n, t); } else { b.insert(n, t); }
+        if file.contains("00001") {
+            a.insert(n, t);
+        } else {
+            b.insert(n, t);
+        }
     }
     write(&stacked, "model-00001-of-00002.safetensors", a);
     write(&stacked, "model-00002-of-00002.safetensors", b);
@@ -132,7 +187,10 @@ fn stacked_experts_and_shards_load_the_same() {
     bad["weight_map"]["lm_head.weight"] = json!("model-00001-of-00002.safetensors");
     std::fs::write(stacked.join(checkpoint::INDEX_FILE), bad.to_string()).expect("index");
     let e = load_err(&stacked);
-    assert!(e.contains("maps `lm_head.weight` to model-00001-of-00002.safetensors"), "{e}");
+    assert!(
+        e.contains("maps `lm_head.weight` to model-00001-of-00002.safetensors"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -154,13 +212,33 @@ fn fp8_weights_dequantize_with_block_scales() {
             want.push(half::bf16::from_f32(fp4::e4m3_decode(byte) * s).to_f32());
         }
     }
-    all.insert(name.into(), OutTensor { dtype: Dtype::F8_E4M3, shape: vec![64, 64], data: Cow::Owned(codes) });
+    all.insert(
+        name.into(),
+        OutTensor {
+            dtype: Dtype::F8_E4M3,
+            shape: vec![64, 64],
+            data: Cow::Owned(codes),
+        },
+    );
     let scale_bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
-    all.insert(format!("{name}_scale_inv"), OutTensor { dtype: Dtype::F32, shape: vec![2, 2], data: Cow::Owned(scale_bytes) });
+    all.insert(
+        format!("{name}_scale_inv"),
+        OutTensor {
+            dtype: Dtype::F32,
+            shape: vec![2, 2],
+            data: Cow::Owned(scale_bytes),
+        },
+    );
     let fp8 = dir.path().join("fp8");
     std::fs::create_dir(&fp8).expect("mkdir");
     std::fs::copy(src.join("config.json"), fp8.join("config.json")).expect("copy");
-    edit_config(&fp8, |v| v["quantization_config"] = json!({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [32, 32]}));
+    edit_config(
+        &fp8,
+        |v| {
+            v["quantization_config"] =
+                json!({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [32, 32]})
+        },
+    );
     let scale_inv = all.remove(&format!("{name}_scale_inv")).expect("scale");
     let mut with_scale = all.clone();
     with_scale.insert(format!("{name}_scale_inv"), scale_inv);
@@ -171,7 +249,10 @@ fn fp8_weights_dequantize_with_block_scales() {
     // Without its scales, the FP8 tensor is named.
     write(&fp8, checkpoint::SINGLE_FILE, all);
     let e = load_err(&fp8);
-    assert!(e.contains(&format!("`{name}_scale_inv` (its block scales) is missing")), "{e}");
+    assert!(
+        e.contains(&format!("`{name}_scale_inv` (its block scales) is missing")),
+        "{e}"
+    );
 }
 
 fn experts_of(w: &BTreeMap<String, Tensor>) -> Vec<(&String, &Tensor)> {
@@ -190,14 +271,35 @@ fn quantized_checkpoints_load_as_quantizing_at_load() {
         let cfg = checkpoint::read_config(&out).expect("config");
         assert_eq!(cfg.quantization.fp4, Some(format));
         let from_disk = load(&out, LoadOptions::default());
-        let at_load = load(&src, LoadOptions { expert_dtype: Some(dtype), ..LoadOptions::default() });
+        let at_load = load(
+            &src,
+            LoadOptions {
+                expert_dtype: Some(dtype),
+                ..LoadOptions::default()
+            },
+        );
         assert_eq!(from_disk, at_load, "{dtype}");
-        assert!(experts_of(&from_disk).iter().all(|(_, t)| t.dtype == dtype && matches!(t.data, Data::Fp4(_))));
+        assert!(experts_of(&from_disk)
+            .iter()
+            .all(|(_, t)| t.dtype == dtype && matches!(t.data, Data::Fp4(_))));
         // Dequantized (then rounded to bf16) for a bf16 graph.
-        let as_bf16 = load(&out, LoadOptions { expert_dtype: Some(DType::BF16), ..LoadOptions::default() });
+        let as_bf16 = load(
+            &out,
+            LoadOptions {
+                expert_dtype: Some(DType::BF16),
+                ..LoadOptions::default()
+            },
+        );
         for (n, t) in experts_of(&from_disk) {
-            let want: Vec<f32> = t.to_f32().into_iter().map(|x| half::bf16::from_f32(x).to_f32()).collect();
-            assert!(as_bf16[n].to_f32() == want, "{n}: dequantized values differ");
+            let want: Vec<f32> = t
+                .to_f32()
+                .into_iter()
+                .map(|x| half::bf16::from_f32(x).to_f32())
+                .collect();
+            assert!(
+                as_bf16[n].to_f32() == want,
+                "{n}: dequantized values differ"
+            );
         }
         // The rest is byte for byte the source.
         let (a, b) = (tensors(&src), tensors(&out));
@@ -207,7 +309,9 @@ fn quantized_checkpoints_load_as_quantizing_at_load() {
             }
         }
         // No quantizing twice.
-        let e = quantize::quantize_checkpoint(&out, &dir.path().join("again"), format).expect_err("twice").to_string();
+        let e = quantize::quantize_checkpoint(&out, &dir.path().join("again"), format)
+            .expect_err("twice")
+            .to_string();
         assert!(e.contains("already has"), "{e}");
     }
 }
@@ -232,7 +336,12 @@ fn mxfp4_with_e8m0_scales_loads() {
     all.get_mut(n).expect("blocks").shape = vec![8, 32, 2, 16];
     write(&src, checkpoint::SINGLE_FILE, all);
     let e = load_err(&src);
-    assert!(e.contains(&format!("tensor `{n}`")) && e.contains("[8, 32, 2, 16]") && e.contains("[8, 64, 1, 16]"), "{e}");
+    assert!(
+        e.contains(&format!("tensor `{n}`"))
+            && e.contains("[8, 32, 2, 16]")
+            && e.contains("[8, 64, 1, 16]"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -254,18 +363,53 @@ fn staging_never_leaves_a_partial_directory() {
     let dir = tmp();
     let src = init(dir.path(), "qwen3-moe-tiny", "src");
     // An existing output is refused and left alone.
-    let e = quantize::quantize_checkpoint(&src, &src, Fp4Format::Mx).expect_err("exists").to_string();
+    let e = quantize::quantize_checkpoint(&src, &src, Fp4Format::Mx)
+        .expect_err("exists")
+        .to_string();
     assert!(e.contains("already exists"), "{e}");
     assert!(src.join("model.safetensors").exists());
     // A failure midway (a truncated expert) removes the staging directory.
     let mut all = tensors(&src);
-    all.get_mut("model.layers.1.mlp.experts.5.down_proj.weight").expect("expert").shape = vec![64, 16];
-    let t = all.get_mut("model.layers.1.mlp.experts.5.down_proj.weight").expect("expert");
+    all.get_mut("model.layers.1.mlp.experts.5.down_proj.weight")
+        .expect("expert")
+        .shape = vec![64, 16];
+    let t = all
+        .get_mut("model.layers.1.mlp.experts.5.down_proj.weight")
+        .expect("expert");
     t.data = Cow::Owned(t.data[..64 * 16 * 2].to_vec());
     write(&src, checkpoint::SINGLE_FILE, all);
     let out = dir.path().join("out");
-    let e = quantize::quantize_checkpoint(&src, &out, Fp4Format::Mx).expect_err("bad shape").to_string();
+    let e = quantize::quantize_checkpoint(&src, &out, Fp4Format::Mx)
+        .expect_err("bad shape")
+        .to_string();
     assert!(e.contains("has shape [64, 16], expected [64, 32]"), "{e}");
-    let left: Vec<_> = std::fs::read_dir(dir.path()).expect("list").flatten().map(|e| e.file_name()).collect();
-    assert_eq!(left, vec![std::ffi::OsString::from("src")], "nothing but the source remains");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("src")],
+        "nothing but the source remains"
+    );
+}
+
+#[test]
+fn unused_tensors_are_reported() {
+    let dir = tmp();
+    let src = init(dir.path(), "mimo-v2-tiny", "src");
+    let m = checkpoint::load(&src, &LoadOptions::default()).expect("load");
+    assert!(m.unused.is_empty(), "{:?}", m.unused);
+    let mut all = tensors(&src);
+    let bias = OutTensor {
+        dtype: Dtype::BF16,
+        shape: vec![96],
+        data: Cow::Owned(vec![0; 192]),
+    };
+    all.insert("model.layers.0.self_attn.q_proj.bias".into(), bias.clone());
+    all.insert("model.mtp.layers.0.self_attn.q_proj.weight".into(), bias);
+    write(&src, checkpoint::SINGLE_FILE, all);
+    let m = checkpoint::load(&src, &LoadOptions::default()).expect("load");
+    assert_eq!(m.unused, ["model.layers.0.self_attn.q_proj.bias"]);
 }

@@ -150,7 +150,9 @@ fn take_rows(t: &Tensor, r0: usize, r1: usize) -> Result<Tensor> {
         )));
     };
     if r0 > r1 || r1 > rows {
-        return Err(err(format!("rows {r0}..{r1} are outside the {rows} feature rows")));
+        return Err(err(format!(
+            "rows {r0}..{r1} are outside the {rows} feature rows"
+        )));
     }
     Ok(Tensor {
         dtype: t.dtype,
@@ -189,11 +191,17 @@ fn concat_rows(ts: &[Tensor]) -> Result<Tensor> {
 fn output_width(exe: &Executable, name: &str) -> Result<usize> {
     let g = exe.graph();
     let (_, id) = g.outputs().iter().find(|(n, _)| n == name).ok_or_else(|| {
-        err(format!("graph \"{}\" has no output named \"{name}\"", g.name))
+        err(format!(
+            "graph \"{}\" has no output named \"{name}\"",
+            g.name
+        ))
     })?;
     let ty = &g.node(*id).ty;
     ty.dims().last().and_then(|d| d.as_const()).ok_or_else(|| {
-        err(format!("output \"{name}\" of graph \"{}\" is {ty}: its last axis must be constant", g.name))
+        err(format!(
+            "output \"{name}\" of graph \"{}\" is {ty}: its last axis must be constant",
+            g.name
+        ))
     })
 }
 
@@ -227,13 +235,20 @@ impl DFlashDrafter {
         }
         for i in ["ids", "pos", CONTEXT_OUTPUT, CONTEXT_POS_INPUT] {
             if g.find_input(i).is_none() {
-                return Err(err(format!("draft graph \"{}\" has no input named \"{i}\"", g.name)));
+                return Err(err(format!(
+                    "draft graph \"{}\" has no input named \"{i}\"",
+                    g.name
+                )));
             }
         }
         let width = g
             .find_input(CONTEXT_OUTPUT)
             .and_then(|id| g.node(id).ty.dims().last().and_then(|d| d.as_const()))
-            .ok_or_else(|| err(format!("draft input \"{CONTEXT_OUTPUT}\" must have a constant width")))?;
+            .ok_or_else(|| {
+                err(format!(
+                    "draft input \"{CONTEXT_OUTPUT}\" must have a constant width"
+                ))
+            })?;
         let vocab = output_width(&exe, "logits")?;
         if max_context_rows == 0 {
             return Err(err("max_context_rows must be >= 1"));
@@ -302,7 +317,10 @@ impl Drafter for DFlashDrafter {
             )));
         }
         if step.block < 2 {
-            return Err(err(format!("a draft block needs B >= 2, found {}", step.block)));
+            return Err(err(format!(
+                "a draft block needs B >= 2, found {}",
+                step.block
+            )));
         }
         // Chunks of at most max_rows context rows: all but the last with a
         // one-token block whose logits are dropped.
@@ -546,16 +564,20 @@ impl<D: Drafter> SpecDecoder<D> {
             .remove("logits")
             .ok_or_else(|| err("the target forward returned no logits"))?
             .to_f32();
-        let feats = out
-            .remove(CONTEXT_OUTPUT)
-            .ok_or_else(|| err(format!("the target forward returned no \"{CONTEXT_OUTPUT}\"")))?;
+        let feats = out.remove(CONTEXT_OUTPUT).ok_or_else(|| {
+            err(format!(
+                "the target forward returned no \"{CONTEXT_OUTPUT}\""
+            ))
+        })?;
         Ok((logits, feats))
     }
 
     /// Target distribution of one logits row, or an error naming the position.
     fn target_probs(row: &[f32], temperature: f32, pos: usize) -> Result<Vec<f64>> {
         probs(row, temperature).ok_or_else(|| {
-            err(format!("no token can be chosen at position {pos}: the target logits are NaN or all -inf"))
+            err(format!(
+                "no token can be chosen at position {pos}: the target logits are NaN or all -inf"
+            ))
         })
     }
 
@@ -565,7 +587,11 @@ impl<D: Drafter> SpecDecoder<D> {
             Sampling::Greedy => interp::argmax_row(row)
                 .filter(|_| !row.iter().any(|x| x.is_nan()))
                 .map(|t| t as i32)
-                .ok_or_else(|| err(format!("no token can be chosen at position {pos}: the logits are NaN"))),
+                .ok_or_else(|| {
+                    err(format!(
+                        "no token can be chosen at position {pos}: the logits are NaN"
+                    ))
+                }),
             Sampling::Temperature { temperature, seed } => {
                 let p = Self::target_probs(row, temperature, pos)?;
                 let u = self.uniform(seed);

@@ -45,3 +45,22 @@ fn attention_block_compiles() {
         compile_graph(canonical::attention_block().unwrap(), t);
     }
 }
+
+#[test]
+fn moe_block_compiles() {
+    for dt in [DType::BF16, DType::MXFP4, DType::NVFP4] {
+        for t in [1, 8, 16] {
+            compile_graph(canonical::moe_block(dt).unwrap(), t);
+        }
+    }
+}
+
+#[test]
+fn tiny_models_compile() {
+    for name in ["mimo-v2-tiny", "mimo-v2-tiny-mxfp4", "qwen3-moe-tiny"] {
+        let p = presets::by_name(name).unwrap();
+        for t in [1, 16] {
+            compile_graph(p.arch.forward_graph(&p.options).unwrap(), t);
+        }
+    }
+}

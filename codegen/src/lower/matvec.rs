@@ -47,7 +47,8 @@ pub fn smem_bytes(max_t: usize, rows: usize, threads: usize, k: usize, norm: boo
         ((rows / warps).max(2), max_t, 32 * epv)
     };
     let kw = warps / (rows / g).max(1);
-    let red = kw * rows * ncolp;
+    // The header pads the reduction buffer to whole 16-byte vectors.
+    let red = (kw * rows * ncolp).div_ceil(4) * 4;
     if !norm {
         return 4 * red;
     }
@@ -99,10 +100,11 @@ fn shape(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Shape, CodegenEr
         return Err(unsupported(format!("matvec activations must be bf16 or f32, found {act}")));
     }
     let (epv, w_mma, _) = format(wt.dtype).ok_or_else(|| unsupported(format!("no matvec for {} weights", wt.dtype)))?;
-    let mma = w_mma && act == DType::BF16;
-    let kb = if mma { 4 * epv } else { 32 * epv };
-    if k % 8 != 0 || (mma && k % kb != 0) || (!mma && k % epv != 0) {
-        return Err(unsupported(format!("K = {k} is not a multiple of the {} k-block ({kb})", wt.dtype)));
+    // Tensor cores need K a multiple of their k-block (4 vectors); the CUDA-core
+    // path takes any multiple of one vector.
+    let mma = w_mma && act == DType::BF16 && k % (4 * epv) == 0;
+    if k % 8 != 0 || k % epv != 0 {
+        return Err(unsupported(format!("K = {k} is not a multiple of the {} vector ({epv} elements)", wt.dtype)));
     }
     Ok(Shape {
         matmul,
@@ -167,12 +169,13 @@ pub fn body(plan: &Plan, group: &Group, temps: &mut Temps) -> Result<Vec<Stmt>, 
     let act = if s.act == DType::BF16 { "tf::bf16" } else { "float" };
     let (_, _, wty) = format(s.wdt).ok_or_else(|| CodegenError::Internal("weight format".into()))?;
     let cfg = format!(
-        "tf::MvCfg<{}, {}, {}, {}, {}>",
+        "tf::MvCfg<{}, {}, {}, {}, {}, {}>",
         s.max_t,
         s.rows,
         THREADS,
         s.k,
-        if s.norm.is_some() { "true" } else { "false" }
+        if s.norm.is_some() { "true" } else { "false" },
+        if s.mma { "tf::MvPath::Mma" } else { "tf::MvPath::Simt" }
     );
     let act_bytes = if s.act == DType::BF16 { 2 } else { 4 };
     let smem = smem_bytes(s.max_t, s.rows, THREADS as usize, s.k, s.norm.is_some(), act_bytes, s.epv, s.mma);

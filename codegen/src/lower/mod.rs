@@ -10,6 +10,7 @@ pub mod attention;
 mod elementwise;
 mod epilogue;
 pub mod matvec;
+pub mod moe;
 pub mod values;
 
 use tilefuse_ir::{DType, Op};
@@ -133,17 +134,11 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
         | KernelKind::AttentionCombine { .. }
         | KernelKind::RmsNorm { .. }
         | KernelKind::Embedding { .. } => attention::tiling(f, group, opt),
-        _ => Ok(Tiling {
-            tiles: 1,
-            threads: 128,
-            smem: 0,
-            workspaces: match group.kind {
-                KernelKind::Router { .. } => vec![(0, "routing".into(), 4096)],
-                KernelKind::ExpertsUp { .. } => vec![(0, "h".into(), 4096)],
-                _ => vec![],
-            },
-            shape: "1".into(),
-        }),
+        KernelKind::Router { .. }
+        | KernelKind::ExpertsUp { .. }
+        | KernelKind::ExpertsDown { .. }
+        | KernelKind::Argmax { .. }
+        | KernelKind::Sample { .. } => moe::tiling(f, group, opt),
     }
 }
 
@@ -209,18 +204,11 @@ fn lower_kernel(plan: &Plan, ki: usize, k: &Kernel) -> Result<LoweredKernel, Cod
         | KernelKind::AttentionCombine { .. }
         | KernelKind::RmsNorm { .. }
         | KernelKind::Embedding { .. } => attention::body(plan, group, ki)?,
-        ref kind => {
-            let node = group
-                .nodes
-                .iter()
-                .next()
-                .map(|&n| plan.fused.graph.describe(n))
-                .unwrap_or_else(|| k.name.clone());
-            return Err(CodegenError::Unsupported {
-                node,
-                reason: format!("no lowering for {} kernels yet", kind.short()),
-            });
-        }
+        KernelKind::Router { .. }
+        | KernelKind::ExpertsUp { .. }
+        | KernelKind::ExpertsDown { .. }
+        | KernelKind::Argmax { .. }
+        | KernelKind::Sample { .. } => moe::body(plan, group, ki, &mut temps)?,
     };
     let mut tile_params = vec![(Ty::I32, "tile".to_string())];
     tile_params.extend(params());

@@ -1,0 +1,330 @@
+//! The MoE family over `moe.cuh` (router with its routing table, expert
+//! gate/up and down kernels) and the token choice kernels of `sample.cuh`.
+
+use tilefuse_ir::{DType, Moe, NodeId, Op, Sample, ScoreFn};
+
+use crate::emit::{Expr, Stmt, Temps, Ty};
+use crate::error::CodegenError;
+use crate::fusion::{Fused, Group, KernelKind};
+use crate::lower::epilogue::epilogue;
+use crate::lower::matvec::weight_view;
+use crate::lower::values::pointer;
+use crate::plan::{Plan, PlanOptions, Tiling, Value};
+
+/// Threads per CTA.
+pub const THREADS: u32 = 256;
+const SMS: usize = 132;
+
+fn unsupported(f: &Fused, n: NodeId, reason: impl Into<String>) -> CodegenError {
+    CodegenError::Unsupported {
+        node: f.graph.describe(n),
+        reason: reason.into(),
+    }
+}
+
+fn c(d: &tilefuse_ir::Dim) -> usize {
+    d.as_const().unwrap_or(0)
+}
+
+struct Experts {
+    x: NodeId,
+    idx: NodeId,
+    w: NodeId,
+    w13: NodeId,
+    w2: NodeId,
+    e: usize,
+    h: usize,
+    i: usize,
+    topk: usize,
+    wdt: DType,
+}
+
+fn experts(f: &Fused, n: NodeId) -> Result<Experts, CodegenError> {
+    let g = &f.graph;
+    let ins = g.inputs(n);
+    let (w13t, w2t) = (&g.node(ins[3]).ty, &g.node(ins[4]).ty);
+    if w13t.dtype != w2t.dtype {
+        return Err(unsupported(f, n, "gate_up and down in different dtypes"));
+    }
+    if g.node(ins[0]).ty.dtype != DType::BF16 {
+        return Err(unsupported(f, n, "the expert kernels take bf16 activations"));
+    }
+    Ok(Experts {
+        x: ins[0],
+        idx: ins[1],
+        w: ins[2],
+        w13: ins[3],
+        w2: ins[4],
+        e: c(&w13t.dims()[0]),
+        h: c(&w13t.dims()[2]),
+        i: c(&w2t.dims()[2]),
+        topk: c(&g.node(ins[1]).ty.dims()[1]),
+        wdt: w13t.dtype,
+    })
+}
+
+fn epv(d: DType) -> (usize, bool, &'static str) {
+    match d {
+        DType::BF16 => (8, true, "tf::WBf16"),
+        DType::F32 => (4, false, "tf::WF32"),
+        DType::F8E4M3 => (16, true, "tf::WE4M3"),
+        DType::MXFP4 => (32, true, "tf::WMx"),
+        _ => (32, true, "tf::WNv"),
+    }
+}
+
+/// Shared memory of a weight pass over `nrows` rows and `maxcol` columns (the
+/// `mv_detail::Plan` reduction buffer of `matvec.cuh`).
+fn pass_floats(nrows: usize, maxcol: usize, mma: bool) -> (usize, usize) {
+    let warps = THREADS as usize / 32;
+    let (g, ncolp) = if mma { (16, 8 * maxcol.div_ceil(8)) } else { ((nrows / warps).max(2), maxcol.min(8)) };
+    let kw = warps / (nrows / g).max(1);
+    (kw, ncolp)
+}
+
+fn up_rows(x: &Experts) -> usize {
+    [64usize, 32, 16]
+        .into_iter()
+        .find(|r| x.e.min(x.topk) * x.i.div_ceil(*r) >= SMS)
+        .unwrap_or(16)
+}
+
+fn down_rows(x: &Experts) -> usize {
+    [128usize, 64, 32, 16].into_iter().find(|r| x.h.div_ceil(*r) >= SMS).unwrap_or(16)
+}
+
+/// Tensor cores when the reduction length is a multiple of their k-block.
+fn mma(x: &Experts, k: usize) -> bool {
+    let (epv, w_mma, _) = epv(x.wdt);
+    w_mma && k % (4 * epv) == 0
+}
+
+fn moe_cfg(x: &Experts, max_t: usize, rows: usize, mma: bool) -> String {
+    let path = if mma { "tf::MvPath::Mma" } else { "tf::MvPath::Simt" };
+    format!("tf::MoeCfg<{max_t}, {}, {rows}, {THREADS}, {}, {}, {path}>", x.topk, x.h, x.i)
+}
+
+fn router_parts(f: &Fused, select: NodeId, weights: NodeId) -> Result<(usize, usize, usize, usize, bool, bool, f32, f32, bool), CodegenError> {
+    let g = &f.graph;
+    let Op::Moe(Moe::RouterSelect { score, top_k, n_group, topk_group, bias }) = g.node(select).op else {
+        return Err(CodegenError::Internal("not a router".into()));
+    };
+    let Op::Moe(Moe::RouterWeights { score: s2, norm, norm_eps, scale }) = g.node(weights).op else {
+        return Err(CodegenError::Internal("not router weights".into()));
+    };
+    if score != s2 {
+        return Err(unsupported(f, weights, "choice and weights use different score functions"));
+    }
+    let e = c(&g.node(g.inputs(select)[0]).ty.dims()[1]);
+    if e > 512 {
+        return Err(unsupported(f, select, format!("the router kernel takes at most 512 experts, found {e}")));
+    }
+    Ok((e, top_k, n_group, topk_group, score == ScoreFn::Softmax, norm, norm_eps, scale, bias))
+}
+
+/// Launch shape.
+pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, CodegenError> {
+    let max_t = opt.max_t;
+    if max_t > 64 {
+        return Err(CodegenError::Unsupported {
+            node: group.nodes.iter().next().map(|&n| f.graph.describe(n)).unwrap_or_default(),
+            reason: format!("MoE kernels serve at most 64 tokens per forward, the bucket has {max_t}"),
+        });
+    }
+    match group.kind {
+        KernelKind::Router { select, weights } => {
+            let (e, topk, ng, ..) = router_parts(f, select, weights)?;
+            let w = THREADS as usize / 32;
+            Ok(Tiling {
+                tiles: 1,
+                threads: THREADS,
+                smem: (4 * (2 * w * e + 2 * w * ng + max_t * topk + 3 * e)) as u32,
+                workspaces: vec![(0, "routing table".into(), 4 * (2 + 3 * max_t * topk))],
+                shape: format!("{e}e_top{topk}"),
+            })
+        }
+        KernelKind::ExpertsUp { experts: n } => {
+            let x = experts(f, n)?;
+            let rows = up_rows(&x);
+            let (kw, ncolp) = pass_floats(2 * rows, max_t, mma(&x, x.h));
+            Ok(Tiling {
+                tiles: (x.e.min(max_t * x.topk) * x.i.div_ceil(rows)) as u32,
+                threads: THREADS,
+                smem: (4 * kw * 2 * rows * ncolp) as u32,
+                workspaces: vec![(0, "expert activations".into(), 2 * max_t * x.topk * x.i)],
+                shape: format!("{rows}x{}", x.h),
+            })
+        }
+        KernelKind::ExpertsDown { experts: n } => {
+            let x = experts(f, n)?;
+            let rows = down_rows(&x);
+            let (kw, _) = pass_floats(rows, max_t, mma(&x, x.i));
+            Ok(Tiling {
+                tiles: x.h.div_ceil(rows) as u32,
+                threads: THREADS,
+                smem: (4 * kw * max_t * rows) as u32,
+                workspaces: vec![],
+                shape: format!("{rows}x{}", x.i),
+            })
+        }
+        KernelKind::Argmax { node } | KernelKind::Sample { node } => {
+            let rows: usize = f.graph.node(node).ty.dims().iter().map(|d| d.as_const().unwrap_or(max_t)).product();
+            let w = THREADS / 32;
+            let smem = if matches!(group.kind, KernelKind::Argmax { .. }) { 8 * w } else { 4 * (3 * w + 4) };
+            Ok(Tiling {
+                tiles: rows.max(1) as u32,
+                threads: THREADS,
+                smem,
+                workspaces: vec![],
+                shape: "1".into(),
+            })
+        }
+        _ => Err(CodegenError::Internal("not an MoE-family kernel".into())),
+    }
+}
+
+fn work(plan: &Plan, ki: usize, ty: &str) -> Result<Expr, CodegenError> {
+    let b = plan
+        .buffer(Value::Work(ki, 0))
+        .ok_or_else(|| CodegenError::Internal(format!("kernel {ki} has no workspace")))?;
+    Ok(Expr::Reinterpret(Ty::Named(format!("{ty}*")), Box::new(Expr::var("act").bin("+", Expr::I32(b.offset as i64)))))
+}
+
+fn kernel_of(plan: &Plan, pred: impl Fn(&KernelKind) -> bool) -> Result<usize, CodegenError> {
+    plan.kernels
+        .iter()
+        .position(|k| pred(&plan.group(k).kind))
+        .ok_or_else(|| CodegenError::Internal("a producer kernel is missing".into()))
+}
+
+/// A compile-time check that the launch's shared memory covers the template's need.
+fn smem_assert(need: &str, plan: &Plan, ki: usize) -> Stmt {
+    let have = plan.kernels[ki].tiling.smem;
+    Stmt::Expr(Expr::var(format!(
+        "static_assert({need} <= {have}, \"launch shared memory below the template's need\")"
+    )))
+}
+
+fn guard(cond: Expr) -> Stmt {
+    Stmt::If(cond, vec![Stmt::Return], vec![])
+}
+
+/// The tile body of kernel `ki`.
+pub fn body(plan: &Plan, group: &Group, ki: usize, temps: &mut Temps) -> Result<Vec<Stmt>, CodegenError> {
+    let f = &plan.fused;
+    let g = &f.graph;
+    let max_t = plan.options.max_t;
+    match group.kind {
+        KernelKind::Router { select, weights } => {
+            let (e, topk, ng, tg, softmax, norm, eps, scale, bias) = router_parts(f, select, weights)?;
+            let bias_ptr = if bias { pointer(plan, g.inputs(select)[1], false)? } else { Expr::var("nullptr") };
+            Ok(vec![
+                Stmt::Expr(Expr::var(format!(
+                    "using C = tf::RouterCfg<{max_t}, {e}, {topk}, {ng}, {tg}, {softmax}, {norm}, {THREADS}>"
+                ))),
+                smem_assert("tf::router_smem_bytes<C>()", plan, ki),
+                Stmt::Expr(Expr::call(
+                    "tf::router_tile<C>",
+                    vec![
+                        Expr::var("tile"),
+                        pointer(plan, g.inputs(select)[0], false)?,
+                        bias_ptr,
+                        Expr::var("T"),
+                        Expr::F32(eps),
+                        Expr::F32(scale),
+                        pointer(plan, select, true)?,
+                        pointer(plan, weights, true)?,
+                        work(plan, ki, "int")?,
+                        Expr::var("smem"),
+                    ],
+                )),
+            ])
+        }
+        KernelKind::ExpertsUp { experts: n } => {
+            let x = experts(f, n)?;
+            let rows = up_rows(&x);
+            let (_, _, wty) = epv(x.wdt);
+            let router = kernel_of(plan, |k| matches!(k, KernelKind::Router { select, .. } if *select == x.idx))?;
+            Ok(vec![
+                Stmt::Expr(Expr::var(format!("using C = {}", moe_cfg(&x, max_t, rows, mma(&x, x.h))))),
+                smem_assert(&format!("tf::experts_up_smem_bytes<C, {wty}>()"), plan, ki),
+                Stmt::Let(Ty::Named(wty.into()), "gate_up".into(), weight_view(plan, x.w13)?),
+                Stmt::Expr(Expr::call(
+                    format!("tf::experts_up_tile<C, {wty}>"),
+                    vec![
+                        Expr::var("tile"),
+                        pointer(plan, x.x, false)?,
+                        Expr::var("T"),
+                        work(plan, router, "const int")?,
+                        Expr::var("gate_up"),
+                        work(plan, ki, "tf::bf16")?,
+                        Expr::var("smem"),
+                    ],
+                )),
+            ])
+        }
+        KernelKind::ExpertsDown { experts: n } => {
+            let x = experts(f, n)?;
+            let rows = down_rows(&x);
+            let (_, _, wty) = epv(x.wdt);
+            let router = kernel_of(plan, |k| matches!(k, KernelKind::Router { select, .. } if *select == x.idx))?;
+            let up = kernel_of(plan, |k| matches!(k, KernelKind::ExpertsUp { experts } if *experts == n))?;
+            let mut epi = epilogue(plan, group, n, Expr::var("acc"), Expr::var(format!("(size_t)t * {} + n", x.h)), temps)?;
+            epi.insert(0, Stmt::Comment(format!("epilogue of \"{}\"", g.node(n).name)));
+            Ok(vec![
+                Stmt::Expr(Expr::var(format!("using C = {}", moe_cfg(&x, max_t, rows, mma(&x, x.i))))),
+                smem_assert(&format!("tf::experts_down_smem_bytes<C, {wty}>()"), plan, ki),
+                Stmt::Let(Ty::Named(wty.into()), "down".into(), weight_view(plan, x.w2)?),
+                Stmt::Lambda("epi".into(), vec![(Ty::I32, "t".into()), (Ty::I32, "n".into()), (Ty::F32, "acc".into())], epi),
+                Stmt::Expr(Expr::call(
+                    format!("tf::experts_down_tile<C, {wty}>"),
+                    vec![
+                        Expr::var("tile"),
+                        work(plan, up, "const tf::bf16")?,
+                        pointer(plan, x.w, false)?,
+                        Expr::var("T"),
+                        work(plan, router, "const int")?,
+                        Expr::var("down"),
+                        Expr::var("epi"),
+                        Expr::var("smem"),
+                    ],
+                )),
+            ])
+        }
+        KernelKind::Argmax { node } | KernelKind::Sample { node } => {
+            let ins = g.inputs(node);
+            let lt = &g.node(ins[0]).ty;
+            let v = lt.dims().last().map(c).unwrap_or(0);
+            let rows: usize = g.node(node).ty.dims().iter().map(|d| d.as_const().unwrap_or(1)).product();
+            let has_t = g.node(node).ty.dims().iter().any(|d| d.as_const().is_none());
+            let rows_e = if has_t { Expr::var("T").bin("*", Expr::I32(rows as i64)) } else { Expr::I32(rows as i64) };
+            let l = match lt.dtype {
+                DType::F32 => "float",
+                DType::BF16 => "tf::bf16",
+                d => return Err(unsupported(f, node, format!("logits of {d}"))),
+            };
+            let logits = pointer(plan, ins[0], false)?;
+            let row = logits.bin("+", Expr::var("(size_t)tile").bin("*", Expr::I32(v as i64)));
+            let call = match g.node(node).op {
+                Op::Sample(Sample::Sample { temperature }) => Expr::call(
+                    format!("tf::sample_tile<{THREADS}, {l}>"),
+                    vec![
+                        Expr::var("tile"),
+                        row,
+                        Expr::I32(v as i64),
+                        Expr::F32(temperature),
+                        pointer(plan, ins[1], false)?,
+                        pointer(plan, node, true)?,
+                        Expr::var("smem"),
+                    ],
+                ),
+                _ => Expr::call(
+                    format!("tf::argmax_tile<{THREADS}, {l}>"),
+                    vec![Expr::var("tile"), row, Expr::I32(v as i64), pointer(plan, node, true)?, Expr::var("smem")],
+                ),
+            };
+            Ok(vec![guard(Expr::var("tile").bin(">=", rows_e)), Stmt::Expr(call)])
+        }
+        _ => Err(CodegenError::Internal("not an MoE-family kernel".into())),
+    }
+}
