@@ -33,13 +33,22 @@ fn interpret_layer(g: &Graph, hidden: usize) {
     for t in [5usize, 1] {
         let mut values = weights.clone();
         let x: Vec<f32> = (0..t * hidden).map(|_| rng.gen_range(-1.0..1.0)).collect();
-        values.insert("x".into(), Tensor::f32(tilefuse::ir::DType::BF16, &[t, hidden], x).unwrap());
-        values.insert("pos".into(), Tensor::i32(&[t], (s as i32..(s + t) as i32).collect()).unwrap());
+        values.insert(
+            "x".into(),
+            Tensor::f32(tilefuse::ir::DType::BF16, &[t, hidden], x).unwrap(),
+        );
+        values.insert(
+            "pos".into(),
+            Tensor::i32(&[t], (s as i32..(s + t) as i32).collect()).unwrap(),
+        );
         let b = Bindings::new().with("S", s).with("T", t);
         let out = interp::run(g, &b, &values, &mut caches).unwrap();
         let h = &out["hidden"];
         assert_eq!(h.shape, vec![t, hidden]);
-        assert!(h.to_f32().iter().all(|v| v.is_finite()), "non-finite output");
+        assert!(
+            h.to_f32().iter().all(|v| v.is_finite()),
+            "non-finite output"
+        );
         s += t;
     }
     // Every weight the graph declares was used: the random set matches the inputs.

@@ -242,7 +242,11 @@ impl fmt::Display for Function {
         if let Some(n) = self.launch_bounds {
             write!(f, "__launch_bounds__({n}, 1) ")?;
         }
-        let ps: Vec<String> = self.params.iter().map(|(t, n)| format!("{t} {n}")).collect();
+        let ps: Vec<String> = self
+            .params
+            .iter()
+            .map(|(t, n)| format!("{t} {n}"))
+            .collect();
         writeln!(f, "{} {}({}) {{", self.ret, self.name, ps.join(", "))?;
         write!(f, "{}", Block(&self.body, 1))?;
         writeln!(f, "}}")
@@ -272,10 +276,17 @@ mod tests {
         let v0 = t.fresh();
         let body = vec![
             Stmt::Comment("epilogue".into()),
-            Stmt::Let(Ty::F32, v0.clone(), Expr::var("acc").bin("*", Expr::F32(0.707))),
+            Stmt::Let(
+                Ty::F32,
+                v0.clone(),
+                Expr::var("acc").bin("*", Expr::F32(0.707)),
+            ),
             Stmt::If(
                 Expr::var("n").bin("<", Expr::I32(64)),
-                vec![Stmt::Assign(Expr::var("out").index(Expr::var("n")), Expr::var(&v0))],
+                vec![Stmt::Assign(
+                    Expr::var("out").index(Expr::var("n")),
+                    Expr::var(&v0),
+                )],
                 vec![],
             ),
         ];
@@ -284,7 +295,10 @@ mod tests {
             launch_bounds: None,
             ret: "void".into(),
             name: "epi".into(),
-            params: vec![(Ty::Ptr(Box::new(Ty::F32)), "out".into()), (Ty::I32, "n".into())],
+            params: vec![
+                (Ty::Ptr(Box::new(Ty::F32)), "out".into()),
+                (Ty::I32, "n".into()),
+            ],
             body,
         };
         let s = f.to_string();

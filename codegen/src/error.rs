@@ -33,7 +33,9 @@ impl fmt::Display for CodegenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CodegenError::Ir(e) => write!(f, "{e}"),
-            CodegenError::Unsupported { node, reason } => write!(f, "{node}: unsupported: {reason}"),
+            CodegenError::Unsupported { node, reason } => {
+                write!(f, "{node}: unsupported: {reason}")
+            }
             CodegenError::Internal(m) => write!(f, "internal error: {m}"),
             CodegenError::Pass {
                 pass,

@@ -162,7 +162,10 @@ impl Fused {
 
     /// All grouped nodes.
     pub fn grouped(&self) -> BTreeSet<NodeId> {
-        self.groups.iter().flat_map(|g| g.nodes.iter().copied()).collect()
+        self.groups
+            .iter()
+            .flat_map(|g| g.nodes.iter().copied())
+            .collect()
     }
 
     /// True for nodes that own no storage: reshapes (aliases of their input).
@@ -200,7 +203,10 @@ impl Fused {
 
     /// True when `n` (or a reshape of it) is a graph output.
     pub fn is_output(&self, n: NodeId) -> bool {
-        self.graph.outputs().iter().any(|(_, o)| self.storage(*o) == n || *o == n)
+        self.graph
+            .outputs()
+            .iter()
+            .any(|(_, o)| self.storage(*o) == n || *o == n)
     }
 
     /// Checks the partition: every computing node in exactly one group; the
@@ -211,7 +217,9 @@ impl Fused {
         for (gi, g) in self.groups.iter().enumerate() {
             for &n in &g.nodes {
                 if !self.graph.contains(n) {
-                    return Err(CodegenError::Internal(format!("kernel k{gi} refers to a removed node")));
+                    return Err(CodegenError::Internal(format!(
+                        "kernel k{gi} refers to a removed node"
+                    )));
                 }
                 if let Some(other) = seen.insert(n, gi) {
                     return Err(CodegenError::Internal(format!(

@@ -166,10 +166,14 @@ fn align(n: usize) -> usize {
 fn value_bytes(g: &Graph, n: NodeId, max_t: usize) -> Result<usize, CodegenError> {
     let node = g.node(n);
     let b = Bindings::new().with("T", max_t).with("S", 0);
-    let dims = node.ty.shape.eval(&b).map_err(|m| CodegenError::Unsupported {
-        node: g.describe(n),
-        reason: format!("its size depends on more than T: {m}"),
-    })?;
+    let dims = node
+        .ty
+        .shape
+        .eval(&b)
+        .map_err(|m| CodegenError::Unsupported {
+            node: g.describe(n),
+            reason: format!("its size depends on more than T: {m}"),
+        })?;
     if node.ty.shape.symbols().any(|s| s != "T") {
         return Err(CodegenError::Unsupported {
             node: g.describe(n),
@@ -178,10 +182,13 @@ fn value_bytes(g: &Graph, n: NodeId, max_t: usize) -> Result<usize, CodegenError
     }
     let numel: usize = dims.iter().product();
     let last = dims.last().copied().unwrap_or(1);
-    node.ty.dtype.storage_bytes(numel, last).ok_or_else(|| CodegenError::Unsupported {
-        node: g.describe(n),
-        reason: format!("{} storage for shape {dims:?}", node.ty.dtype),
-    })
+    node.ty
+        .dtype
+        .storage_bytes(numel, last)
+        .ok_or_else(|| CodegenError::Unsupported {
+            node: g.describe(n),
+            reason: format!("{} storage for shape {dims:?}", node.ty.dtype),
+        })
 }
 
 impl Plan {
@@ -197,10 +204,14 @@ impl Plan {
         let none = Bindings::new();
         for n in g.inputs_of_kind(InputKind::Weight) {
             let node = g.node(n);
-            let shape = node.ty.shape.eval(&none).map_err(|m| CodegenError::Unsupported {
-                node: g.describe(n),
-                reason: format!("weights need constant shapes: {m}"),
-            })?;
+            let shape = node
+                .ty
+                .shape
+                .eval(&none)
+                .map_err(|m| CodegenError::Unsupported {
+                    node: g.describe(n),
+                    reason: format!("weights need constant shapes: {m}"),
+                })?;
             let numel: usize = shape.iter().product();
             let last = shape.last().copied().unwrap_or(1);
             // FP4: codes, then one scale byte per block, then (NVFP4) the f32 tensor scale.
@@ -216,7 +227,10 @@ impl Plan {
                     )
                 }
                 None => (
-                    node.ty.dtype.storage_bytes(numel, last).unwrap_or(numel * 4),
+                    node.ty
+                        .dtype
+                        .storage_bytes(numel, last)
+                        .unwrap_or(numel * 4),
                     None,
                     None,
                 ),
@@ -238,11 +252,19 @@ impl Plan {
         let mut off = 0usize;
         for n in g.inputs_of_kind(InputKind::Cache) {
             let node = g.node(n);
-            let s = node.ty.shape.eval(&none).map_err(|m| CodegenError::Unsupported {
-                node: g.describe(n),
-                reason: format!("caches need constant shapes: {m}"),
-            })?;
-            let bytes = node.ty.dtype.storage_bytes(s.iter().product(), s[2]).unwrap_or(0);
+            let s = node
+                .ty
+                .shape
+                .eval(&none)
+                .map_err(|m| CodegenError::Unsupported {
+                    node: g.describe(n),
+                    reason: format!("caches need constant shapes: {m}"),
+                })?;
+            let bytes = node
+                .ty
+                .dtype
+                .storage_bytes(s.iter().product(), s[2])
+                .unwrap_or(0);
             caches.push(CacheSlot {
                 node: n,
                 name: node.name.clone(),
@@ -260,7 +282,8 @@ impl Plan {
         for (ki, &gi) in order.iter().enumerate() {
             let group = &fused.groups[gi];
             let tiling = lower::tiling(&fused, group, &options)?;
-            let (reads, writes, cache_reads, cache_writes) = accesses(&fused, gi, ki, &tiling, &order)?;
+            let (reads, writes, cache_reads, cache_writes) =
+                accesses(&fused, gi, ki, &tiling, &order)?;
             let name = format!(
                 "k{ki:02}_{}_{}_t{}_{}",
                 group.kind.short(),
@@ -289,7 +312,11 @@ impl Plan {
                     deps.insert(w);
                 }
             }
-            for c in kernels[ki].cache_reads.iter().chain(&kernels[ki].cache_writes) {
+            for c in kernels[ki]
+                .cache_reads
+                .iter()
+                .chain(&kernels[ki].cache_writes)
+            {
                 if let Some(&w) = cache_writer.get(c) {
                     deps.insert(w);
                 }
@@ -326,7 +353,8 @@ impl Plan {
 
     /// The arena offset of the storage of node `n`.
     pub fn offset_of(&self, n: NodeId) -> Option<usize> {
-        self.buffer(Value::Node(self.fused.storage(n))).map(|b| b.offset)
+        self.buffer(Value::Node(self.fused.storage(n)))
+            .map(|b| b.offset)
     }
 
     /// The weight slot of a weight node.
@@ -411,11 +439,22 @@ fn schedule(f: &Fused) -> Result<Vec<usize>, CodegenError> {
                 let stuck: Vec<String> = (0..n)
                     .filter(|&i| !done[i])
                     .map(|i| {
-                        let waits: Vec<String> = preds[i].iter().filter(|&&p| !done[p]).map(|p| format!("k{p}")).collect();
-                        format!("k{i} {} waits for [{}]", f.groups[i].kind.short(), waits.join(","))
+                        let waits: Vec<String> = preds[i]
+                            .iter()
+                            .filter(|&&p| !done[p])
+                            .map(|p| format!("k{p}"))
+                            .collect();
+                        format!(
+                            "k{i} {} waits for [{}]",
+                            f.groups[i].kind.short(),
+                            waits.join(",")
+                        )
                     })
                     .collect();
-                return Err(CodegenError::Internal(format!("the kernel graph has a cycle: {}", stuck.join("; "))));
+                return Err(CodegenError::Internal(format!(
+                    "the kernel graph has a cycle: {}",
+                    stuck.join("; ")
+                )));
             }
         }
     }
@@ -430,7 +469,15 @@ fn accesses(
     ki: usize,
     tiling: &Tiling,
     order: &[usize],
-) -> Result<(BTreeSet<Value>, BTreeSet<Value>, BTreeSet<NodeId>, BTreeSet<NodeId>), CodegenError> {
+) -> Result<
+    (
+        BTreeSet<Value>,
+        BTreeSet<Value>,
+        BTreeSet<NodeId>,
+        BTreeSet<NodeId>,
+    ),
+    CodegenError,
+> {
     let g = &f.graph;
     let group = &f.groups[gi];
     let mut reads = BTreeSet::new();
@@ -490,13 +537,13 @@ fn accesses(
         }
         _ => {
             for &node in &group.nodes {
-                if matches!(g.node(node).op, Op::Attn(tilefuse_ir::Attn::KvAppend { .. })) {
+                if matches!(
+                    g.node(node).op,
+                    Op::Attn(tilefuse_ir::Attn::KvAppend { .. })
+                ) {
                     continue;
                 }
-                let used_outside = f
-                    .real_users(node)
-                    .iter()
-                    .any(|u| !group.nodes.contains(u))
+                let used_outside = f.real_users(node).iter().any(|u| !group.nodes.contains(u))
                     || f.is_output(node);
                 if used_outside {
                     writes.insert(Value::Node(node));
@@ -511,11 +558,21 @@ fn accesses(
     for (kj, &gj) in order[..ki].iter().enumerate() {
         let other = &f.groups[gj];
         let reads_it = match (&other.kind, &group.kind) {
-            (KernelKind::Router { select, .. }, KernelKind::ExpertsUp { experts } | KernelKind::ExpertsDown { experts }) => {
-                g.inputs(*experts)[1] == *select
+            (
+                KernelKind::Router { select, .. },
+                KernelKind::ExpertsUp { experts } | KernelKind::ExpertsDown { experts },
+            ) => g.inputs(*experts)[1] == *select,
+            (KernelKind::ExpertsUp { experts: a }, KernelKind::ExpertsDown { experts: b }) => {
+                a == b
             }
-            (KernelKind::ExpertsUp { experts: a }, KernelKind::ExpertsDown { experts: b }) => a == b,
-            (KernelKind::Attention { attn: a, split: true, .. }, KernelKind::AttentionCombine { attn: b }) => a == b,
+            (
+                KernelKind::Attention {
+                    attn: a,
+                    split: true,
+                    ..
+                },
+                KernelKind::AttentionCombine { attn: b },
+            ) => a == b,
             _ => false,
         };
         if reads_it {
@@ -528,7 +585,11 @@ fn accesses(
     Ok((reads, writes, cache_reads, cache_writes))
 }
 
-fn buffers_with_liveness(f: &Fused, kernels: &[Kernel], opt: &PlanOptions) -> Result<Vec<Buffer>, CodegenError> {
+fn buffers_with_liveness(
+    f: &Fused,
+    kernels: &[Kernel],
+    opt: &PlanOptions,
+) -> Result<Vec<Buffer>, CodegenError> {
     let g = &f.graph;
     let last = kernels.len().saturating_sub(1);
     let mut live: BTreeMap<Value, (usize, usize)> = BTreeMap::new();
@@ -554,7 +615,9 @@ fn buffers_with_liveness(f: &Fused, kernels: &[Kernel], opt: &PlanOptions) -> Re
         let (name, bytes) = match v {
             Value::Node(n) => (g.node(n).name.clone(), value_bytes(g, n, opt.max_t)?),
             Value::Work(k, slot) => {
-                let Some((_, name, bytes)) = kernels[k].tiling.workspaces.iter().find(|w| w.0 == slot) else {
+                let Some((_, name, bytes)) =
+                    kernels[k].tiling.workspaces.iter().find(|w| w.0 == slot)
+                else {
                     continue;
                 };
                 (format!("{}.{name}", kernels[k].name), *bytes)
@@ -586,7 +649,12 @@ fn assign_offsets(buffers: &mut [Buffer]) -> usize {
                 let (b0, b1) = buffers[j].live;
                 a0 <= b1 && b0 <= a1
             })
-            .map(|&j| (buffers[j].offset, buffers[j].offset + align(buffers[j].bytes)))
+            .map(|&j| {
+                (
+                    buffers[j].offset,
+                    buffers[j].offset + align(buffers[j].bytes),
+                )
+            })
             .collect();
         conflicts.sort_unstable();
         let need = align(buffers[i].bytes);
@@ -607,12 +675,21 @@ fn assign_offsets(buffers: &mut [Buffer]) -> usize {
 /// A kernel that writes bytes an earlier kernel read or wrote for another
 /// value must wait for that kernel (the persistent mode overlaps kernels).
 fn add_anti_dependencies(kernels: &mut [Kernel], buffers: &[Buffer]) {
-    let range = |v: &Value| buffers.iter().find(|b| b.value == *v).map(|b| (b.offset, b.offset + align(b.bytes)));
+    let range = |v: &Value| {
+        buffers
+            .iter()
+            .find(|b| b.value == *v)
+            .map(|b| (b.offset, b.offset + align(b.bytes)))
+    };
     for ki in 0..kernels.len() {
         let mine: Vec<(usize, usize)> = kernels[ki].writes.iter().filter_map(range).collect();
         let mut extra = BTreeSet::new();
         for (kj, other) in kernels[..ki].iter().enumerate() {
-            let theirs = other.reads.iter().chain(&other.writes).filter(|v| !kernels[ki].writes.contains(v));
+            let theirs = other
+                .reads
+                .iter()
+                .chain(&other.writes)
+                .filter(|v| !kernels[ki].writes.contains(v));
             let overlap = theirs
                 .filter_map(range)
                 .any(|(s, e)| mine.iter().any(|&(a, b)| a < e && s < b));
@@ -632,7 +709,12 @@ impl fmt::Display for Plan {
         writeln!(f, "plan {} (T <= {})", g.name, self.options.max_t)?;
         for (i, k) in self.kernels.iter().enumerate() {
             let deps: Vec<String> = k.deps.iter().map(|d| format!("k{d:02}")).collect();
-            let nodes: Vec<String> = self.group(k).nodes.iter().map(|n| format!("%{}", num[n])).collect();
+            let nodes: Vec<String> = self
+                .group(k)
+                .nodes
+                .iter()
+                .map(|n| format!("%{}", num[n]))
+                .collect();
             writeln!(
                 f,
                 "  {i:>3} {:<44} tiles {:>5} x {:>3} thr  smem {:>6}  nodes [{}]  after [{}]",
@@ -654,6 +736,13 @@ impl fmt::Display for Plan {
                 b.offset, b.bytes, b.live.0, b.live.1, b.name
             )?;
         }
-        writeln!(f, "weights {} bytes in {} tensors, caches {} bytes in {}", self.weight_bytes, self.weights.len(), self.cache_bytes, self.caches.len())
+        writeln!(
+            f,
+            "weights {} bytes in {} tensors, caches {} bytes in {}",
+            self.weight_bytes,
+            self.weights.len(),
+            self.cache_bytes,
+            self.caches.len()
+        )
     }
 }

@@ -19,7 +19,8 @@ fn trace(g: Graph) -> String {
     run_pipeline_observed(g, |pass, f| {
         out.push_str(&format!("\n== after {pass}\n"));
         let text = f.to_string();
-        let (kernels, graph): (Vec<&str>, Vec<&str>) = text.lines().partition(|l| l.starts_with("kernel "));
+        let (kernels, graph): (Vec<&str>, Vec<&str>) =
+            text.lines().partition(|l| l.starts_with("kernel "));
         out.push_str(&kernels.join("\n"));
         let graph = graph.join("\n") + "\n";
         if graph != last_graph {
@@ -40,15 +41,24 @@ fn snapshot(name: &str, text: String) {
 
 #[test]
 fn norm_linear_passes() {
-    snapshot("passes_norm_linear", trace(canonical::norm_linear(DType::MXFP4).unwrap()));
+    snapshot(
+        "passes_norm_linear",
+        trace(canonical::norm_linear(DType::MXFP4).unwrap()),
+    );
 }
 
 #[test]
 fn attention_block_passes() {
-    snapshot("passes_attention_block", trace(canonical::attention_block().unwrap()));
+    snapshot(
+        "passes_attention_block",
+        trace(canonical::attention_block().unwrap()),
+    );
 }
 
 #[test]
 fn moe_block_passes() {
-    snapshot("passes_moe_block", trace(canonical::moe_block(DType::MXFP4).unwrap()));
+    snapshot(
+        "passes_moe_block",
+        trace(canonical::moe_block(DType::MXFP4).unwrap()),
+    );
 }

@@ -8,7 +8,10 @@ fn kinds(preset: &str) -> Vec<String> {
     let p = presets::by_name(preset).unwrap();
     let g = p.arch.forward_graph(&p.options).unwrap();
     let f = run_pipeline(g).unwrap_or_else(|e| panic!("{e}"));
-    f.groups.iter().map(|g| g.kind.short().to_string()).collect()
+    f.groups
+        .iter()
+        .map(|g| g.kind.short().to_string())
+        .collect()
 }
 
 #[test]
@@ -25,4 +28,3 @@ fn qwen_tiny_kernels() {
     println!("{k:?}");
     assert_eq!(k.iter().filter(|s| *s == "attention").count(), 2);
 }
-

@@ -38,8 +38,13 @@ pub fn full_attention_block() -> Result<Graph> {
 }
 
 fn attention(sliding: bool) -> Result<Graph> {
-    let (h, nh, kvh, dk, dv, window, max_t) = (HIDDEN, 8usize, 2usize, 64usize, 32usize, 16usize, 16usize);
-    let name = if sliding { "attention_block" } else { "full_attention_block" };
+    let (h, nh, kvh, dk, dv, window, max_t) =
+        (HIDDEN, 8usize, 2usize, 64usize, 32usize, 16usize, 16usize);
+    let name = if sliding {
+        "attention_block"
+    } else {
+        "full_attention_block"
+    };
     let mut b = Builder::new(name, &["S", "T"]);
     b.set_loc(file!(), line!());
     let x = b.input("x", DType::BF16, shape![T, (h)])?;
@@ -103,8 +108,16 @@ pub fn moe_block(expert_dtype: DType) -> Result<Graph> {
     let ln = b.weight("post_attention_layernorm.weight", DType::BF16, shape![(h)])?;
     let wr = b.weight("mlp.gate.weight", DType::BF16, shape![(e), (h)])?;
     let bias = b.weight("mlp.gate.e_score_correction_bias", DType::F32, shape![(e)])?;
-    let w13 = b.weight("mlp.experts.gate_up_proj", expert_dtype, shape![(e), (2 * inter), (h)])?;
-    let w2 = b.weight("mlp.experts.down_proj", expert_dtype, shape![(e), (h), (inter)])?;
+    let w13 = b.weight(
+        "mlp.experts.gate_up_proj",
+        expert_dtype,
+        shape![(e), (2 * inter), (h)],
+    )?;
+    let w2 = b.weight(
+        "mlp.experts.down_proj",
+        expert_dtype,
+        shape![(e), (h), (inter)],
+    )?;
     let cfg = RouterConfig {
         score: ScoreFn::Sigmoid,
         top_k: 4,

@@ -176,15 +176,19 @@ pub fn random_weights(graph: &Graph, seed: u64) -> Result<BTreeMap<String, Tenso
     let mut out = BTreeMap::new();
     for id in graph.inputs_of_kind(InputKind::Weight) {
         let node = graph.node(id);
-        let shape = node.ty.shape.eval(&none).map_err(|m| {
-            IrError::new(ErrorKind::Type, format!("weight \"{}\": {m}", node.name))
-        })?;
+        let shape =
+            node.ty.shape.eval(&none).map_err(|m| {
+                IrError::new(ErrorKind::Type, format!("weight \"{}\": {m}", node.name))
+            })?;
         let n: usize = shape.iter().product();
         let last = shape.last().copied().unwrap_or(1);
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ fnv1a(&node.name));
         let name = node.name.as_str();
         let values = if name.ends_with("norm.weight") {
-            normals(&mut rng, n, 0.1).into_iter().map(|v| 1.0 + v).collect()
+            normals(&mut rng, n, 0.1)
+                .into_iter()
+                .map(|v| 1.0 + v)
+                .collect()
         } else if name.ends_with(".sinks") {
             normals(&mut rng, n, 0.5)
         } else if name.ends_with("e_score_correction_bias") {

@@ -31,12 +31,17 @@ pub fn measure_bandwidth(gpu: &Gpu, bytes: usize, reps: usize) -> Result<f64> {
     let b = gpu.alloc(bytes, "the bandwidth probe").map_err(gpu_err)?;
     gpu.memset(&a, 0x3c).map_err(gpu_err)?;
     let stream = gpu.stream().clone();
-    let ev = |e: cudarc::driver::DriverError| IrError::new(ErrorKind::Interp, format!("event: {e:?}"));
+    let ev =
+        |e: cudarc::driver::DriverError| IrError::new(ErrorKind::Interp, format!("event: {e:?}"));
     let mut times = Vec::new();
     for i in 0..reps + 2 {
-        let e0 = stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(ev)?;
+        let e0 = stream
+            .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(ev)?;
         gpu.copy(&b, &a, bytes).map_err(gpu_err)?;
-        let e1 = stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(ev)?;
+        let e1 = stream
+            .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(ev)?;
         e1.synchronize().map_err(ev)?;
         if i >= 2 {
             times.push(e0.elapsed_ms(&e1).map_err(ev)?);
@@ -74,7 +79,10 @@ pub fn bytes_moved(exe: &GpuExecutable, t: usize, s: usize) -> Result<Bytes> {
             let (idx, w13, w2) = (ins[1], ins[3], ins[4]);
             let top_k = g.node(idx).ty.dims()[1].as_const().unwrap_or(1);
             let raw = exe.read_value(t, idx, 4 * t * top_k)?;
-            let ids: BTreeSet<i32> = raw.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let ids: BTreeSet<i32> = raw
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
             let e = g.node(w13).ty.dims()[0].as_const().unwrap_or(1);
             for w in [w13, w2] {
                 expert_weights.insert(w);
@@ -88,7 +96,10 @@ pub fn bytes_moved(exe: &GpuExecutable, t: usize, s: usize) -> Result<Bytes> {
         if expert_weights.contains(&slot.node) {
             continue;
         }
-        let embedding = g.users(slot.node).iter().any(|&u| matches!(g.node(u).op, Op::Nn(Nn::Embedding)));
+        let embedding = g
+            .users(slot.node)
+            .iter()
+            .any(|&u| matches!(g.node(u).op, Op::Nn(Nn::Embedding)));
         out.weights += if embedding {
             let rows = slot.shape[0].max(1);
             slot.bytes / rows * t.min(rows)
@@ -162,7 +173,9 @@ pub fn bench_model(
     let mut gpu = Some(gpu);
     for &mode in modes {
         progress(&format!("{model}: compiling for {mode:?}"));
-        let g = gpu.take().ok_or_else(|| IrError::new(ErrorKind::Interp, "GPU lost"))?;
+        let g = gpu
+            .take()
+            .ok_or_else(|| IrError::new(ErrorKind::Interp, "GPU lost"))?;
         let mut exe = GpuExecutable::with_weights(g, graph, WeightSource::Random(7), tokens, mode)?;
         exe.randomize_caches(11)?;
         for &ctx in contexts {
@@ -171,7 +184,10 @@ pub fn bench_model(
                 let mut inputs = BTreeMap::new();
                 let ids: Vec<i32> = (0..t as i32).map(|i| (i * 7919 + 13) % 256).collect();
                 inputs.insert("ids".to_string(), Tensor::i32(&[t], ids)?);
-                inputs.insert("pos".to_string(), Tensor::i32(&[t], (ctx as i32..(ctx + t) as i32).collect())?);
+                inputs.insert(
+                    "pos".to_string(),
+                    Tensor::i32(&[t], (ctx as i32..(ctx + t) as i32).collect())?,
+                );
                 let mut times = exe.time_forwards(t, ctx, &inputs, 3, reps)?;
                 times.sort_by(f32::total_cmp);
                 let ms = f64::from(times[times.len() / 2]);
@@ -179,7 +195,11 @@ pub fn bench_model(
                 let roofline_ms = (bytes.weights + bytes.kv) as f64 / bandwidth * 1e3;
                 rows.push(Row {
                     model: model.to_string(),
-                    forward: if t == 1 { "decode".into() } else { format!("verify/prefill T={t}") },
+                    forward: if t == 1 {
+                        "decode".into()
+                    } else {
+                        format!("verify/prefill T={t}")
+                    },
                     t,
                     context: ctx,
                     mode: format!("{mode:?}").to_lowercase(),
@@ -194,7 +214,11 @@ pub fn bench_model(
         }
         gpu = Some(exe.into_gpu());
     }
-    Ok((rows, kernel_times, gpu.ok_or_else(|| IrError::new(ErrorKind::Interp, "GPU lost"))?))
+    Ok((
+        rows,
+        kernel_times,
+        gpu.ok_or_else(|| IrError::new(ErrorKind::Interp, "GPU lost"))?,
+    ))
 }
 
 /// The rows as a table.
@@ -249,7 +273,10 @@ pub fn json(device: &str, bandwidth: f64, rows: &[Row], kernels: &[(String, f32)
             )
         })
         .collect();
-    let ks: Vec<String> = kernels.iter().map(|(n, t)| format!("{{\"kernel\":{},\"ms\":{t:.6}}}", json_str(n))).collect();
+    let ks: Vec<String> = kernels
+        .iter()
+        .map(|(n, t)| format!("{{\"kernel\":{},\"ms\":{t:.6}}}", json_str(n)))
+        .collect();
     format!(
         "{{\"device\":{},\"bandwidth_bytes_per_s\":{bandwidth:.0},\"rows\":[{}],\"decode_kernels\":[{}]}}\n",
         json_str(device),

@@ -65,7 +65,8 @@ impl TaskTables {
         let mut next = 0usize;
         for (k, kernel) in plan.kernels.iter().enumerate() {
             for tile in 0..kernel.tiling.tiles {
-                lists[next % sms].push(((k as i32) << tilefuse_codegen::lower::TASK_TILE_BITS) | tile as i32);
+                lists[next % sms]
+                    .push(((k as i32) << tilefuse_codegen::lower::TASK_TILE_BITS) | tile as i32);
                 next += 1;
             }
         }
@@ -144,7 +145,10 @@ pub fn pack_weights(plan: &Plan, weights: &BTreeMap<String, Tensor>) -> Result<V
     let mut out = vec![0u8; plan.weight_bytes];
     for slot in &plan.weights {
         let t = weights.get(&slot.name).ok_or_else(|| {
-            IrError::new(ErrorKind::Interp, format!("weight \"{}\" is missing", slot.name))
+            IrError::new(
+                ErrorKind::Interp,
+                format!("weight \"{}\" is missing", slot.name),
+            )
         })?;
         if t.dtype != slot.dtype || t.shape != slot.shape {
             return Err(IrError::new(
@@ -189,7 +193,10 @@ pub fn pack_weights(plan: &Plan, weights: &BTreeMap<String, Tensor>) -> Result<V
             (_, d) => {
                 return Err(IrError::new(
                     ErrorKind::Interp,
-                    format!("weight \"{}\": its data does not match dtype {d}", slot.name),
+                    format!(
+                        "weight \"{}\": its data does not match dtype {d}",
+                        slot.name
+                    ),
                 ))
             }
         }
@@ -201,24 +208,64 @@ fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
     Ok(match (&t.data, t.dtype) {
         (Data::I32(v), _) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         (Data::F32(v), DType::F32) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        (Data::F32(v), DType::BF16) => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
-        (Data::F32(v), DType::F16) => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
-        (_, d) => return Err(IrError::new(ErrorKind::Interp, format!("cannot pass a {d} activation to the GPU"))),
+        (Data::F32(v), DType::BF16) => v
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect(),
+        (Data::F32(v), DType::F16) => v
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        (_, d) => {
+            return Err(IrError::new(
+                ErrorKind::Interp,
+                format!("cannot pass a {d} activation to the GPU"),
+            ))
+        }
     })
 }
 
 fn from_bytes(dtype: DType, shape: &[usize], b: &[u8]) -> Result<Tensor> {
     match dtype {
-        DType::I32 => Tensor::i32(shape, b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-        DType::F32 => Tensor::f32(dtype, shape, b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-        DType::BF16 => Tensor::f32(dtype, shape, b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-        DType::F16 => Tensor::f32(dtype, shape, b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-        d => Err(IrError::new(ErrorKind::Interp, format!("cannot read a {d} output from the GPU"))),
+        DType::I32 => Tensor::i32(
+            shape,
+            b.chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        DType::F32 => Tensor::f32(
+            dtype,
+            shape,
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        DType::BF16 => Tensor::f32(
+            dtype,
+            shape,
+            b.chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        ),
+        DType::F16 => Tensor::f32(
+            dtype,
+            shape,
+            b.chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        ),
+        d => Err(IrError::new(
+            ErrorKind::Interp,
+            format!("cannot read a {d} output from the GPU"),
+        )),
     }
 }
 
 /// Plans and lowers `graph` for one bucket (no GPU needed).
-pub fn build(graph: &Graph, max_t: usize) -> std::result::Result<(Plan, CudaModule), tilefuse_codegen::CodegenError> {
+pub fn build(
+    graph: &Graph,
+    max_t: usize,
+) -> std::result::Result<(Plan, CudaModule), tilefuse_codegen::CodegenError> {
     let fused = run_pipeline(graph.clone())?;
     let plan = Plan::new(fused, PlanOptions { max_t })?;
     let module = lower::lower(&plan)?;
@@ -237,12 +284,24 @@ pub enum WeightSource<'a> {
 impl GpuExecutable {
     /// Compiles `graph` for each bucket in `buckets` (the largest `T` of each),
     /// uploads `weights` and allocates the caches and the arena.
-    pub fn new(gpu: Gpu, graph: &Graph, weights: &BTreeMap<String, Tensor>, buckets: &[usize], mode: LaunchMode) -> Result<GpuExecutable> {
+    pub fn new(
+        gpu: Gpu,
+        graph: &Graph,
+        weights: &BTreeMap<String, Tensor>,
+        buckets: &[usize],
+        mode: LaunchMode,
+    ) -> Result<GpuExecutable> {
         GpuExecutable::with_weights(gpu, graph, WeightSource::Host(weights), buckets, mode)
     }
 
     /// Like [`GpuExecutable::new`], with the weights from `source`.
-    pub fn with_weights(gpu: Gpu, graph: &Graph, source: WeightSource<'_>, buckets: &[usize], mode: LaunchMode) -> Result<GpuExecutable> {
+    pub fn with_weights(
+        gpu: Gpu,
+        graph: &Graph,
+        source: WeightSource<'_>,
+        buckets: &[usize],
+        mode: LaunchMode,
+    ) -> Result<GpuExecutable> {
         let mut buckets = buckets.to_vec();
         buckets.sort_unstable();
         buckets.dedup();
@@ -253,7 +312,11 @@ impl GpuExecutable {
         for &b in &buckets {
             let (plan, module) = build(graph, b).map_err(cg_err)?;
             let loaded = gpu
-                .load(&format!("{}_t{b}", graph.name), &module.source, tilefuse_codegen::cuda::HEADERS)
+                .load(
+                    &format!("{}_t{b}", graph.name),
+                    &module.source,
+                    tilefuse_codegen::cuda::HEADERS,
+                )
                 .map_err(gpu_err)?;
             let functions = module
                 .kernels
@@ -277,18 +340,30 @@ impl GpuExecutable {
                 gpu.upload(&packed, "the weights").map_err(gpu_err)?
             }
             WeightSource::Random(seed) => {
-                let mut b = gpu.alloc(first.weight_bytes, "the weights").map_err(gpu_err)?;
+                let mut b = gpu
+                    .alloc(first.weight_bytes, "the weights")
+                    .map_err(gpu_err)?;
                 crate::fill::random_weights(&gpu, first, &mut b, seed).map_err(gpu_err)?;
                 b
             }
         };
         let kv_bytes = first.cache_bytes;
-        let mut kv = gpu.alloc(kv_bytes.max(1), "the KV caches").map_err(gpu_err)?;
+        let mut kv = gpu
+            .alloc(kv_bytes.max(1), "the KV caches")
+            .map_err(gpu_err)?;
         // Poison the caches: a read of a position never written shows as NaN.
-        gpu.write(&mut kv, 0, &vec![0xffu8; kv_bytes.max(1)]).map_err(gpu_err)?;
-        let arena_bytes = programs.iter().map(|p| p.plan.arena_bytes).max().unwrap_or(0);
-        let mut arena = gpu.alloc(arena_bytes, "the activation arena").map_err(gpu_err)?;
-        gpu.write(&mut arena, 0, &vec![0xffu8; arena_bytes]).map_err(gpu_err)?;
+        gpu.write(&mut kv, 0, &vec![0xffu8; kv_bytes.max(1)])
+            .map_err(gpu_err)?;
+        let arena_bytes = programs
+            .iter()
+            .map(|p| p.plan.arena_bytes)
+            .max()
+            .unwrap_or(0);
+        let mut arena = gpu
+            .alloc(arena_bytes, "the activation arena")
+            .map_err(gpu_err)?;
+        gpu.write(&mut arena, 0, &vec![0xffu8; arena_bytes])
+            .map_err(gpu_err)?;
         Ok(GpuExecutable {
             gpu,
             programs,
@@ -323,8 +398,14 @@ impl GpuExecutable {
     }
 
     /// Runs one forward.
-    pub fn run(&mut self, bindings: &Bindings, inputs: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
-        let t = bindings.get("T").ok_or_else(|| IrError::new(ErrorKind::Interp, "symbol T is not bound"))?;
+    pub fn run(
+        &mut self,
+        bindings: &Bindings,
+        inputs: &BTreeMap<String, Tensor>,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let t = bindings
+            .get("T")
+            .ok_or_else(|| IrError::new(ErrorKind::Interp, "symbol T is not bound"))?;
         let s = bindings.get("S").unwrap_or(0);
         let pi = self
             .programs
@@ -333,21 +414,36 @@ impl GpuExecutable {
             .ok_or_else(|| {
                 IrError::new(
                     ErrorKind::Interp,
-                    format!("T = {t} is larger than the largest compiled bucket ({:?})", self.buckets()),
+                    format!(
+                        "T = {t} is larger than the largest compiled bucket ({:?})",
+                        self.buckets()
+                    ),
                 )
             })?;
         self.launch(pi, t, s, inputs)?;
         self.read_outputs(pi, bindings)
     }
 
-    fn launch(&mut self, pi: usize, t: usize, s: usize, inputs: &BTreeMap<String, Tensor>) -> Result<()> {
+    fn launch(
+        &mut self,
+        pi: usize,
+        t: usize,
+        s: usize,
+        inputs: &BTreeMap<String, Tensor>,
+    ) -> Result<()> {
         self.prepare(pi, t, s, inputs)?;
         self.dispatch(pi)?;
         self.gpu.sync("running the forward").map_err(gpu_err)
     }
 
     /// Writes the symbols and the activation inputs of a forward to the arena.
-    fn prepare(&mut self, pi: usize, t: usize, s: usize, inputs: &BTreeMap<String, Tensor>) -> Result<()> {
+    fn prepare(
+        &mut self,
+        pi: usize,
+        t: usize,
+        s: usize,
+        inputs: &BTreeMap<String, Tensor>,
+    ) -> Result<()> {
         let p = &self.programs[pi];
         let g = &p.plan.fused.graph;
         let mut sym = Vec::new();
@@ -358,20 +454,39 @@ impl GpuExecutable {
         for n in g.inputs_of_kind(InputKind::Activation) {
             let node = g.node(n);
             let v = inputs.get(&node.name).ok_or_else(|| {
-                IrError::new(ErrorKind::Interp, format!("missing input \"{}\" ({})", node.name, node.ty))
+                IrError::new(
+                    ErrorKind::Interp,
+                    format!("missing input \"{}\" ({})", node.name, node.ty),
+                )
             })?;
-            let want = node.ty.shape.eval(&b).map_err(|m| IrError::new(ErrorKind::Interp, m))?;
+            let want = node
+                .ty
+                .shape
+                .eval(&b)
+                .map_err(|m| IrError::new(ErrorKind::Interp, m))?;
             if v.shape != want || v.dtype != node.ty.dtype {
                 return Err(IrError::new(
                     ErrorKind::Interp,
-                    format!("input \"{}\": expected {} {want:?}, found {} {:?}", node.name, node.ty.dtype, v.dtype, v.shape),
+                    format!(
+                        "input \"{}\": expected {} {want:?}, found {} {:?}",
+                        node.name, node.ty.dtype, v.dtype, v.shape
+                    ),
                 ));
             }
             // The fused attention kernels rotate token t at position S + t.
-            let feeds_rope = g.users(n).iter().any(|&u| matches!(g.node(u).op, tilefuse_ir::Op::Nn(tilefuse_ir::Nn::Rope { .. })) && g.inputs(u)[1] == n);
+            let feeds_rope = g.users(n).iter().any(|&u| {
+                matches!(
+                    g.node(u).op,
+                    tilefuse_ir::Op::Nn(tilefuse_ir::Nn::Rope { .. })
+                ) && g.inputs(u)[1] == n
+            });
             if feeds_rope {
                 if let Some(ids) = v.as_i32() {
-                    if let Some((i, &p)) = ids.iter().enumerate().find(|(i, &p)| p as i64 != (s + i) as i64) {
+                    if let Some((i, &p)) = ids
+                        .iter()
+                        .enumerate()
+                        .find(|(i, &p)| p as i64 != (s + i) as i64)
+                    {
                         return Err(IrError::new(
                             ErrorKind::Interp,
                             format!(
@@ -384,15 +499,26 @@ impl GpuExecutable {
                     }
                 }
             }
-            let off = p.plan.offset_of(n).ok_or_else(|| IrError::new(ErrorKind::Interp, format!("input \"{}\" has no buffer", node.name)))?;
-            self.gpu.write(&mut self.arena, off, &to_bytes(v)?).map_err(gpu_err)?;
+            let off = p.plan.offset_of(n).ok_or_else(|| {
+                IrError::new(
+                    ErrorKind::Interp,
+                    format!("input \"{}\" has no buffer", node.name),
+                )
+            })?;
+            self.gpu
+                .write(&mut self.arena, off, &to_bytes(v)?)
+                .map_err(gpu_err)?;
         }
         Ok(())
     }
 
     /// Issues one forward of bucket `pi` on the stream (no wait).
     fn dispatch(&mut self, pi: usize) -> Result<()> {
-        let args = [Arg::Ptr(self.arena.ptr()), Arg::Ptr(self.weights.ptr()), Arg::Ptr(self.kv.ptr())];
+        let args = [
+            Arg::Ptr(self.arena.ptr()),
+            Arg::Ptr(self.weights.ptr()),
+            Arg::Ptr(self.kv.ptr()),
+        ];
         match self.mode {
             LaunchMode::Persistent => {
                 self.ensure_persistent(pi)?;
@@ -407,9 +533,18 @@ impl GpuExecutable {
                     pargs.push(Arg::Ptr(base + o as u64));
                 }
                 pargs.push(Arg::Ptr(ps.counters.ptr()));
-                let (sms, threads, smem) = (ps.sms, self.programs[pi].module.persistent_threads, self.programs[pi].module.persistent_smem);
-                self.gpu.write(&mut self.arena, 8, &epoch.to_le_bytes()).map_err(gpu_err)?;
-                let f = &self.programs[pi].persistent.as_ref().map(|p| p.function.clone());
+                let (sms, threads, smem) = (
+                    ps.sms,
+                    self.programs[pi].module.persistent_threads,
+                    self.programs[pi].module.persistent_smem,
+                );
+                self.gpu
+                    .write(&mut self.arena, 8, &epoch.to_le_bytes())
+                    .map_err(gpu_err)?;
+                let f = &self.programs[pi]
+                    .persistent
+                    .as_ref()
+                    .map(|p| p.function.clone());
                 if let Some(f) = f {
                     self.gpu
                         .launch(lower::PERSISTENT, f, sms, threads, smem, &pargs)
@@ -420,7 +555,14 @@ impl GpuExecutable {
                 let p = &self.programs[pi];
                 for (k, f) in p.plan.kernels.iter().zip(&p.functions) {
                     self.gpu
-                        .launch(&k.name, f, k.tiling.tiles, k.tiling.threads, k.tiling.smem, &args)
+                        .launch(
+                            &k.name,
+                            f,
+                            k.tiling.tiles,
+                            k.tiling.threads,
+                            k.tiling.smem,
+                            &args,
+                        )
                         .map_err(gpu_err)?;
                 }
             }
@@ -429,27 +571,47 @@ impl GpuExecutable {
                     let stream = self.gpu.stream().clone();
                     stream
                         .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                        .map_err(|e| IrError::new(ErrorKind::Interp, format!("starting CUDA-graph capture: {e:?}")))?;
+                        .map_err(|e| {
+                            IrError::new(
+                                ErrorKind::Interp,
+                                format!("starting CUDA-graph capture: {e:?}"),
+                            )
+                        })?;
                     let p = &self.programs[pi];
                     let mut failed = None;
                     for (k, f) in p.plan.kernels.iter().zip(&p.functions) {
-                        if let Err(e) = self.gpu.launch(&k.name, f, k.tiling.tiles, k.tiling.threads, k.tiling.smem, &args) {
+                        if let Err(e) = self.gpu.launch(
+                            &k.name,
+                            f,
+                            k.tiling.tiles,
+                            k.tiling.threads,
+                            k.tiling.smem,
+                            &args,
+                        ) {
                             failed = Some(e);
                             break;
                         }
                     }
                     let graph = stream
                         .end_capture(CUgraphInstantiate_flags(0))
-                        .map_err(|e| IrError::new(ErrorKind::Interp, format!("ending CUDA-graph capture: {e:?}")))?;
+                        .map_err(|e| {
+                            IrError::new(
+                                ErrorKind::Interp,
+                                format!("ending CUDA-graph capture: {e:?}"),
+                            )
+                        })?;
                     if let Some(e) = failed {
                         return Err(gpu_err(e));
                     }
                     self.programs[pi].graph = graph;
                 }
                 if let Some(graph) = &self.programs[pi].graph {
-                    graph
-                        .launch()
-                        .map_err(|e| IrError::new(ErrorKind::Interp, format!("replaying the CUDA graph: {e:?}")))?;
+                    graph.launch().map_err(|e| {
+                        IrError::new(
+                            ErrorKind::Interp,
+                            format!("replaying the CUDA graph: {e:?}"),
+                        )
+                    })?;
                 }
             }
         }
@@ -463,7 +625,12 @@ impl GpuExecutable {
         }
         let p = &self.programs[pi];
         if p.module.persistent.is_none() {
-            let threads: Vec<String> = p.plan.kernels.iter().map(|k| format!("{} ({})", k.name, k.tiling.threads)).collect();
+            let threads: Vec<String> = p
+                .plan
+                .kernels
+                .iter()
+                .map(|k| format!("{} ({})", k.name, k.tiling.threads))
+                .collect();
             return Err(IrError::new(
                 ErrorKind::Interp,
                 format!(
@@ -489,10 +656,16 @@ impl GpuExecutable {
             bytes.extend(part);
             bytes.resize(bytes.len().div_ceil(256) * 256, 0);
         }
-        let tables = self.gpu.upload(&bytes, "the persistent task tables").map_err(gpu_err)?;
+        let tables = self
+            .gpu
+            .upload(&bytes, "the persistent task tables")
+            .map_err(gpu_err)?;
         let counters = self
             .gpu
-            .upload(&vec![0u8; 4 * t.tiles.len().max(1)], "the persistent tile counters")
+            .upload(
+                &vec![0u8; 4 * t.tiles.len().max(1)],
+                "the persistent tile counters",
+            )
             .map_err(gpu_err)?;
         self.programs[pi].persistent = Some(Persistent {
             function,
@@ -511,13 +684,27 @@ impl GpuExecutable {
         let mut out = BTreeMap::new();
         for (name, id) in g.outputs() {
             let node = g.node(*id);
-            let shape = node.ty.shape.eval(bindings).map_err(|m| IrError::new(ErrorKind::Interp, m))?;
+            let shape = node
+                .ty
+                .shape
+                .eval(bindings)
+                .map_err(|m| IrError::new(ErrorKind::Interp, m))?;
             let numel: usize = shape.iter().product();
-            let bytes = node.ty.dtype.storage_bytes(numel, shape.last().copied().unwrap_or(1)).unwrap_or(0);
-            let off = p
-                .offset_of(*id)
-                .ok_or_else(|| IrError::new(ErrorKind::Interp, format!("output \"{name}\" has no buffer")))?;
-            let b = self.gpu.download_range(&self.arena, off, bytes).map_err(gpu_err)?;
+            let bytes = node
+                .ty
+                .dtype
+                .storage_bytes(numel, shape.last().copied().unwrap_or(1))
+                .unwrap_or(0);
+            let off = p.offset_of(*id).ok_or_else(|| {
+                IrError::new(
+                    ErrorKind::Interp,
+                    format!("output \"{name}\" has no buffer"),
+                )
+            })?;
+            let b = self
+                .gpu
+                .download_range(&self.arena, off, bytes)
+                .map_err(gpu_err)?;
             out.insert(name.clone(), from_bytes(node.ty.dtype, &shape, &b)?);
         }
         Ok(out)
@@ -526,7 +713,14 @@ impl GpuExecutable {
     /// Times `reps` forwards of `t` tokens after `s` cached positions in the
     /// executable's launch mode, each between two events, after `warmup`
     /// untimed ones; `inputs` are written once. Returns milliseconds per forward.
-    pub fn time_forwards(&mut self, t: usize, s: usize, inputs: &BTreeMap<String, Tensor>, warmup: usize, reps: usize) -> Result<Vec<f32>> {
+    pub fn time_forwards(
+        &mut self,
+        t: usize,
+        s: usize,
+        inputs: &BTreeMap<String, Tensor>,
+        warmup: usize,
+        reps: usize,
+    ) -> Result<Vec<f32>> {
         let pi = self
             .programs
             .iter()
@@ -538,16 +732,25 @@ impl GpuExecutable {
         }
         self.gpu.sync("warming up").map_err(gpu_err)?;
         let stream = self.gpu.stream().clone();
-        let ev = |e: cudarc::driver::DriverError| IrError::new(ErrorKind::Interp, format!("event: {e:?}"));
+        let ev = |e: cudarc::driver::DriverError| {
+            IrError::new(ErrorKind::Interp, format!("event: {e:?}"))
+        };
         let mut events = Vec::with_capacity(reps);
         for _ in 0..reps {
-            let e0 = stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(ev)?;
+            let e0 = stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(ev)?;
             self.dispatch(pi)?;
-            let e1 = stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(ev)?;
+            let e1 = stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(ev)?;
             events.push((e0, e1));
         }
         self.gpu.sync("timing forwards").map_err(gpu_err)?;
-        events.iter().map(|(a, b)| a.elapsed_ms(b).map_err(ev)).collect()
+        events
+            .iter()
+            .map(|(a, b)| a.elapsed_ms(b).map_err(ev))
+            .collect()
     }
 
     /// Reads `bytes` of the arena at the storage of node `n` of the bucket serving `t`.
@@ -557,8 +760,13 @@ impl GpuExecutable {
             .iter()
             .find(|p| p.plan.options.max_t >= t)
             .ok_or_else(|| IrError::new(ErrorKind::Interp, format!("no bucket for T = {t}")))?;
-        let off = p.plan.offset_of(n).ok_or_else(|| IrError::new(ErrorKind::Interp, "value has no arena buffer"))?;
-        self.gpu.download_range(&self.arena, off, bytes).map_err(gpu_err)
+        let off = p
+            .plan
+            .offset_of(n)
+            .ok_or_else(|| IrError::new(ErrorKind::Interp, "value has no arena buffer"))?;
+        self.gpu
+            .download_range(&self.arena, off, bytes)
+            .map_err(gpu_err)
     }
 
     /// Fills the KV caches with seeded random bf16 values, so that timing at a
@@ -581,7 +789,11 @@ impl GpuExecutable {
         sym.extend((t as i32).to_le_bytes());
         sym.extend((s as i32).to_le_bytes());
         self.gpu.write(&mut self.arena, 0, &sym).map_err(gpu_err)?;
-        let args = [Arg::Ptr(self.arena.ptr()), Arg::Ptr(self.weights.ptr()), Arg::Ptr(self.kv.ptr())];
+        let args = [
+            Arg::Ptr(self.arena.ptr()),
+            Arg::Ptr(self.weights.ptr()),
+            Arg::Ptr(self.kv.ptr()),
+        ];
         let p = &self.programs[pi];
         let stream = self.gpu.stream().clone();
         let mut out = Vec::new();
@@ -592,13 +804,24 @@ impl GpuExecutable {
                     .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
                     .map_err(|e| IrError::new(ErrorKind::Interp, format!("{e:?}")))?;
                 self.gpu
-                    .launch(&k.name, f, k.tiling.tiles, k.tiling.threads, k.tiling.smem, &args)
+                    .launch(
+                        &k.name,
+                        f,
+                        k.tiling.tiles,
+                        k.tiling.threads,
+                        k.tiling.smem,
+                        &args,
+                    )
                     .map_err(gpu_err)?;
                 let e1 = stream
                     .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
                     .map_err(|e| IrError::new(ErrorKind::Interp, format!("{e:?}")))?;
-                e1.synchronize().map_err(|e| IrError::new(ErrorKind::Interp, format!("{e:?}")))?;
-                times.push(e0.elapsed_ms(&e1).map_err(|e| IrError::new(ErrorKind::Interp, format!("{e:?}")))?);
+                e1.synchronize()
+                    .map_err(|e| IrError::new(ErrorKind::Interp, format!("{e:?}")))?;
+                times.push(
+                    e0.elapsed_ms(&e1)
+                        .map_err(|e| IrError::new(ErrorKind::Interp, format!("{e:?}")))?,
+                );
             }
             times.sort_by(f32::total_cmp);
             out.push((k.name.clone(), times[times.len() / 2]));

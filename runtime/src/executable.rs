@@ -49,7 +49,11 @@ pub struct Executable {
 impl Executable {
     /// Prepares `graph` with `weights` on `backend`. Every weight input of the
     /// graph must be present with its declared dtype and shape.
-    pub fn new(graph: Graph, weights: BTreeMap<String, Tensor>, backend: Backend) -> Result<Executable> {
+    pub fn new(
+        graph: Graph,
+        weights: BTreeMap<String, Tensor>,
+        backend: Backend,
+    ) -> Result<Executable> {
         graph.verify()?;
         let none = Bindings::new();
         for id in graph.inputs_of_kind(InputKind::Weight) {
@@ -119,7 +123,11 @@ impl Executable {
 
     /// Runs one forward with the symbols bound and the activation inputs given
     /// by name; returns the named outputs.
-    pub fn run(&mut self, bindings: &Bindings, inputs: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
+    pub fn run(
+        &mut self,
+        bindings: &Bindings,
+        inputs: BTreeMap<String, Tensor>,
+    ) -> Result<BTreeMap<String, Tensor>> {
         if let Some(g) = &mut self.gpu {
             return g.run(bindings, &inputs);
         }
@@ -128,7 +136,10 @@ impl Executable {
             if self.graph.find_input(&k).is_none() {
                 return Err(IrError::new(
                     ErrorKind::Interp,
-                    format!("the graph \"{}\" has no input named \"{k}\"", self.graph.name),
+                    format!(
+                        "the graph \"{}\" has no input named \"{k}\"",
+                        self.graph.name
+                    ),
                 ));
             }
             self.values.insert(k, v);
@@ -157,7 +168,13 @@ fn graph_max_tokens(graph: &Graph) -> usize {
         let keys = graph.inputs(n)[1];
         if let Op::Attn(Attn::KvAppend { ring: true, .. }) = graph.node(keys).op {
             let cache = graph.inputs(keys)[0];
-            if let Some(cap) = graph.node(cache).ty.dims().first().and_then(|d| d.as_const()) {
+            if let Some(cap) = graph
+                .node(cache)
+                .ty
+                .dims()
+                .first()
+                .and_then(|d| d.as_const())
+            {
                 max = max.min((cap + 1).saturating_sub(w as usize).max(1));
             }
         }

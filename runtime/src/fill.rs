@@ -113,7 +113,10 @@ pub fn random_weights(gpu: &Gpu, plan: &Plan, buf: &mut Buffer, seed: u64) -> Re
                 }
             }
             DType::I32 => {
-                return Err(GpuError::Driver(format!("weight \"{}\" has dtype i32; no random fill for it", w.name)))
+                return Err(GpuError::Driver(format!(
+                    "weight \"{}\" has dtype i32; no random fill for it",
+                    w.name
+                )))
             }
         }
     }
@@ -130,7 +133,12 @@ pub fn random_caches(gpu: &Gpu, plan: &Plan, buf: &mut Buffer, seed: u64) -> Res
             DType::F32 => 0,
             DType::BF16 => 1,
             DType::F16 => 2,
-            d => return Err(GpuError::Driver(format!("cache \"{}\" has dtype {d}; no random fill for it", c.name))),
+            d => {
+                return Err(GpuError::Driver(format!(
+                    "cache \"{}\" has dtype {d}; no random fill for it",
+                    c.name
+                )))
+            }
         };
         gpu.launch(
             "tf_fill",

@@ -8,7 +8,10 @@ use std::fmt;
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PushKernelArg,
+};
 use cudarc::nvrtc::Ptx;
 
 use crate::nvrtc::{self, CompileError, CompileOptions, Compiled};
@@ -118,7 +121,10 @@ pub struct Module {
 impl Module {
     /// A kernel of the module by its `extern "C"` name.
     pub fn function(&self, name: &str) -> Result<CudaFunction, GpuError> {
-        drv(self.module.load_function(name), &format!("loading kernel `{name}`"))
+        drv(
+            self.module.load_function(name),
+            &format!("loading kernel `{name}`"),
+        )
     }
 }
 
@@ -129,7 +135,9 @@ impl Gpu {
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Ok(None);
         }
-        match cudarc::driver::result::init().and_then(|_| cudarc::driver::result::device::get_count()) {
+        match cudarc::driver::result::init()
+            .and_then(|_| cudarc::driver::result::device::get_count())
+        {
             Ok(n) if n > 0 => {}
             _ => return Ok(None),
         }
@@ -137,9 +145,18 @@ impl Gpu {
         // SAFETY: called before any buffer exists; every launch goes to the one stream.
         unsafe { ctx.disable_event_tracking() };
         let stream = drv(ctx.new_stream(), "creating a stream")?;
-        let major = drv(ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR), "reading the compute capability")?;
-        let minor = drv(ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR), "reading the compute capability")?;
-        let sms = drv(ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT), "reading the SM count")?;
+        let major = drv(
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+            "reading the compute capability",
+        )?;
+        let minor = drv(
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+            "reading the compute capability",
+        )?;
+        let sms = drv(
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
+            "reading the SM count",
+        )?;
         let name = drv(ctx.name(), "reading the device name")?;
         let arch = if major == 9 && minor == 0 {
             "sm_90a".to_string()
@@ -159,14 +176,20 @@ impl Gpu {
     pub const SKIP: &'static str = "skipped: no CUDA GPU on this machine";
 
     /// Compiles `source` for this device and loads it.
-    pub fn load(&self, name: &str, source: &str, headers: &[(&str, &str)]) -> Result<Module, GpuError> {
+    pub fn load(
+        &self,
+        name: &str,
+        source: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Module, GpuError> {
         let opts = CompileOptions {
             arch: self.arch.clone(),
             ..CompileOptions::default()
         };
         let compiled = nvrtc::compile(name, source, headers, &opts)?;
         let module = drv(
-            self.ctx.load_module(Ptx::from_binary(compiled.cubin.clone())),
+            self.ctx
+                .load_module(Ptx::from_binary(compiled.cubin.clone())),
             &format!("loading the module of `{name}`"),
         )?;
         Ok(Module { module, compiled })
@@ -189,10 +212,12 @@ impl Gpu {
         }
         // SAFETY: the buffer is written before it is read by every user of this API
         // (uploads, or poison fills in tests).
-        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| GpuError::OutOfMemory {
-            what: format!("{what} ({e:?})"),
-            asked: bytes,
-            free,
+        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| {
+            GpuError::OutOfMemory {
+                what: format!("{what} ({e:?})"),
+                asked: bytes,
+                free,
+            }
         })?;
         let ptr = slice.device_ptr(&self.stream).0;
         Ok(Buffer { slice, ptr })
@@ -201,7 +226,10 @@ impl Gpu {
     /// Copies host bytes into a new buffer.
     pub fn upload(&self, data: &[u8], what: &str) -> Result<Buffer, GpuError> {
         let mut b = self.alloc(data.len(), what)?;
-        drv(self.stream.memcpy_htod(data, &mut b.slice), &format!("uploading {what}"))?;
+        drv(
+            self.stream.memcpy_htod(data, &mut b.slice),
+            &format!("uploading {what}"),
+        )?;
         Ok(b)
     }
 
@@ -216,7 +244,10 @@ impl Gpu {
             )));
         }
         let mut view = buf.slice.slice_mut(offset..end);
-        drv(self.stream.memcpy_htod(data, &mut view), "copying to the GPU")
+        drv(
+            self.stream.memcpy_htod(data, &mut view),
+            "copying to the GPU",
+        )
     }
 
     /// Copies a whole buffer back to the host (waits for the stream).
@@ -225,14 +256,27 @@ impl Gpu {
     }
 
     /// Copies `len` bytes from `offset` of a buffer back to the host.
-    pub fn download_range(&self, buf: &Buffer, offset: usize, len: usize) -> Result<Vec<u8>, GpuError> {
+    pub fn download_range(
+        &self,
+        buf: &Buffer,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, GpuError> {
         let view = buf.slice.slice(offset..offset + len);
         drv(self.stream.clone_dtoh(&view), "copying from the GPU")
     }
 
     /// Launches `func` on `grid` CTAs of `block` threads with `smem` bytes of
     /// dynamic shared memory. `name` is used in errors.
-    pub fn launch(&self, name: &str, func: &CudaFunction, grid: u32, block: u32, smem: u32, args: &[Arg]) -> Result<(), GpuError> {
+    pub fn launch(
+        &self,
+        name: &str,
+        func: &CudaFunction,
+        grid: u32,
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<(), GpuError> {
         if smem > 48 * 1024 {
             drv(
                 func.set_attribute(
@@ -259,7 +303,10 @@ impl Gpu {
         // SAFETY: the argument list matches the generated kernel's signature, which the
         // caller built from the same plan; buffers outlive the launch (one stream, waited on
         // before any buffer is dropped).
-        drv(unsafe { b.launch(cfg) }.map(|_| ()), &format!("launching kernel `{name}`"))
+        drv(
+            unsafe { b.launch(cfg) }.map(|_| ()),
+            &format!("launching kernel `{name}`"),
+        )
     }
 
     /// Waits for all work; a kernel fault surfaces here, named by `what`.
@@ -270,12 +317,21 @@ impl Gpu {
     /// Copies `bytes` from `src` to `dst` on the stream (device to device).
     pub fn copy(&self, dst: &Buffer, src: &Buffer, bytes: usize) -> Result<(), GpuError> {
         if bytes > dst.len() || bytes > src.len() {
-            return Err(GpuError::Driver(format!("copy of {bytes} bytes past the end of a buffer")));
+            return Err(GpuError::Driver(format!(
+                "copy of {bytes} bytes past the end of a buffer"
+            )));
         }
         // SAFETY: both ranges lie inside live allocations (checked above); the stream
         // orders the copy with every other use of the buffers.
         drv(
-            unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr, src.ptr, bytes, self.stream.cu_stream()) },
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    dst.ptr,
+                    src.ptr,
+                    bytes,
+                    self.stream.cu_stream(),
+                )
+            },
             "copying on the GPU",
         )
     }
@@ -284,7 +340,14 @@ impl Gpu {
     pub fn memset(&self, buf: &Buffer, value: u8) -> Result<(), GpuError> {
         // SAFETY: the range is the whole live allocation; ordered on the stream.
         drv(
-            unsafe { cudarc::driver::result::memset_d8_async(buf.ptr, value, buf.len(), self.stream.cu_stream()) },
+            unsafe {
+                cudarc::driver::result::memset_d8_async(
+                    buf.ptr,
+                    value,
+                    buf.len(),
+                    self.stream.cu_stream(),
+                )
+            },
             "filling a buffer",
         )
     }

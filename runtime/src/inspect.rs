@@ -51,9 +51,14 @@ fn weight_bytes(plan: &Plan, k: &tilefuse_codegen::plan::Kernel) -> usize {
     let mut nodes: Vec<_> = group.nodes.iter().copied().collect();
     let mut expert_fraction = 1.0f64;
     match group.kind {
-        tilefuse_codegen::KernelKind::ExpertsUp { experts } | tilefuse_codegen::KernelKind::ExpertsDown { experts } => {
+        tilefuse_codegen::KernelKind::ExpertsUp { experts }
+        | tilefuse_codegen::KernelKind::ExpertsDown { experts } => {
             let ins = g.inputs(experts);
-            let w = if matches!(group.kind, tilefuse_codegen::KernelKind::ExpertsUp { .. }) { ins[3] } else { ins[4] };
+            let w = if matches!(group.kind, tilefuse_codegen::KernelKind::ExpertsUp { .. }) {
+                ins[3]
+            } else {
+                ins[4]
+            };
             let e = g.node(w).ty.dims()[0].as_const().unwrap_or(1);
             let k_sel = g.node(ins[1]).ty.dims()[1].as_const().unwrap_or(1);
             expert_fraction = ((plan.options.max_t * k_sel).min(e)) as f64 / e as f64;
@@ -79,20 +84,44 @@ fn weight_bytes(plan: &Plan, k: &tilefuse_codegen::plan::Kernel) -> usize {
 pub fn dot(f: &Fused) -> String {
     let g = &f.graph;
     let num = g.numbering();
-    let mut s = String::from("digraph fused {\n  rankdir=TB;\n  node [shape=box, fontname=monospace, fontsize=10];\n");
+    let mut s = String::from(
+        "digraph fused {\n  rankdir=TB;\n  node [shape=box, fontname=monospace, fontsize=10];\n",
+    );
     for (i, group) in f.groups.iter().enumerate() {
-        let _ = writeln!(s, "  subgraph cluster_k{i} {{\n    label=\"k{i} {}\";\n    style=rounded;", group.kind.short());
+        let _ = writeln!(
+            s,
+            "  subgraph cluster_k{i} {{\n    label=\"k{i} {}\";\n    style=rounded;",
+            group.kind.short()
+        );
         for n in &group.nodes {
             let node = g.node(*n);
-            let _ = writeln!(s, "    n{} [label=\"%{} {}\\n{}\"];", num[n], num[n], node.op.mnemonic(), node.name.replace('"', "'"));
+            let _ = writeln!(
+                s,
+                "    n{} [label=\"%{} {}\\n{}\"];",
+                num[n],
+                num[n],
+                node.op.mnemonic(),
+                node.name.replace('"', "'")
+            );
         }
         s.push_str("  }\n");
     }
     for n in g.topo_order().unwrap_or_default() {
         let node = g.node(n);
         if f.group_of(n).is_none() {
-            let shape = if matches!(node.op, Op::Input(_)) { "ellipse" } else { "box" };
-            let _ = writeln!(s, "  n{} [label=\"%{} {}\\n{}\", shape={shape}];", num[&n], num[&n], node.op.mnemonic(), node.name.replace('"', "'"));
+            let shape = if matches!(node.op, Op::Input(_)) {
+                "ellipse"
+            } else {
+                "box"
+            };
+            let _ = writeln!(
+                s,
+                "  n{} [label=\"%{} {}\\n{}\", shape={shape}];",
+                num[&n],
+                num[&n],
+                node.op.mnemonic(),
+                node.name.replace('"', "'")
+            );
         }
         for i in g.inputs(n) {
             let _ = writeln!(s, "  n{} -> n{};", num[&i], num[&n]);
@@ -111,7 +140,11 @@ pub fn summary_table(rows: &[SummaryRow]) -> String {
     let mut total = 0;
     for r in rows {
         let (regs, spills, stack) = match &r.resources {
-            Some(k) => (k.registers.to_string(), (k.spill_stores + k.spill_loads).to_string(), k.stack_frame.to_string()),
+            Some(k) => (
+                k.registers.to_string(),
+                (k.spill_stores + k.spill_loads).to_string(),
+                k.stack_frame.to_string(),
+            ),
             None => ("-".into(), "-".into(), "-".into()),
         };
         let _ = writeln!(
@@ -121,23 +154,37 @@ pub fn summary_table(rows: &[SummaryRow]) -> String {
         );
         total += r.weight_bytes;
     }
-    let _ = writeln!(s, "{} kernels, {} weight bytes per forward", rows.len(), total);
+    let _ = writeln!(
+        s,
+        "{} kernels, {} weight bytes per forward",
+        rows.len(),
+        total
+    );
     s
 }
 
 fn write(dir: &Path, rel: &str, text: &str) -> Result<(), String> {
     let p = dir.join(rel);
     if let Some(parent) = p.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
     }
     std::fs::write(&p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))
 }
 
 /// Compiles `graph` for a bucket of `max_t` tokens and writes what `emit`
 /// asks for under `out` (replacing it atomically). Returns the summary table.
-pub fn compile_artifacts(graph: &Graph, max_t: usize, emit: Emit, out: &Path) -> Result<String, String> {
+pub fn compile_artifacts(
+    graph: &Graph,
+    max_t: usize,
+    emit: Emit,
+    out: &Path,
+) -> Result<String, String> {
     let tmp: PathBuf = {
-        let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        let mut name = out
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
         name.push(format!(".tmp{}", std::process::id()));
         out.with_file_name(name)
     };
@@ -145,8 +192,10 @@ pub fn compile_artifacts(graph: &Graph, max_t: usize, emit: Emit, out: &Path) ->
     std::fs::create_dir_all(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
     let result = (|| {
         let mut pass_dumps = Vec::new();
-        let fused = run_pipeline_observed(graph.clone(), |name, f| pass_dumps.push((name.to_string(), f.to_string())))
-            .map_err(|e| e.to_string())?;
+        let fused = run_pipeline_observed(graph.clone(), |name, f| {
+            pass_dumps.push((name.to_string(), f.to_string()))
+        })
+        .map_err(|e| e.to_string())?;
         if emit.ir {
             write(&tmp, "ir/00-input.txt", &graph.to_string())?;
             for (i, (name, text)) in pass_dumps.iter().enumerate() {
@@ -165,7 +214,10 @@ pub fn compile_artifacts(graph: &Graph, max_t: usize, emit: Emit, out: &Path) ->
                 .output()
             {
                 if !o.status.success() {
-                    eprintln!("warning: dot failed: {}", String::from_utf8_lossy(&o.stderr));
+                    eprintln!(
+                        "warning: dot failed: {}",
+                        String::from_utf8_lossy(&o.stderr)
+                    );
                 }
             }
         }
@@ -178,8 +230,13 @@ pub fn compile_artifacts(graph: &Graph, max_t: usize, emit: Emit, out: &Path) ->
         }
         let mut resources = Vec::new();
         if emit.ptx {
-            let c = nvrtc::compile(&graph.name, &module.source, tilefuse_codegen::cuda::HEADERS, &CompileOptions::default())
-                .map_err(|e| e.to_string())?;
+            let c = nvrtc::compile(
+                &graph.name,
+                &module.source,
+                tilefuse_codegen::cuda::HEADERS,
+                &CompileOptions::default(),
+            )
+            .map_err(|e| e.to_string())?;
             write(&tmp, "ptx/module.ptx", &c.ptx)?;
             write(&tmp, "ptx/nvrtc.log", &c.log)?;
             resources = c.resources;
@@ -203,7 +260,8 @@ pub fn compile_artifacts(graph: &Graph, max_t: usize, emit: Emit, out: &Path) ->
     match result {
         Ok(table) => {
             let _ = std::fs::remove_dir_all(out);
-            std::fs::rename(&tmp, out).map_err(|e| format!("cannot move {} to {}: {e}", tmp.display(), out.display()))?;
+            std::fs::rename(&tmp, out)
+                .map_err(|e| format!("cannot move {} to {}: {e}", tmp.display(), out.display()))?;
             Ok(table)
         }
         Err(e) => {

@@ -173,7 +173,11 @@ pub fn find_cuda() -> Result<CudaPaths, CompileError> {
         if !include.join("cuda_bf16.h").exists() {
             continue;
         }
-        for lib in [root.join("lib64"), root.join("lib"), root.join("targets/x86_64-linux/lib")] {
+        for lib in [
+            root.join("lib64"),
+            root.join("lib"),
+            root.join("targets/x86_64-linux/lib"),
+        ] {
             if has_nvrtc(&lib) {
                 return Ok(CudaPaths { include, lib });
             }
@@ -203,7 +207,9 @@ fn nvrtc() -> Result<&'static Nvrtc, CompileError> {
             let mut libs = Vec::new();
             // The builtins first: libnvrtc opens them by name when it compiles.
             let builtins = std::fs::read_dir(&paths.lib)
-                .map_err(|e| CompileError::Setup(format!("cannot read {}: {e}", paths.lib.display())))?
+                .map_err(|e| {
+                    CompileError::Setup(format!("cannot read {}: {e}", paths.lib.display()))
+                })?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| {
                     p.file_name()
@@ -211,7 +217,10 @@ fn nvrtc() -> Result<&'static Nvrtc, CompileError> {
                         .is_some_and(|n| n.starts_with("libnvrtc-builtins.so"))
                 })
                 .min();
-            for path in builtins.into_iter().chain([paths.lib.join("libnvrtc.so.13")]) {
+            for path in builtins
+                .into_iter()
+                .chain([paths.lib.join("libnvrtc.so.13")])
+            {
                 // SAFETY: loading NVIDIA's NVRTC shared libraries, whose initialisers have no
                 // preconditions; the handles live for the whole process in this static.
                 let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| {
@@ -360,7 +369,10 @@ pub fn compile(
         // Write to a temporary name and rename, so a reader never sees half a file.
         if std::fs::create_dir_all(d).is_ok() {
             let tmp = d.join(format!("{key}.{}.tmp", std::process::id()));
-            for (ext, bytes) in [("log", compiled.log.as_bytes()), ("cubin", &compiled.cubin[..])] {
+            for (ext, bytes) in [
+                ("log", compiled.log.as_bytes()),
+                ("cubin", &compiled.cubin[..]),
+            ] {
                 if std::fs::write(&tmp, bytes).is_ok() {
                     let _ = std::fs::rename(&tmp, d.join(format!("{key}.{ext}")));
                 }
@@ -401,7 +413,9 @@ fn compile_uncached(
         if r == sys::nvrtcResult::NVRTC_SUCCESS {
             Ok(())
         } else {
-            Err(CompileError::Setup(format!("{what} failed for `{name}`: {r:?}")))
+            Err(CompileError::Setup(format!(
+                "{what} failed for `{name}`: {r:?}"
+            )))
         }
     };
     let mut prog: sys::nvrtcProgram = std::ptr::null_mut();
@@ -446,7 +460,10 @@ fn compile_uncached(
         unsafe {
             check(sys::nvrtcGetCUBINSize(prog, &mut n), "nvrtcGetCUBINSize")?;
             let mut cubin = vec![0u8; n];
-            check(sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut c_char), "nvrtcGetCUBIN")?;
+            check(
+                sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut c_char),
+                "nvrtcGetCUBIN",
+            )?;
             check(sys::nvrtcGetPTXSize(prog, &mut ptx_n), "nvrtcGetPTXSize")?;
             let mut ptx = vec![0 as c_char; ptx_n.max(1)];
             check(sys::nvrtcGetPTX(prog, ptx.as_mut_ptr()), "nvrtcGetPTX")?;

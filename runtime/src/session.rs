@@ -68,7 +68,10 @@ impl Session {
             .last()
             .and_then(|d| d.as_const())
             .ok_or_else(|| {
-                IrError::new(ErrorKind::Interp, format!("logits {logits} have no constant vocabulary axis"))
+                IrError::new(
+                    ErrorKind::Interp,
+                    format!("logits {logits} have no constant vocabulary axis"),
+                )
             })?;
         Ok(Session {
             exe,
@@ -100,7 +103,10 @@ impl Session {
     /// `max_tokens`) and returns the logits of the last one.
     pub fn feed(&mut self, tokens: &[i32]) -> Result<Vec<f32>> {
         if tokens.is_empty() {
-            return Err(IrError::new(ErrorKind::Interp, "no tokens to run: the prompt is empty"));
+            return Err(IrError::new(
+                ErrorKind::Interp,
+                "no tokens to run: the prompt is empty",
+            ));
         }
         if self.len + tokens.len() > self.context {
             return Err(IrError::new(
@@ -151,7 +157,10 @@ impl Session {
         tok.map(|t| t as i32).ok_or_else(|| {
             IrError::new(
                 ErrorKind::Interp,
-                format!("no token can be chosen at position {}: the logits are NaN", self.len),
+                format!(
+                    "no token can be chosen at position {}: the logits are NaN",
+                    self.len
+                ),
             )
         })
     }

@@ -12,20 +12,39 @@ use tilefuse_runtime::nvrtc::{compile, CompileOptions};
 
 fn compile_graph(g: Graph, max_t: usize) {
     let name = format!("{}_t{max_t}", g.name);
-    let plan = Plan::new(run_pipeline(g).unwrap_or_else(|e| panic!("{e}")), PlanOptions { max_t }).unwrap_or_else(|e| panic!("{e}"));
+    let plan = Plan::new(
+        run_pipeline(g).unwrap_or_else(|e| panic!("{e}")),
+        PlanOptions { max_t },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let module = lower(&plan).unwrap_or_else(|e| panic!("{e}"));
-    let c = compile(&name, &module.source, tilefuse_codegen::cuda::HEADERS, &CompileOptions::default())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let c = compile(
+        &name,
+        &module.source,
+        tilefuse_codegen::cuda::HEADERS,
+        &CompileOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     for k in &plan.kernels {
         let r = c
             .resources
             .iter()
             .find(|r| r.name == k.name)
             .unwrap_or_else(|| panic!("no ptxas report for {}", k.name));
-        println!("{name} {:<48} regs {:>3} spills {}/{} stack {}", k.name, r.registers, r.spill_stores, r.spill_loads, r.stack_frame);
-        let heavy = ["matvec", "attention", "moe_", "rope_append"].iter().any(|s| k.name.contains(s));
+        println!(
+            "{name} {:<48} regs {:>3} spills {}/{} stack {}",
+            k.name, r.registers, r.spill_stores, r.spill_loads, r.stack_frame
+        );
+        let heavy = ["matvec", "attention", "moe_", "rope_append"]
+            .iter()
+            .any(|s| k.name.contains(s));
         if heavy {
-            assert_eq!(r.spill_stores + r.spill_loads, 0, "{} spills: {r:?}", k.name);
+            assert_eq!(
+                r.spill_stores + r.spill_loads,
+                0,
+                "{} spills: {r:?}",
+                k.name
+            );
         }
     }
 }

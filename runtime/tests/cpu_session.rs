@@ -19,9 +19,17 @@ fn full_logits(preset: &str, tokens: &[i32]) -> Vec<f32> {
     let (mut e, p) = exe(preset);
     let t = tokens.len();
     let mut inputs = BTreeMap::new();
-    inputs.insert("ids".to_string(), Tensor::i32(&[t], tokens.to_vec()).unwrap());
-    inputs.insert("pos".to_string(), Tensor::i32(&[t], (0..t as i32).collect()).unwrap());
-    let out = e.run(&Bindings::new().with("S", 0).with("T", t), inputs).unwrap();
+    inputs.insert(
+        "ids".to_string(),
+        Tensor::i32(&[t], tokens.to_vec()).unwrap(),
+    );
+    inputs.insert(
+        "pos".to_string(),
+        Tensor::i32(&[t], (0..t as i32).collect()).unwrap(),
+    );
+    let out = e
+        .run(&Bindings::new().with("S", 0).with("T", t), inputs)
+        .unwrap();
     let v = p.arch.vocab_size();
     out["logits"].to_f32()[(t - 1) * v..].to_vec()
 }
@@ -48,7 +56,10 @@ fn cached_decoding_matches_full_recompute() {
         }
         let full = full_logits(preset, &tokens);
         let err = rel_l2(&last, &full);
-        assert!(err < 2e-2, "{preset}: rel L2 {err} between cached and full logits");
+        assert!(
+            err < 2e-2,
+            "{preset}: rel L2 {err} between cached and full logits"
+        );
     }
 }
 
@@ -56,16 +67,25 @@ fn cached_decoding_matches_full_recompute() {
 fn greedy_generation_is_deterministic_and_stops_at_the_context_limit() {
     let (e, p) = exe("mimo-v2-tiny");
     let mut s = Session::new(e, p.options.context, p.options.max_tokens).unwrap();
-    let a = s.generate(&[1, 2, 3], 10, Sampling::Greedy, |_| true).unwrap();
+    let a = s
+        .generate(&[1, 2, 3], 10, Sampling::Greedy, |_| true)
+        .unwrap();
     let (e, _) = exe("mimo-v2-tiny");
     let mut s = Session::new(e, p.options.context, p.options.max_tokens).unwrap();
-    let b = s.generate(&[1, 2, 3], 10, Sampling::Greedy, |_| true).unwrap();
+    let b = s
+        .generate(&[1, 2, 3], 10, Sampling::Greedy, |_| true)
+        .unwrap();
     assert_eq!(a, b);
     assert_eq!(a.len(), 10);
     let (e, _) = exe("mimo-v2-tiny");
     let mut s = Session::new(e, 8, 4).unwrap();
-    let err = s.generate(&[1, 2, 3], 10, Sampling::Greedy, |_| true).unwrap_err();
-    assert!(err.to_string().contains("past the context limit of 8"), "{err}");
+    let err = s
+        .generate(&[1, 2, 3], 10, Sampling::Greedy, |_| true)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("past the context limit of 8"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -73,8 +93,16 @@ fn sampling_is_reproducible_with_a_seed() {
     let run = |seed| {
         let (e, p) = exe("qwen3-moe-tiny");
         let mut s = Session::new(e, p.options.context, p.options.max_tokens).unwrap();
-        s.generate(&[5, 6], 12, Sampling::Temperature { temperature: 1.0, seed }, |_| true)
-            .unwrap()
+        s.generate(
+            &[5, 6],
+            12,
+            Sampling::Temperature {
+                temperature: 1.0,
+                seed,
+            },
+            |_| true,
+        )
+        .unwrap()
     };
     assert_eq!(run(1), run(1));
     assert_ne!(run(1), run(2));

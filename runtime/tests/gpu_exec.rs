@@ -14,8 +14,16 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     if got.iter().chain(want).any(|x| x.is_nan()) || got.len() != want.len() {
         return f64::INFINITY;
     }
-    let num: f64 = got.iter().zip(want).map(|(a, b)| f64::from(a - b).powi(2)).sum();
-    let den: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum::<f64>().max(1e-30);
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| f64::from(a - b).powi(2))
+        .sum();
+    let den: f64 = want
+        .iter()
+        .map(|b| f64::from(*b).powi(2))
+        .sum::<f64>()
+        .max(1e-30);
     (num / den).sqrt()
 }
 
@@ -30,7 +38,13 @@ fn tolerance(d: DType) -> f64 {
 /// Runs `g` on the GPU in `mode` at each `(S, T)` step with fresh inputs and
 /// compares every output with the interpreter. The arena starts poisoned
 /// (NaN bytes), so an unwritten output fails the comparison.
-fn check(gpu: Gpu, g: &Graph, steps: &[(usize, usize)], mode: LaunchMode, buckets: &[usize]) -> Gpu {
+fn check(
+    gpu: Gpu,
+    g: &Graph,
+    steps: &[(usize, usize)],
+    mode: LaunchMode,
+    buckets: &[usize],
+) -> Gpu {
     check_with(gpu, g, steps, mode, buckets, None)
 }
 
@@ -50,10 +64,15 @@ fn check_with(
         None => random_inputs(g, &b0, 99)
             .unwrap()
             .into_iter()
-            .filter(|(n, _)| g.find_input(n).is_some_and(|id| g.node(id).op == tilefuse_ir::Op::Input(tilefuse_ir::InputKind::Weight)))
+            .filter(|(n, _)| {
+                g.find_input(n).is_some_and(|id| {
+                    g.node(id).op == tilefuse_ir::Op::Input(tilefuse_ir::InputKind::Weight)
+                })
+            })
             .collect(),
     };
-    let mut exe = GpuExecutable::new(gpu, g, &weights, buckets, mode).unwrap_or_else(|e| panic!("{e}"));
+    let mut exe =
+        GpuExecutable::new(gpu, g, &weights, buckets, mode).unwrap_or_else(|e| panic!("{e}"));
     let mut caches = Caches::for_graph(g, &Bindings::new()).unwrap();
     for (i, &(s, t)) in steps.iter().enumerate() {
         let b = Bindings::new().with("S", s).with("T", t);
@@ -61,7 +80,10 @@ fn check_with(
         inputs.retain(|n, _| !weights.contains_key(n));
         // Positions continue the cache (the fused attention kernels rely on it).
         if inputs.contains_key("pos") {
-            inputs.insert("pos".into(), Tensor::i32(&[t], (s as i32..(s + t) as i32).collect()).unwrap());
+            inputs.insert(
+                "pos".into(),
+                Tensor::i32(&[t], (s as i32..(s + t) as i32).collect()).unwrap(),
+            );
         }
         let got = exe.run(&b, &inputs).unwrap_or_else(|e| panic!("{e}"));
         let mut all = weights.clone();
@@ -70,7 +92,11 @@ fn check_with(
         for (name, w) in &want {
             let err = rel_l2(&got[name].to_f32(), &w.to_f32());
             println!("{} {mode:?} S={s} T={t} {name}: rel L2 {err:.2e}", g.name);
-            let tol = if model_weights.is_some() { 3e-2 } else { tolerance(w.dtype) };
+            let tol = if model_weights.is_some() {
+                3e-2
+            } else {
+                tolerance(w.dtype)
+            };
             if err > tol {
                 // Which rows (tokens) are off: a first clue for a bad tile or bucket.
                 let (gv, wv) = (got[name].to_f32(), w.to_f32());
@@ -80,7 +106,11 @@ fn check_with(
                     println!("  row {r}: rel L2 {e:.2e}");
                 }
             }
-            assert!(err <= tol, "{} {mode:?} S={s} T={t} output {name}: rel L2 {err}", g.name);
+            assert!(
+                err <= tol,
+                "{} {mode:?} S={s} T={t} output {name}: rel L2 {err}",
+                g.name
+            );
         }
     }
     exe.into_gpu()
@@ -109,7 +139,11 @@ fn elementwise_kernels_match_the_interpreter_in_every_mode() {
         return;
     };
     let g = elementwise_graph();
-    for mode in [LaunchMode::Stream, LaunchMode::Graph, LaunchMode::Persistent] {
+    for mode in [
+        LaunchMode::Stream,
+        LaunchMode::Graph,
+        LaunchMode::Persistent,
+    ] {
         gpu = check(gpu, &g, &[(0, 1), (0, 7), (0, 3), (0, 16)], mode, &[1, 16]);
     }
 }
@@ -122,8 +156,18 @@ fn norm_linear_matches_the_interpreter() {
     };
     for dt in [DType::BF16, DType::MXFP4, DType::NVFP4, DType::F8E4M3] {
         let g = tilefuse_model::canonical::norm_linear(dt).unwrap();
-        for mode in [LaunchMode::Stream, LaunchMode::Graph, LaunchMode::Persistent] {
-            gpu = check(gpu, &g, &[(0, 1), (0, 5), (0, 8), (0, 16), (0, 40)], mode, &[1, 8, 16, 64]);
+        for mode in [
+            LaunchMode::Stream,
+            LaunchMode::Graph,
+            LaunchMode::Persistent,
+        ] {
+            gpu = check(
+                gpu,
+                &g,
+                &[(0, 1), (0, 5), (0, 8), (0, 16), (0, 40)],
+                mode,
+                &[1, 8, 16, 64],
+            );
         }
     }
 }
@@ -136,8 +180,22 @@ fn attention_block_matches_the_interpreter_across_the_ring() {
     };
     let g = tilefuse_model::canonical::attention_block().unwrap();
     // Prefill 5, decode, a block of 16, decodes past the ring's 31 slots, a block of 8.
-    let steps = [(0, 5), (5, 1), (6, 16), (22, 1), (23, 1), (24, 8), (32, 1), (33, 16), (49, 1)];
-    for mode in [LaunchMode::Stream, LaunchMode::Graph, LaunchMode::Persistent] {
+    let steps = [
+        (0, 5),
+        (5, 1),
+        (6, 16),
+        (22, 1),
+        (23, 1),
+        (24, 8),
+        (32, 1),
+        (33, 16),
+        (49, 1),
+    ];
+    for mode in [
+        LaunchMode::Stream,
+        LaunchMode::Graph,
+        LaunchMode::Persistent,
+    ] {
         gpu = check(gpu, &g, &steps, mode, &[1, 8, 16]);
     }
 }
@@ -150,8 +208,18 @@ fn moe_block_matches_the_interpreter() {
     };
     for dt in [DType::BF16, DType::MXFP4, DType::NVFP4] {
         let g = tilefuse_model::canonical::moe_block(dt).unwrap();
-        for mode in [LaunchMode::Stream, LaunchMode::Graph, LaunchMode::Persistent] {
-            gpu = check(gpu, &g, &[(0, 1), (0, 3), (0, 8), (0, 16)], mode, &[1, 8, 16]);
+        for mode in [
+            LaunchMode::Stream,
+            LaunchMode::Graph,
+            LaunchMode::Persistent,
+        ] {
+            gpu = check(
+                gpu,
+                &g,
+                &[(0, 1), (0, 3), (0, 8), (0, 16)],
+                mode,
+                &[1, 8, 16],
+            );
         }
     }
 }
@@ -173,23 +241,46 @@ fn tiny_models_match_the_interpreter_end_to_end() {
             .topo_order()
             .unwrap()
             .into_iter()
-            .filter(|&n| matches!(g.node(n).op, tilefuse_ir::Op::Moe(tilefuse_ir::Moe::RouterSelect { .. })))
+            .filter(|&n| {
+                matches!(
+                    g.node(n).op,
+                    tilefuse_ir::Op::Moe(tilefuse_ir::Moe::RouterSelect { .. })
+                )
+            })
             .collect();
         for (i, &r) in routers.iter().enumerate() {
             g.set_output(&format!("route{i}"), r).unwrap();
         }
         let w = tilefuse_model::presets::random_weights(&g, 5).unwrap();
-        let steps = [(0usize, 12usize), (12, 1), (13, 1), (14, 8), (22, 1), (23, 16), (39, 1)];
-        for mode in [LaunchMode::Stream, LaunchMode::Graph, LaunchMode::Persistent] {
-            let mut exe = GpuExecutable::new(gpu.take().unwrap(), &g, &w, &[1, 8, 16], mode).unwrap_or_else(|e| panic!("{e}"));
+        let steps = [
+            (0usize, 12usize),
+            (12, 1),
+            (13, 1),
+            (14, 8),
+            (22, 1),
+            (23, 16),
+            (39, 1),
+        ];
+        for mode in [
+            LaunchMode::Stream,
+            LaunchMode::Graph,
+            LaunchMode::Persistent,
+        ] {
+            let mut exe = GpuExecutable::new(gpu.take().unwrap(), &g, &w, &[1, 8, 16], mode)
+                .unwrap_or_else(|e| panic!("{e}"));
             let mut caches = Caches::for_graph(&g, &Bindings::new()).unwrap();
             let (mut compared, mut diverged) = (0, 0);
             for (i, &(s, t)) in steps.iter().enumerate() {
                 let b = Bindings::new().with("S", s).with("T", t);
                 let mut inputs = BTreeMap::new();
-                let ids: Vec<i32> = (0..t).map(|k| ((s + k) * 37 + 11 + i) as i32 % 256).collect();
+                let ids: Vec<i32> = (0..t)
+                    .map(|k| ((s + k) * 37 + 11 + i) as i32 % 256)
+                    .collect();
                 inputs.insert("ids".to_string(), Tensor::i32(&[t], ids).unwrap());
-                inputs.insert("pos".to_string(), Tensor::i32(&[t], (s as i32..(s + t) as i32).collect()).unwrap());
+                inputs.insert(
+                    "pos".to_string(),
+                    Tensor::i32(&[t], (s as i32..(s + t) as i32).collect()).unwrap(),
+                );
                 let got = exe.run(&b, &inputs).unwrap_or_else(|e| panic!("{e}"));
                 let mut all = w.clone();
                 all.extend(inputs);
@@ -205,7 +296,10 @@ fn tiny_models_match_the_interpreter_end_to_end() {
                         &got["logits"].to_f32()[row * v..(row + 1) * v],
                         &want["logits"].to_f32()[row * v..(row + 1) * v],
                     );
-                    println!("{name} {mode:?} S={s} T={t} row {row}: logits rel L2 {err:.2e}{}", if same_route { "" } else { " (routing differs)" });
+                    println!(
+                        "{name} {mode:?} S={s} T={t} row {row}: logits rel L2 {err:.2e}{}",
+                        if same_route { "" } else { " (routing differs)" }
+                    );
                     if same_route {
                         compared += 1;
                         assert!(err <= 3e-2, "{name} {mode:?} S={s} T={t} row {row}: logits rel L2 {err} with identical routing");
@@ -215,7 +309,10 @@ fn tiny_models_match_the_interpreter_end_to_end() {
                 }
             }
             println!("{name} {mode:?}: {compared} positions compared, {diverged} with a flipped expert choice (not compared)");
-            assert!(compared >= 3 * diverged.max(1), "{name}: too few positions route identically ({compared} vs {diverged})");
+            assert!(
+                compared >= 3 * diverged.max(1),
+                "{name}: too few positions route identically ({compared} vs {diverged})"
+            );
             gpu = Some(exe.into_gpu());
         }
     }
@@ -229,8 +326,22 @@ fn full_attention_block_matches_the_interpreter_with_split_keys() {
     };
     let g = tilefuse_model::canonical::full_attention_block().unwrap();
     // Steps whose keys span one split, then several, in each bucket.
-    let steps = [(0, 12), (12, 1), (13, 1), (14, 8), (22, 16), (38, 1), (39, 5), (44, 16), (60, 1)];
-    for mode in [LaunchMode::Stream, LaunchMode::Graph, LaunchMode::Persistent] {
+    let steps = [
+        (0, 12),
+        (12, 1),
+        (13, 1),
+        (14, 8),
+        (22, 16),
+        (38, 1),
+        (39, 5),
+        (44, 16),
+        (60, 1),
+    ];
+    for mode in [
+        LaunchMode::Stream,
+        LaunchMode::Graph,
+        LaunchMode::Persistent,
+    ] {
         gpu = check(gpu, &g, &steps, mode, &[1, 8, 16]);
     }
 }

@@ -5,10 +5,19 @@ use tilefuse_runtime::nvrtc::{self, CompileError, CompileOptions};
 #[test]
 fn compiles_prelude_kernel_and_reports_resources() {
     let src = "#include \"prelude.cuh\"\nextern \"C\" __global__ void __launch_bounds__(128) add_one(float* x, int n) {\n  int i = blockIdx.x * blockDim.x + threadIdx.x;\n  if (i < n) x[i] += 1.0f;\n}\n";
-    let c = nvrtc::compile("add_one", src, tilefuse_codegen::cuda::HEADERS, &CompileOptions::default())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let c = nvrtc::compile(
+        "add_one",
+        src,
+        tilefuse_codegen::cuda::HEADERS,
+        &CompileOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     assert!(!c.cubin.is_empty());
-    let r = c.resources.iter().find(|r| r.name == "add_one").expect("ptxas report for add_one");
+    let r = c
+        .resources
+        .iter()
+        .find(|r| r.name == "add_one")
+        .expect("ptxas report for add_one");
     assert!(r.registers > 0 && r.registers < 64, "{r:?}");
     assert_eq!(r.spill_stores, 0);
 }
@@ -17,7 +26,9 @@ fn compiles_prelude_kernel_and_reports_resources() {
 fn source_errors_carry_log_options_and_numbered_source() {
     let src = "extern \"C\" __global__ void broken(float* x) {\n  x[0] = undefined_name;\n}\n";
     let e = nvrtc::compile("broken", src, &[], &CompileOptions::default()).unwrap_err();
-    let CompileError::Source { .. } = &e else { panic!("{e}") };
+    let CompileError::Source { .. } = &e else {
+        panic!("{e}")
+    };
     let msg = e.to_string();
     assert!(msg.contains("NVRTC failed to compile `broken`"), "{msg}");
     assert!(msg.contains("undefined_name"), "{msg}");

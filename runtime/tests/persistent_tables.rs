@@ -21,7 +21,10 @@ fn tables_cover_every_tile_in_order() {
             for s in 0..sms {
                 let list = &t.tasks[t.sm_offsets[s] as usize..t.sm_offsets[s + 1] as usize];
                 let kernels: Vec<i32> = list.iter().map(|x| x >> TASK_TILE_BITS).collect();
-                assert!(kernels.windows(2).all(|w| w[0] <= w[1]), "SM {s} list out of order");
+                assert!(
+                    kernels.windows(2).all(|w| w[0] <= w[1]),
+                    "SM {s} list out of order"
+                );
                 for &x in list {
                     assert!(seen.insert(x), "task {x} twice");
                 }
@@ -30,7 +33,11 @@ fn tables_cover_every_tile_in_order() {
             assert_eq!(seen.len() as u32, total);
             for (k, kernel) in plan.kernels.iter().enumerate() {
                 let d = &t.deps[t.dep_offsets[k] as usize..t.dep_offsets[k + 1] as usize];
-                assert!(d.iter().all(|&x| (x as usize) < k), "kernel {} depends on a later kernel", kernel.name);
+                assert!(
+                    d.iter().all(|&x| (x as usize) < k),
+                    "kernel {} depends on a later kernel",
+                    kernel.name
+                );
             }
         }
     }

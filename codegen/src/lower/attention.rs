@@ -68,12 +68,18 @@ fn layer(f: &Fused, attn: NodeId) -> Result<Layer, CodegenError> {
     let (theta, rot) = rope(q_rope)?;
     let (k_theta, k_rot) = rope(k_rope)?;
     if rot != k_rot {
-        return Err(unsupported(f, attn, "queries and keys rotate different numbers of dims"));
+        return Err(unsupported(
+            f,
+            attn,
+            "queries and keys rotate different numbers of dims",
+        ));
     }
     let norm_of = |n: NodeId| -> (Option<NodeId>, NodeId) {
         let i = g.inputs(n)[0];
         match g.node(i).op {
-            Op::Nn(Nn::RmsNorm { .. }) if f.group_of(i) == f.group_of(n) => (Some(i), g.inputs(i)[0]),
+            Op::Nn(Nn::RmsNorm { .. }) if f.group_of(i) == f.group_of(n) => {
+                (Some(i), g.inputs(i)[0])
+            }
             _ => (None, i),
         }
     };
@@ -87,7 +93,11 @@ fn layer(f: &Fused, attn: NodeId) -> Result<Layer, CodegenError> {
     let cap = c(&g.node(cache).ty.dims()[0]);
     let act = qt.dtype;
     if act != DType::BF16 {
-        return Err(unsupported(f, attn, format!("the attention kernels take bf16 activations, found {act}")));
+        return Err(unsupported(
+            f,
+            attn,
+            format!("the attention kernels take bf16 activations, found {act}"),
+        ));
     }
     Ok(Layer {
         k_append,
@@ -138,7 +148,9 @@ fn sched(l: &Layer, max_t: usize) -> Sched {
     let qblocks = max_t.div_ceil(tq);
     if l.ring {
         let window = match l.mask {
-            Mask::Causal { window } | Mask::Block { window } => window.map_or(l.cap, |w| w as usize),
+            Mask::Causal { window } | Mask::Block { window } => {
+                window.map_or(l.cap, |w| w as usize)
+            }
         };
         let range = (window + tq - 1).min(l.cap);
         return Sched {
@@ -149,7 +161,10 @@ fn sched(l: &Layer, max_t: usize) -> Sched {
     }
     // Enough splits for two waves over the SMs at T = 1, at least 2 (the
     // combine kernel expects partials).
-    let nsplit = (2 * SMS / (qblocks * l.hkv)).clamp(2, 64).next_power_of_two().min(64);
+    let nsplit = (2 * SMS / (qblocks * l.hkv))
+        .clamp(2, 64)
+        .next_power_of_two()
+        .min(64);
     let per_split = l.cap.div_ceil(nsplit).div_ceil(16) * 16;
     Sched {
         tq,
@@ -207,7 +222,10 @@ fn eps_of(f: &Fused, n: Option<NodeId>) -> f32 {
 
 /// Elements of one row (all heads) of a `[T, heads, d]` value's storage.
 fn row_elems(f: &Fused, n: NodeId) -> usize {
-    f.graph.node(n).ty.dims()[1..].iter().filter_map(|d| d.as_const()).product()
+    f.graph.node(n).ty.dims()[1..]
+        .iter()
+        .filter_map(|d| d.as_const())
+        .product()
 }
 
 /// Rows of a value whose shape is `T` times constants.
@@ -219,11 +237,24 @@ fn rows_expr(f: &Fused, n: NodeId, last: usize) -> Result<(Expr, usize), Codegen
         match d.as_const() {
             Some(k) => c *= k,
             None if *d == Dim::sym("T") && !has_t => has_t = true,
-            None => return Err(unsupported(f, n, format!("rows of {ty} are not T times constants"))),
+            None => {
+                return Err(unsupported(
+                    f,
+                    n,
+                    format!("rows of {ty} are not T times constants"),
+                ))
+            }
         }
     }
     let per_t = c / last.max(1);
-    Ok((if has_t { Expr::var("T").bin("*", Expr::I32(per_t as i64)) } else { Expr::I32(per_t as i64) }, per_t))
+    Ok((
+        if has_t {
+            Expr::var("T").bin("*", Expr::I32(per_t as i64))
+        } else {
+            Expr::I32(per_t as i64)
+        },
+        per_t,
+    ))
 }
 
 /// Launch shape of the kernels of this family.
@@ -246,7 +277,15 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
             let l = layer(f, attn)?;
             let s = sched(&l, max_t);
             let tiles = max_t.div_ceil(s.tq) * l.hkv * s.nsplit;
-            let ws = if split { vec![(0, "partials".to_string(), 4 * max_t * l.hq * s.nsplit * (l.dv + 2))] } else { vec![] };
+            let ws = if split {
+                vec![(
+                    0,
+                    "partials".to_string(),
+                    4 * max_t * l.hq * s.nsplit * (l.dv + 2),
+                )]
+            } else {
+                vec![]
+            };
             Ok(Tiling {
                 tiles: tiles as u32,
                 threads: THREADS,
@@ -267,7 +306,14 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
             })
         }
         KernelKind::RmsNorm { node } => {
-            let d = f.graph.node(node).ty.dims().last().and_then(|d| d.as_const()).unwrap_or(1);
+            let d = f
+                .graph
+                .node(node)
+                .ty
+                .dims()
+                .last()
+                .and_then(|d| d.as_const())
+                .unwrap_or(1);
             let (_, per_t) = rows_expr(f, node, d)?;
             Ok(Tiling {
                 tiles: (per_t * max_t) as u32,
@@ -278,7 +324,14 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
             })
         }
         KernelKind::Embedding { node } => {
-            let h = f.graph.node(node).ty.dims().last().and_then(|d| d.as_const()).unwrap_or(1);
+            let h = f
+                .graph
+                .node(node)
+                .ty
+                .dims()
+                .last()
+                .and_then(|d| d.as_const())
+                .unwrap_or(1);
             Ok(Tiling {
                 tiles: max_t as u32,
                 threads: THREADS,
@@ -287,7 +340,9 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
                 shape: format!("1x{h}"),
             })
         }
-        _ => Err(CodegenError::Internal("not an attention-family kernel".into())),
+        _ => Err(CodegenError::Internal(
+            "not an attention-family kernel".into(),
+        )),
     }
 }
 
@@ -295,7 +350,10 @@ fn work_ptr(plan: &Plan, ki: usize, ty: &str) -> Result<Expr, CodegenError> {
     let b = plan
         .buffer(Value::Work(ki, 0))
         .ok_or_else(|| CodegenError::Internal(format!("kernel {ki} has no workspace")))?;
-    Ok(Expr::Reinterpret(Ty::Named(format!("{ty}*")), Box::new(Expr::var("act").bin("+", Expr::I32(b.offset as i64)))))
+    Ok(Expr::Reinterpret(
+        Ty::Named(format!("{ty}*")),
+        Box::new(Expr::var("act").bin("+", Expr::I32(b.offset as i64))),
+    ))
 }
 
 fn guard(cond: Expr) -> Stmt {
@@ -318,7 +376,9 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
                 None => Expr::var("nullptr"),
             };
             Ok(vec![
-                Stmt::Comment("tiles past this forward's tokens would write future cache slots".into()),
+                Stmt::Comment(
+                    "tiles past this forward's tokens would write future cache slots".into(),
+                ),
                 guard(Expr::var("tile").bin(">=", Expr::var("T"))),
                 Stmt::Expr(Expr::call(
                     format!(
@@ -357,7 +417,11 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
                 Some(n) => pointer(plan, g.inputs(n)[1], false)?,
                 None => Expr::var("nullptr"),
             };
-            let sinks = if l.sinks { pointer(plan, g.inputs(attn)[3], false)? } else { Expr::var("nullptr") };
+            let sinks = if l.sinks {
+                pointer(plan, g.inputs(attn)[3], false)?
+            } else {
+                Expr::var("nullptr")
+            };
             let (out, ws) = if split {
                 (Expr::var("nullptr"), work_ptr(plan, ki, "float")?)
             } else {
@@ -405,7 +469,11 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
                 .iter()
                 .position(|k| matches!(plan.group(k).kind, KernelKind::Attention { attn: a, .. } if a == attn))
                 .ok_or_else(|| CodegenError::Internal("combine without its attention kernel".into()))?;
-            let sinks = if l.sinks { pointer(plan, g.inputs(attn)[3], false)? } else { Expr::var("nullptr") };
+            let sinks = if l.sinks {
+                pointer(plan, g.inputs(attn)[3], false)?
+            } else {
+                Expr::var("nullptr")
+            };
             Ok(vec![
                 Stmt::Expr(Expr::var(format!("using C = {}", config(&l, &s)))),
                 guard(Expr::var("tile").bin(">=", Expr::var("T").bin("*", Expr::I32(l.hq as i64)))),
@@ -463,11 +531,20 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
         KernelKind::Embedding { node } => {
             let ins = g.inputs(node);
             let table = &g.node(ins[0]).ty;
-            let (vocab, h) = (table.dims()[0].as_const().unwrap_or(0), table.dims()[1].as_const().unwrap_or(0));
+            let (vocab, h) = (
+                table.dims()[0].as_const().unwrap_or(0),
+                table.dims()[1].as_const().unwrap_or(0),
+            );
             let t = match table.dtype {
                 DType::BF16 => "tf::bf16",
                 DType::F32 => "float",
-                other => return Err(unsupported(f, node, format!("embedding tables of {other} (convert at load)"))),
+                other => {
+                    return Err(unsupported(
+                        f,
+                        node,
+                        format!("embedding tables of {other} (convert at load)"),
+                    ))
+                }
             };
             if g.node(ins[1]).ty.rank() != 1 {
                 return Err(unsupported(f, node, "token ids must be [T]"));
@@ -490,6 +567,8 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
                 )),
             ])
         }
-        _ => Err(CodegenError::Internal("not an attention-family kernel".into())),
+        _ => Err(CodegenError::Internal(
+            "not an attention-family kernel".into(),
+        )),
     }
 }

@@ -16,7 +16,11 @@ pub const THREADS: u32 = 256;
 pub const PER_THREAD: u32 = 4;
 
 /// The element count as a C++ expression of `T`, and its value at `max_t`.
-fn numel(plan_g: &tilefuse_ir::Graph, n: NodeId, max_t: usize) -> Result<(Expr, usize), CodegenError> {
+fn numel(
+    plan_g: &tilefuse_ir::Graph,
+    n: NodeId,
+    max_t: usize,
+) -> Result<(Expr, usize), CodegenError> {
     let mut c = 1usize;
     let mut t_pow = 0;
     for d in plan_g.node(n).ty.dims() {
@@ -26,7 +30,9 @@ fn numel(plan_g: &tilefuse_ir::Graph, n: NodeId, max_t: usize) -> Result<(Expr, 
             None => {
                 return Err(CodegenError::Unsupported {
                     node: plan_g.describe(n),
-                    reason: format!("element-wise kernels need dims that are constants or T, found {d}"),
+                    reason: format!(
+                        "element-wise kernels need dims that are constants or T, found {d}"
+                    ),
                 })
             }
         }
@@ -45,8 +51,15 @@ fn numel(plan_g: &tilefuse_ir::Graph, n: NodeId, max_t: usize) -> Result<(Expr, 
 }
 
 /// Launch shape.
-pub fn tiling(g: &tilefuse_ir::Graph, group: &Group, opt: &PlanOptions) -> Result<Tiling, CodegenError> {
-    let last = *group.epilogue.last().ok_or_else(|| CodegenError::Internal("empty element-wise kernel".into()))?;
+pub fn tiling(
+    g: &tilefuse_ir::Graph,
+    group: &Group,
+    opt: &PlanOptions,
+) -> Result<Tiling, CodegenError> {
+    let last = *group
+        .epilogue
+        .last()
+        .ok_or_else(|| CodegenError::Internal("empty element-wise kernel".into()))?;
     let (_, n) = numel(g, last, opt.max_t)?;
     Ok(Tiling {
         tiles: (n as u32).div_ceil(THREADS * PER_THREAD).max(1),
@@ -60,7 +73,10 @@ pub fn tiling(g: &tilefuse_ir::Graph, group: &Group, opt: &PlanOptions) -> Resul
 /// The tile body.
 pub fn body(plan: &Plan, group: &Group, temps: &mut Temps) -> Result<Vec<Stmt>, CodegenError> {
     let g = &plan.fused.graph;
-    let last = *group.epilogue.last().ok_or_else(|| CodegenError::Internal("empty element-wise kernel".into()))?;
+    let last = *group
+        .epilogue
+        .last()
+        .ok_or_else(|| CodegenError::Internal("empty element-wise kernel".into()))?;
     let (numel_e, _) = numel(g, last, plan.options.max_t)?;
     let mut inner = Vec::new();
     let mut vars: Vec<(NodeId, String)> = Vec::new();
@@ -78,17 +94,37 @@ pub fn body(plan: &Plan, group: &Group, temps: &mut Temps) -> Result<Vec<Stmt>, 
             } else {
                 let one = g.node(i).ty.dims().iter().all(|d| d.as_const() == Some(1));
                 let idx = if one { Expr::I32(0) } else { Expr::var("i") };
-                args.push(Expr::call("tf::to_float", vec![pointer(plan, i, false)?.index(idx)]));
+                args.push(Expr::call(
+                    "tf::to_float",
+                    vec![pointer(plan, i, false)?.index(idx)],
+                ));
             }
         }
         let x = ew_expr(&node.op, &args).map_err(unsupported)?;
         let v = temps.fresh();
-        inner.push(Stmt::Comment(format!("\"{}\" {}", node.name, node.op.mnemonic())));
-        inner.push(Stmt::Let(Ty::F32, v.clone(), round(node.ty.dtype, x).map_err(|m| CodegenError::Unsupported { node: g.describe(e), reason: m })?));
+        inner.push(Stmt::Comment(format!(
+            "\"{}\" {}",
+            node.name,
+            node.op.mnemonic()
+        )));
+        inner.push(Stmt::Let(
+            Ty::F32,
+            v.clone(),
+            round(node.ty.dtype, x).map_err(|m| CodegenError::Unsupported {
+                node: g.describe(e),
+                reason: m,
+            })?,
+        ));
         vars.push((e, v));
     }
-    let (_, lv) = vars.last().cloned().ok_or_else(|| CodegenError::Internal("empty element-wise kernel".into()))?;
-    let st = ctype(g.node(last).ty.dtype).map_err(|m| CodegenError::Unsupported { node: g.describe(last), reason: m })?;
+    let (_, lv) = vars
+        .last()
+        .cloned()
+        .ok_or_else(|| CodegenError::Internal("empty element-wise kernel".into()))?;
+    let st = ctype(g.node(last).ty.dtype).map_err(|m| CodegenError::Unsupported {
+        node: g.describe(last),
+        reason: m,
+    })?;
     inner.push(Stmt::Assign(
         pointer(plan, last, true)?.index(Expr::var("i")),
         Expr::call(format!("tf::from_float<{st}>"), vec![Expr::var(lv)]),

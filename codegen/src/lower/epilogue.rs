@@ -21,7 +21,14 @@ fn describe(plan: &Plan, n: NodeId) -> String {
 
 /// Statements computing and storing the epilogue of `group` for the element
 /// at flat index `index` of the anchor's output, whose f32 value is `acc`.
-pub fn epilogue(plan: &Plan, group: &Group, anchor: NodeId, acc: Expr, index: Expr, temps: &mut Temps) -> Result<Vec<Stmt>, CodegenError> {
+pub fn epilogue(
+    plan: &Plan,
+    group: &Group,
+    anchor: NodeId,
+    acc: Expr,
+    index: Expr,
+    temps: &mut Temps,
+) -> Result<Vec<Stmt>, CodegenError> {
     let g = &plan.fused.graph;
     let unsupported = |n: NodeId, reason: String| CodegenError::Unsupported {
         node: g.describe(n),
@@ -31,7 +38,11 @@ pub fn epilogue(plan: &Plan, group: &Group, anchor: NodeId, acc: Expr, index: Ex
     let v = temps.fresh();
     out.push(Stmt::Comment(describe(plan, anchor)));
     let anchor_ty = g.node(anchor).ty.dtype;
-    out.push(Stmt::Let(Ty::F32, v.clone(), round(anchor_ty, acc).map_err(|m| unsupported(anchor, m))?));
+    out.push(Stmt::Let(
+        Ty::F32,
+        v.clone(),
+        round(anchor_ty, acc).map_err(|m| unsupported(anchor, m))?,
+    ));
     let mut cur_node = anchor;
     let mut cur = Expr::var(&v);
     for &e in &group.epilogue {
@@ -42,14 +53,25 @@ pub fn epilogue(plan: &Plan, group: &Group, anchor: NodeId, acc: Expr, index: Ex
                 args.push(cur.clone());
             } else {
                 let numel_one = g.node(i).ty.dims().iter().all(|d| d.as_const() == Some(1));
-                let idx = if numel_one { Expr::I32(0) } else { index.clone() };
-                args.push(Expr::call("tf::to_float", vec![pointer(plan, i, false)?.index(idx)]));
+                let idx = if numel_one {
+                    Expr::I32(0)
+                } else {
+                    index.clone()
+                };
+                args.push(Expr::call(
+                    "tf::to_float",
+                    vec![pointer(plan, i, false)?.index(idx)],
+                ));
             }
         }
         let x = ew_expr(&node.op, &args).map_err(|m| unsupported(e, m))?;
         let name = temps.fresh();
         out.push(Stmt::Comment(describe(plan, e)));
-        out.push(Stmt::Let(Ty::F32, name.clone(), round(node.ty.dtype, x).map_err(|m| unsupported(e, m))?));
+        out.push(Stmt::Let(
+            Ty::F32,
+            name.clone(),
+            round(node.ty.dtype, x).map_err(|m| unsupported(e, m))?,
+        ));
         cur = Expr::var(&name);
         cur_node = e;
     }

@@ -39,7 +39,16 @@ pub fn rows_for(n: usize) -> usize {
 /// `matvec_smem_bytes` of `matvec.cuh`, for the launch; the generated source
 /// `static_assert`s that the header agrees.
 #[allow(clippy::too_many_arguments)]
-pub fn smem_bytes(max_t: usize, rows: usize, threads: usize, k: usize, norm: bool, act_bytes: usize, epv: usize, mma: bool) -> usize {
+pub fn smem_bytes(
+    max_t: usize,
+    rows: usize,
+    threads: usize,
+    k: usize,
+    norm: bool,
+    act_bytes: usize,
+    epv: usize,
+    mma: bool,
+) -> usize {
     let warps = threads / 32;
     let (g, ncolp, kb) = if mma {
         (16, 8 * max_t.div_ceil(8), 4 * epv)
@@ -90,21 +99,33 @@ fn shape(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Shape, CodegenEr
     };
     let xt = &g.node(x).ty;
     if xt.rank() != 2 || xt.dims()[0] != tilefuse_ir::Dim::sym("T") {
-        return Err(unsupported(format!("matvec kernels take activations [T, K], found {xt}")));
+        return Err(unsupported(format!(
+            "matvec kernels take activations [T, K], found {xt}"
+        )));
     }
     let wt = &g.node(w).ty;
-    let n = wt.dims()[0].as_const().ok_or_else(|| unsupported(format!("weight rows must be constant, found {wt}")))?;
-    let k = wt.dims()[1].as_const().ok_or_else(|| unsupported(format!("weight columns must be constant, found {wt}")))?;
+    let n = wt.dims()[0]
+        .as_const()
+        .ok_or_else(|| unsupported(format!("weight rows must be constant, found {wt}")))?;
+    let k = wt.dims()[1]
+        .as_const()
+        .ok_or_else(|| unsupported(format!("weight columns must be constant, found {wt}")))?;
     let act = xt.dtype;
     if !matches!(act, DType::BF16 | DType::F32) {
-        return Err(unsupported(format!("matvec activations must be bf16 or f32, found {act}")));
+        return Err(unsupported(format!(
+            "matvec activations must be bf16 or f32, found {act}"
+        )));
     }
-    let (epv, w_mma, _) = format(wt.dtype).ok_or_else(|| unsupported(format!("no matvec for {} weights", wt.dtype)))?;
+    let (epv, w_mma, _) = format(wt.dtype)
+        .ok_or_else(|| unsupported(format!("no matvec for {} weights", wt.dtype)))?;
     // Tensor cores need K a multiple of their k-block (4 vectors); the CUDA-core
     // path takes any multiple of one vector.
     let mma = w_mma && act == DType::BF16 && k % (4 * epv) == 0;
     if k % 8 != 0 || k % epv != 0 {
-        return Err(unsupported(format!("K = {k} is not a multiple of the {} vector ({epv} elements)", wt.dtype)));
+        return Err(unsupported(format!(
+            "K = {k} is not a multiple of the {} vector ({epv} elements)",
+            wt.dtype
+        )));
     }
     Ok(Shape {
         matmul,
@@ -129,7 +150,16 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
     Ok(Tiling {
         tiles: s.n.div_ceil(s.rows) as u32,
         threads: THREADS,
-        smem: smem_bytes(s.max_t, s.rows, THREADS as usize, s.k, s.norm.is_some(), act_bytes, s.epv, s.mma) as u32,
+        smem: smem_bytes(
+            s.max_t,
+            s.rows,
+            THREADS as usize,
+            s.k,
+            s.norm.is_some(),
+            act_bytes,
+            s.epv,
+            s.mma,
+        ) as u32,
         workspaces: vec![],
         shape: format!("{}x{}", s.rows, s.k),
     })
@@ -145,12 +175,20 @@ pub fn weight_view(plan: &Plan, w: NodeId) -> Result<Expr, CodegenError> {
         node: g.describe(w),
         reason: format!("no weight view for {}", slot.dtype),
     })?;
-    let at = |off: usize, t: &str| Expr::Reinterpret(Ty::Named(format!("const {t}*")), Box::new(Expr::var("wts").bin("+", Expr::I32(off as i64))));
+    let at = |off: usize, t: &str| {
+        Expr::Reinterpret(
+            Ty::Named(format!("const {t}*")),
+            Box::new(Expr::var("wts").bin("+", Expr::I32(off as i64))),
+        )
+    };
     let args = match slot.dtype {
         DType::BF16 => vec![at(slot.offset, "tf::bf16")],
         DType::F32 => vec![at(slot.offset, "float")],
         DType::F8E4M3 => vec![at(slot.offset, "uint8_t")],
-        DType::MXFP4 => vec![at(slot.offset, "uint8_t"), at(slot.scales_offset.unwrap_or(0), "uint8_t")],
+        DType::MXFP4 => vec![
+            at(slot.offset, "uint8_t"),
+            at(slot.scales_offset.unwrap_or(0), "uint8_t"),
+        ],
         DType::NVFP4 => vec![
             at(slot.offset, "uint8_t"),
             at(slot.scales_offset.unwrap_or(0), "uint8_t"),
@@ -166,8 +204,13 @@ pub fn body(plan: &Plan, group: &Group, temps: &mut Temps) -> Result<Vec<Stmt>, 
     let f = &plan.fused;
     let g = &f.graph;
     let s = shape(f, group, &plan.options)?;
-    let act = if s.act == DType::BF16 { "tf::bf16" } else { "float" };
-    let (_, _, wty) = format(s.wdt).ok_or_else(|| CodegenError::Internal("weight format".into()))?;
+    let act = if s.act == DType::BF16 {
+        "tf::bf16"
+    } else {
+        "float"
+    };
+    let (_, _, wty) =
+        format(s.wdt).ok_or_else(|| CodegenError::Internal("weight format".into()))?;
     let cfg = format!(
         "tf::MvCfg<{}, {}, {}, {}, {}, {}>",
         s.max_t,
@@ -175,14 +218,29 @@ pub fn body(plan: &Plan, group: &Group, temps: &mut Temps) -> Result<Vec<Stmt>, 
         THREADS,
         s.k,
         if s.norm.is_some() { "true" } else { "false" },
-        if s.mma { "tf::MvPath::Mma" } else { "tf::MvPath::Simt" }
+        if s.mma {
+            "tf::MvPath::Mma"
+        } else {
+            "tf::MvPath::Simt"
+        }
     );
     let act_bytes = if s.act == DType::BF16 { 2 } else { 4 };
-    let smem = smem_bytes(s.max_t, s.rows, THREADS as usize, s.k, s.norm.is_some(), act_bytes, s.epv, s.mma);
+    let smem = smem_bytes(
+        s.max_t,
+        s.rows,
+        THREADS as usize,
+        s.k,
+        s.norm.is_some(),
+        act_bytes,
+        s.epv,
+        s.mma,
+    );
     let (gamma, eps) = match s.norm {
         Some(nm) => {
             let Op::Nn(tilefuse_ir::Nn::RmsNorm { eps }) = g.node(nm).op else {
-                return Err(CodegenError::Internal("norm prologue is not an rms_norm".into()));
+                return Err(CodegenError::Internal(
+                    "norm prologue is not an rms_norm".into(),
+                ));
             };
             (pointer(plan, g.inputs(nm)[1], false)?, Expr::F32(eps))
         }
@@ -196,7 +254,10 @@ pub fn body(plan: &Plan, group: &Group, temps: &mut Temps) -> Result<Vec<Stmt>, 
         Expr::var(format!("(size_t)t * {} + n", s.n)),
         temps,
     )?;
-    epi_body.insert(0, Stmt::Comment(format!("epilogue of \"{}\"", g.node(s.matmul).name)));
+    epi_body.insert(
+        0,
+        Stmt::Comment(format!("epilogue of \"{}\"", g.node(s.matmul).name)),
+    );
     let _ = s.w;
     Ok(vec![
         Stmt::Expr(Expr::var(format!("using C = {cfg}"))),

@@ -79,9 +79,21 @@ fn persistent(plan: &Plan, threads: u32) -> Function {
     }
     let body = vec![
         Stmt::Expr(Expr::var("extern __shared__ __align__(16) char smem[]")),
-        Stmt::Let(Ty::I32, "T".into(), Expr::var("reinterpret_cast<const int*>(act)[0]")),
-        Stmt::Let(Ty::I32, "S".into(), Expr::var("reinterpret_cast<const int*>(act)[1]")),
-        Stmt::Let(Ty::Named("uint32_t".into()), "epoch".into(), Expr::var("reinterpret_cast<const uint32_t*>(act)[2]")),
+        Stmt::Let(
+            Ty::I32,
+            "T".into(),
+            Expr::var("reinterpret_cast<const int*>(act)[0]"),
+        ),
+        Stmt::Let(
+            Ty::I32,
+            "S".into(),
+            Expr::var("reinterpret_cast<const int*>(act)[1]"),
+        ),
+        Stmt::Let(
+            Ty::Named("uint32_t".into()),
+            "epoch".into(),
+            Expr::var("reinterpret_cast<const uint32_t*>(act)[2]"),
+        ),
         Stmt::For(
             "i".into(),
             Expr::var("sm_offsets[blockIdx.x]"),
@@ -89,8 +101,16 @@ fn persistent(plan: &Plan, threads: u32) -> Function {
             Expr::I32(1),
             vec![
                 Stmt::Let(Ty::I32, "task".into(), Expr::var("tasks[i]")),
-                Stmt::Let(Ty::I32, "k".into(), Expr::var(format!("task >> {TASK_TILE_BITS}"))),
-                Stmt::Let(Ty::I32, "tile".into(), Expr::var(format!("task & {}", (1u32 << TASK_TILE_BITS) - 1))),
+                Stmt::Let(
+                    Ty::I32,
+                    "k".into(),
+                    Expr::var(format!("task >> {TASK_TILE_BITS}")),
+                ),
+                Stmt::Let(
+                    Ty::I32,
+                    "tile".into(),
+                    Expr::var(format!("task & {}", (1u32 << TASK_TILE_BITS) - 1)),
+                ),
                 Stmt::Expr(Expr::call(
                     "tf::wait_deps",
                     vec![
@@ -101,8 +121,13 @@ fn persistent(plan: &Plan, threads: u32) -> Function {
                         Expr::var("epoch"),
                     ],
                 )),
-                Stmt::Expr(Expr::var(format!("switch (k) {{ {cases}default: break; }}"))),
-                Stmt::Expr(Expr::call("tf::signal_done", vec![Expr::var("counters"), Expr::var("k")])),
+                Stmt::Expr(Expr::var(format!(
+                    "switch (k) {{ {cases}default: break; }}"
+                ))),
+                Stmt::Expr(Expr::call(
+                    "tf::signal_done",
+                    vec![Expr::var("counters"), Expr::var("k")],
+                )),
             ],
         ),
     ];
@@ -112,8 +137,14 @@ fn persistent(plan: &Plan, threads: u32) -> Function {
     params.push(int_ptr("sm_offsets"));
     params.push(int_ptr("deps"));
     params.push(int_ptr("dep_offsets"));
-    params.push((Ty::Named("const uint32_t* __restrict__".into()), "tiles".into()));
-    params.push((Ty::Named("uint32_t* __restrict__".into()), "counters".into()));
+    params.push((
+        Ty::Named("const uint32_t* __restrict__".into()),
+        "tiles".into(),
+    ));
+    params.push((
+        Ty::Named("uint32_t* __restrict__".into()),
+        "counters".into(),
+    ));
     Function {
         qualifiers: "extern \"C\" __global__".into(),
         launch_bounds: Some(threads),
@@ -147,7 +178,9 @@ pub fn weight_dtype_name(f: &Fused, group: &Group) -> DType {
     let g = &f.graph;
     let weight = match group.kind {
         KernelKind::MatVec { matmul, .. } => Some(g.inputs(matmul)[1]),
-        KernelKind::ExpertsUp { experts } | KernelKind::ExpertsDown { experts } => Some(g.inputs(experts)[3]),
+        KernelKind::ExpertsUp { experts } | KernelKind::ExpertsDown { experts } => {
+            Some(g.inputs(experts)[3])
+        }
         _ => None,
     };
     match weight {
@@ -176,7 +209,13 @@ fn header(plan: &Plan, k: &Kernel) -> String {
     );
     for n in &group.nodes {
         let node = g.node(*n);
-        s.push_str(&format!("//   %{} \"{}\" {} : {}", num[n], node.name, node.op.mnemonic(), node.ty));
+        s.push_str(&format!(
+            "//   %{} \"{}\" {} : {}",
+            num[n],
+            node.name,
+            node.op.mnemonic(),
+            node.ty
+        ));
         if let Some(l) = &node.loc {
             s.push_str(&format!(" @ {l}"));
         }
@@ -230,9 +269,19 @@ fn lower_kernel(plan: &Plan, ki: usize, k: &Kernel) -> Result<LoweredKernel, Cod
         name: k.name.clone(),
         params: params(),
         body: vec![
-            Stmt::Expr(crate::emit::Expr::var("extern __shared__ __align__(16) char smem[]")),
-            Stmt::Let(Ty::I32, "T".into(), crate::emit::Expr::var("reinterpret_cast<const int*>(act)[0]")),
-            Stmt::Let(Ty::I32, "S".into(), crate::emit::Expr::var("reinterpret_cast<const int*>(act)[1]")),
+            Stmt::Expr(crate::emit::Expr::var(
+                "extern __shared__ __align__(16) char smem[]",
+            )),
+            Stmt::Let(
+                Ty::I32,
+                "T".into(),
+                crate::emit::Expr::var("reinterpret_cast<const int*>(act)[0]"),
+            ),
+            Stmt::Let(
+                Ty::I32,
+                "S".into(),
+                crate::emit::Expr::var("reinterpret_cast<const int*>(act)[1]"),
+            ),
             Stmt::Expr(crate::emit::Expr::call(
                 format!("{}_tile", k.name),
                 ["(int)blockIdx.x", "act", "wts", "kv", "T", "S", "smem"]
@@ -271,10 +320,18 @@ pub fn lower(plan: &Plan) -> Result<Module, CodegenError> {
     let threads: Vec<u32> = plan.kernels.iter().map(|k| k.tiling.threads).collect();
     let uniform = threads.windows(2).all(|w| w[0] == w[1]);
     let persistent_threads = threads.first().copied().unwrap_or(1);
-    let persistent_smem = plan.kernels.iter().map(|k| k.tiling.smem).max().unwrap_or(0);
-    let persistent = (uniform && !plan.kernels.is_empty()).then(|| persistent(plan, persistent_threads));
+    let persistent_smem = plan
+        .kernels
+        .iter()
+        .map(|k| k.tiling.smem)
+        .max()
+        .unwrap_or(0);
+    let persistent =
+        (uniform && !plan.kernels.is_empty()).then(|| persistent(plan, persistent_threads));
     if let Some(p) = &persistent {
-        source.push_str("\n// The persistent dispatcher: every tile of every kernel above, one CTA per SM.\n");
+        source.push_str(
+            "\n// The persistent dispatcher: every tile of every kernel above, one CTA per SM.\n",
+        );
         source.push_str(&p.to_string());
     }
     Ok(Module {

@@ -47,7 +47,11 @@ fn experts(f: &Fused, n: NodeId) -> Result<Experts, CodegenError> {
         return Err(unsupported(f, n, "gate_up and down in different dtypes"));
     }
     if g.node(ins[0]).ty.dtype != DType::BF16 {
-        return Err(unsupported(f, n, "the expert kernels take bf16 activations"));
+        return Err(unsupported(
+            f,
+            n,
+            "the expert kernels take bf16 activations",
+        ));
     }
     Ok(Experts {
         x: ins[0],
@@ -77,7 +81,11 @@ fn epv(d: DType) -> (usize, bool, &'static str) {
 /// `mv_detail::Plan` reduction buffer of `matvec.cuh`).
 fn pass_floats(nrows: usize, maxcol: usize, mma: bool) -> (usize, usize) {
     let warps = THREADS as usize / 32;
-    let (g, ncolp) = if mma { (16, 8 * maxcol.div_ceil(8)) } else { ((nrows / warps).max(2), maxcol.min(8)) };
+    let (g, ncolp) = if mma {
+        (16, 8 * maxcol.div_ceil(8))
+    } else {
+        ((nrows / warps).max(2), maxcol.min(8))
+    };
     let kw = warps / (nrows / g).max(1);
     (kw, ncolp)
 }
@@ -90,7 +98,10 @@ fn up_rows(x: &Experts) -> usize {
 }
 
 fn down_rows(x: &Experts) -> usize {
-    [128usize, 64, 32, 16].into_iter().find(|r| x.h.div_ceil(*r) >= SMS).unwrap_or(16)
+    [128usize, 64, 32, 16]
+        .into_iter()
+        .find(|r| x.h.div_ceil(*r) >= SMS)
+        .unwrap_or(16)
 }
 
 /// Tensor cores when the reduction length is a multiple of their k-block.
@@ -100,26 +111,68 @@ fn mma(x: &Experts, k: usize) -> bool {
 }
 
 fn moe_cfg(x: &Experts, max_t: usize, rows: usize, mma: bool) -> String {
-    let path = if mma { "tf::MvPath::Mma" } else { "tf::MvPath::Simt" };
-    format!("tf::MoeCfg<{max_t}, {}, {rows}, {THREADS}, {}, {}, {path}>", x.topk, x.h, x.i)
+    let path = if mma {
+        "tf::MvPath::Mma"
+    } else {
+        "tf::MvPath::Simt"
+    };
+    format!(
+        "tf::MoeCfg<{max_t}, {}, {rows}, {THREADS}, {}, {}, {path}>",
+        x.topk, x.h, x.i
+    )
 }
 
-fn router_parts(f: &Fused, select: NodeId, weights: NodeId) -> Result<(usize, usize, usize, usize, bool, bool, f32, f32, bool), CodegenError> {
+fn router_parts(
+    f: &Fused,
+    select: NodeId,
+    weights: NodeId,
+) -> Result<(usize, usize, usize, usize, bool, bool, f32, f32, bool), CodegenError> {
     let g = &f.graph;
-    let Op::Moe(Moe::RouterSelect { score, top_k, n_group, topk_group, bias }) = g.node(select).op else {
+    let Op::Moe(Moe::RouterSelect {
+        score,
+        top_k,
+        n_group,
+        topk_group,
+        bias,
+    }) = g.node(select).op
+    else {
         return Err(CodegenError::Internal("not a router".into()));
     };
-    let Op::Moe(Moe::RouterWeights { score: s2, norm, norm_eps, scale }) = g.node(weights).op else {
+    let Op::Moe(Moe::RouterWeights {
+        score: s2,
+        norm,
+        norm_eps,
+        scale,
+    }) = g.node(weights).op
+    else {
         return Err(CodegenError::Internal("not router weights".into()));
     };
     if score != s2 {
-        return Err(unsupported(f, weights, "choice and weights use different score functions"));
+        return Err(unsupported(
+            f,
+            weights,
+            "choice and weights use different score functions",
+        ));
     }
     let e = c(&g.node(g.inputs(select)[0]).ty.dims()[1]);
     if e > 512 {
-        return Err(unsupported(f, select, format!("the router kernel takes at most 512 experts, found {e}")));
+        return Err(unsupported(
+            f,
+            select,
+            format!("the router kernel takes at most 512 experts, found {e}"),
+        ));
     }
-    Ok((e, top_k, n_group, topk_group, score == ScoreFn::Softmax, norm, norm_eps, scale, bias))
+    Ok((
+        e,
+        top_k,
+        n_group,
+        topk_group,
+        score == ScoreFn::Softmax,
+        norm,
+        norm_eps,
+        scale,
+        bias,
+    ))
 }
 
 /// Launch shape.
@@ -127,8 +180,15 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
     let max_t = opt.max_t;
     if max_t > 64 {
         return Err(CodegenError::Unsupported {
-            node: group.nodes.iter().next().map(|&n| f.graph.describe(n)).unwrap_or_default(),
-            reason: format!("MoE kernels serve at most 64 tokens per forward, the bucket has {max_t}"),
+            node: group
+                .nodes
+                .iter()
+                .next()
+                .map(|&n| f.graph.describe(n))
+                .unwrap_or_default(),
+            reason: format!(
+                "MoE kernels serve at most 64 tokens per forward, the bucket has {max_t}"
+            ),
         });
     }
     match group.kind {
@@ -168,9 +228,20 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
             })
         }
         KernelKind::Argmax { node } | KernelKind::Sample { node } => {
-            let rows: usize = f.graph.node(node).ty.dims().iter().map(|d| d.as_const().unwrap_or(max_t)).product();
+            let rows: usize = f
+                .graph
+                .node(node)
+                .ty
+                .dims()
+                .iter()
+                .map(|d| d.as_const().unwrap_or(max_t))
+                .product();
             let w = THREADS / 32;
-            let smem = if matches!(group.kind, KernelKind::Argmax { .. }) { 8 * w } else { 4 * (3 * w + 4) };
+            let smem = if matches!(group.kind, KernelKind::Argmax { .. }) {
+                8 * w
+            } else {
+                4 * (3 * w + 4)
+            };
             Ok(Tiling {
                 tiles: rows.max(1) as u32,
                 threads: THREADS,
@@ -187,7 +258,10 @@ fn work(plan: &Plan, ki: usize, ty: &str) -> Result<Expr, CodegenError> {
     let b = plan
         .buffer(Value::Work(ki, 0))
         .ok_or_else(|| CodegenError::Internal(format!("kernel {ki} has no workspace")))?;
-    Ok(Expr::Reinterpret(Ty::Named(format!("{ty}*")), Box::new(Expr::var("act").bin("+", Expr::I32(b.offset as i64)))))
+    Ok(Expr::Reinterpret(
+        Ty::Named(format!("{ty}*")),
+        Box::new(Expr::var("act").bin("+", Expr::I32(b.offset as i64))),
+    ))
 }
 
 fn kernel_of(plan: &Plan, pred: impl Fn(&KernelKind) -> bool) -> Result<usize, CodegenError> {
@@ -210,14 +284,24 @@ fn guard(cond: Expr) -> Stmt {
 }
 
 /// The tile body of kernel `ki`.
-pub fn body(plan: &Plan, group: &Group, ki: usize, temps: &mut Temps) -> Result<Vec<Stmt>, CodegenError> {
+pub fn body(
+    plan: &Plan,
+    group: &Group,
+    ki: usize,
+    temps: &mut Temps,
+) -> Result<Vec<Stmt>, CodegenError> {
     let f = &plan.fused;
     let g = &f.graph;
     let max_t = plan.options.max_t;
     match group.kind {
         KernelKind::Router { select, weights } => {
-            let (e, topk, ng, tg, softmax, norm, eps, scale, bias) = router_parts(f, select, weights)?;
-            let bias_ptr = if bias { pointer(plan, g.inputs(select)[1], false)? } else { Expr::var("nullptr") };
+            let (e, topk, ng, tg, softmax, norm, eps, scale, bias) =
+                router_parts(f, select, weights)?;
+            let bias_ptr = if bias {
+                pointer(plan, g.inputs(select)[1], false)?
+            } else {
+                Expr::var("nullptr")
+            };
             Ok(vec![
                 Stmt::Expr(Expr::var(format!(
                     "using C = tf::RouterCfg<{max_t}, {e}, {topk}, {ng}, {tg}, {softmax}, {norm}, {THREADS}>"
@@ -244,11 +328,21 @@ pub fn body(plan: &Plan, group: &Group, ki: usize, temps: &mut Temps) -> Result<
             let x = experts(f, n)?;
             let rows = up_rows(&x);
             let (_, _, wty) = epv(x.wdt);
-            let router = kernel_of(plan, |k| matches!(k, KernelKind::Router { select, .. } if *select == x.idx))?;
+            let router = kernel_of(
+                plan,
+                |k| matches!(k, KernelKind::Router { select, .. } if *select == x.idx),
+            )?;
             Ok(vec![
-                Stmt::Expr(Expr::var(format!("using C = {}", moe_cfg(&x, max_t, rows, mma(&x, x.h))))),
+                Stmt::Expr(Expr::var(format!(
+                    "using C = {}",
+                    moe_cfg(&x, max_t, rows, mma(&x, x.h))
+                ))),
                 smem_assert(&format!("tf::experts_up_smem_bytes<C, {wty}>()"), plan, ki),
-                Stmt::Let(Ty::Named(wty.into()), "gate_up".into(), weight_view(plan, x.w13)?),
+                Stmt::Let(
+                    Ty::Named(wty.into()),
+                    "gate_up".into(),
+                    weight_view(plan, x.w13)?,
+                ),
                 Stmt::Expr(Expr::call(
                     format!("tf::experts_up_tile<C, {wty}>"),
                     vec![
@@ -267,15 +361,50 @@ pub fn body(plan: &Plan, group: &Group, ki: usize, temps: &mut Temps) -> Result<
             let x = experts(f, n)?;
             let rows = down_rows(&x);
             let (_, _, wty) = epv(x.wdt);
-            let router = kernel_of(plan, |k| matches!(k, KernelKind::Router { select, .. } if *select == x.idx))?;
-            let up = kernel_of(plan, |k| matches!(k, KernelKind::ExpertsUp { experts } if *experts == n))?;
-            let mut epi = epilogue(plan, group, n, Expr::var("acc"), Expr::var(format!("(size_t)t * {} + n", x.h)), temps)?;
-            epi.insert(0, Stmt::Comment(format!("epilogue of \"{}\"", g.node(n).name)));
+            let router = kernel_of(
+                plan,
+                |k| matches!(k, KernelKind::Router { select, .. } if *select == x.idx),
+            )?;
+            let up = kernel_of(
+                plan,
+                |k| matches!(k, KernelKind::ExpertsUp { experts } if *experts == n),
+            )?;
+            let mut epi = epilogue(
+                plan,
+                group,
+                n,
+                Expr::var("acc"),
+                Expr::var(format!("(size_t)t * {} + n", x.h)),
+                temps,
+            )?;
+            epi.insert(
+                0,
+                Stmt::Comment(format!("epilogue of \"{}\"", g.node(n).name)),
+            );
             Ok(vec![
-                Stmt::Expr(Expr::var(format!("using C = {}", moe_cfg(&x, max_t, rows, mma(&x, x.i))))),
-                smem_assert(&format!("tf::experts_down_smem_bytes<C, {wty}>()"), plan, ki),
-                Stmt::Let(Ty::Named(wty.into()), "down".into(), weight_view(plan, x.w2)?),
-                Stmt::Lambda("epi".into(), vec![(Ty::I32, "t".into()), (Ty::I32, "n".into()), (Ty::F32, "acc".into())], epi),
+                Stmt::Expr(Expr::var(format!(
+                    "using C = {}",
+                    moe_cfg(&x, max_t, rows, mma(&x, x.i))
+                ))),
+                smem_assert(
+                    &format!("tf::experts_down_smem_bytes<C, {wty}>()"),
+                    plan,
+                    ki,
+                ),
+                Stmt::Let(
+                    Ty::Named(wty.into()),
+                    "down".into(),
+                    weight_view(plan, x.w2)?,
+                ),
+                Stmt::Lambda(
+                    "epi".into(),
+                    vec![
+                        (Ty::I32, "t".into()),
+                        (Ty::I32, "n".into()),
+                        (Ty::F32, "acc".into()),
+                    ],
+                    epi,
+                ),
                 Stmt::Expr(Expr::call(
                     format!("tf::experts_down_tile<C, {wty}>"),
                     vec![
@@ -295,9 +424,24 @@ pub fn body(plan: &Plan, group: &Group, ki: usize, temps: &mut Temps) -> Result<
             let ins = g.inputs(node);
             let lt = &g.node(ins[0]).ty;
             let v = lt.dims().last().map(c).unwrap_or(0);
-            let rows: usize = g.node(node).ty.dims().iter().map(|d| d.as_const().unwrap_or(1)).product();
-            let has_t = g.node(node).ty.dims().iter().any(|d| d.as_const().is_none());
-            let rows_e = if has_t { Expr::var("T").bin("*", Expr::I32(rows as i64)) } else { Expr::I32(rows as i64) };
+            let rows: usize = g
+                .node(node)
+                .ty
+                .dims()
+                .iter()
+                .map(|d| d.as_const().unwrap_or(1))
+                .product();
+            let has_t = g
+                .node(node)
+                .ty
+                .dims()
+                .iter()
+                .any(|d| d.as_const().is_none());
+            let rows_e = if has_t {
+                Expr::var("T").bin("*", Expr::I32(rows as i64))
+            } else {
+                Expr::I32(rows as i64)
+            };
             let l = match lt.dtype {
                 DType::F32 => "float",
                 DType::BF16 => "tf::bf16",
@@ -320,10 +464,19 @@ pub fn body(plan: &Plan, group: &Group, ki: usize, temps: &mut Temps) -> Result<
                 ),
                 _ => Expr::call(
                     format!("tf::argmax_tile<{THREADS}, {l}>"),
-                    vec![Expr::var("tile"), row, Expr::I32(v as i64), pointer(plan, node, true)?, Expr::var("smem")],
+                    vec![
+                        Expr::var("tile"),
+                        row,
+                        Expr::I32(v as i64),
+                        pointer(plan, node, true)?,
+                        Expr::var("smem"),
+                    ],
                 ),
             };
-            Ok(vec![guard(Expr::var("tile").bin(">=", rows_e)), Stmt::Expr(call)])
+            Ok(vec![
+                guard(Expr::var("tile").bin(">=", rows_e)),
+                Stmt::Expr(call),
+            ])
         }
         _ => Err(CodegenError::Internal("not an MoE-family kernel".into())),
     }

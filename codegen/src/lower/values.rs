@@ -31,24 +31,37 @@ pub fn pointer(plan: &Plan, n: NodeId, mutable: bool) -> Result<Expr, CodegenErr
     let (base, off) = match node.op {
         Op::Input(InputKind::Weight) => (
             "wts",
-            plan.weight(s).map(|w| w.offset).ok_or_else(|| CodegenError::Internal(format!("no weight slot for {}", f.graph.describe(s))))?,
+            plan.weight(s).map(|w| w.offset).ok_or_else(|| {
+                CodegenError::Internal(format!("no weight slot for {}", f.graph.describe(s)))
+            })?,
         ),
         Op::Input(InputKind::Cache) => (
             "kv",
-            plan.cache(s).map(|c| c.offset).ok_or_else(|| CodegenError::Internal(format!("no cache slot for {}", f.graph.describe(s))))?,
+            plan.cache(s).map(|c| c.offset).ok_or_else(|| {
+                CodegenError::Internal(format!("no cache slot for {}", f.graph.describe(s)))
+            })?,
         ),
         _ => (
             "act",
-            plan.offset_of(s).ok_or_else(|| CodegenError::Internal(format!("no arena buffer for {}", f.graph.describe(s))))?,
+            plan.offset_of(s).ok_or_else(|| {
+                CodegenError::Internal(format!("no arena buffer for {}", f.graph.describe(s)))
+            })?,
         ),
     };
-    let ptr = if mutable { Ty::Ptr(Box::new(ty)) } else { Ty::ConstPtr(Box::new(ty)) };
+    let ptr = if mutable {
+        Ty::Ptr(Box::new(ty))
+    } else {
+        Ty::ConstPtr(Box::new(ty))
+    };
     let ptr = match ptr {
         Ty::Ptr(t) => Ty::Named(format!("{t}*")),
         Ty::ConstPtr(t) => Ty::Named(format!("const {t}*")),
         t => t,
     };
-    Ok(Expr::Reinterpret(ptr, Box::new(Expr::var(base).bin("+", Expr::I32(off as i64)))))
+    Ok(Expr::Reinterpret(
+        ptr,
+        Box::new(Expr::var(base).bin("+", Expr::I32(off as i64))),
+    ))
 }
 
 /// `tf::round_to<T>(e)` for a float dtype (identity for f32).
@@ -75,16 +88,27 @@ pub fn ew_expr(op: &Op, args: &[Expr]) -> Result<Expr, String> {
             UnaryOp::Recip => one().bin("/", a()),
             UnaryOp::Square => a().bin("*", a()),
             UnaryOp::Abs => Expr::call("fabsf", vec![a()]),
-            UnaryOp::Sigmoid => one().bin("/", one().bin("+", Expr::call("expf", vec![Expr::F32(0.0).bin("-", a())]))),
+            UnaryOp::Sigmoid => one().bin(
+                "/",
+                one().bin("+", Expr::call("expf", vec![Expr::F32(0.0).bin("-", a())])),
+            ),
             UnaryOp::Silu => a().bin(
                 "*",
-                one().bin("/", one().bin("+", Expr::call("expf", vec![Expr::F32(0.0).bin("-", a())]))),
+                one().bin(
+                    "/",
+                    one().bin("+", Expr::call("expf", vec![Expr::F32(0.0).bin("-", a())])),
+                ),
             ),
         },
         Op::Ew(Elementwise::Binary(b)) => binary(*b, a(), args[1].clone()),
         Op::Ew(Elementwise::Scalar(b, c)) => binary(*b, a(), Expr::F32(*c)),
         Op::Ew(Elementwise::Cast(d)) if d.is_activation() => a(),
-        other => return Err(format!("`{}` is not an element-wise op on floats", other.mnemonic())),
+        other => {
+            return Err(format!(
+                "`{}` is not an element-wise op on floats",
+                other.mnemonic()
+            ))
+        }
     })
 }
 

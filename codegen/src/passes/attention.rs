@@ -3,7 +3,7 @@
 //! values to the caches, and one computes attention, applying the query's
 //! per-head norm and RoPE as it loads the queries.
 
-use tilefuse_ir::{Attn, NodeId, Nn, Op};
+use tilefuse_ir::{Attn, Nn, NodeId, Op};
 
 use crate::error::CodegenError;
 use crate::fusion::{Fused, Group, KernelKind};
@@ -47,11 +47,19 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
             unreachable!("checked above")
         };
         if lk != lv {
-            return Err(unsupported(f, a, "key and value caches of different lengths"));
+            return Err(unsupported(
+                f,
+                a,
+                "key and value caches of different lengths",
+            ));
         }
         for c in [keys, values] {
             if f.real_users(c) != vec![a] {
-                return Err(unsupported(f, c, "a KV-cache view read by more than one attention"));
+                return Err(unsupported(
+                    f,
+                    c,
+                    "a KV-cache view read by more than one attention",
+                ));
             }
         }
         let k_new = f.graph.inputs(keys)[1];
@@ -64,18 +72,34 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
             ));
         }
         if f.real_users(k_rope).len() != 1 || f.is_output(k_rope) {
-            return Err(unsupported(f, k_rope, "rotated keys used outside the cache append"));
+            return Err(unsupported(
+                f,
+                k_rope,
+                "rotated keys used outside the cache append",
+            ));
         }
         if !matches!(f.graph.node(q).op, Op::Nn(Nn::Rope { .. })) {
-            return Err(unsupported(f, a, "queries without RoPE; the attention kernel applies RoPE as it loads them"));
+            return Err(unsupported(
+                f,
+                a,
+                "queries without RoPE; the attention kernel applies RoPE as it loads them",
+            ));
         }
         if f.real_users(q).len() != 1 || f.is_output(q) {
-            return Err(unsupported(f, q, "rotated queries used outside the attention"));
+            return Err(unsupported(
+                f,
+                q,
+                "rotated queries used outside the attention",
+            ));
         }
         let q_pos = f.graph.inputs(q)[1];
         let k_pos = f.graph.inputs(k_rope)[1];
         if q_pos != k_pos {
-            return Err(unsupported(f, a, "queries and keys rotated with different positions"));
+            return Err(unsupported(
+                f,
+                a,
+                "queries and keys rotated with different positions",
+            ));
         }
         let k_norm = optional_norm(f, f.graph.inputs(k_rope)[0]);
         let q_norm = optional_norm(f, f.graph.inputs(q)[0]);
@@ -113,7 +137,8 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
             attn_nodes,
         ));
         if split {
-            f.groups.push(Group::new(KernelKind::AttentionCombine { attn: a }, [a]));
+            f.groups
+                .push(Group::new(KernelKind::AttentionCombine { attn: a }, [a]));
         }
     }
     Ok(())

@@ -8,7 +8,14 @@ use crate::error::CodegenError;
 use crate::fusion::{Fused, Group, KernelKind};
 
 fn numel(f: &Fused, n: NodeId) -> String {
-    let mut dims: Vec<String> = f.graph.node(n).ty.dims().iter().map(|d| d.to_string()).collect();
+    let mut dims: Vec<String> = f
+        .graph
+        .node(n)
+        .ty
+        .dims()
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
     dims.sort();
     dims.join("*")
 }
@@ -20,14 +27,19 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
             continue;
         }
         // Join the kernel of an elementwise producer whose only consumer is `n`.
-        let join = f.graph.inputs(n).into_iter().map(|i| f.storage(i)).find_map(|p| {
-            let g = f.group_of(p)?;
-            let ok = f.groups[g].kind == KernelKind::Elementwise
-                && f.real_users(p) == vec![n]
-                && !f.is_output(p)
-                && numel(f, p) == numel(f, n);
-            ok.then_some(g)
-        });
+        let join = f
+            .graph
+            .inputs(n)
+            .into_iter()
+            .map(|i| f.storage(i))
+            .find_map(|p| {
+                let g = f.group_of(p)?;
+                let ok = f.groups[g].kind == KernelKind::Elementwise
+                    && f.real_users(p) == vec![n]
+                    && !f.is_output(p)
+                    && numel(f, p) == numel(f, n);
+                ok.then_some(g)
+            });
         match join {
             Some(g) => {
                 f.groups[g].nodes.insert(n);

@@ -52,12 +52,26 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
                 break;
             }
             let ok = match &f.graph.node(u).op {
-                Op::Ew(Elementwise::Unary(_) | Elementwise::Scalar(..) | Elementwise::Cast(_)) => true,
+                Op::Ew(Elementwise::Unary(_) | Elementwise::Scalar(..) | Elementwise::Cast(_)) => {
+                    true
+                }
                 Op::Ew(Elementwise::Binary(_)) => {
                     let ins = f.graph.inputs(u);
-                    let other: Vec<NodeId> = ins.iter().copied().filter(|&i| f.storage(i) != tail).collect();
+                    let other: Vec<NodeId> = ins
+                        .iter()
+                        .copied()
+                        .filter(|&i| f.storage(i) != tail)
+                        .collect();
                     match other[..] {
-                        [o] => numel_key(f, o) == key || f.graph.node(o).ty.dims().iter().all(|d| d.as_const() == Some(1)),
+                        [o] => {
+                            numel_key(f, o) == key
+                                || f.graph
+                                    .node(o)
+                                    .ty
+                                    .dims()
+                                    .iter()
+                                    .all(|d| d.as_const() == Some(1))
+                        }
                         [] => true,
                         _ => false,
                     }

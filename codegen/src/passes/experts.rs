@@ -22,11 +22,14 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
         if !routed {
             return Err(CodegenError::Unsupported {
                 node: f.graph.describe(e),
-                reason: "experts whose indices and weights do not come from one router kernel".into(),
+                reason: "experts whose indices and weights do not come from one router kernel"
+                    .into(),
             });
         }
-        f.groups.push(Group::new(KernelKind::ExpertsUp { experts: e }, []));
-        f.groups.push(Group::new(KernelKind::ExpertsDown { experts: e }, [e]));
+        f.groups
+            .push(Group::new(KernelKind::ExpertsUp { experts: e }, []));
+        f.groups
+            .push(Group::new(KernelKind::ExpertsDown { experts: e }, [e]));
     }
     Ok(())
 }

@@ -15,13 +15,18 @@ use crate::fusion::{Fused, Group, KernelKind};
 pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
     let grouped = f.grouped();
     for n in f.graph.topo_order()? {
-        if grouped.contains(&n) || !matches!(f.graph.node(n).op, Op::Nn(Nn::RmsNorm { .. })) || f.is_output(n) {
+        if grouped.contains(&n)
+            || !matches!(f.graph.node(n).op, Op::Nn(Nn::RmsNorm { .. }))
+            || f.is_output(n)
+        {
             continue;
         }
         let users = f.graph.users(n);
         let all_matmul_x = !users.is_empty()
             && users.iter().all(|&u| {
-                matches!(f.graph.node(u).op, Op::Nn(Nn::MatMul { .. })) && f.graph.inputs(u)[0] == n && f.graph.inputs(u)[1] != n
+                matches!(f.graph.node(u).op, Op::Nn(Nn::MatMul { .. }))
+                    && f.graph.inputs(u)[0] == n
+                    && f.graph.inputs(u)[1] != n
             });
         if !all_matmul_x {
             continue;
@@ -43,7 +48,13 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
     }
     for m in f.graph.topo_order()? {
         if f.group_of(m).is_none() && matches!(f.graph.node(m).op, Op::Nn(Nn::MatMul { .. })) {
-            f.groups.push(Group::new(KernelKind::MatVec { matmul: m, norm: None }, [m]));
+            f.groups.push(Group::new(
+                KernelKind::MatVec {
+                    matmul: m,
+                    norm: None,
+                },
+                [m],
+            ));
         }
     }
     Ok(())

@@ -90,7 +90,10 @@ pub fn run_pipeline(graph: Graph) -> Result<Fused, CodegenError> {
 
 /// Like [`run_pipeline`], calling `observe(pass name, state)` after each pass
 /// (used by snapshot tests and `tilefuse compile --emit ir`).
-pub fn run_pipeline_observed(graph: Graph, mut observe: impl FnMut(&str, &Fused)) -> Result<Fused, CodegenError> {
+pub fn run_pipeline_observed(
+    graph: Graph,
+    mut observe: impl FnMut(&str, &Fused),
+) -> Result<Fused, CodegenError> {
     graph.verify()?;
     let mut fused = Fused::new(graph);
     let dump = dump_dir();
@@ -117,7 +120,10 @@ pub fn run_pipeline_observed(graph: Graph, mut observe: impl FnMut(&str, &Fused)
             });
         }
         if let Some(d) = &dump {
-            let _ = std::fs::write(d.join(format!("{:02}-{}.txt", i + 1, pass.name)), fused.to_string());
+            let _ = std::fs::write(
+                d.join(format!("{:02}-{}.txt", i + 1, pass.name)),
+                fused.to_string(),
+            );
         }
         observe(pass.name, &fused);
     }

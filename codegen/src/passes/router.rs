@@ -20,7 +20,8 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
             .users(sel)
             .into_iter()
             .filter(|&u| {
-                matches!(f.graph.node(u).op, Op::Moe(Moe::RouterWeights { .. })) && f.graph.inputs(u)[0] == logits
+                matches!(f.graph.node(u).op, Op::Moe(Moe::RouterWeights { .. }))
+                    && f.graph.inputs(u)[0] == logits
             })
             .collect();
         let [w] = weights[..] else {
@@ -32,7 +33,13 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
                 ),
             });
         };
-        f.groups.push(Group::new(KernelKind::Router { select: sel, weights: w }, [sel, w]));
+        f.groups.push(Group::new(
+            KernelKind::Router {
+                select: sel,
+                weights: w,
+            },
+            [sel, w],
+        ));
     }
     Ok(())
 }
