@@ -2,6 +2,8 @@
 //! it: `init`, `generate --model`, `quantize`, and bad inputs, each of which
 //! must exit non-zero with one clear `error:` line and nothing on stdout.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::process::{Command, Output};
 

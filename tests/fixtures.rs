@@ -11,6 +11,8 @@
 //! must match with a relative L2 error below 1e-4, and greedy decoding must
 //! choose the same tokens.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -2,6 +2,8 @@
 //! printed, parsed back and interpreted on random inputs. The printed forms
 //! (source places stripped, as they move with every edit) are snapshots.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 
 use rand::{Rng, SeedableRng};

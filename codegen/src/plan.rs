@@ -302,9 +302,10 @@ impl Plan {
                 deps: BTreeSet::new(),
             });
         }
-        // True dependencies.
+        // True dependencies (indexing: each kernel reads the others' writes).
         let mut writer: BTreeMap<Value, usize> = BTreeMap::new();
         let mut cache_writer: BTreeMap<NodeId, usize> = BTreeMap::new();
+        #[allow(clippy::needless_range_loop)]
         for ki in 0..kernels.len() {
             let mut deps = BTreeSet::new();
             for v in &kernels[ki].reads {

@@ -3,6 +3,8 @@
 //! pipeline either partitions every node or names the node it cannot place,
 //! and lowering is deterministic.
 
+#![allow(clippy::unwrap_used)]
+
 use proptest::prelude::*;
 use tilefuse_codegen::passes::run_pipeline_observed;
 use tilefuse_codegen::CodegenError;

@@ -2,6 +2,8 @@
 //! kernel partition after each named pass (and the graph again whenever a
 //! pass rewrote it). Paired with `pipeline.rs`, which checks the partitions.
 
+#![allow(clippy::unwrap_used)]
+
 use tilefuse_codegen::passes::run_pipeline_observed;
 use tilefuse_ir::{DType, Graph};
 use tilefuse_model::canonical;

@@ -1,6 +1,8 @@
 //! The pass pipeline on whole models: every node lands in exactly one kernel,
 //! and the kernel list is what the design says it is.
 
+#![allow(clippy::unwrap_used)]
+
 use tilefuse_codegen::passes::run_pipeline;
 use tilefuse_model::presets;
 

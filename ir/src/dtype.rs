@@ -97,7 +97,7 @@ impl DType {
             DType::F8E4M3 => Some(numel),
             DType::MXFP4 | DType::NVFP4 => {
                 let block = self.block_size()?;
-                if last_dim % block != 0 || numel % 2 != 0 {
+                if !last_dim.is_multiple_of(block) || !numel.is_multiple_of(2) {
                     return None;
                 }
                 let tensor_scale = if self == DType::NVFP4 { 4 } else { 0 };

@@ -1044,7 +1044,7 @@ fn infer_nn(n: &Nn, ins: &[&TensorType]) -> Result<TensorType, String> {
             want_rank("weight", w, 1)?;
             let last = x.shape.last().ok_or("x must have rank >= 1")?;
             want_dim("weight length (last axis of x)", &w.dims()[0], last)?;
-            if !(*eps >= 0.0) {
+            if eps.is_nan() || *eps < 0.0 {
                 return Err(format!("eps must be >= 0, found {eps}"));
             }
             Ok(x.clone())
@@ -1098,7 +1098,7 @@ fn infer_nn(n: &Nn, ins: &[&TensorType]) -> Result<TensorType, String> {
                     "rot_dims must be even and in 2..={hd} (the head dim), found {rot_dims}"
                 ));
             }
-            if !(*theta > 0.0) {
+            if theta.is_nan() || *theta <= 0.0 {
                 return Err(format!("theta must be > 0, found {theta}"));
             }
             Ok(x.clone())

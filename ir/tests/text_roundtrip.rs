@@ -1,5 +1,7 @@
 //! Printer → parser → printer is the identity, on random graphs and on every op.
 
+#![allow(clippy::unwrap_used)]
+
 use proptest::prelude::*;
 use tilefuse_ir::testing::{arb_step, build};
 use tilefuse_ir::{shape, Builder, DType, Graph, Mask, RouterConfig, ScoreFn};

@@ -1,5 +1,7 @@
 //! Bad graphs are refused with an error that names the node and what was expected.
 
+#![allow(clippy::unwrap_used)]
+
 use tilefuse_ir::{shape, Builder, DType, ErrorKind, Graph, InputKind, Mask, Op, TensorType};
 
 fn two_inputs() -> (Builder, tilefuse_ir::NodeId, tilefuse_ir::NodeId) {

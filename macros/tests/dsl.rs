@@ -1,6 +1,8 @@
 //! The DSL end to end: graphs built by `#[graph]` functions, checked for
 //! names, source places, shapes, and the errors a bad shape gives.
 
+#![allow(clippy::unwrap_used)]
+
 use tilefuse_ir::{shape, Builder, DType, Graph, Mask, NodeId, Result};
 use tilefuse_macros::graph;
 

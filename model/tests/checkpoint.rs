@@ -2,6 +2,8 @@
 //! shards, FP8 block scales, FP4 experts, tied embeddings), `init` and
 //! `quantize` round trips, and errors that name the tensor.
 
+#![allow(clippy::unwrap_used)]
+
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

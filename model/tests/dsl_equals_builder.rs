@@ -3,6 +3,8 @@
 //! nodes, order, types and names. Source places differ (the reference records
 //! none), so they are compared with places cleared, and checked on their own.
 
+#![allow(clippy::unwrap_used)]
+
 mod builder_reference;
 
 use tilefuse_ir::{DType, Graph, Result};

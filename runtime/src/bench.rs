@@ -154,6 +154,10 @@ impl Row {
     }
 }
 
+/// What [`bench_model`] returns: the rows, the per-kernel decode times
+/// (stream mode), and the GPU back.
+pub type ModelBench = (Vec<Row>, Vec<(String, f32)>, Gpu);
+
 /// Benchmarks one model's forward graph (random weights made on the GPU) for
 /// each `t` in `tokens`, context in `contexts` and mode in `modes`.
 #[allow(clippy::too_many_arguments)]
@@ -167,7 +171,7 @@ pub fn bench_model(
     bandwidth: f64,
     reps: usize,
     mut progress: impl FnMut(&str),
-) -> Result<(Vec<Row>, Vec<(String, f32)>, Gpu)> {
+) -> Result<ModelBench> {
     let mut rows = Vec::new();
     let mut kernel_times = Vec::new();
     let mut gpu = Some(gpu);

@@ -3,6 +3,8 @@
 //! sm_90a, with no register spills in the matmul and attention kernels.
 //! Runs without a GPU (NVRTC from the pip wheel or a CUDA toolkit).
 
+#![allow(clippy::unwrap_used)]
+
 use tilefuse_codegen::lower::lower;
 use tilefuse_codegen::passes::run_pipeline;
 use tilefuse_codegen::plan::{Plan, PlanOptions};

@@ -1,6 +1,8 @@
 //! The CPU backend: decoding with KV caches gives the logits of a full
 //! recompute, for both architectures, across the sliding window's ring.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 
 use tilefuse_ir::interp::Tensor;

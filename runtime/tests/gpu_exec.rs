@@ -1,6 +1,8 @@
 //! GPU executables against the interpreter, in every launch mode, on graphs
 //! of every kernel kind that has a lowering. Skips without a GPU.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 
 use tilefuse_ir::interp::{self, Caches, Tensor};

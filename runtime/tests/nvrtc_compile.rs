@@ -1,5 +1,7 @@
 //! NVRTC compiles without a GPU: a kernel over the prelude, errors with the log and numbered source.
 
+#![allow(clippy::unwrap_used)]
+
 use tilefuse_runtime::nvrtc::{self, CompileError, CompileOptions};
 
 #[test]

@@ -2,6 +2,8 @@
 //! schedule order, dependencies only on earlier kernels (the deadlock-freedom
 //! argument of `TaskTables` rests on these three facts).
 
+#![allow(clippy::unwrap_used)]
+
 use tilefuse_codegen::lower::TASK_TILE_BITS;
 use tilefuse_codegen::passes::run_pipeline;
 use tilefuse_codegen::plan::{Plan, PlanOptions};

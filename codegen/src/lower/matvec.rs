@@ -120,7 +120,7 @@ fn shape(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Shape, CodegenEr
         .ok_or_else(|| unsupported(format!("no matvec for {} weights", wt.dtype)))?;
     // Tensor cores need K a multiple of their k-block (4 vectors); the CUDA-core
     // path takes any multiple of one vector.
-    let mma = w_mma && act == DType::BF16 && k % (4 * epv) == 0;
+    let mma = w_mma && act == DType::BF16 && k.is_multiple_of(4 * epv);
     if k % 8 != 0 || k % epv != 0 {
         return Err(unsupported(format!(
             "K = {k} is not a multiple of the {} vector ({epv} elements)",
@@ -196,7 +196,7 @@ pub fn weight_view(plan: &Plan, w: NodeId) -> Result<Expr, CodegenError> {
         ],
         _ => vec![],
     };
-    Ok(Expr::call(format!("{ty}"), args).brace())
+    Ok(Expr::call(ty.to_string(), args).brace())
 }
 
 /// The tile body.

@@ -107,7 +107,7 @@ fn down_rows(x: &Experts) -> usize {
 /// Tensor cores when the reduction length is a multiple of their k-block.
 fn mma(x: &Experts, k: usize) -> bool {
     let (epv, w_mma, _) = epv(x.wdt);
-    w_mma && k % (4 * epv) == 0
+    w_mma && k.is_multiple_of(4 * epv)
 }
 
 fn moe_cfg(x: &Experts, max_t: usize, rows: usize, mma: bool) -> String {
@@ -122,11 +122,11 @@ fn moe_cfg(x: &Experts, max_t: usize, rows: usize, mma: bool) -> String {
     )
 }
 
-fn router_parts(
-    f: &Fused,
-    select: NodeId,
-    weights: NodeId,
-) -> Result<(usize, usize, usize, usize, bool, bool, f32, f32, bool), CodegenError> {
+/// The router's settings: experts, top-k, groups, kept groups, softmax,
+/// renormalise, its epsilon, the scale, a correction bias.
+type RouterParts = (usize, usize, usize, usize, bool, bool, f32, f32, bool);
+
+fn router_parts(f: &Fused, select: NodeId, weights: NodeId) -> Result<RouterParts, CodegenError> {
     let g = &f.graph;
     let Op::Moe(Moe::RouterSelect {
         score,
