@@ -178,6 +178,12 @@ __device__ __forceinline__ float uniform01(uint32_t seed, uint32_t counter) {
     return (float)(uint32_t)(z >> 40) * (1.0f / 16777216.0f);
 }
 
+// The buffer offsets of one kernel instance, passed by value to its wrapper
+// (kernels shared by several layers differ only in these).
+struct Offsets {
+    long long v[32];
+};
+
 }  // namespace tf
 
 // ---- helpers shared by the weight-streaming templates (matvec.cuh, moe.cuh) ----------

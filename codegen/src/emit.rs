@@ -64,6 +64,10 @@ pub enum Expr {
     Select(Box<Expr>, Box<Expr>, Box<Expr>),
     /// `T{args}`: a call printed with braces (aggregate initialisation).
     Brace(Box<Expr>),
+    /// A byte offset into one of the kernel's buffers. Printed as its value;
+    /// [`parameterize`] turns each into a read of the kernel's offset table,
+    /// so kernels that differ only in where their data lives share one body.
+    Offset(i64),
 }
 
 impl Expr {
@@ -119,6 +123,7 @@ impl fmt::Display for Expr {
             Expr::Index(b, i) => write!(f, "{b}[{i}]"),
             Expr::Reinterpret(t, e) => write!(f, "reinterpret_cast<{t}>({e})"),
             Expr::Select(c, a, b) => write!(f, "({c} ? {a} : {b})"),
+            Expr::Offset(v) => write!(f, "{v}"),
             Expr::Brace(call) => match call.as_ref() {
                 Expr::Call(n, args) => {
                     write!(f, "{n}{{")?;
@@ -155,6 +160,9 @@ pub enum Stmt {
     Comment(String),
     /// A lambda bound to a name: `auto name = [&](params) { body };`
     Lambda(String, Vec<(Ty, String)>, Vec<Stmt>),
+    /// A comment naming the graph nodes a statement computes; dropped from
+    /// bodies shared by several kernels (the kernel header lists the nodes).
+    NodeComment(String),
 }
 
 fn indent(f: &mut fmt::Formatter<'_>, n: usize) -> fmt::Result {
@@ -200,7 +208,7 @@ fn write_stmt(f: &mut fmt::Formatter<'_>, s: &Stmt, level: usize) -> fmt::Result
             writeln!(f, "}}")
         }
         Stmt::Return => writeln!(f, "return;"),
-        Stmt::Comment(c) => {
+        Stmt::Comment(c) | Stmt::NodeComment(c) => {
             for (i, l) in c.lines().enumerate() {
                 if i > 0 {
                     indent(f, level)?;
@@ -251,6 +259,65 @@ impl fmt::Display for Function {
         write!(f, "{}", Block(&self.body, 1))?;
         writeln!(f, "}}")
     }
+}
+
+fn param_expr(e: &mut Expr, offsets: &mut Vec<i64>, table: &str) {
+    match e {
+        Expr::Offset(v) => {
+            offsets.push(*v);
+            *e = Expr::Var(format!("{table}[{}]", offsets.len() - 1));
+        }
+        Expr::Bin(a, _, b) => {
+            param_expr(a, offsets, table);
+            param_expr(b, offsets, table);
+        }
+        Expr::Call(_, args) => args.iter_mut().for_each(|a| param_expr(a, offsets, table)),
+        Expr::Index(a, b) => {
+            param_expr(a, offsets, table);
+            param_expr(b, offsets, table);
+        }
+        Expr::Reinterpret(_, a) | Expr::Brace(a) => param_expr(a, offsets, table),
+        Expr::Select(a, b, c) => {
+            param_expr(a, offsets, table);
+            param_expr(b, offsets, table);
+            param_expr(c, offsets, table);
+        }
+        Expr::Var(_) | Expr::F32(_) | Expr::I32(_) => {}
+    }
+}
+
+/// Replaces every [`Expr::Offset`] of `body`, in order, by `table[i]` and
+/// drops [`Stmt::NodeComment`]s; returns the offsets. Two kernels whose
+/// parameterized bodies print the same can share one function.
+pub fn parameterize(body: &mut Vec<Stmt>, table: &str) -> Vec<i64> {
+    fn walk(body: &mut Vec<Stmt>, offsets: &mut Vec<i64>, table: &str) {
+        body.retain(|s| !matches!(s, Stmt::NodeComment(_)));
+        for s in body.iter_mut() {
+            match s {
+                Stmt::Let(_, _, e) | Stmt::Expr(e) => param_expr(e, offsets, table),
+                Stmt::Assign(l, e) => {
+                    param_expr(l, offsets, table);
+                    param_expr(e, offsets, table);
+                }
+                Stmt::If(c, a, b) => {
+                    param_expr(c, offsets, table);
+                    walk(a, offsets, table);
+                    walk(b, offsets, table);
+                }
+                Stmt::For(_, a, b, c, body) => {
+                    param_expr(a, offsets, table);
+                    param_expr(b, offsets, table);
+                    param_expr(c, offsets, table);
+                    walk(body, offsets, table);
+                }
+                Stmt::Lambda(_, _, body) => walk(body, offsets, table),
+                Stmt::Return | Stmt::Comment(_) | Stmt::NodeComment(_) => {}
+            }
+        }
+    }
+    let mut offsets = Vec::new();
+    walk(body, &mut offsets, table);
+    offsets
 }
 
 /// Numbers temporaries per kernel: `v0`, `v1`, ...

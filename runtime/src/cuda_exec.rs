@@ -96,7 +96,7 @@ impl TaskTables {
 struct Persistent {
     function: CudaFunction,
     tables: Buffer,
-    offsets: [usize; 5],
+    offsets: [usize; 6],
     counters: Buffer,
     epoch: u32,
     sms: u32,
@@ -114,7 +114,9 @@ fn cg_err(e: tilefuse_codegen::CodegenError) -> IrError {
 struct Program {
     plan: Plan,
     module: CudaModule,
+    /// Per plan kernel: the function that runs it and its offset table.
     functions: Vec<CudaFunction>,
+    offsets: Vec<crate::gpu::Offsets>,
     graph: Option<CudaGraph>,
     loaded: crate::gpu::Module,
     persistent: Option<Persistent>,
@@ -319,15 +321,21 @@ impl GpuExecutable {
                 )
                 .map_err(gpu_err)?;
             let functions = module
-                .kernels
+                .instances
                 .iter()
-                .map(|k| loaded.function(&k.name))
+                .map(|i| loaded.function(&module.kernels[i.function].name))
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(gpu_err)?;
+            let offsets = module
+                .instances
+                .iter()
+                .map(|i| crate::gpu::Offsets::new(&i.offsets))
+                .collect();
             programs.push(Program {
                 plan,
                 module,
                 functions,
+                offsets,
                 graph: None,
                 loaded,
                 persistent: None,
@@ -529,10 +537,11 @@ impl GpuExecutable {
                 let epoch = ps.epoch;
                 let base = ps.tables.ptr();
                 let mut pargs = args.to_vec();
-                for o in ps.offsets {
-                    pargs.push(Arg::Ptr(base + o as u64));
+                for o in &ps.offsets[..5] {
+                    pargs.push(Arg::Ptr(base + *o as u64));
                 }
                 pargs.push(Arg::Ptr(ps.counters.ptr()));
+                pargs.push(Arg::Ptr(base + ps.offsets[5] as u64));
                 let (sms, threads, smem) = (
                     ps.sms,
                     self.programs[pi].module.persistent_threads,
@@ -553,7 +562,8 @@ impl GpuExecutable {
             }
             LaunchMode::Stream => {
                 let p = &self.programs[pi];
-                for (k, f) in p.plan.kernels.iter().zip(&p.functions) {
+                for ((k, f), o) in p.plan.kernels.iter().zip(&p.functions).zip(&p.offsets) {
+                    let a = [args[0], args[1], args[2], Arg::Offsets(*o)];
                     self.gpu
                         .launch(
                             &k.name,
@@ -561,7 +571,7 @@ impl GpuExecutable {
                             k.tiling.tiles,
                             k.tiling.threads,
                             k.tiling.smem,
-                            &args,
+                            &a,
                         )
                         .map_err(gpu_err)?;
                 }
@@ -579,14 +589,15 @@ impl GpuExecutable {
                         })?;
                     let p = &self.programs[pi];
                     let mut failed = None;
-                    for (k, f) in p.plan.kernels.iter().zip(&p.functions) {
+                    for ((k, f), o) in p.plan.kernels.iter().zip(&p.functions).zip(&p.offsets) {
+                        let a = [args[0], args[1], args[2], Arg::Offsets(*o)];
                         if let Err(e) = self.gpu.launch(
                             &k.name,
                             f,
                             k.tiling.tiles,
                             k.tiling.threads,
                             k.tiling.smem,
-                            &args,
+                            &a,
                         ) {
                             failed = Some(e);
                             break;
@@ -643,13 +654,19 @@ impl GpuExecutable {
         let sms = self.gpu.sms as usize;
         let t = TaskTables::new(&p.plan, sms);
         let mut bytes = Vec::new();
-        let mut offsets = [0usize; 5];
-        let parts: [Vec<u8>; 5] = [
+        let mut offsets = [0usize; 6];
+        let offs: Vec<u8> = p
+            .offsets
+            .iter()
+            .flat_map(|o| o.0.iter().flat_map(|x| x.to_le_bytes()))
+            .collect();
+        let parts: [Vec<u8>; 6] = [
             t.tasks.iter().flat_map(|x| x.to_le_bytes()).collect(),
             t.sm_offsets.iter().flat_map(|x| x.to_le_bytes()).collect(),
             t.deps.iter().flat_map(|x| x.to_le_bytes()).collect(),
             t.dep_offsets.iter().flat_map(|x| x.to_le_bytes()).collect(),
             t.tiles.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            offs,
         ];
         for (i, part) in parts.iter().enumerate() {
             offsets[i] = bytes.len();
@@ -797,7 +814,8 @@ impl GpuExecutable {
         let p = &self.programs[pi];
         let stream = self.gpu.stream().clone();
         let mut out = Vec::new();
-        for (k, f) in p.plan.kernels.iter().zip(&p.functions) {
+        for ((k, f), o) in p.plan.kernels.iter().zip(&p.functions).zip(&p.offsets) {
+            let a = [args[0], args[1], args[2], Arg::Offsets(*o)];
             let mut times = Vec::with_capacity(reps);
             for _ in 0..reps.max(1) {
                 let e0 = stream
@@ -810,7 +828,7 @@ impl GpuExecutable {
                         k.tiling.tiles,
                         k.tiling.threads,
                         k.tiling.smem,
-                        &args,
+                        &a,
                     )
                     .map_err(gpu_err)?;
                 let e1 = stream

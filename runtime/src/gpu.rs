@@ -97,9 +97,30 @@ impl Buffer {
     }
 }
 
+/// The offset table a generated kernel takes by value (`tf::Offsets`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offsets(pub [i64; 32]);
+
+impl Offsets {
+    /// A table from the first offsets (the rest zero).
+    pub fn new(v: &[i64]) -> Offsets {
+        let mut o = [0i64; 32];
+        for (d, s) in o.iter_mut().zip(v) {
+            *d = *s;
+        }
+        Offsets(o)
+    }
+}
+
+// SAFETY: a plain array of i64, laid out as the C struct `tf::Offsets { long long v[32]; }`.
+unsafe impl cudarc::driver::DeviceRepr for Offsets {}
+
 /// A kernel argument.
 #[derive(Clone, Copy, Debug)]
 pub enum Arg {
+    /// An offset table, by value.
+    Offsets(Offsets),
     /// A device pointer.
     Ptr(u64),
     /// An `int`.
@@ -297,6 +318,7 @@ impl Gpu {
                 Arg::Ptr(p) => b.arg(p),
                 Arg::I32(v) => b.arg(v),
                 Arg::I64(v) => b.arg(v),
+                Arg::Offsets(v) => b.arg(v),
                 Arg::F32(v) => b.arg(v),
             };
         }

@@ -244,12 +244,20 @@ pub fn compile_artifacts(
         let rows: Vec<SummaryRow> = plan
             .kernels
             .iter()
-            .map(|k| SummaryRow {
-                name: k.name.clone(),
+            .zip(&module.instances)
+            .map(|(k, inst)| SummaryRow {
+                name: format!(
+                    "{} = {}",
+                    k.name.split('_').next().unwrap_or(""),
+                    module.kernels[inst.function].name
+                ),
                 tiles: k.tiling.tiles,
                 threads: k.tiling.threads,
                 smem: k.tiling.smem,
-                resources: resources.iter().find(|r| r.name == k.name).cloned(),
+                resources: resources
+                    .iter()
+                    .find(|r| r.name == module.kernels[inst.function].name)
+                    .cloned(),
                 weight_bytes: weight_bytes(&plan, k),
             })
             .collect();

@@ -27,12 +27,13 @@ fn compile_graph(g: Graph, max_t: usize) {
         &CompileOptions::default(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    for k in &plan.kernels {
+    for (k, inst) in plan.kernels.iter().zip(&module.instances) {
+        let fname = &module.kernels[inst.function].name;
         let r = c
             .resources
             .iter()
-            .find(|r| r.name == k.name)
-            .unwrap_or_else(|| panic!("no ptxas report for {}", k.name));
+            .find(|r| &r.name == fname)
+            .unwrap_or_else(|| panic!("no ptxas report for {fname}"));
         println!(
             "{name} {:<48} regs {:>3} spills {}/{} stack {}",
             k.name, r.registers, r.spill_stores, r.spill_loads, r.stack_frame

@@ -352,7 +352,7 @@ fn work_ptr(plan: &Plan, ki: usize, ty: &str) -> Result<Expr, CodegenError> {
         .ok_or_else(|| CodegenError::Internal(format!("kernel {ki} has no workspace")))?;
     Ok(Expr::Reinterpret(
         Ty::Named(format!("{ty}*")),
-        Box::new(Expr::var("act").bin("+", Expr::I32(b.offset as i64))),
+        Box::new(Expr::var("act").bin("+", Expr::Offset(b.offset as i64))),
     ))
 }
 

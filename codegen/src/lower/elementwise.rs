@@ -102,7 +102,7 @@ pub fn body(plan: &Plan, group: &Group, temps: &mut Temps) -> Result<Vec<Stmt>, 
         }
         let x = ew_expr(&node.op, &args).map_err(unsupported)?;
         let v = temps.fresh();
-        inner.push(Stmt::Comment(format!(
+        inner.push(Stmt::NodeComment(format!(
             "\"{}\" {}",
             node.name,
             node.op.mnemonic()

@@ -36,7 +36,7 @@ pub fn epilogue(
     };
     let mut out = Vec::new();
     let v = temps.fresh();
-    out.push(Stmt::Comment(describe(plan, anchor)));
+    out.push(Stmt::NodeComment(describe(plan, anchor)));
     let anchor_ty = g.node(anchor).ty.dtype;
     out.push(Stmt::Let(
         Ty::F32,
@@ -66,7 +66,7 @@ pub fn epilogue(
         }
         let x = ew_expr(&node.op, &args).map_err(|m| unsupported(e, m))?;
         let name = temps.fresh();
-        out.push(Stmt::Comment(describe(plan, e)));
+        out.push(Stmt::NodeComment(describe(plan, e)));
         out.push(Stmt::Let(
             Ty::F32,
             name.clone(),

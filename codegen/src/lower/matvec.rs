@@ -178,7 +178,7 @@ pub fn weight_view(plan: &Plan, w: NodeId) -> Result<Expr, CodegenError> {
     let at = |off: usize, t: &str| {
         Expr::Reinterpret(
             Ty::Named(format!("const {t}*")),
-            Box::new(Expr::var("wts").bin("+", Expr::I32(off as i64))),
+            Box::new(Expr::var("wts").bin("+", Expr::Offset(off as i64))),
         )
     };
     let args = match slot.dtype {
@@ -256,7 +256,7 @@ pub fn body(plan: &Plan, group: &Group, temps: &mut Temps) -> Result<Vec<Stmt>, 
     )?;
     epi_body.insert(
         0,
-        Stmt::Comment(format!("epilogue of \"{}\"", g.node(s.matmul).name)),
+        Stmt::NodeComment(format!("epilogue of \"{}\"", g.node(s.matmul).name)),
     );
     let _ = s.w;
     Ok(vec![

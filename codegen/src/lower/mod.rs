@@ -45,8 +45,10 @@ impl LoweredKernel {
 pub struct Module {
     /// The whole source.
     pub source: String,
-    /// Its kernels, in schedule order.
+    /// Its distinct kernel functions.
     pub kernels: Vec<LoweredKernel>,
+    /// Per plan kernel (schedule order): its function and offsets.
+    pub instances: Vec<Instance>,
     /// The persistent dispatcher ([`PERSISTENT`]), when every kernel uses the
     /// same number of threads (the dispatcher's CTA runs each tile).
     pub persistent: Option<Function>,
@@ -64,17 +66,26 @@ pub const TASK_TILE_BITS: u32 = 20;
 
 /// The persistent dispatcher: one CTA per SM walks its static task list
 /// (`tasks[sm_offsets[b]..sm_offsets[b+1]]`, each `kernel << 20 | tile`),
+/// reading each kernel's buffer offsets from row `kernel` of `offsets`
+/// ([`MAX_OFFSETS`] per row),
 /// waiting for each task's dependencies (`deps[dep_offsets[k]..dep_offsets[k+1]]`)
 /// on the tile counters, calling the kernel's tile function and counting the
 /// tile done. The forward's number `epoch` is read from the arena head
 /// (`act[8..12]`).
-fn persistent(plan: &Plan, threads: u32) -> Function {
+fn persistent(
+    plan: &Plan,
+    kernels: &[LoweredKernel],
+    instances: &[Instance],
+    threads: u32,
+) -> Function {
     use crate::emit::Expr;
+    let _ = plan;
     let mut cases = String::new();
-    for (i, k) in plan.kernels.iter().enumerate() {
+    for (i, inst) in instances.iter().enumerate() {
         cases.push_str(&format!(
-            "case {i}: {}_tile(tile, act, wts, kv, T, S, smem); break; ",
-            k.name
+            "case {i}: {}_tile(tile, act, wts, kv, T, S, smem, offsets + {}); break; ",
+            kernels[inst.function].name,
+            i * MAX_OFFSETS
         ));
     }
     let body = vec![
@@ -144,6 +155,10 @@ fn persistent(plan: &Plan, threads: u32) -> Function {
     params.push((
         Ty::Named("uint32_t* __restrict__".into()),
         "counters".into(),
+    ));
+    params.push((
+        Ty::Named("const long long* __restrict__".into()),
+        "offsets".into(),
     ));
     Function {
         qualifiers: "extern \"C\" __global__".into(),
@@ -232,10 +247,23 @@ fn params() -> Vec<(Ty, String)> {
     ]
 }
 
-fn lower_kernel(plan: &Plan, ki: usize, k: &Kernel) -> Result<LoweredKernel, CodegenError> {
+/// The most buffer offsets one kernel takes (`tf::Offsets` in the prelude).
+pub const MAX_OFFSETS: usize = 32;
+
+/// One plan kernel as lowered: which shared function runs it, with which offsets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instance {
+    /// Index into [`Module::kernels`].
+    pub function: usize,
+    /// Byte offsets into the arena, weights and caches, in the order the
+    /// function's body reads `off[i]`.
+    pub offsets: Vec<i64>,
+}
+
+fn kernel_body(plan: &Plan, ki: usize, k: &Kernel) -> Result<Vec<Stmt>, CodegenError> {
     let group = plan.group(k);
     let mut temps = Temps::default();
-    let body = match group.kind {
+    Ok(match group.kind {
         KernelKind::Elementwise => elementwise::body(plan, group, &mut temps)?,
         KernelKind::MatVec { .. } => matvec::body(plan, group, &mut temps)?,
         KernelKind::RopeAppend { .. }
@@ -248,62 +276,123 @@ fn lower_kernel(plan: &Plan, ki: usize, k: &Kernel) -> Result<LoweredKernel, Cod
         | KernelKind::ExpertsDown { .. }
         | KernelKind::Argmax { .. }
         | KernelKind::Sample { .. } => moe::body(plan, group, ki, &mut temps)?,
-    };
+    })
+}
+
+fn functions(name: &str, threads: u32, body: Vec<Stmt>) -> (Function, Function) {
+    use crate::emit::Expr;
     let mut tile_params = vec![(Ty::I32, "tile".to_string())];
     tile_params.extend(params());
     tile_params.push((Ty::I32, "T".into()));
     tile_params.push((Ty::I32, "S".into()));
     tile_params.push((Ty::Ptr(Box::new(Ty::Char)), "smem".into()));
+    tile_params.push((
+        Ty::Named("const long long* __restrict__".into()),
+        "off".into(),
+    ));
     let device = Function {
         qualifiers: "static __device__ __forceinline__".into(),
         launch_bounds: None,
         ret: "void".into(),
-        name: format!("{}_tile", k.name),
+        name: format!("{name}_tile"),
         params: tile_params,
         body,
     };
+    let mut wparams = params();
+    wparams.push((
+        Ty::Named("const __grid_constant__ tf::Offsets".into()),
+        "off".into(),
+    ));
     let wrapper = Function {
         qualifiers: "extern \"C\" __global__".into(),
-        launch_bounds: Some(k.tiling.threads),
+        launch_bounds: Some(threads),
         ret: "void".into(),
-        name: k.name.clone(),
-        params: params(),
+        name: name.to_string(),
+        params: wparams,
         body: vec![
-            Stmt::Expr(crate::emit::Expr::var(
-                "extern __shared__ __align__(16) char smem[]",
-            )),
+            Stmt::Expr(Expr::var("extern __shared__ __align__(16) char smem[]")),
             Stmt::Let(
                 Ty::I32,
                 "T".into(),
-                crate::emit::Expr::var("reinterpret_cast<const int*>(act)[0]"),
+                Expr::var("reinterpret_cast<const int*>(act)[0]"),
             ),
             Stmt::Let(
                 Ty::I32,
                 "S".into(),
-                crate::emit::Expr::var("reinterpret_cast<const int*>(act)[1]"),
+                Expr::var("reinterpret_cast<const int*>(act)[1]"),
             ),
-            Stmt::Expr(crate::emit::Expr::call(
-                format!("{}_tile", k.name),
-                ["(int)blockIdx.x", "act", "wts", "kv", "T", "S", "smem"]
-                    .into_iter()
-                    .map(crate::emit::Expr::var)
-                    .collect(),
+            Stmt::Expr(Expr::call(
+                format!("{name}_tile"),
+                [
+                    "(int)blockIdx.x",
+                    "act",
+                    "wts",
+                    "kv",
+                    "T",
+                    "S",
+                    "smem",
+                    "off.v",
+                ]
+                .into_iter()
+                .map(Expr::var)
+                .collect(),
             )),
         ],
     };
-    Ok(LoweredKernel {
-        name: k.name.clone(),
-        header: header(plan, k),
-        device,
-        wrapper,
-    })
+    (device, wrapper)
 }
 
-/// Lowers every kernel of the plan into one translation unit.
+/// Lowers every kernel of the plan into one translation unit. Kernels whose
+/// bodies differ only in buffer offsets (the same block in every layer) share
+/// one function, named by its shape; each plan kernel is an [`Instance`] of
+/// one function with its own offsets.
 pub fn lower(plan: &Plan) -> Result<Module, CodegenError> {
-    let mut kernels = Vec::new();
+    let mut kernels: Vec<LoweredKernel> = Vec::new();
+    let mut keys: Vec<(u32, u32, String)> = Vec::new();
+    let mut instances = Vec::new();
     for (ki, k) in plan.kernels.iter().enumerate() {
-        kernels.push(lower_kernel(plan, ki, k)?);
+        let mut body = kernel_body(plan, ki, k)?;
+        let offsets = crate::emit::parameterize(&mut body, "off");
+        if offsets.len() > MAX_OFFSETS {
+            return Err(CodegenError::Internal(format!(
+                "kernel {} reads {} buffers, more than the {MAX_OFFSETS} an offset table holds",
+                k.name,
+                offsets.len()
+            )));
+        }
+        let text = crate::emit::Block(&body, 0).to_string();
+        let key = (k.tiling.threads, k.tiling.smem, text);
+        let function = match keys.iter().position(|x| *x == key) {
+            Some(i) => {
+                kernels[i].header.push_str(&header(plan, k));
+                i
+            }
+            None => {
+                // The kernel's name without its schedule index, plus a variant number.
+                let base = k
+                    .name
+                    .split_once('_')
+                    .map(|(_, r)| r)
+                    .unwrap_or(&k.name)
+                    .to_string();
+                let same = kernels.iter().filter(|f| f.name.starts_with(&base)).count();
+                let name = if same == 0 {
+                    base
+                } else {
+                    format!("{base}_v{same}")
+                };
+                let (device, wrapper) = functions(&name, k.tiling.threads, body);
+                keys.push(key);
+                kernels.push(LoweredKernel {
+                    name,
+                    header: header(plan, k),
+                    device,
+                    wrapper,
+                });
+                kernels.len() - 1
+            }
+        };
+        instances.push(Instance { function, offsets });
     }
     let mut source = format!(
         "// Generated by tilefuse from graph \"{}\" for T <= {}. Do not edit.\n",
@@ -326,8 +415,8 @@ pub fn lower(plan: &Plan) -> Result<Module, CodegenError> {
         .map(|k| k.tiling.smem)
         .max()
         .unwrap_or(0);
-    let persistent =
-        (uniform && !plan.kernels.is_empty()).then(|| persistent(plan, persistent_threads));
+    let persistent = (uniform && !plan.kernels.is_empty())
+        .then(|| persistent(plan, &kernels, &instances, persistent_threads));
     if let Some(p) = &persistent {
         source.push_str(
             "\n// The persistent dispatcher: every tile of every kernel above, one CTA per SM.\n",
@@ -337,6 +426,7 @@ pub fn lower(plan: &Plan) -> Result<Module, CodegenError> {
     Ok(Module {
         source,
         kernels,
+        instances,
         persistent,
         persistent_threads,
         persistent_smem,

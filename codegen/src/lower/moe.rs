@@ -260,7 +260,7 @@ fn work(plan: &Plan, ki: usize, ty: &str) -> Result<Expr, CodegenError> {
         .ok_or_else(|| CodegenError::Internal(format!("kernel {ki} has no workspace")))?;
     Ok(Expr::Reinterpret(
         Ty::Named(format!("{ty}*")),
-        Box::new(Expr::var("act").bin("+", Expr::I32(b.offset as i64))),
+        Box::new(Expr::var("act").bin("+", Expr::Offset(b.offset as i64))),
     ))
 }
 
@@ -379,7 +379,7 @@ pub fn body(
             )?;
             epi.insert(
                 0,
-                Stmt::Comment(format!("epilogue of \"{}\"", g.node(n).name)),
+                Stmt::NodeComment(format!("epilogue of \"{}\"", g.node(n).name)),
             );
             Ok(vec![
                 Stmt::Expr(Expr::var(format!(

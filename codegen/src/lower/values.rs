@@ -60,7 +60,7 @@ pub fn pointer(plan: &Plan, n: NodeId, mutable: bool) -> Result<Expr, CodegenErr
     };
     Ok(Expr::Reinterpret(
         ptr,
-        Box::new(Expr::var(base).bin("+", Expr::I32(off as i64))),
+        Box::new(Expr::var(base).bin("+", Expr::Offset(off as i64))),
     ))
 }
 
