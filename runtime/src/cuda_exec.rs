@@ -96,7 +96,7 @@ impl TaskTables {
 struct Persistent {
     function: CudaFunction,
     tables: Buffer,
-    offsets: [usize; 6],
+    offsets: [usize; 7],
     counters: Buffer,
     epoch: u32,
     sms: u32,
@@ -542,6 +542,7 @@ impl GpuExecutable {
                 }
                 pargs.push(Arg::Ptr(ps.counters.ptr()));
                 pargs.push(Arg::Ptr(base + ps.offsets[5] as u64));
+                pargs.push(Arg::Ptr(base + ps.offsets[6] as u64));
                 let (sms, threads, smem) = (
                     ps.sms,
                     self.programs[pi].module.persistent_threads,
@@ -654,19 +655,26 @@ impl GpuExecutable {
         let sms = self.gpu.sms as usize;
         let t = TaskTables::new(&p.plan, sms);
         let mut bytes = Vec::new();
-        let mut offsets = [0usize; 6];
+        let mut offsets = [0usize; 7];
         let offs: Vec<u8> = p
             .offsets
             .iter()
             .flat_map(|o| o.0.iter().flat_map(|x| x.to_le_bytes()))
             .collect();
-        let parts: [Vec<u8>; 6] = [
+        let function_of: Vec<u8> = p
+            .module
+            .instances
+            .iter()
+            .flat_map(|i| (i.function as i32).to_le_bytes())
+            .collect();
+        let parts: [Vec<u8>; 7] = [
             t.tasks.iter().flat_map(|x| x.to_le_bytes()).collect(),
             t.sm_offsets.iter().flat_map(|x| x.to_le_bytes()).collect(),
             t.deps.iter().flat_map(|x| x.to_le_bytes()).collect(),
             t.dep_offsets.iter().flat_map(|x| x.to_le_bytes()).collect(),
             t.tiles.iter().flat_map(|x| x.to_le_bytes()).collect(),
             offs,
+            function_of,
         ];
         for (i, part) in parts.iter().enumerate() {
             offsets[i] = bytes.len();

@@ -67,7 +67,7 @@ pub const TASK_TILE_BITS: u32 = 20;
 /// The persistent dispatcher: one CTA per SM walks its static task list
 /// (`tasks[sm_offsets[b]..sm_offsets[b+1]]`, each `kernel << 20 | tile`),
 /// reading each kernel's buffer offsets from row `kernel` of `offsets`
-/// ([`MAX_OFFSETS`] per row),
+/// ([`MAX_OFFSETS`] per row) and its function from `function_of[kernel]`,
 /// waiting for each task's dependencies (`deps[dep_offsets[k]..dep_offsets[k+1]]`)
 /// on the tile counters, calling the kernel's tile function and counting the
 /// tile done. The forward's number `epoch` is read from the arena head
@@ -80,14 +80,16 @@ fn persistent(
 ) -> Function {
     use crate::emit::Expr;
     let _ = plan;
+    // One case per distinct function (not per kernel instance), so each
+    // template body is inlined once however many layers share it.
     let mut cases = String::new();
-    for (i, inst) in instances.iter().enumerate() {
+    for (fi, f) in kernels.iter().enumerate() {
         cases.push_str(&format!(
-            "case {i}: {}_tile(tile, act, wts, kv, T, S, smem, offsets + {}); break; ",
-            kernels[inst.function].name,
-            i * MAX_OFFSETS
+            "case {fi}: {}_tile(tile, act, wts, kv, T, S, smem, offsets + (size_t)k * {MAX_OFFSETS}); break; ",
+            f.name
         ));
     }
+    let _ = instances;
     let body = vec![
         Stmt::Expr(Expr::var("extern __shared__ __align__(16) char smem[]")),
         Stmt::Let(
@@ -133,7 +135,7 @@ fn persistent(
                     ],
                 )),
                 Stmt::Expr(Expr::var(format!(
-                    "switch (k) {{ {cases}default: break; }}"
+                    "switch (function_of[k]) {{ {cases}default: break; }}"
                 ))),
                 Stmt::Expr(Expr::call(
                     "tf::signal_done",
@@ -160,6 +162,7 @@ fn persistent(
         Ty::Named("const long long* __restrict__".into()),
         "offsets".into(),
     ));
+    params.push(int_ptr("function_of"));
     Function {
         qualifiers: "extern \"C\" __global__".into(),
         launch_bounds: Some(threads),
