@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--compile", action="store_true", help="try torch.compile (reduce-overhead)")
+    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens)")
     ap.add_argument("--json")
     a = ap.parse_args()
 
@@ -69,8 +70,8 @@ def main():
     ids = torch.randint(0, 256, (1, a.context), device="cuda")
     with torch.no_grad():
         # Prefill in chunks to bound memory.
-        for s in range(0, a.context, 512):
-            chunk = ids[:, s : s + 512]
+        for s in range(0, a.context, a.chunk):
+            chunk = ids[:, s : s + a.chunk]
             pos = torch.arange(s, s + chunk.shape[1], device="cuda")
             model(input_ids=chunk, past_key_values=cache, cache_position=pos, use_cache=True)
         step = model.forward

@@ -30,3 +30,18 @@ fn qwen_tiny_kernels() {
     println!("{k:?}");
     assert_eq!(k.iter().filter(|s| *s == "attention").count(), 2);
 }
+
+#[test]
+fn full_width_plans_fit_the_shared_memory_of_an_sm() {
+    use tilefuse_codegen::plan::{Plan, PlanOptions};
+    for name in ["mimo-v2-flash-4l", "qwen3-30b-a3b"] {
+        let p = presets::by_name(name).unwrap();
+        let g = p.arch.forward_graph(&p.options).unwrap();
+        for max_t in [1, 8, 16, 64] {
+            let plan = Plan::new(run_pipeline(g.clone()).unwrap(), PlanOptions { max_t }).unwrap();
+            for k in &plan.kernels {
+                assert!(k.tiling.smem <= 227 * 1024, "{name} T<={max_t}: {} needs {} bytes", k.name, k.tiling.smem);
+            }
+        }
+    }
+}

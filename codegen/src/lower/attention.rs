@@ -142,9 +142,28 @@ struct Sched {
     ch: usize,
 }
 
+/// The most dynamic shared memory a CTA may use on Hopper (227 KiB).
+const SMEM_LIMIT: usize = 227 * 1024;
+
 fn sched(l: &Layer, max_t: usize) -> Sched {
     let g = l.hq / l.hkv;
-    let tq = tq(max_t, g);
+    let mut s = sched_unbounded(l, tq(max_t, g), max_t);
+    // Fit the shared memory: shorter sub-chunks first (a split then takes
+    // several passes, merged online), then fewer query tokens per tile.
+    while smem_attention(l, &s) > SMEM_LIMIT {
+        if s.ch > 64 {
+            s.ch = (s.ch / 2).div_ceil(32) * 32;
+        } else if s.tq > 1 {
+            let t = tq(s.tq - 1, g);
+            s = Sched { ch: s.ch, ..sched_unbounded(l, t, max_t) };
+        } else {
+            break;
+        }
+    }
+    s
+}
+
+fn sched_unbounded(l: &Layer, tq: usize, max_t: usize) -> Sched {
     let qblocks = max_t.div_ceil(tq);
     if l.ring {
         let window = match l.mask {
