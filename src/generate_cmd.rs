@@ -56,6 +56,8 @@ pub struct GenerateArgs<'a> {
     pub backend: Backend,
     /// Context override (checkpoints).
     pub context: Option<usize>,
+    /// Activation and dense-weight dtype of a checkpoint (default: its own).
+    pub dtype: Option<tilefuse::ir::DType>,
     /// One JSON object instead of streamed text.
     pub json: bool,
 }
@@ -105,6 +107,7 @@ fn prepare(args: &GenerateArgs<'_>) -> Result<Ready, String> {
         Source::Model(dir) => {
             let opts = LoadOptions {
                 context: args.context,
+                dtype: args.dtype,
                 ..LoadOptions::default()
             };
             let m = checkpoint::load(dir, &opts).map_err(|e| e.to_string())?;

@@ -33,6 +33,14 @@ enum BackendArg {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DtypeArg {
+    /// bfloat16.
+    Bf16,
+    /// float32.
+    F32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ModeArg {
     /// One launch per kernel.
     Stream,
@@ -94,6 +102,10 @@ enum Command {
         /// max_position_embeddings, at most 4096].
         #[arg(long)]
         context: Option<usize>,
+        /// Activation and dense-weight dtype of a checkpoint [default: the
+        /// checkpoint's]; the GPU kernels take bf16.
+        #[arg(long, value_enum)]
+        dtype: Option<DtypeArg>,
         /// Print one JSON object (prompt and generated ids, text, timings) instead of streaming text.
         #[arg(long)]
         json: bool,
@@ -291,6 +303,7 @@ fn run(cli: Cli) -> Result<(), String> {
             backend,
             mode,
             context,
+            dtype,
             json,
             draft,
             block,
@@ -329,6 +342,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 seed,
                 backend: resolve_backend(backend, mode),
                 context,
+                dtype: dtype.map(|d| match d {
+                    DtypeArg::Bf16 => tilefuse::ir::DType::BF16,
+                    DtypeArg::F32 => tilefuse::ir::DType::F32,
+                }),
                 json,
             })
         }

@@ -40,7 +40,12 @@ fn full_width_plans_fit_the_shared_memory_of_an_sm() {
         for max_t in [1, 8, 16, 64] {
             let plan = Plan::new(run_pipeline(g.clone()).unwrap(), PlanOptions { max_t }).unwrap();
             for k in &plan.kernels {
-                assert!(k.tiling.smem <= 227 * 1024, "{name} T<={max_t}: {} needs {} bytes", k.name, k.tiling.smem);
+                assert!(
+                    k.tiling.smem <= 227 * 1024,
+                    "{name} T<={max_t}: {} needs {} bytes",
+                    k.name,
+                    k.tiling.smem
+                );
             }
         }
     }

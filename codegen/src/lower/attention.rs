@@ -155,7 +155,10 @@ fn sched(l: &Layer, max_t: usize) -> Sched {
             s.ch = (s.ch / 2).div_ceil(32) * 32;
         } else if s.tq > 1 {
             let t = tq(s.tq - 1, g);
-            s = Sched { ch: s.ch, ..sched_unbounded(l, t, max_t) };
+            s = Sched {
+                ch: s.ch,
+                ..sched_unbounded(l, t, max_t)
+            };
         } else {
             break;
         }

@@ -1,0 +1,88 @@
+//! A handful of generated kernels, as snapshots (paired with the GPU tests
+//! that run them), and the law that code generation is deterministic.
+
+#![allow(clippy::unwrap_used)]
+
+use tilefuse_codegen::lower::lower;
+use tilefuse_codegen::passes::run_pipeline;
+use tilefuse_codegen::plan::{Plan, PlanOptions};
+use tilefuse_ir::{DType, Graph};
+use tilefuse_model::canonical;
+
+fn module(g: Graph, max_t: usize) -> tilefuse_codegen::lower::Module {
+    let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions { max_t }).unwrap();
+    lower(&plan).unwrap()
+}
+
+fn strip_places(text: &str) -> String {
+    text.lines()
+        .map(|l| l.split(" @ ").next().unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn snapshot(name: &str, text: String) {
+    insta::with_settings!({snapshot_path => "../../snapshots", prepend_module_to_snapshot => false}, {
+        insta::assert_snapshot!(name, strip_places(&text));
+    });
+}
+
+#[test]
+fn norm_linear_mxfp4_kernel() {
+    let m = module(canonical::norm_linear(DType::MXFP4).unwrap(), 1);
+    snapshot("kernel_norm_matvec_mxfp4_t1", m.kernels[0].source());
+}
+
+#[test]
+fn moe_block_kernels() {
+    let m = module(canonical::moe_block(DType::MXFP4).unwrap(), 8);
+    let text: Vec<String> = m
+        .kernels
+        .iter()
+        .filter(|k| k.name.contains("router") || k.name.contains("moe_down"))
+        .map(|k| k.source())
+        .collect();
+    snapshot("kernels_router_and_moe_down_mxfp4_t8", text.join("\n"));
+}
+
+#[test]
+fn attention_kernels() {
+    let m = module(canonical::attention_block().unwrap(), 1);
+    let text: Vec<String> = m
+        .kernels
+        .iter()
+        .filter(|k| k.name.contains("attention") || k.name.contains("rope_append"))
+        .map(|k| k.source())
+        .collect();
+    snapshot("kernels_rope_append_attention_t1", text.join("\n"));
+}
+
+#[test]
+fn codegen_is_deterministic() {
+    for make in [
+        || canonical::norm_linear(DType::NVFP4).unwrap(),
+        || canonical::attention_block().unwrap(),
+        || canonical::full_attention_block().unwrap(),
+        || canonical::moe_block(DType::MXFP4).unwrap(),
+    ] {
+        for t in [1, 16] {
+            assert_eq!(module(make(), t).source, module(make(), t).source);
+        }
+    }
+}
+
+#[test]
+fn layers_share_kernel_functions() {
+    let p = tilefuse_model::presets::by_name("qwen3-30b-a3b").unwrap();
+    let g = p.arch.forward_graph(&p.options).unwrap();
+    let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions { max_t: 1 }).unwrap();
+    let m = lower(&plan).unwrap();
+    // 48 identical layers: the functions do not grow with depth.
+    assert!(
+        m.kernels.len() < 30,
+        "{} functions for {} kernels",
+        m.kernels.len(),
+        plan.kernels.len()
+    );
+    assert_eq!(m.instances.len(), plan.kernels.len());
+}

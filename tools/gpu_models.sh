@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# On a GPU machine: whole generations on the GPU against the references.
+#  1. each transformers fixture (tests/fixtures), loaded in bf16, greedy, in
+#     every launch mode: tokens matching the fixture's greedy continuation;
+#  2. an MXFP4-quantized fixture: GPU against the CPU interpreter on the same
+#     quantized checkpoint (its own dequantized reference);
+#  3. built-in presets: greedy tokens of every launch mode against the CPU.
+# Prints one line per check; the binary is .device-bin/tilefuse.
+set -u
+bin=./.device-bin/tilefuse
+export TILEFUSE_CACHE_DIR=${TILEFUSE_CACHE_DIR:-/tmp/tilefuse-cache}
+ids() { python3 -c "import json,sys; print(','.join(map(str, json.load(open(sys.argv[1]))[sys.argv[2]])))" "$1" "$2"; }
+gen() { "$bin" generate "$@" --json 2>/dev/null | python3 -c "import json,sys; print(','.join(map(str, json.load(sys.stdin)['generated_ids'])))" 2>/dev/null || echo "ERROR"; }
+same() { python3 -c "import sys; a=sys.argv[1].split(','); b=sys.argv[2].split(','); n=sum(1 for x,y in zip(a,b) if x==y); p=next((i for i,(x,y) in enumerate(zip(a,b)) if x!=y), len(a)); print(f'{n}/{len(b)} equal, first {p} identical')" "$1" "$2"; }
+echo "== fixtures, bf16 on the GPU vs transformers (f32) greedy"
+for fx in tests/fixtures/*/; do
+    name=$(basename "$fx")
+    p=$(ids "$fx/reference.json" prompt_ids); want=$(ids "$fx/reference.json" greedy_ids)
+    cpu=$(gen --model "$fx" --prompt-ids "$p" --max-tokens 32 --backend cpu --dtype bf16)
+    echo "$name cpu-bf16: $(same "$cpu" "$want")"
+    for mode in stream graph persistent; do
+        got=$(gen --model "$fx" --prompt-ids "$p" --max-tokens 32 --backend cuda --mode $mode --dtype bf16)
+        echo "$name $mode: $(same "$got" "$want") ; vs cpu-bf16 $(same "$got" "$cpu")"
+    done
+done
+echo "== MXFP4-quantized fixture: GPU vs the interpreter on the same checkpoint"
+rm -rf /tmp/q; "$bin" quantize --model tests/fixtures/mimo_v2_tiny --out /tmp/q --format mxfp4 >/dev/null 2>&1
+p=$(ids tests/fixtures/mimo_v2_tiny/reference.json prompt_ids)
+cpu=$(gen --model /tmp/q --prompt-ids "$p" --max-tokens 32 --backend cpu --dtype bf16)
+for mode in stream graph persistent; do
+    got=$(gen --model /tmp/q --prompt-ids "$p" --max-tokens 32 --backend cuda --mode $mode --dtype bf16)
+    echo "mimo_v2_tiny-mxfp4 $mode vs cpu: $(same "$got" "$cpu")"
+done
+echo "== presets: every launch mode vs the CPU, 48 greedy tokens"
+for preset in mimo-v2-tiny mimo-v2-tiny-mxfp4 qwen3-moe-tiny; do
+    cpu=$(gen --preset $preset --max-tokens 48 --backend cpu)
+    for mode in stream graph persistent; do
+        got=$(gen --preset $preset --max-tokens 48 --backend cuda --mode $mode)
+        echo "$preset $mode vs cpu: $(same "$got" "$cpu")"
+    done
+done
