@@ -7,8 +7,8 @@ use tilefuse_ir::{Attn, DType, Dim, Mask, Nn, NodeId, Op};
 use crate::emit::{Expr, Stmt, Ty};
 use crate::error::CodegenError;
 use crate::fusion::{Fused, Group, KernelKind};
-use crate::lower::values::pointer;
-use crate::plan::{Plan, PlanOptions, Tiling, Value};
+use crate::lower::values::{guard, pointer, unsupported, work_ptr};
+use crate::plan::{Plan, PlanOptions, Tiling};
 
 /// Threads per CTA (the same for every kernel, for the persistent mode).
 pub const THREADS: u32 = 256;
@@ -17,13 +17,6 @@ const SMS: usize = 132;
 
 fn align16(n: usize) -> usize {
     n.div_ceil(16) * 16
-}
-
-fn unsupported(f: &Fused, n: NodeId, reason: impl Into<String>) -> CodegenError {
-    CodegenError::Unsupported {
-        node: f.graph.describe(n),
-        reason: reason.into(),
-    }
 }
 
 /// Everything the attention kernels of one layer are instantiated with.
@@ -366,20 +359,6 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
             "not an attention-family kernel".into(),
         )),
     }
-}
-
-fn work_ptr(plan: &Plan, ki: usize, ty: &str) -> Result<Expr, CodegenError> {
-    let b = plan
-        .buffer(Value::Work(ki, 0))
-        .ok_or_else(|| CodegenError::Internal(format!("kernel {ki} has no workspace")))?;
-    Ok(Expr::Reinterpret(
-        Ty::Named(format!("{ty}*")),
-        Box::new(Expr::var("act").bin("+", Expr::Offset(b.offset as i64))),
-    ))
-}
-
-fn guard(cond: Expr) -> Stmt {
-    Stmt::If(cond, vec![Stmt::Return], vec![])
 }
 
 /// The tile body of kernel `ki`.

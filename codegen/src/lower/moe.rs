@@ -8,19 +8,12 @@ use crate::error::CodegenError;
 use crate::fusion::{Fused, Group, KernelKind};
 use crate::lower::epilogue::epilogue;
 use crate::lower::matvec::weight_view;
-use crate::lower::values::pointer;
-use crate::plan::{Plan, PlanOptions, Tiling, Value};
+use crate::lower::values::{guard, pointer, unsupported, work_ptr};
+use crate::plan::{Plan, PlanOptions, Tiling};
 
 /// Threads per CTA.
 pub const THREADS: u32 = 256;
 const SMS: usize = 132;
-
-fn unsupported(f: &Fused, n: NodeId, reason: impl Into<String>) -> CodegenError {
-    CodegenError::Unsupported {
-        node: f.graph.describe(n),
-        reason: reason.into(),
-    }
-}
 
 fn c(d: &tilefuse_ir::Dim) -> usize {
     d.as_const().unwrap_or(0)
@@ -254,16 +247,6 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
     }
 }
 
-fn work(plan: &Plan, ki: usize, ty: &str) -> Result<Expr, CodegenError> {
-    let b = plan
-        .buffer(Value::Work(ki, 0))
-        .ok_or_else(|| CodegenError::Internal(format!("kernel {ki} has no workspace")))?;
-    Ok(Expr::Reinterpret(
-        Ty::Named(format!("{ty}*")),
-        Box::new(Expr::var("act").bin("+", Expr::Offset(b.offset as i64))),
-    ))
-}
-
 fn kernel_of(plan: &Plan, pred: impl Fn(&KernelKind) -> bool) -> Result<usize, CodegenError> {
     plan.kernels
         .iter()
@@ -277,10 +260,6 @@ fn smem_assert(need: &str, plan: &Plan, ki: usize) -> Stmt {
     Stmt::Expr(Expr::var(format!(
         "static_assert({need} <= {have}, \"launch shared memory below the template's need\")"
     )))
-}
-
-fn guard(cond: Expr) -> Stmt {
-    Stmt::If(cond, vec![Stmt::Return], vec![])
 }
 
 /// The tile body of kernel `ki`.
@@ -318,7 +297,7 @@ pub fn body(
                         Expr::F32(scale),
                         pointer(plan, select, true)?,
                         pointer(plan, weights, true)?,
-                        work(plan, ki, "int")?,
+                        work_ptr(plan, ki, "int")?,
                         Expr::var("smem"),
                     ],
                 )),
@@ -349,9 +328,9 @@ pub fn body(
                         Expr::var("tile"),
                         pointer(plan, x.x, false)?,
                         Expr::var("T"),
-                        work(plan, router, "const int")?,
+                        work_ptr(plan, router, "const int")?,
                         Expr::var("gate_up"),
-                        work(plan, ki, "tf::bf16")?,
+                        work_ptr(plan, ki, "tf::bf16")?,
                         Expr::var("smem"),
                     ],
                 )),
@@ -409,10 +388,10 @@ pub fn body(
                     format!("tf::experts_down_tile<C, {wty}>"),
                     vec![
                         Expr::var("tile"),
-                        work(plan, up, "const tf::bf16")?,
+                        work_ptr(plan, up, "const tf::bf16")?,
                         pointer(plan, x.w, false)?,
                         Expr::var("T"),
-                        work(plan, router, "const int")?,
+                        work_ptr(plan, router, "const int")?,
                         Expr::var("down"),
                         Expr::var("epi"),
                         Expr::var("smem"),

@@ -2,7 +2,7 @@
 
 use tilefuse_ir::{BinaryOp, DType, Elementwise, InputKind, NodeId, Op, UnaryOp};
 
-use crate::emit::{Expr, Ty};
+use crate::emit::{Expr, Stmt, Ty};
 use crate::error::CodegenError;
 use crate::plan::Plan;
 
@@ -121,4 +121,28 @@ fn binary(b: BinaryOp, x: Expr, y: Expr) -> Expr {
         BinaryOp::Max => Expr::call("fmaxf", vec![x, y]),
         BinaryOp::Min => Expr::call("fminf", vec![x, y]),
     }
+}
+
+/// An unsupported-combination error naming the node.
+pub fn unsupported(f: &crate::fusion::Fused, n: NodeId, reason: impl Into<String>) -> CodegenError {
+    CodegenError::Unsupported {
+        node: f.graph.describe(n),
+        reason: reason.into(),
+    }
+}
+
+/// A pointer of type `ty*` to the first workspace of kernel `ki`.
+pub fn work_ptr(plan: &Plan, ki: usize, ty: &str) -> Result<Expr, CodegenError> {
+    let b = plan
+        .buffer(crate::plan::Value::Work(ki, 0))
+        .ok_or_else(|| CodegenError::Internal(format!("kernel {ki} has no workspace")))?;
+    Ok(Expr::Reinterpret(
+        Ty::Named(format!("{ty}*")),
+        Box::new(Expr::var("act").bin("+", Expr::Offset(b.offset as i64))),
+    ))
+}
+
+/// `if (cond) return;` — tiles with no work leave at once (uniform over the CTA).
+pub fn guard(cond: Expr) -> Stmt {
+    Stmt::If(cond, vec![Stmt::Return], vec![])
 }
