@@ -7,7 +7,7 @@
 //! by its full path before cudarc opens it by name, so no `LD_LIBRARY_PATH`
 //! is needed. No GPU is needed to compile.
 //!
-//! Compiled cubins are cached on disk under `$TILEFUSE_CACHE_DIR` (default
+//! Compiled cubins (with their PTX and log) are cached on disk under `$TILEFUSE_CACHE_DIR` (default
 //! `$XDG_CACHE_HOME/tilefuse` or `~/.cache/tilefuse`), keyed by a SHA-256 of
 //! the source, the headers, the options and the NVRTC version. Setting
 //! `TILEFUSE_NO_COMPILE=1` makes any compile that misses the cache an error,
@@ -98,7 +98,7 @@ pub struct KernelResources {
 pub struct Compiled {
     /// Machine code for the target arch.
     pub cubin: Vec<u8>,
-    /// PTX (empty when the cubin came from the cache).
+    /// PTX.
     pub ptx: String,
     /// NVRTC's log, with the ptxas resource report.
     pub log: String,
@@ -353,7 +353,7 @@ pub fn compile(
         if let (Ok(c), Ok(l)) = (std::fs::read(&cubin), std::fs::read_to_string(&log)) {
             return Ok(Compiled {
                 cubin: c,
-                ptx: String::new(),
+                ptx: std::fs::read_to_string(d.join(format!("{key}.ptx"))).unwrap_or_default(),
                 resources: parse_resources(&l),
                 log: l,
                 cached: true,
@@ -369,8 +369,10 @@ pub fn compile(
         // Write to a temporary name and rename, so a reader never sees half a file.
         if std::fs::create_dir_all(d).is_ok() {
             let tmp = d.join(format!("{key}.{}.tmp", std::process::id()));
+            // The cubin last: its presence marks a complete entry.
             for (ext, bytes) in [
                 ("log", compiled.log.as_bytes()),
+                ("ptx", compiled.ptx.as_bytes()),
                 ("cubin", &compiled.cubin[..]),
             ] {
                 if std::fs::write(&tmp, bytes).is_ok() {

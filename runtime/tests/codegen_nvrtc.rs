@@ -86,3 +86,13 @@ fn tiny_models_compile() {
         }
     }
 }
+
+#[test]
+fn full_width_models_compile() {
+    for name in ["mimo-v2-flash-4l", "qwen3-30b-a3b"] {
+        let p = presets::by_name(name).unwrap();
+        for t in [1, 16] {
+            compile_graph(p.arch.forward_graph(&p.options).unwrap(), t);
+        }
+    }
+}
