@@ -5,9 +5,9 @@
 #  2. an MXFP4-quantized fixture: GPU against the CPU interpreter on the same
 #     quantized checkpoint (its own dequantized reference);
 #  3. built-in presets: greedy tokens of every launch mode against the CPU.
-# Prints one line per check; the binary is .device-bin/tilefuse.
+# Prints one line per check; the binary is gpu-bin/tilefuse.
 set -u
-bin=./.device-bin/tilefuse
+bin=${TILEFUSE_BIN_DIR:-gpu-bin}/tilefuse
 export TILEFUSE_CACHE_DIR=${TILEFUSE_CACHE_DIR:-/tmp/tilefuse-cache}
 ids() { python3 -c "import json,sys; print(','.join(map(str, json.load(open(sys.argv[1]))[sys.argv[2]])))" "$1" "$2"; }
 gen() { "$bin" generate "$@" --json 2>/dev/null | python3 -c "import json,sys; print(','.join(map(str, json.load(sys.stdin)['generated_ids'])))" 2>/dev/null || echo "ERROR"; }
