@@ -334,6 +334,7 @@ impl Plan {
         let mut buffers = buffers_with_liveness(&fused, &kernels, &options)?;
         let arena_bytes = assign_offsets(&mut buffers);
         add_anti_dependencies(&mut kernels, &buffers);
+        reduce_dependencies(&mut kernels);
         Ok(Plan {
             fused,
             options,
@@ -699,6 +700,37 @@ fn add_anti_dependencies(kernels: &mut [Kernel], buffers: &[Buffer]) {
             }
         }
         kernels[ki].deps.extend(extra);
+    }
+}
+
+/// Keeps only the dependencies not implied by others (transitive reduction):
+/// when `k` waits for `d2`, whose tiles each waited for `d1`, then `d2` done
+/// implies `d1` done, and `k` need not wait for `d1` itself. The persistent
+/// mode's waiting thread then polls a handful of counters per task instead of
+/// every kernel that ever shared arena bytes with this one.
+#[allow(clippy::needless_range_loop)]
+fn reduce_dependencies(kernels: &mut [Kernel]) {
+    let n = kernels.len();
+    let words = n.div_ceil(64);
+    // reach[k]: every kernel k waits for, directly or not.
+    let mut reach: Vec<Vec<u64>> = vec![vec![0; words]; n];
+    for k in 0..n {
+        let deps: Vec<usize> = kernels[k].deps.iter().copied().collect();
+        let mut implied = vec![0u64; words];
+        for &d in &deps {
+            for w in 0..words {
+                implied[w] |= reach[d][w];
+            }
+        }
+        let mut r = implied.clone();
+        for &d in &deps {
+            r[d / 64] |= 1 << (d % 64);
+        }
+        reach[k] = r;
+        kernels[k].deps = deps
+            .into_iter()
+            .filter(|&d| implied[d / 64] & (1 << (d % 64)) == 0)
+            .collect();
     }
 }
 

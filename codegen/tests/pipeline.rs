@@ -50,3 +50,18 @@ fn full_width_plans_fit_the_shared_memory_of_an_sm() {
         }
     }
 }
+
+#[test]
+fn kernels_wait_only_on_what_they_must() {
+    use tilefuse_codegen::plan::{Plan, PlanOptions};
+    let p = presets::by_name("qwen3-30b-a3b").unwrap();
+    let g = p.arch.forward_graph(&p.options).unwrap();
+    let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions { max_t: 1 }).unwrap();
+    let most = plan.kernels.iter().map(|k| k.deps.len()).max().unwrap();
+    // After the transitive reduction a kernel waits on its direct producers
+    // (and an occasional arena anti-dependency), not on half the forward.
+    assert!(most <= 4, "a kernel waits on {most} kernels");
+    for (i, k) in plan.kernels.iter().enumerate().skip(1) {
+        assert!(!k.deps.is_empty(), "{} (k{i}) waits on nothing", k.name);
+    }
+}
