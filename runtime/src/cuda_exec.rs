@@ -122,6 +122,27 @@ struct Program {
     persistent: Option<Persistent>,
 }
 
+impl Program {
+    /// Launches plan kernel `i` (its shared function with its own offsets).
+    fn launch(&self, gpu: &Gpu, i: usize, buffers: &[Arg; 3]) -> std::result::Result<(), GpuError> {
+        let k = &self.plan.kernels[i];
+        let args = [
+            buffers[0],
+            buffers[1],
+            buffers[2],
+            Arg::Offsets(self.offsets[i]),
+        ];
+        gpu.launch(
+            &k.name,
+            &self.functions[i],
+            k.tiling.tiles,
+            k.tiling.threads,
+            k.tiling.smem,
+            &args,
+        )
+    }
+}
+
 /// A graph compiled for the GPU, with its weights and caches resident.
 pub struct GpuExecutable {
     gpu: Gpu,
@@ -563,18 +584,8 @@ impl GpuExecutable {
             }
             LaunchMode::Stream => {
                 let p = &self.programs[pi];
-                for ((k, f), o) in p.plan.kernels.iter().zip(&p.functions).zip(&p.offsets) {
-                    let a = [args[0], args[1], args[2], Arg::Offsets(*o)];
-                    self.gpu
-                        .launch(
-                            &k.name,
-                            f,
-                            k.tiling.tiles,
-                            k.tiling.threads,
-                            k.tiling.smem,
-                            &a,
-                        )
-                        .map_err(gpu_err)?;
+                for i in 0..p.plan.kernels.len() {
+                    p.launch(&self.gpu, i, &args).map_err(gpu_err)?;
                 }
             }
             LaunchMode::Graph => {
@@ -590,16 +601,8 @@ impl GpuExecutable {
                         })?;
                     let p = &self.programs[pi];
                     let mut failed = None;
-                    for ((k, f), o) in p.plan.kernels.iter().zip(&p.functions).zip(&p.offsets) {
-                        let a = [args[0], args[1], args[2], Arg::Offsets(*o)];
-                        if let Err(e) = self.gpu.launch(
-                            &k.name,
-                            f,
-                            k.tiling.tiles,
-                            k.tiling.threads,
-                            k.tiling.smem,
-                            &a,
-                        ) {
+                    for i in 0..p.plan.kernels.len() {
+                        if let Err(e) = p.launch(&self.gpu, i, &args) {
                             failed = Some(e);
                             break;
                         }
@@ -822,23 +825,13 @@ impl GpuExecutable {
         let p = &self.programs[pi];
         let stream = self.gpu.stream().clone();
         let mut out = Vec::new();
-        for ((k, f), o) in p.plan.kernels.iter().zip(&p.functions).zip(&p.offsets) {
-            let a = [args[0], args[1], args[2], Arg::Offsets(*o)];
+        for (i, k) in p.plan.kernels.iter().enumerate() {
             let mut times = Vec::with_capacity(reps);
             for _ in 0..reps.max(1) {
                 let e0 = stream
                     .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
                     .map_err(|e| IrError::new(ErrorKind::Interp, format!("{e:?}")))?;
-                self.gpu
-                    .launch(
-                        &k.name,
-                        f,
-                        k.tiling.tiles,
-                        k.tiling.threads,
-                        k.tiling.smem,
-                        &a,
-                    )
-                    .map_err(gpu_err)?;
+                p.launch(&self.gpu, i, &args).map_err(gpu_err)?;
                 let e1 = stream
                     .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
                     .map_err(|e| IrError::new(ErrorKind::Interp, format!("{e:?}")))?;
