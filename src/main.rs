@@ -369,7 +369,7 @@ fn resolve_backend(backend: BackendArg, mode: ModeArg) -> Backend {
         ModeArg::Graph => LaunchMode::Graph,
         ModeArg::Persistent => LaunchMode::Persistent,
     };
-    let has_gpu = || matches!(tilefuse::runtime::gpu::Gpu::open(), Ok(Some(_)));
+    let has_gpu = tilefuse::runtime::gpu::Gpu::available;
     match backend {
         BackendArg::Cpu => Backend::Cpu,
         BackendArg::Cuda => Backend::Cuda(mode),

@@ -88,3 +88,23 @@ pub fn moe_experts(
     let experts_w = logits.router_weights(experts_idx, router);
     x.experts(experts_idx, experts_w, w13, w2)
 }
+
+/// The token embedding of a forward: rows of `model.embed_tokens.weight`.
+#[graph(scope = "")]
+pub fn embed_tokens(dtype: DType, vocab: usize, hidden: usize, ids: NodeId) -> NodeId {
+    let emb = weight!("model.embed_tokens.weight", dtype, [vocab, hidden]);
+    let embed = emb.embedding(ids);
+    embed
+}
+
+/// The end of a forward: final RMSNorm and the untied LM head (f32 logits);
+/// outputs `logits` and `hidden` (the last layer's output, for draft features).
+#[graph(scope = "")]
+pub fn lm_head(dtype: DType, vocab: usize, hidden: usize, eps: f32, x: NodeId) {
+    let norm = weight!("model.norm.weight", dtype, [hidden]);
+    let head = weight!("lm_head.weight", dtype, [vocab, hidden]);
+    let final_norm = x.rms_norm(norm, eps);
+    let logits = final_norm.matmul_to(head, f32);
+    output!("logits", logits);
+    output!("hidden", x);
+}

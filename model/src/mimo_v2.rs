@@ -13,7 +13,7 @@
 use tilefuse_ir::{Builder, Graph, Mask, NodeId, Result, RouterConfig, ScoreFn};
 use tilefuse_macros::graph;
 
-use crate::common::{dense_mlp, moe_experts, GraphOptions};
+use crate::common::{dense_mlp, embed_tokens, lm_head, moe_experts, GraphOptions};
 
 /// Attention kind of a layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -305,21 +305,14 @@ pub fn forward_graph(cfg: &Config, opt: &GraphOptions) -> Result<Graph> {
 }
 
 /// The body of [`forward_graph`].
-#[graph(scope = "", calls(decoder_layer))]
+#[graph(scope = "", calls(decoder_layer, embed_tokens, lm_head))]
 fn forward(cfg: &Config, opt: &GraphOptions) {
     let (dt, hid, v) = (opt.dtype, cfg.hidden_size, cfg.vocab_size);
     let ids = input!("ids", i32, [T]);
     let pos = input!("pos", i32, [T]);
-    let emb = weight!("model.embed_tokens.weight", dt, [v, hid]);
-    let embed = emb.embedding(ids);
-    let mut x = embed;
+    let mut x = embed_tokens(dt, v, hid, ids);
     for i in 0..cfg.num_hidden_layers {
         x = decoder_layer(cfg, opt, i, x, pos);
     }
-    let norm = weight!("model.norm.weight", dt, [hid]);
-    let head = weight!("lm_head.weight", dt, [v, hid]);
-    let final_norm = x.rms_norm(norm, cfg.rms_norm_eps);
-    let logits = final_norm.matmul_to(head, f32);
-    output!("logits", logits);
-    output!("hidden", x);
+    lm_head(dt, v, hid, cfg.rms_norm_eps, x);
 }

@@ -154,15 +154,8 @@ impl Module {
 impl Gpu {
     /// Opens device 0. `Ok(None)` when this machine has no CUDA driver or no GPU.
     pub fn open() -> Result<Option<Gpu>, GpuError> {
-        // SAFETY: probing for the driver library has no preconditions.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        if !Gpu::available() {
             return Ok(None);
-        }
-        match cudarc::driver::result::init()
-            .and_then(|_| cudarc::driver::result::device::get_count())
-        {
-            Ok(n) if n > 0 => {}
-            _ => return Ok(None),
         }
         let ctx = drv(CudaContext::new(0), "creating a CUDA context on device 0")?;
         // SAFETY: called before any buffer exists; every launch goes to the one stream.
@@ -193,6 +186,19 @@ impl Gpu {
             sms: sms as u32,
             name,
         }))
+    }
+
+    /// True when a CUDA driver and at least one device are present (no
+    /// context is created: choosing a backend costs nothing).
+    pub fn available() -> bool {
+        // SAFETY: probing for the driver library has no preconditions.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return false;
+        }
+        matches!(
+            cudarc::driver::result::init().and_then(|_| cudarc::driver::result::device::get_count()),
+            Ok(n) if n > 0
+        )
     }
 
     /// The one-line message a GPU test prints when it skips.
