@@ -1,11 +1,13 @@
 //! `tilefuse generate`: a built-in preset (random weights) or a checkpoint
 //! directory, a prompt (text or token ids), chunked prefill, then decoding.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use std::time::Instant;
 
+use tilefuse::ir::interp::Tensor;
 use tilefuse::model::checkpoint::{self, LoadOptions};
 use tilefuse::model::presets;
 use tilefuse::model::tokenizer::{StreamDecoder, Tokenizer};
@@ -62,20 +64,33 @@ pub struct GenerateArgs<'a> {
     pub json: bool,
 }
 
-/// A model ready to run, whichever its source.
-struct Ready {
+/// A model loaded (graph and weights on the host), whichever its source.
+pub struct Loaded {
     /// For messages and JSON: the preset name or the directory.
-    name: String,
-    model_dir: Option<PathBuf>,
-    exe: Executable,
-    context: usize,
-    max_tokens: usize,
-    tokenizer: Tokenizer,
-    eos: Vec<i64>,
-    weights: String,
+    pub name: String,
+    /// The checkpoint directory, if any.
+    pub model_dir: Option<PathBuf>,
+    /// The architecture.
+    pub arch: presets::Arch,
+    /// The graph options.
+    pub options: tilefuse::model::GraphOptions,
+    /// The plain forward graph.
+    pub graph: tilefuse::ir::Graph,
+    /// Its weights.
+    pub weights: BTreeMap<String, Tensor>,
+    /// Positions the caches hold.
+    pub context: usize,
+    /// The tokenizer.
+    pub tokenizer: Tokenizer,
+    /// End-of-sequence ids.
+    pub eos: Vec<i64>,
+    /// What the weights are, for the banner.
+    pub describe: String,
 }
 
-fn prepare(args: &GenerateArgs<'_>) -> Result<Ready, String> {
+/// Loads the model of `args` (a preset with seeded random weights, or a
+/// checkpoint directory with its tokenizer).
+pub fn load(args: &GenerateArgs<'_>) -> Result<Loaded, String> {
     match args.source {
         Source::Preset(name) => {
             let p = presets::by_name(name)?;
@@ -85,7 +100,6 @@ fn prepare(args: &GenerateArgs<'_>) -> Result<Ready, String> {
                 .map_err(|e| e.to_string())?;
             let weights =
                 presets::random_weights(&graph, u64::from(args.seed)).map_err(|e| e.to_string())?;
-            let exe = Executable::new(graph, weights, args.backend).map_err(|e| e.to_string())?;
             let context = args.context.unwrap_or(p.options.context);
             if context > p.options.context {
                 return Err(format!(
@@ -93,15 +107,17 @@ fn prepare(args: &GenerateArgs<'_>) -> Result<Ready, String> {
                     p.options.context
                 ));
             }
-            Ok(Ready {
+            Ok(Loaded {
                 name: p.name.to_string(),
                 model_dir: None,
-                exe,
+                arch: p.arch.clone(),
+                options: p.options.clone(),
+                graph,
+                weights,
                 context,
-                max_tokens: p.options.max_tokens,
                 tokenizer: Tokenizer::Bytes,
                 eos: Vec::new(),
-                weights: format!("random weights, seed {}", args.seed),
+                describe: format!("random weights, seed {}", args.seed),
             })
         }
         Source::Model(dir) => {
@@ -128,24 +144,23 @@ fn prepare(args: &GenerateArgs<'_>) -> Result<Ready, String> {
                     tilefuse::model::config::model_type_of(&m.config.arch)
                 );
             }
-            let weights = format!(
+            let describe = format!(
                 "{} weights, {} experts, {}",
                 m.options.dtype,
                 m.options.expert_dtype,
                 tokenizer.describe()
             );
-            let (context, max_tokens) = (m.options.context, m.options.max_tokens);
-            let exe =
-                Executable::new(m.graph, m.weights, args.backend).map_err(|e| e.to_string())?;
-            Ok(Ready {
+            Ok(Loaded {
                 name: dir.display().to_string(),
                 model_dir: Some(dir.to_path_buf()),
-                exe,
-                context,
-                max_tokens,
+                arch: m.config.arch.clone(),
+                context: m.options.context,
+                options: m.options,
+                graph: m.graph,
+                weights: m.weights,
                 tokenizer,
                 eos,
-                weights,
+                describe,
             })
         }
     }
@@ -171,18 +186,21 @@ pub fn run(args: GenerateArgs<'_>) -> Result<(), String> {
         ));
     }
     let t_load = Instant::now();
-    let ready = prepare(&args)?;
-    let load = t_load.elapsed();
-    let Ready {
+    let Loaded {
         name,
         model_dir,
-        exe,
+        graph,
+        weights: tensors,
         context,
-        max_tokens: chunk,
+        options,
         tokenizer,
         eos,
-        weights,
-    } = ready;
+        describe: weights,
+        ..
+    } = load(&args)?;
+    let exe = Executable::new(graph, tensors, args.backend).map_err(|e| e.to_string())?;
+    let load = t_load.elapsed();
+    let chunk = options.max_tokens;
     let backend = exe.backend();
     let mut session = Session::new(exe, context, chunk).map_err(|e| e.to_string())?;
     let vocab = session.vocab();

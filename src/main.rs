@@ -109,10 +109,10 @@ enum Command {
         /// Print one JSON object (prompt and generated ids, text, timings) instead of streaming text.
         #[arg(long)]
         json: bool,
-        /// Speculative decoding with this built-in DFlash draft
-        /// (`mimo-v2-tiny-dflash`, `qwen3-moe-tiny-dflash`; CPU only for now),
-        /// reported beside plain decoding.
-        #[arg(long, conflicts_with = "model")]
+        /// Speculative decoding with this DFlash draft: a draft checkpoint
+        /// directory, or a built-in random draft (`mimo-v2-tiny-dflash`,
+        /// `qwen3-moe-tiny-dflash`), reported beside plain decoding.
+        #[arg(long)]
         draft: Option<String>,
         /// Draft block size B (one committed token plus B − 1 drafts) [default: the draft's].
         #[arg(long, requires = "draft")]
@@ -317,24 +317,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 Some(ids) => generate_cmd::Prompt::Ids(generate_cmd::parse_ids(ids)?),
                 None => generate_cmd::Prompt::Text(&prompt),
             };
-            if let Some(draft) = &draft {
-                return spec_cmd::run(spec_cmd::SpecArgs {
-                    preset: preset.as_deref().unwrap_or(presets::DEFAULT),
-                    draft,
-                    block,
-                    prompt,
-                    max_tokens,
-                    temperature,
-                    seed,
-                    // The draft runs on the CPU for now: `auto` means the CPU.
-                    backend: match backend {
-                        BackendArg::Auto => Backend::Cpu,
-                        b => resolve_backend(b, mode),
-                    },
-                    json,
-                });
-            }
-            generate_cmd::run(generate_cmd::GenerateArgs {
+            let args = generate_cmd::GenerateArgs {
                 source,
                 prompt,
                 max_tokens,
@@ -347,7 +330,11 @@ fn run(cli: Cli) -> Result<(), String> {
                     DtypeArg::F32 => tilefuse::ir::DType::F32,
                 }),
                 json,
-            })
+            };
+            match &draft {
+                Some(draft) => spec_cmd::run(args, draft, block),
+                None => generate_cmd::run(args),
+            }
         }
         Command::Init { preset, out, seed } => {
             checkpoint_cmds::init(&preset, &out, u64::from(seed))

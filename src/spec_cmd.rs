@@ -1,72 +1,56 @@
-//! `tilefuse generate --draft PRESET [--block N]`: DFlash speculative
-//! decoding of a built-in target with a built-in random draft, then plain
-//! decoding of the same prompt for comparison (τ, draft and verify time per
-//! step, tokens/s of both, and for greedy whether the outputs agree).
-//!
-//! CPU only for now: the draft graph's GPU kernels are not written yet.
+//! `tilefuse generate --draft DIR|PRESET [--block N]`: DFlash speculative
+//! decoding of the target (a preset or a checkpoint) with a draft (a
+//! checkpoint directory or a built-in random draft), then plain decoding of
+//! the same prompt for comparison (τ, draft and verify time per step,
+//! tokens/s of both, and for greedy whether the outputs agree). Runs on the
+//! GPU or the CPU like plain generation.
 
 use std::io::Write;
+use std::path::Path;
 use std::time::Instant;
 
 use tilefuse::model::dflash;
-use tilefuse::model::presets;
-use tilefuse::model::tokenizer::{StreamDecoder, Tokenizer};
+use tilefuse::model::tokenizer::StreamDecoder;
 use tilefuse::runtime::speculative::{DFlashDrafter, SamplingRule, SpecDecoder, SpecOptions};
-use tilefuse::runtime::{Backend, Executable, Sampling, Session};
+use tilefuse::runtime::{Executable, Sampling, Session};
 
-use crate::generate_cmd::{json_str, Prompt};
-
-/// Everything the speculative path needs.
-pub struct SpecArgs<'a> {
-    /// Target preset.
-    pub preset: &'a str,
-    /// Draft preset.
-    pub draft: &'a str,
-    /// Block size (default: the draft's).
-    pub block: Option<usize>,
-    /// The prompt.
-    pub prompt: Prompt<'a>,
-    /// Tokens to generate at most.
-    pub max_tokens: usize,
-    /// 0 for greedy.
-    pub temperature: f32,
-    /// Sampler seed and the seed of both models' random weights.
-    pub seed: u32,
-    /// Where to run (the CPU only, for now).
-    pub backend: Backend,
-    /// One JSON object instead of streamed text.
-    pub json: bool,
-}
+use crate::generate_cmd::{json_str, load, GenerateArgs, Prompt};
 
 /// Runs speculative generation, then plain generation, and reports both.
-pub fn run(args: SpecArgs<'_>) -> Result<(), String> {
-    if let Backend::Cuda(_) = args.backend {
-        return Err(
-            "--draft runs on the CPU for now (the draft graph's GPU kernels are not \
-                    written yet); pass --backend cpu"
-                .into(),
-        );
-    }
+pub fn run(args: GenerateArgs<'_>, draft: &str, block: Option<usize>) -> Result<(), String> {
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         return Err(format!(
             "--temperature must be >= 0 (0 = greedy), found {}",
             args.temperature
         ));
     }
-    let p = presets::by_name(args.preset)?;
-    let dp = dflash::draft_preset(args.draft)?;
-    dp.config
-        .check_target(&p.arch)
-        .map_err(|e| format!("--draft {} does not fit --preset {}: {e}", dp.name, p.name))?;
-    let block = args.block.unwrap_or(dp.config.block_size);
-    if block < 2 || block > p.options.max_tokens {
+    let t_load = Instant::now();
+    let m = load(&args)?;
+    let err = |e: tilefuse::ir::IrError| e.to_string();
+    let seed = u64::from(args.seed);
+    let (dcfg, dgraph, dweights, dname) = if Path::new(draft).is_dir() {
+        let d = dflash::load_draft(Path::new(draft), &m.arch, &m.options, &m.weights)?;
+        (d.config, d.graph, d.weights, draft.to_string())
+    } else {
+        let dp = dflash::draft_preset(draft)
+            .map_err(|e| format!("--draft {draft}: not a directory, and {e}"))?;
+        dp.config
+            .check_target(&m.arch)
+            .map_err(|e| format!("--draft {} does not fit {}: {e}", dp.name, m.name))?;
+        let g = dflash::draft_graph(&dp.config, &dflash::draft_options(&m.options)).map_err(err)?;
+        let w = dflash::random_draft_weights(&g, &m.weights, seed).map_err(err)?;
+        (dp.config, g, w, dp.name.to_string())
+    };
+    let max_rows = m.options.max_tokens;
+    let block = block.unwrap_or(dcfg.block_size);
+    if block < 2 || block > max_rows {
         return Err(format!(
-            "--block {block} is outside 2..={}: the block is one committed token plus drafts, \
-             and preset {} verifies at most {} tokens per forward",
-            p.options.max_tokens, p.name, p.options.max_tokens
+            "--block {block} is outside 2..={max_rows}: the block is one committed token plus \
+             drafts, and {} verifies at most {max_rows} tokens per forward",
+            m.name
         ));
     }
-    let tokenizer = Tokenizer::Bytes;
+    let tokenizer = &m.tokenizer;
     let ids = match &args.prompt {
         Prompt::Text(t) => tokenizer.encode(t).map_err(|e| e.to_string())?,
         Prompt::Ids(ids) => ids.clone(),
@@ -76,7 +60,7 @@ pub fn run(args: SpecArgs<'_>) -> Result<(), String> {
             "the prompt is empty; pass some text with --prompt (or ids with --prompt-ids)".into(),
         );
     }
-    let vocab = p.arch.vocab_size();
+    let vocab = m.arch.vocab_size();
     if let Some(&bad) = ids
         .iter()
         .find(|&&i| usize::try_from(i).map_or(true, |i| i >= vocab))
@@ -85,37 +69,30 @@ pub fn run(args: SpecArgs<'_>) -> Result<(), String> {
             "prompt token id {bad} is outside the model's vocabulary of {vocab} (ids 0..{vocab})"
         ));
     }
-
-    let t_load = Instant::now();
-    let seed = u64::from(args.seed);
-    let err = |e: tilefuse::ir::IrError| e.to_string();
-    let target =
-        dflash::target_graph(&p.arch, &p.options, &dp.config.target_layer_ids).map_err(err)?;
-    let tw = presets::random_weights(&target, seed).map_err(err)?;
-    let draft = dflash::draft_graph(&dp.config, &p.options).map_err(err)?;
-    let dw = dflash::random_draft_weights(&draft, &tw, seed).map_err(err)?;
-    let plain_graph = p.arch.forward_graph(&p.options).map_err(err)?;
-    let plain_exe = Executable::new(plain_graph, tw.clone(), args.backend).map_err(err)?;
+    let target = dflash::target_graph(&m.arch, &m.options, &dcfg.target_layer_ids).map_err(err)?;
+    let backend = args.backend;
     let drafter = DFlashDrafter::new(
-        Executable::new(draft, dw, args.backend).map_err(err)?,
-        dp.config.mask_id(),
-        p.options.max_tokens,
+        Executable::new(dgraph, dweights, backend).map_err(err)?,
+        dcfg.mask_id(),
+        dflash::draft_options(&m.options).max_tokens,
     )
     .map_err(err)?;
     let opts = SpecOptions {
         block,
-        context: p.options.context,
-        max_tokens: p.options.max_tokens,
+        context: m.context,
+        max_tokens: max_rows,
         rule: SamplingRule::Rejection,
         trace_logits: false,
     };
+    let plain_graph = m.graph.clone();
     let mut spec = SpecDecoder::new(
-        Executable::new(target, tw, args.backend).map_err(err)?,
+        Executable::new(target, m.weights.clone(), backend).map_err(err)?,
         drafter,
         opts,
     )
     .map_err(err)?;
-    let load = t_load.elapsed();
+    let plain_exe = Executable::new(plain_graph, m.weights, backend).map_err(err)?;
+    let load_time = t_load.elapsed();
 
     let sampling = if args.temperature == 0.0 {
         Sampling::Greedy
@@ -130,32 +107,40 @@ pub fn run(args: SpecArgs<'_>) -> Result<(), String> {
     let mut stream = StreamDecoder::new();
     if !args.json {
         eprintln!(
-            "{} + draft {} (B = {block}) on {} (random weights, seed {}); loaded in {load:.1?}",
-            p.name, dp.name, args.backend, args.seed
+            "{} + draft {dname} (B = {block}) on {} ({}); loaded in {load_time:.1?}",
+            m.name,
+            spec.backend(),
+            m.describe
         );
-        let _ = out.write_all(tokenizer.decode(&ids).as_bytes());
+        let shown = match &args.prompt {
+            Prompt::Text(t) => t.to_string(),
+            Prompt::Ids(_) => tokenizer.decode(&ids),
+        };
+        let _ = out.write_all(shown.as_bytes());
         let _ = out.flush();
     }
     let json = args.json;
+    let eos = &m.eos;
     let generated = spec
         .generate(&ids, args.max_tokens, sampling, |tok| {
             if !json {
-                let _ = out.write_all(stream.push(&tokenizer, tok).as_bytes());
+                let _ = out.write_all(stream.push(tokenizer, tok).as_bytes());
                 let _ = out.flush();
             }
-            true
+            !eos.contains(&i64::from(tok))
         })
         .map_err(err)?;
     if !json {
-        let _ = out.write_all(stream.finish(&tokenizer).as_bytes());
+        let _ = out.write_all(stream.finish(tokenizer).as_bytes());
         let _ = writeln!(out);
     }
 
     // Plain decoding of the same prompt on the same weights, for comparison.
-    let mut session =
-        Session::new(plain_exe, p.options.context, p.options.max_tokens).map_err(err)?;
+    let mut session = Session::new(plain_exe, m.context, max_rows).map_err(err)?;
     let plain = session
-        .generate(&ids, args.max_tokens, sampling, |_| true)
+        .generate(&ids, args.max_tokens, sampling, |tok| {
+            !eos.contains(&i64::from(tok))
+        })
         .map_err(err)?;
     let plain_decode: std::time::Duration = session.times.decode.iter().sum();
     let plain_tps = if plain_decode.is_zero() {
@@ -190,10 +175,10 @@ pub fn run(args: SpecArgs<'_>) -> Result<(), String> {
             .collect::<Vec<_>>()
             .join(",");
         println!(
-            "{{\"preset\":{},\"draft\":{},\"block\":{block},\"backend\":\"{}\",\"prompt_ids\":[{}],\"generated_ids\":[{}],\"text\":{},\"steps\":{},\"tau\":{:.4},\"accepted_histogram\":[{hist}],\"draft_ms_per_step\":{:.4},\"verify_ms_per_step\":{:.4},\"prefill_s\":{:.6},\"decode_s\":{:.6},\"tokens_per_s\":{spec_tps:.3},\"plain_generated_ids\":[{}],\"plain_tokens_per_s\":{plain_tps:.3},\"same_as_plain\":{}}}",
-            json_str(p.name),
-            json_str(dp.name),
-            args.backend,
+            "{{\"model\":{},\"draft\":{},\"block\":{block},\"backend\":\"{}\",\"prompt_ids\":[{}],\"generated_ids\":[{}],\"text\":{},\"steps\":{},\"tau\":{:.4},\"accepted_histogram\":[{hist}],\"draft_ms_per_step\":{:.4},\"verify_ms_per_step\":{:.4},\"prefill_s\":{:.6},\"decode_s\":{:.6},\"tokens_per_s\":{spec_tps:.3},\"plain_generated_ids\":[{}],\"plain_tokens_per_s\":{plain_tps:.3},\"same_as_plain\":{}}}",
+            json_str(&m.name),
+            json_str(&dname),
+            spec.backend(),
             list(&ids),
             list(&generated),
             json_str(&tokenizer.decode(&generated)),

@@ -239,9 +239,10 @@ __device__ __forceinline__ void head_prep_warp(const Act* __restrict__ src, cons
 // rope_append_tile
 // =====================================================================================
 //
-// Computes, for the T new tokens at positions S..S+T-1 of one attention layer:
+// Computes, for the T new rows S..S+T-1 of one attention layer's caches:
 //   k_rot = RoPE(KNORM ? rms_norm_head(k, k_norm_w, eps) : k)   (interp nn.rms_norm
-//           on the [T, HKV, DK] view, then nn.rope with `theta`, ROT dims)
+//           on the [T, HKV, DK] view, then nn.rope with `theta`, ROT dims, row t
+//           rotated at position pos[t])
 //   k_cache[(S+t) % cap][h][:] = k_rot[t][h][:],  v_cache[(S+t) % cap][h][:] = v[t][h][:]
 // (interp attn.kv_append for both caches; v is stored as given.)
 // Inputs: k [T, HKV*DK] with row stride k_stride, v [T, HKV*DV] with row stride
@@ -257,7 +258,8 @@ __host__ __device__ constexpr int rope_append_smem_bytes() {
 }
 
 template <typename Act, int HKV, int DK, int DV, int ROT, bool KNORM, int THREADS>
-__device__ void rope_append_tile(int tile, int T, int S, int cap, const Act* __restrict__ k, int k_stride,
+__device__ void rope_append_tile(int tile, int T, int S, int cap, const int* __restrict__ pos,
+                                 const Act* __restrict__ k, int k_stride,
                                  const Act* __restrict__ v, int v_stride, const Act* __restrict__ k_norm_w, float eps,
                                  float theta, Act* __restrict__ k_cache, Act* __restrict__ v_cache, char* smem) {
     using namespace attn_detail;
@@ -269,10 +271,10 @@ __device__ void rope_append_tile(int tile, int T, int S, int cap, const Act* __r
     Act* krow = reinterpret_cast<Act*>(smem + align16(HALF * 8));
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int t = tile;
-    const int pos = S + t;
-    const size_t slot = (size_t)(pos % cap);
+    const size_t slot = (size_t)((S + t) % cap);
+    const int p = pos[t];
     __syncthreads();  // the previous tile of a persistent loop may still read smem
-    for (int f = tid; f < HALF; f += THREADS) cs[f] = rope_cos_sin<Act>(pos, f, ROT, theta);
+    for (int f = tid; f < HALF; f += THREADS) cs[f] = rope_cos_sin<Act>(p, f, ROT, theta);
     __syncthreads();
     for (int h = warp; h < HKV; h += NW) {
         Act* row = krow + h * DK;
@@ -373,8 +375,10 @@ struct AttnConfig {
 // one kv head's keys in one split of the key range, exactly interp attn.attention
 // (with the q-side of the model fused in):
 //   q_t,h = RoPE(QNORM ? rms_norm_head(q[t][h], q_norm_w, eps) : q[t][h]) at position
-//           S + t (rounded to Act as the interpreter rounds its rope/norm outputs);
-//   keys/values j in 0..L, L = S + T, read from slot j % cap of the caches;
+//           qpos[t] (rounded to Act as the interpreter rounds its rope/norm outputs);
+//   keys/values j in 0..L, L = S + T, read from slot j % cap of the caches (S counts
+//   the keys before the first query: the cached length, plus any rows appended in
+//   the same forward ahead of the queries, e.g. a draft's new context rows);
 //   query t sits at p = S + t and sees j per the mask (ir::Mask):
 //     causal: j <= p && (!WINDOW || j > p - WINDOW);
 //     block:  j >= S || !WINDOW || j > p - WINDOW   (the T queries are the last T keys);
@@ -431,7 +435,8 @@ struct AttnConfig {
 // partial outputs O [T][HQ][NSPLIT][DV] then stats (m, l) [T][HQ][NSPLIT][2].
 // Shared memory: C::SMEM_BYTES.
 template <class C>
-__device__ void attention_tile(int tile, int T, int S, int cap, const bf16* __restrict__ q, int q_stride,
+__device__ void attention_tile(int tile, int T, int S, int cap, const int* __restrict__ qpos,
+                               const bf16* __restrict__ q, int q_stride,
                                const bf16* __restrict__ q_norm_w, float eps, float theta, float scale,
                                const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
                                const bf16* __restrict__ sinks, bf16* __restrict__ out, int out_stride,
@@ -481,7 +486,8 @@ __device__ void attention_tile(int tile, int T, int S, int cap, const bf16* __re
 
     __syncthreads();  // the previous tile of a persistent loop may still read smem
     for (int i = tid; i < TQ * HALF; i += THREADS)
-        sCS[i] = rope_cos_sin<bf16>(S + t0 + i / (HALF > 0 ? HALF : 1), i % (HALF > 0 ? HALF : 1), ROT, theta);
+        sCS[i] = rope_cos_sin<bf16>(t0 + i / (HALF > 0 ? HALF : 1) < T ? qpos[t0 + i / (HALF > 0 ? HALF : 1)] : 0,
+                                    i % (HALF > 0 ? HALF : 1), ROT, theta);
     for (int i = tid; i < MR; i += THREADS) {
         sM[i] = NEG_INF;
         sL[i] = 0.f;

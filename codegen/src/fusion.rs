@@ -81,6 +81,11 @@ pub enum KernelKind {
     },
     /// Elementwise nodes of one element count, computed per element.
     Elementwise,
+    /// Inputs joined along one axis, copied element by element.
+    Concat {
+        /// The `view.concat` node.
+        node: NodeId,
+    },
     /// Index of the largest logit.
     Argmax {
         /// The node.
@@ -108,6 +113,7 @@ impl KernelKind {
             KernelKind::ExpertsDown { .. } => "moe_down",
             KernelKind::RmsNorm { .. } => "rms_norm",
             KernelKind::Elementwise => "elementwise",
+            KernelKind::Concat { .. } => "concat",
             KernelKind::Argmax { .. } => "argmax",
             KernelKind::Sample { .. } => "sample",
         }

@@ -133,7 +133,40 @@ pub struct Kernel {
 pub struct PlanOptions {
     /// The most tokens one forward of this bucket carries.
     pub max_t: usize,
+    /// The largest value of every other row-count symbol of the graph (a
+    /// draft's context rows `C`); `S` (positions already cached) never sizes
+    /// an activation and needs none.
+    pub bounds: BTreeMap<String, usize>,
 }
+
+impl PlanOptions {
+    /// A bucket of at most `max_t` tokens and no other row symbols.
+    pub fn new(max_t: usize) -> PlanOptions {
+        PlanOptions {
+            max_t,
+            bounds: BTreeMap::new(),
+        }
+    }
+
+    /// With symbol `sym` at most `max`.
+    pub fn with_bound(mut self, sym: &str, max: usize) -> PlanOptions {
+        self.bounds.insert(sym.to_string(), max);
+        self
+    }
+
+    /// Every row symbol bound to its largest value (`T` to `max_t`), `S` to 0.
+    pub fn max_bindings(&self) -> Bindings {
+        let mut b = Bindings::new().with("T", self.max_t).with("S", 0);
+        for (s, &v) in &self.bounds {
+            b.set(s, v);
+        }
+        b
+    }
+}
+
+/// Words of the arena head: `T`, `S`, the forward's epoch, then the other
+/// symbols of the graph in name order ([`Plan::symbol_slot`]).
+pub const FIXED_SYMBOL_WORDS: usize = 3;
 
 /// The whole executable plan of one graph for one bucket of `T`.
 #[derive(Clone, Debug)]
@@ -162,24 +195,26 @@ fn align(n: usize) -> usize {
     n.div_ceil(ALIGN) * ALIGN
 }
 
-/// Bytes of a node's value with `T` bound to the bucket maximum.
-fn value_bytes(g: &Graph, n: NodeId, max_t: usize) -> Result<usize, CodegenError> {
+/// Bytes of a node's value with every row symbol bound to its maximum.
+fn value_bytes(g: &Graph, n: NodeId, opt: &PlanOptions) -> Result<usize, CodegenError> {
     let node = g.node(n);
-    let b = Bindings::new().with("T", max_t).with("S", 0);
+    if node.ty.shape.symbols().any(|s| s == "S") {
+        return Err(CodegenError::Unsupported {
+            node: g.describe(n),
+            reason: format!(
+                "a stored activation {} may not depend on S (the cached length)",
+                node.ty
+            ),
+        });
+    }
     let dims = node
         .ty
         .shape
-        .eval(&b)
+        .eval(&opt.max_bindings())
         .map_err(|m| CodegenError::Unsupported {
             node: g.describe(n),
-            reason: format!("its size depends on more than T: {m}"),
+            reason: format!("its size needs a bound on a symbol (PlanOptions::with_bound): {m}"),
         })?;
-    if node.ty.shape.symbols().any(|s| s != "T") {
-        return Err(CodegenError::Unsupported {
-            node: g.describe(n),
-            reason: format!("a stored activation {} may only depend on T", node.ty),
-        });
-    }
     let numel: usize = dims.iter().product();
     let last = dims.last().copied().unwrap_or(1);
     node.ty
@@ -192,6 +227,30 @@ fn value_bytes(g: &Graph, n: NodeId, max_t: usize) -> Result<usize, CodegenError
 }
 
 impl Plan {
+    /// The word of the arena head that holds symbol `sym` during a forward
+    /// (`T` 0, `S` 1, the others from [`FIXED_SYMBOL_WORDS`] on, by name).
+    pub fn symbol_slot(&self, sym: &str) -> Option<usize> {
+        match sym {
+            "T" => Some(0),
+            "S" => Some(1),
+            _ => self
+                .fused
+                .graph
+                .symbols()
+                .filter(|s| *s != "T" && *s != "S")
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .position(|s| s == sym)
+                .map(|i| FIXED_SYMBOL_WORDS + i),
+        }
+    }
+
+    /// The largest value of a row dim in this bucket.
+    pub fn dim_max(&self, d: &tilefuse_ir::Dim) -> Result<usize, CodegenError> {
+        d.eval(&self.options.max_bindings())
+            .map_err(|m| CodegenError::Internal(format!("bounding {d}: {m}")))
+    }
+
     /// Plans `fused` for a bucket: schedule, tiling (by the lowering of each
     /// kernel kind), dependencies, memory.
     pub fn new(fused: Fused, options: PlanOptions) -> Result<Plan, CodegenError> {
@@ -615,7 +674,7 @@ fn buffers_with_liveness(
     let mut out = Vec::new();
     for (v, l) in live {
         let (name, bytes) = match v {
-            Value::Node(n) => (g.node(n).name.clone(), value_bytes(g, n, opt.max_t)?),
+            Value::Node(n) => (g.node(n).name.clone(), value_bytes(g, n, opt)?),
             Value::Work(k, slot) => {
                 let Some((_, name, bytes)) =
                     kernels[k].tiling.workspaces.iter().find(|w| w.0 == slot)

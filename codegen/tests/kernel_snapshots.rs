@@ -10,7 +10,7 @@ use tilefuse_ir::{DType, Graph};
 use tilefuse_model::canonical;
 
 fn module(g: Graph, max_t: usize) -> tilefuse_codegen::lower::Module {
-    let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions { max_t }).unwrap();
+    let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions::new(max_t)).unwrap();
     lower(&plan).unwrap()
 }
 
@@ -75,7 +75,7 @@ fn codegen_is_deterministic() {
 fn layers_share_kernel_functions() {
     let p = tilefuse_model::presets::by_name("qwen3-30b-a3b").unwrap();
     let g = p.arch.forward_graph(&p.options).unwrap();
-    let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions { max_t: 1 }).unwrap();
+    let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions::new(1)).unwrap();
     let m = lower(&plan).unwrap();
     // 48 identical layers: the functions do not grow with depth.
     assert!(

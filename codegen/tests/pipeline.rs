@@ -38,7 +38,8 @@ fn full_width_plans_fit_the_shared_memory_of_an_sm() {
         let p = presets::by_name(name).unwrap();
         let g = p.arch.forward_graph(&p.options).unwrap();
         for max_t in [1, 8, 16, 64] {
-            let plan = Plan::new(run_pipeline(g.clone()).unwrap(), PlanOptions { max_t }).unwrap();
+            let plan =
+                Plan::new(run_pipeline(g.clone()).unwrap(), PlanOptions::new(max_t)).unwrap();
             for k in &plan.kernels {
                 assert!(
                     k.tiling.smem <= 227 * 1024,
@@ -56,7 +57,7 @@ fn kernels_wait_only_on_what_they_must() {
     use tilefuse_codegen::plan::{Plan, PlanOptions};
     let p = presets::by_name("qwen3-30b-a3b").unwrap();
     let g = p.arch.forward_graph(&p.options).unwrap();
-    let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions { max_t: 1 }).unwrap();
+    let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions::new(1)).unwrap();
     let most = plan.kernels.iter().map(|k| k.deps.len()).max().unwrap();
     // After the transitive reduction a kernel waits on its direct producers
     // (and an occasional arena anti-dependency), not on half the forward.

@@ -46,6 +46,16 @@ impl Dim {
         self.terms.is_empty()
     }
 
+    /// The constant term.
+    pub fn constant(&self) -> i64 {
+        self.constant
+    }
+
+    /// The symbols with their coefficients, in symbol order.
+    pub fn terms(&self) -> impl Iterator<Item = (&str, i64)> {
+        self.terms.iter().map(|(s, &a)| (s.as_str(), a))
+    }
+
     /// The symbols the dim mentions, in order.
     pub fn symbols(&self) -> impl Iterator<Item = &str> {
         self.terms.keys().map(String::as_str)

@@ -35,33 +35,36 @@
 //! with the target's `model.embed_tokens.weight` (with [`MaskToken::Embedding`],
 //! a table with one extra row, `mask_embedding`, at id `V`). Each draft layer
 //! (Qwen3 style) computes `q` from the block only (q_norm, RoPE at the block
-//! positions), `k`/`v` of the new context rows (k_norm, RoPE at their
-//! positions) and appends them to the layer's cache at `S`
-//! (`attn.kv_append{len=S}`), computes the block's own `k`/`v`, and attends
-//! over `concat([cache view of S+C rows ; block T rows], axis 0)` with
-//! [`Mask::Block`]: every block query sees the whole block and the context
-//! (all of it, or with a sliding window `w` the context positions `j > p − w`
-//! for the query at `p`); or, for layers the config makes causal
+//! positions) and `k`/`v` from `concat([ctx ; input_layernorm(block)], axis 0)`, the `C + T`
+//! rows at positions `S .. S+C+T` (k_norm, RoPE at `concat(context_pos,
+//! pos)`), appends them to the layer's caches at `S`
+//! (`attn.kv_append{len=S}`) and attends over the `L = S+C+T` cached rows
+//! with [`Mask::Block`]: every block query sees the whole block and the
+//! context (all of it, or with a sliding window `w` the context positions
+//! `j > p − w` for the query at `p`); or, for layers the config makes causal
 //! ([`DraftConfig::layer_causal`]), [`Mask::Causal`] with the same window. The
 //! newer reference's non-causal window is symmetric (`|p − j| < w`), which
-//! equals [`Mask::Block`] whenever `B ≤ w`. The keys are `L = S+C+T` rows and the queries the
-//! last `T`, which is the interpreter's convention "query `i` sits at
-//! `L − T + i`", so the mask positions equal the RoPE positions. The RoPE is
-//! the draft's own (its `rope_theta`), full head width. A dense SwiGLU MLP,
-//! pre-norm residuals, a final `norm`.
+//! equals [`Mask::Block`] whenever `B ≤ w`. The queries are the last `T`
+//! keys, the interpreter's convention "query `i` sits at `L − T + i`", so the
+//! mask positions equal the RoPE positions. The RoPE is the draft's own (its
+//! `rope_theta`), full head width. A dense SwiGLU MLP, pre-norm residuals, a
+//! final `norm`.
 //!
-//! Only context rows enter the draft caches: the block's K/V are
-//! concatenated after the cache view and never stored, which is exactly the
-//! reference's `past_key_values_draft.crop(start)`. Since the engine feeds
-//! the draft only committed positions, the draft cache never needs rolling
-//! back: its `S` is the committed length before this call's context.
+//! The block's rows land in the caches at `S+C ..` and the next call, whose
+//! `S` is this call's `S + C`, overwrites them with its own context before
+//! any query reads them: in effect only context stays cached, which is
+//! exactly the reference's `past_key_values_draft.crop(start)`, and one
+//! append of `C + T` rows is the same attention pattern as the target's (one
+//! kernel family serves both on the GPU). Since the engine feeds the draft
+//! only committed positions, the draft cache never needs rolling back: its
+//! `S` is the committed length before this call's context.
 //!
 //! Draft caches are `draft.layers.{i}.{k,v}_cache`: full layers hold
 //! `GraphOptions::context` positions; sliding layers a ring of
-//! `GraphOptions::ring_capacity(window)` slots. A block query needs context
-//! positions `> S+C−w`, so any ring of at least `w − 1` slots serves every
-//! call; `C` never exceeds `GraphOptions::max_tokens` (the engine feeds a
-//! long prompt in chunks).
+//! `GraphOptions::ring_capacity(window)` = `w + max_tokens − 1` slots. One
+//! call appends `C + T ≤ max_tokens` rows (the engine feeds long context in
+//! chunks), so no two rows of a call share a slot, and the oldest row a block
+//! query needs (`S+C−w+1`) is never overwritten by the same call.
 //!
 //! # Config and checkpoint layout
 //!
@@ -559,6 +562,17 @@ pub fn target_graph(arch: &Arch, opt: &GraphOptions, target_layer_ids: &[usize])
     b.finish()
 }
 
+/// The graph options of a draft for a target built with `target`: the same
+/// dtypes and context, and forwards of up to twice the target's
+/// `max_tokens` rows (a verify block of up to `max_tokens` tokens plus the
+/// context rows one step commits, at most as many again).
+pub fn draft_options(target: &GraphOptions) -> GraphOptions {
+    GraphOptions {
+        max_tokens: 2 * target.max_tokens,
+        ..*target
+    }
+}
+
 /// The draft forward (see the module docs for its inputs, caches and output).
 pub fn draft_graph(cfg: &DraftConfig, opt: &GraphOptions) -> Result<Graph> {
     cfg.validate()?;
@@ -657,30 +671,26 @@ fn draft_layer(
     let q = b.rms_norm(q, qn, eps)?;
     let q = b.rope(q, pos, cfg.rope_theta, d)?;
     let q = b.name(q, "q");
-    // Keys and values of the new context rows, appended to the cache at S.
-    let kx = b.matmul(ctx, wk)?;
-    let kx = b.reshape(kx, shape![C, (kvh), (d)])?;
-    let kx = b.rms_norm(kx, kn, eps)?;
-    let kx = b.rope(kx, ctx_pos, cfg.rope_theta, d)?;
-    let kx = b.name(kx, "k_ctx");
-    let vx = b.matmul(ctx, wv)?;
-    let vx = b.reshape(vx, shape![C, (kvh), (d)])?;
-    let vx = b.name(vx, "v_ctx");
-    let kcache = b.kv_append(kc, kx, "S", sliding)?;
-    let vcache = b.kv_append(vc, vx, "S", sliding)?;
-    // Keys and values of the block: used in this call only, never cached.
-    let kb = b.matmul(hn, wk)?;
-    let kb = b.reshape(kb, shape![T, (kvh), (d)])?;
-    let kb = b.rms_norm(kb, kn, eps)?;
-    let kb = b.rope(kb, pos, cfg.rope_theta, d)?;
-    let kb = b.name(kb, "k_block");
-    let vb = b.matmul(hn, wv)?;
-    let vb = b.reshape(vb, shape![T, (kvh), (d)])?;
-    let vb = b.name(vb, "v_block");
-    // [context 0..S+C ; block]: L = S+C+T rows, the queries are the last T.
-    let keys = b.concat(&[kcache, kb], 0)?;
+    // Keys and values of [new context rows ; block] (C+T rows at positions
+    // S .. S+C+T), appended to the caches at S. The block's rows land at
+    // S+C.., where the next call's context rows overwrite them: only
+    // context stays in the caches, as in the reference's crop.
+    let kv_in = b.concat(&[ctx, hn], 0)?;
+    let kv_in = b.name(kv_in, "kv_in");
+    let kv_pos = b.concat(&[ctx_pos, pos], 0)?;
+    let kv_pos = b.name(kv_pos, "kv_pos");
+    let k = b.matmul(kv_in, wk)?;
+    let k = b.reshape(k, shape![("C+T"), (kvh), (d)])?;
+    let k = b.rms_norm(k, kn, eps)?;
+    let k = b.rope(k, kv_pos, cfg.rope_theta, d)?;
+    let k = b.name(k, "k");
+    let v = b.matmul(kv_in, wv)?;
+    let v = b.reshape(v, shape![("C+T"), (kvh), (d)])?;
+    let v = b.name(v, "v");
+    // L = S+C+T keys; the queries are the last T.
+    let keys = b.kv_append(kc, k, "S", sliding)?;
     let keys = b.name(keys, "keys");
-    let values = b.concat(&[vcache, vb], 0)?;
+    let values = b.kv_append(vc, v, "S", sliding)?;
     let values = b.name(values, "values");
     let window = if sliding {
         Some(u32::try_from(cfg.sliding_window).unwrap_or(u32::MAX))
@@ -786,6 +796,73 @@ pub fn random_draft_weights(
     }
     out.extend(presets::random_weights(&own, seed)?);
     Ok(out)
+}
+
+/// A draft read from a checkpoint directory (the layout in the module docs).
+#[derive(Debug)]
+pub struct LoadedDraft {
+    /// Its config.
+    pub config: DraftConfig,
+    /// The draft graph.
+    pub graph: Graph,
+    /// Its weights, the shared ones taken from the target.
+    pub weights: BTreeMap<String, Tensor>,
+}
+
+/// Reads the draft checkpoint in `dir` (`config.json` and safetensors) for
+/// `target` built with graph options `opt` (the draft's follow from them,
+/// [`draft_options`]), taking the shared
+/// embedding and LM head from `target_weights`. Errors name the file, the
+/// field or the tensor.
+pub fn load_draft(
+    dir: &std::path::Path,
+    target: &Arch,
+    opt: &GraphOptions,
+    target_weights: &BTreeMap<String, Tensor>,
+) -> std::result::Result<LoadedDraft, String> {
+    use crate::checkpoint::{read_text, to_tensor, Checkpoint};
+    let cfg_path = dir.join("config.json");
+    let text = read_text(&cfg_path).map_err(|e| e.to_string())?;
+    let config =
+        DraftConfig::from_hf_json(&text).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
+    config.check_target(target).map_err(|e| {
+        format!(
+            "the draft in {} does not fit the target: {e}",
+            dir.display()
+        )
+    })?;
+    let graph = draft_graph(&config, &draft_options(opt)).map_err(|e| e.to_string())?;
+    let ck = Checkpoint::open(dir).map_err(|e| e.to_string())?;
+    let none = tilefuse_ir::Bindings::new();
+    let mut weights = BTreeMap::new();
+    for id in graph.inputs_of_kind(InputKind::Weight) {
+        let n = graph.node(id);
+        let name = n.name.as_str();
+        let t = if SHARED_WEIGHTS.contains(&name) {
+            target_weights.get(name).cloned().ok_or_else(|| {
+                format!("the draft shares the target weight `{name}`, which the target lacks")
+            })?
+        } else {
+            let shape = n.ty.shape.eval(&none)?;
+            let values = ck
+                .floats(name, &shape, [128, 128])
+                .map_err(|e| e.to_string())?;
+            to_tensor(name, n.ty.dtype, &shape, values).map_err(|e| e.to_string())?
+        };
+        weights.insert(name.to_string(), t);
+    }
+    if let Some(extra) = ck.unread().first() {
+        return Err(format!(
+            "{}: tensor `{extra}` is not part of a DFlash draft with this config \
+             (is config.json the draft's, and are these the draft's weights?)",
+            dir.display()
+        ));
+    }
+    Ok(LoadedDraft {
+        config,
+        graph,
+        weights,
+    })
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tilefuse_codegen::KernelKind;
 use tilefuse_ir::interp::Tensor;
-use tilefuse_ir::{Attn, ErrorKind, Graph, IrError, Mask, Nn, Op, Result};
+use tilefuse_ir::{Attn, Bindings, ErrorKind, Graph, IrError, Mask, Nn, Op, Result};
 
 use crate::cuda_exec::{GpuExecutable, LaunchMode, WeightSource};
 use crate::gpu::{Gpu, GpuError};
@@ -192,7 +192,8 @@ pub fn bench_model(
                     "pos".to_string(),
                     Tensor::i32(&[t], (ctx as i32..(ctx + t) as i32).collect())?,
                 );
-                let mut times = exe.time_forwards(t, ctx, &inputs, 3, reps)?;
+                let b = Bindings::new().with("T", t).with("S", ctx);
+                let mut times = exe.time_forwards(&b, &inputs, 3, reps)?;
                 times.sort_by(f32::total_cmp);
                 let ms = f64::from(times[times.len() / 2]);
                 let bytes = bytes_moved(&exe, t, ctx)?;

@@ -14,7 +14,7 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaFunction, CudaGraph};
 use tilefuse_codegen::lower::{self, Module as CudaModule};
 use tilefuse_codegen::passes::run_pipeline;
-use tilefuse_codegen::plan::{Plan, PlanOptions};
+use tilefuse_codegen::plan::{Plan, PlanOptions, FIXED_SYMBOL_WORDS};
 use tilefuse_ir::fp4::e4m3_encode;
 use tilefuse_ir::interp::{Data, Tensor};
 use tilefuse_ir::{Bindings, DType, ErrorKind, Graph, InputKind, IrError, Result};
@@ -284,13 +284,24 @@ fn from_bytes(dtype: DType, shape: &[usize], b: &[u8]) -> Result<Tensor> {
     }
 }
 
+/// The plan options of `graph` for a bucket of `max_t` tokens: every other
+/// row symbol (a draft's context rows `C`) bounded by the graph's largest
+/// forward ([`crate::executable::max_tokens`]).
+pub fn plan_options(graph: &Graph, max_t: usize) -> PlanOptions {
+    let bound = crate::executable::max_tokens(graph);
+    graph
+        .symbols()
+        .filter(|s| !matches!(*s, "T" | "S"))
+        .fold(PlanOptions::new(max_t), |o, s| o.with_bound(s, bound))
+}
+
 /// Plans and lowers `graph` for one bucket (no GPU needed).
 pub fn build(
     graph: &Graph,
     max_t: usize,
 ) -> std::result::Result<(Plan, CudaModule), tilefuse_codegen::CodegenError> {
     let fused = run_pipeline(graph.clone())?;
-    let plan = Plan::new(fused, PlanOptions { max_t })?;
+    let plan = Plan::new(fused, plan_options(graph, max_t))?;
     let module = lower::lower(&plan)?;
     Ok((plan, module))
 }
@@ -432,12 +443,19 @@ impl GpuExecutable {
         bindings: &Bindings,
         inputs: &BTreeMap<String, Tensor>,
     ) -> Result<BTreeMap<String, Tensor>> {
+        let pi = self.bucket(bindings)?;
+        self.prepare(pi, bindings, inputs)?;
+        self.dispatch(pi)?;
+        self.gpu.sync("running the forward").map_err(gpu_err)?;
+        self.read_outputs(pi, bindings)
+    }
+
+    /// The program serving a forward with these bindings.
+    fn bucket(&self, bindings: &Bindings) -> Result<usize> {
         let t = bindings
             .get("T")
             .ok_or_else(|| IrError::new(ErrorKind::Interp, "symbol T is not bound"))?;
-        let s = bindings.get("S").unwrap_or(0);
-        let pi = self
-            .programs
+        self.programs
             .iter()
             .position(|p| p.plan.options.max_t >= t)
             .ok_or_else(|| {
@@ -448,38 +466,74 @@ impl GpuExecutable {
                         self.buckets()
                     ),
                 )
-            })?;
-        self.launch(pi, t, s, inputs)?;
-        self.read_outputs(pi, bindings)
+            })
     }
 
-    fn launch(
-        &mut self,
-        pi: usize,
-        t: usize,
-        s: usize,
-        inputs: &BTreeMap<String, Tensor>,
-    ) -> Result<()> {
-        self.prepare(pi, t, s, inputs)?;
-        self.dispatch(pi)?;
-        self.gpu.sync("running the forward").map_err(gpu_err)
+    /// Writes the symbols of a forward to the arena head: `T`, `S`, then the
+    /// graph's other symbols at their words ([`Plan::symbol_slot`]), each
+    /// checked against the bound the plan was sized for.
+    fn write_symbols(&mut self, pi: usize, bindings: &Bindings) -> Result<()> {
+        let plan = &self.programs[pi].plan;
+        let mut words = vec![0i32; FIXED_SYMBOL_WORDS];
+        for sym in plan.fused.graph.symbols() {
+            let v = bindings.get(sym).ok_or_else(|| {
+                IrError::new(ErrorKind::Interp, format!("symbol {sym} is not bound"))
+            })?;
+            if let Some(&max) = plan.options.bounds.get(sym) {
+                if v > max {
+                    return Err(IrError::new(
+                        ErrorKind::Interp,
+                        format!("{sym} = {v} is larger than the {max} the plan was sized for"),
+                    ));
+                }
+            }
+            let slot = plan.symbol_slot(sym).ok_or_else(|| {
+                IrError::new(
+                    ErrorKind::Interp,
+                    format!("symbol {sym} has no word in the arena head"),
+                )
+            })?;
+            if slot == 2 {
+                continue;
+            }
+            if words.len() <= slot {
+                words.resize(slot + 1, 0);
+            }
+            words[slot] = i32::try_from(v).map_err(|_| {
+                IrError::new(
+                    ErrorKind::Interp,
+                    format!("{sym} = {v} does not fit an int"),
+                )
+            })?;
+        }
+        // Word 2 is the persistent mode's epoch, which the launch keeps.
+        let mut head = Vec::new();
+        for w in &words[..2] {
+            head.extend(w.to_le_bytes());
+        }
+        self.gpu.write(&mut self.arena, 0, &head).map_err(gpu_err)?;
+        if words.len() > FIXED_SYMBOL_WORDS {
+            let mut rest = Vec::new();
+            for w in &words[FIXED_SYMBOL_WORDS..] {
+                rest.extend(w.to_le_bytes());
+            }
+            self.gpu
+                .write(&mut self.arena, 4 * FIXED_SYMBOL_WORDS, &rest)
+                .map_err(gpu_err)?;
+        }
+        Ok(())
     }
 
     /// Writes the symbols and the activation inputs of a forward to the arena.
     fn prepare(
         &mut self,
         pi: usize,
-        t: usize,
-        s: usize,
+        b: &Bindings,
         inputs: &BTreeMap<String, Tensor>,
     ) -> Result<()> {
+        self.write_symbols(pi, b)?;
         let p = &self.programs[pi];
         let g = &p.plan.fused.graph;
-        let mut sym = Vec::new();
-        sym.extend((t as i32).to_le_bytes());
-        sym.extend((s as i32).to_le_bytes());
-        self.gpu.write(&mut self.arena, 0, &sym).map_err(gpu_err)?;
-        let b = Bindings::new().with("T", t).with("S", s);
         for n in g.inputs_of_kind(InputKind::Activation) {
             let node = g.node(n);
             let v = inputs.get(&node.name).ok_or_else(|| {
@@ -491,7 +545,7 @@ impl GpuExecutable {
             let want = node
                 .ty
                 .shape
-                .eval(&b)
+                .eval(b)
                 .map_err(|m| IrError::new(ErrorKind::Interp, m))?;
             if v.shape != want || v.dtype != node.ty.dtype {
                 return Err(IrError::new(
@@ -501,32 +555,6 @@ impl GpuExecutable {
                         node.name, node.ty.dtype, v.dtype, v.shape
                     ),
                 ));
-            }
-            // The fused attention kernels rotate token t at position S + t.
-            let feeds_rope = g.users(n).iter().any(|&u| {
-                matches!(
-                    g.node(u).op,
-                    tilefuse_ir::Op::Nn(tilefuse_ir::Nn::Rope { .. })
-                ) && g.inputs(u)[1] == n
-            });
-            if feeds_rope {
-                if let Some(ids) = v.as_i32() {
-                    if let Some((i, &p)) = ids
-                        .iter()
-                        .enumerate()
-                        .find(|(i, &p)| p as i64 != (s + i) as i64)
-                    {
-                        return Err(IrError::new(
-                            ErrorKind::Interp,
-                            format!(
-                                "input \"{}\": the GPU attention kernels place token {i} at position S + {i} = {}, but it is {p}; \
-                                 positions must continue the cache",
-                                node.name,
-                                s + i
-                            ),
-                        ));
-                    }
-                }
             }
             let off = p.plan.offset_of(n).ok_or_else(|| {
                 IrError::new(
@@ -738,23 +766,19 @@ impl GpuExecutable {
         Ok(out)
     }
 
-    /// Times `reps` forwards of `t` tokens after `s` cached positions in the
-    /// executable's launch mode, each between two events, after `warmup`
-    /// untimed ones; `inputs` are written once. Returns milliseconds per forward.
+    /// Times `reps` forwards with `bindings` (`T` tokens after `S` cached
+    /// positions, and any other symbol of the graph) in the executable's
+    /// launch mode, each between two events, after `warmup` untimed ones;
+    /// `inputs` are written once. Returns milliseconds per forward.
     pub fn time_forwards(
         &mut self,
-        t: usize,
-        s: usize,
+        bindings: &Bindings,
         inputs: &BTreeMap<String, Tensor>,
         warmup: usize,
         reps: usize,
     ) -> Result<Vec<f32>> {
-        let pi = self
-            .programs
-            .iter()
-            .position(|p| p.plan.options.max_t >= t)
-            .ok_or_else(|| IrError::new(ErrorKind::Interp, format!("no bucket for T = {t}")))?;
-        self.prepare(pi, t, s, inputs)?;
+        let pi = self.bucket(bindings)?;
+        self.prepare(pi, bindings, inputs)?;
         for _ in 0..warmup {
             self.dispatch(pi)?;
         }
@@ -813,10 +837,10 @@ impl GpuExecutable {
             .iter()
             .position(|p| p.plan.options.max_t >= t)
             .ok_or_else(|| IrError::new(ErrorKind::Interp, format!("no bucket for T = {t}")))?;
-        let mut sym = Vec::new();
-        sym.extend((t as i32).to_le_bytes());
-        sym.extend((s as i32).to_le_bytes());
-        self.gpu.write(&mut self.arena, 0, &sym).map_err(gpu_err)?;
+        let mut head = Vec::new();
+        head.extend((t as i32).to_le_bytes());
+        head.extend((s as i32).to_le_bytes());
+        self.gpu.write(&mut self.arena, 0, &head).map_err(gpu_err)?;
         let args = [
             Arg::Ptr(self.arena.ptr()),
             Arg::Ptr(self.weights.ptr()),

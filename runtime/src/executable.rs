@@ -97,7 +97,7 @@ impl Executable {
                             "no CUDA GPU found (no driver library or no device); use --backend cpu",
                         )
                     })?;
-                let max = graph_max_tokens(&graph);
+                let max = max_tokens(&graph);
                 let buckets: Vec<usize> = DEFAULT_BUCKETS.iter().map(|&b| b.min(max)).collect();
                 let exe = GpuExecutable::new(gpu, &graph, &weights, &buckets, mode)?;
                 Ok(Executable {
@@ -128,6 +128,7 @@ impl Executable {
         bindings: &Bindings,
         inputs: BTreeMap<String, Tensor>,
     ) -> Result<BTreeMap<String, Tensor>> {
+        check_ring_rows(&self.graph, bindings)?;
         if let Some(g) = &mut self.gpu {
             return g.run(bindings, &inputs);
         }
@@ -152,10 +153,10 @@ impl Executable {
     }
 }
 
-/// The largest `T` a graph's ring caches allow: a sliding-window ring of `cap`
-/// slots for window `w` serves forwards of up to `cap - w + 1` tokens. Graphs
-/// without rings allow the default largest bucket.
-fn graph_max_tokens(graph: &Graph) -> usize {
+/// The most rows one forward of `graph` may append to a cache: the largest
+/// bucket, or less where a sliding-window ring of `cap` slots and window `w`
+/// allows only `cap + 1 − w`.
+pub fn max_tokens(graph: &Graph) -> usize {
     use tilefuse_ir::{Attn, Mask, Op};
     let mut max = *DEFAULT_BUCKETS.last().unwrap_or(&1);
     for n in graph.topo_order().unwrap_or_default() {
@@ -187,4 +188,44 @@ impl Executable {
     pub fn gpu(&mut self) -> Option<&mut GpuExecutable> {
         self.gpu.as_mut()
     }
+}
+
+/// Refuses a forward that appends more rows to a sliding-window ring of `cap`
+/// slots and window `w` than `cap + 1 − w`: its own rows would overwrite
+/// keys its queries still need (and, past `cap`, each other).
+fn check_ring_rows(graph: &Graph, bindings: &Bindings) -> Result<()> {
+    use tilefuse_ir::{Attn, Mask, Op};
+    for n in graph.topo_order()? {
+        let Op::Attn(Attn::Attention { mask, .. }) = graph.node(n).op else {
+            continue;
+        };
+        let (Mask::Causal { window: Some(w) } | Mask::Block { window: Some(w) }) = mask else {
+            continue;
+        };
+        let keys = graph.inputs(n)[1];
+        let Op::Attn(Attn::KvAppend { ring: true, .. }) = graph.node(keys).op else {
+            continue;
+        };
+        let cache = graph.node(graph.inputs(keys)[0]);
+        let new = graph.node(graph.inputs(keys)[1]);
+        let (Some(cap), Some(rows)) = (
+            cache.ty.dims().first().and_then(|d| d.as_const()),
+            new.ty.dims().first().and_then(|d| d.eval(bindings).ok()),
+        ) else {
+            continue;
+        };
+        let most = (cap + 1).saturating_sub(w as usize);
+        if rows > most {
+            return Err(IrError::new(
+                ErrorKind::Interp,
+                format!(
+                    "a forward of graph \"{}\" appends {rows} rows to the sliding-window cache \"{}\" \
+                     ({cap} slots, window {w}), which holds at most {most} new rows per forward; \
+                     split the forward",
+                    graph.name, cache.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }

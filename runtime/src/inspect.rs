@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use tilefuse_codegen::fusion::Fused;
 use tilefuse_codegen::lower;
 use tilefuse_codegen::passes::run_pipeline_observed;
-use tilefuse_codegen::plan::{Plan, PlanOptions};
+use tilefuse_codegen::plan::Plan;
 use tilefuse_ir::{Graph, InputKind, Op};
 
 use crate::nvrtc::{self, CompileOptions, KernelResources};
@@ -203,7 +203,8 @@ pub fn compile_artifacts(
             }
         }
         let dotted = dot(&fused);
-        let plan = Plan::new(fused, PlanOptions { max_t }).map_err(|e| e.to_string())?;
+        let plan = Plan::new(fused, crate::cuda_exec::plan_options(graph, max_t))
+            .map_err(|e| e.to_string())?;
         if emit.plan {
             write(&tmp, "plan.txt", &plan.to_string())?;
             write(&tmp, "fused.dot", &dotted)?;

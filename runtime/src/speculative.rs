@@ -220,10 +220,11 @@ pub struct DFlashDrafter {
 
 impl DFlashDrafter {
     /// A drafter over `exe` (a draft graph) whose mask positions carry
-    /// `mask_id`; at most `max_context_rows` context rows go into one forward
-    /// (a longer prompt is fed in chunks, each with a one-token block whose
-    /// output is ignored).
-    pub fn new(exe: Executable, mask_id: i32, max_context_rows: usize) -> Result<DFlashDrafter> {
+    /// `mask_id`; one forward appends at most `max_rows` rows to the draft
+    /// caches, context and block together (`C + T`, the draft graph's
+    /// `max_tokens`): longer context is fed in chunks, each with a one-token
+    /// block whose output is ignored.
+    pub fn new(exe: Executable, mask_id: i32, max_rows: usize) -> Result<DFlashDrafter> {
         let g = exe.graph();
         for s in ["S", "C", "T"] {
             if !g.symbols().any(|x| x == s) {
@@ -250,13 +251,15 @@ impl DFlashDrafter {
                 ))
             })?;
         let vocab = output_width(&exe, "logits")?;
-        if max_context_rows == 0 {
-            return Err(err("max_context_rows must be >= 1"));
+        if max_rows < 2 {
+            return Err(err(
+                "a draft forward needs max_rows >= 2 (one context row and one block row)",
+            ));
         }
         Ok(DFlashDrafter {
             exe,
             mask_id,
-            max_rows: max_context_rows,
+            max_rows,
             vocab,
             width,
             held: 0,
@@ -322,13 +325,19 @@ impl Drafter for DFlashDrafter {
                 step.block
             )));
         }
-        // Chunks of at most max_rows context rows: all but the last with a
-        // one-token block whose logits are dropped.
+        if step.block >= self.max_rows {
+            return Err(err(format!(
+                "a draft block of {} needs forwards of more than {} rows (context and block)",
+                step.block, self.max_rows
+            )));
+        }
+        // Forwards of at most max_rows rows: context chunks with a one-token
+        // block whose logits are dropped, then the rest with the real block.
         let mut r0 = 0;
-        while rows - r0 > self.max_rows {
-            let chunk = take_rows(step.context, r0, r0 + self.max_rows)?;
-            self.forward(chunk, vec![self.mask_id])?;
-            r0 += self.max_rows;
+        while rows - r0 > self.max_rows - step.block {
+            let r1 = (r0 + self.max_rows - 1).min(rows - 1);
+            self.forward(take_rows(step.context, r0, r1)?, vec![self.mask_id])?;
+            r0 = r1;
         }
         let mut ids = vec![self.mask_id; step.block];
         ids[0] = step.first;
@@ -538,6 +547,11 @@ impl<D: Drafter> SpecDecoder<D> {
     /// generation was chosen from (row `i` for generated token `i`).
     pub fn trace(&self) -> &[Vec<f32>] {
         &self.trace
+    }
+
+    /// Where the target runs.
+    pub fn backend(&self) -> crate::Backend {
+        self.target.backend()
     }
 
     /// The target executable and the drafter back.

@@ -7,18 +7,16 @@
 
 use tilefuse_codegen::lower::lower;
 use tilefuse_codegen::passes::run_pipeline;
-use tilefuse_codegen::plan::{Plan, PlanOptions};
+use tilefuse_codegen::plan::Plan;
 use tilefuse_ir::{DType, Graph};
 use tilefuse_model::{canonical, presets};
 use tilefuse_runtime::nvrtc::{compile, CompileOptions};
 
 fn compile_graph(g: Graph, max_t: usize) {
     let name = format!("{}_t{max_t}", g.name);
-    let plan = Plan::new(
-        run_pipeline(g).unwrap_or_else(|e| panic!("{e}")),
-        PlanOptions { max_t },
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let opt = tilefuse_runtime::cuda_exec::plan_options(&g, max_t);
+    let plan = Plan::new(run_pipeline(g).unwrap_or_else(|e| panic!("{e}")), opt)
+        .unwrap_or_else(|e| panic!("{e}"));
     let module = lower(&plan).unwrap_or_else(|e| panic!("{e}"));
     let c = compile(
         &name,
@@ -93,6 +91,24 @@ fn full_width_models_compile() {
         let p = presets::by_name(name).unwrap();
         for t in [1, 16] {
             compile_graph(p.arch.forward_graph(&p.options).unwrap(), t);
+        }
+    }
+}
+
+#[test]
+fn dflash_graphs_compile() {
+    use tilefuse_model::dflash;
+    for (target, draft) in [
+        ("mimo-v2-tiny", "mimo-v2-tiny-dflash"),
+        ("qwen3-moe-tiny", "qwen3-moe-tiny-dflash"),
+    ] {
+        let p = presets::by_name(target).unwrap();
+        let dp = dflash::draft_preset(draft).unwrap();
+        let tg = dflash::target_graph(&p.arch, &p.options, &dp.config.target_layer_ids).unwrap();
+        let dg = dflash::draft_graph(&dp.config, &p.options).unwrap();
+        for t in [1, 8, 16] {
+            compile_graph(tg.clone(), t);
+            compile_graph(dg.clone(), t);
         }
     }
 }

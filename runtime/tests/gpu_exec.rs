@@ -347,3 +347,99 @@ fn full_attention_block_matches_the_interpreter_with_split_keys() {
         gpu = check(gpu, &g, &steps, mode, &[1, 8, 16]);
     }
 }
+
+#[test]
+fn dflash_graphs_match_the_interpreter() {
+    use tilefuse_model::dflash;
+    let Some(gpu) = Gpu::open().unwrap() else {
+        println!("{}", Gpu::SKIP);
+        return;
+    };
+    let mut gpu = Some(gpu);
+    for (target, draft) in [
+        ("mimo-v2-tiny", "mimo-v2-tiny-dflash"),
+        ("qwen3-moe-tiny", "qwen3-moe-tiny-dflash"),
+    ] {
+        let p = tilefuse_model::presets::by_name(target).unwrap();
+        let dp = dflash::draft_preset(draft).unwrap();
+        let tg = dflash::target_graph(&p.arch, &p.options, &dp.config.target_layer_ids).unwrap();
+        let tw = tilefuse_model::presets::random_weights(&tg, 7).unwrap();
+        let dg = dflash::draft_graph(&dp.config, &dflash::draft_options(&p.options)).unwrap();
+        let dw = dflash::random_draft_weights(&dg, &tw, 7).unwrap();
+        let f = dp.config.feature_width();
+        let v = p.arch.vocab_size();
+        // (S, C, T): context rows already cached, new context rows, block.
+        // C + T stays within the draft's max_tokens (twice the target's).
+        let steps = [
+            (0usize, 12usize, 8usize),
+            (12, 3, 8),
+            (15, 1, 4),
+            (16, 8, 16),
+            (24, 16, 16),
+            (40, 5, 8),
+        ];
+        for mode in [
+            LaunchMode::Stream,
+            LaunchMode::Graph,
+            LaunchMode::Persistent,
+        ] {
+            // The target with its context-feature output, one prefill step.
+            let mut exe = GpuExecutable::new(gpu.take().unwrap(), &tg, &tw, &[16], mode)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let b = Bindings::new().with("S", 0).with("T", 12);
+            let mut inputs = BTreeMap::new();
+            let ids: Vec<i32> = (0..12).map(|k| (k * 41 + 3) % v as i32).collect();
+            inputs.insert("ids".to_string(), Tensor::i32(&[12], ids).unwrap());
+            inputs.insert(
+                "pos".to_string(),
+                Tensor::i32(&[12], (0..12).collect()).unwrap(),
+            );
+            let got = exe.run(&b, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            let mut all = tw.clone();
+            all.extend(inputs);
+            let mut caches = Caches::for_graph(&tg, &Bindings::new()).unwrap();
+            let want = interp::run(&tg, &b, &all, &mut caches).unwrap();
+            let err = rel_l2(
+                &got[dflash::CONTEXT_OUTPUT].to_f32(),
+                &want[dflash::CONTEXT_OUTPUT].to_f32(),
+            );
+            println!("{target} {mode:?} context features: rel L2 {err:.2e}");
+            assert!(
+                err <= 3e-2,
+                "{target} {mode:?} context features: rel L2 {err}"
+            );
+            gpu = Some(exe.into_gpu());
+
+            // The draft over several calls: its caches hold context only.
+            let mut exe = GpuExecutable::new(gpu.take().unwrap(), &dg, &dw, &[4, 8, 16], mode)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let mut caches = Caches::for_graph(&dg, &Bindings::new()).unwrap();
+            for (i, &(s, c, t)) in steps.iter().enumerate() {
+                let b = Bindings::new().with("S", s).with("C", c).with("T", t);
+                let mut inputs = random_inputs(&dg, &b, 300 + i as u64).unwrap();
+                inputs.retain(|n, _| !dw.contains_key(n));
+                let mut ids = vec![dp.config.mask_id(); t];
+                ids[0] = ((s * 13 + 5) % v) as i32;
+                inputs.insert("ids".to_string(), Tensor::i32(&[t], ids).unwrap());
+                let at = |from: usize, n: usize| (from as i32..(from + n) as i32).collect();
+                inputs.insert("pos".to_string(), Tensor::i32(&[t], at(s + c, t)).unwrap());
+                inputs.insert(
+                    dflash::CONTEXT_POS_INPUT.to_string(),
+                    Tensor::i32(&[c], at(s, c)).unwrap(),
+                );
+                assert_eq!(inputs[dflash::CONTEXT_OUTPUT].shape, vec![c, f]);
+                let got = exe.run(&b, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                let mut all = dw.clone();
+                all.extend(inputs);
+                let want = interp::run(&dg, &b, &all, &mut caches).unwrap();
+                let err = rel_l2(&got["logits"].to_f32(), &want["logits"].to_f32());
+                println!("{draft} {mode:?} S={s} C={c} T={t}: logits rel L2 {err:.2e}");
+                assert!(
+                    err <= 3e-2,
+                    "{draft} {mode:?} S={s} C={c} T={t}: logits rel L2 {err}"
+                );
+            }
+            gpu = Some(exe.into_gpu());
+        }
+    }
+}

@@ -167,20 +167,20 @@ impl Layer {
         .unwrap();
         writeln!(
             s,
-            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}_rope(int T, int S, int cap, const tf::bf16* k, int ks, \
+            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}_rope(int T, int S, int cap, const int* pos, const tf::bf16* k, int ks, \
              const tf::bf16* v, int vs, const tf::bf16* kn, float eps, float theta, tf::bf16* kc, tf::bf16* vc) {{\n\
              \x20 extern __shared__ __align__(16) char smem[];\n\
-             \x20 tf::rope_append_tile<tf::bf16, {hkv}, {dk}, {dv}, {rot}, {}, {th}>(blockIdx.x, T, S, cap, k, ks, v, vs, kn, eps, theta, kc, vc, smem);\n}}",
+             \x20 tf::rope_append_tile<tf::bf16, {hkv}, {dk}, {dv}, {rot}, {}, {th}>(blockIdx.x, T, S, cap, pos, k, ks, v, vs, kn, eps, theta, kc, vc, smem);\n}}",
             self.qk_norm
         )
         .unwrap();
         writeln!(
             s,
-            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}_attn(int T, int S, int cap, const tf::bf16* q, int qs, \
+            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}_attn(int T, int S, int cap, const int* pos, const tf::bf16* q, int qs, \
              const tf::bf16* qn, float eps, float theta, float scale, const tf::bf16* kc, const tf::bf16* vc, \
              const tf::bf16* sinks, tf::bf16* out, int os, float* ws) {{\n\
              \x20 extern __shared__ __align__(16) char smem[];\n\
-             \x20 tf::attention_tile<{p}_cfg>(blockIdx.x, T, S, cap, q, qs, qn, eps, theta, scale, kc, vc, sinks, out, os, ws, smem);\n}}"
+             \x20 tf::attention_tile<{p}_cfg>(blockIdx.x, T, S, cap, pos, q, qs, qn, eps, theta, scale, kc, vc, sinks, out, os, ws, smem);\n}}"
         )
         .unwrap();
         writeln!(
@@ -806,6 +806,9 @@ fn check_step(gpu: &Gpu, l: &Layer, s: usize, t: usize, seed: u64, what: &str) {
             .copy_from_slice(&st.v[i * hkv * dv..(i + 1) * hkv * dv]);
     }
     let qkv = upload(gpu, &bf16_bytes(&fused), "qkv");
+    // Token t sits at position S + t (the interpreter step's positions).
+    let pos_bytes: Vec<u8> = (s..s + t).flat_map(|p| (p as i32).to_le_bytes()).collect();
+    let pos = upload(gpu, &pos_bytes, "positions");
     let kc = upload(gpu, &bf16_bytes(&st.kc0), "k cache");
     let vc = upload(gpu, &bf16_bytes(&st.vc0), "v cache");
     let qn = l
@@ -837,6 +840,7 @@ fn check_step(gpu: &Gpu, l: &Layer, s: usize, t: usize, seed: u64, what: &str) {
             Arg::I32(ti),
             Arg::I32(si),
             Arg::I32(ci),
+            Arg::Ptr(pos.ptr()),
             Arg::Ptr(k_ptr),
             Arg::I32(w as i32),
             Arg::Ptr(v_ptr),
@@ -859,6 +863,7 @@ fn check_step(gpu: &Gpu, l: &Layer, s: usize, t: usize, seed: u64, what: &str) {
             Arg::I32(ti),
             Arg::I32(si),
             Arg::I32(ci),
+            Arg::Ptr(pos.ptr()),
             Arg::Ptr(qkv.ptr()),
             Arg::I32(w as i32),
             Arg::Ptr(ptr_or_null(&qn)),
@@ -1338,6 +1343,8 @@ fn gpu_attention_decode_timing_16k() {
         let sinks = upload(&gpu, &bf16_bytes(&r.vals(l.hq, 1.0)), "sinks");
         let out = gpu.alloc(l.hq * l.dv * 2, "out").unwrap();
         let ws = gpu.alloc(l.ws_floats(t).max(1) * 4, "ws").unwrap();
+        let pos_bytes: Vec<u8> = (s..s + t).flat_map(|p| (p as i32).to_le_bytes()).collect();
+        let pos = upload(&gpu, &pos_bytes, "positions");
         gpu.sync("fill").unwrap();
         let ms = time_ms(&gpu, 50, |i| {
             let (kc, vc) = &caches[i % copies];
@@ -1351,6 +1358,7 @@ fn gpu_attention_decode_timing_16k() {
                     Arg::I32(t as i32),
                     Arg::I32(s as i32),
                     Arg::I32(l.cap as i32),
+                    Arg::Ptr(pos.ptr()),
                     Arg::Ptr(q.ptr()),
                     Arg::I32((l.hq * l.dk) as i32),
                     Arg::Ptr(0),

@@ -15,7 +15,7 @@ fn tables_cover_every_tile_in_order() {
     for preset in ["mimo-v2-tiny", "qwen3-moe-tiny"] {
         let p = presets::by_name(preset).unwrap();
         let g = p.arch.forward_graph(&p.options).unwrap();
-        let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions { max_t: 8 }).unwrap();
+        let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions::new(8)).unwrap();
         for sms in [1, 7, 132] {
             let t = TaskTables::new(&plan, sms);
             assert_eq!(t.sm_offsets.len(), sms + 1);

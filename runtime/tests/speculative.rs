@@ -52,7 +52,7 @@ impl Fixture {
         let target =
             dflash::target_graph(&preset.arch, &preset.options, &draft.target_layer_ids).unwrap();
         let tw = presets::random_weights(&target, 7).unwrap();
-        let dgraph = dflash::draft_graph(&draft, &preset.options).unwrap();
+        let dgraph = dflash::draft_graph(&draft, &dflash::draft_options(&preset.options)).unwrap();
         let dw = dflash::random_draft_weights(&dgraph, &tw, 11).unwrap();
         Fixture {
             preset,
@@ -66,7 +66,8 @@ impl Fixture {
 
     fn drafter(&self) -> DFlashDrafter {
         let exe = Executable::new(self.dgraph.clone(), self.dw.clone(), Backend::Cpu).unwrap();
-        DFlashDrafter::new(exe, self.draft.mask_id(), self.preset.options.max_tokens).unwrap()
+        let rows = dflash::draft_options(&self.preset.options).max_tokens;
+        DFlashDrafter::new(exe, self.draft.mask_id(), rows).unwrap()
     }
 
     fn options(&self, block: usize, rule: SamplingRule) -> SpecOptions {
@@ -199,9 +200,10 @@ fn rows_of(t: &Tensor, r0: usize, r1: usize) -> Tensor {
 
 #[test]
 fn draft_cache_equals_one_shot_recompute() {
-    // 40 context rows: past the sliding draft layer's ring (6 + 16 − 1 = 21
-    // slots) and its window, fed in uneven chunks (one longer than
-    // max_tokens, which the drafter splits), versus one forward with all 40.
+    // 40 context rows: past the sliding draft layer's ring (6 + 32 − 1 = 37
+    // slots) and its window, fed in uneven chunks (one longer than a forward
+    // takes, which the drafter splits), versus one forward with all 40 (a
+    // draft graph with a larger ring).
     for d in ["mimo-v2-tiny-dflash", "qwen3-moe-tiny-dflash"] {
         let dp = dflash::draft_preset(d).unwrap();
         let f = Fixture::new(dp.targets[0], d);
@@ -225,7 +227,12 @@ fn draft_cache_equals_one_shot_recompute() {
             last = step(&mut inc, r0, r1);
         }
         assert_eq!(inc.held(), 40);
-        let exe = Executable::new(f.dgraph.clone(), f.dw.clone(), Backend::Cpu).unwrap();
+        let wide = GraphOptions {
+            max_tokens: 64,
+            ..f.preset.options.clone()
+        };
+        let g = dflash::draft_graph(&f.draft, &wide).unwrap();
+        let exe = Executable::new(g, f.dw.clone(), Backend::Cpu).unwrap();
         let mut one = DFlashDrafter::new(exe, f.draft.mask_id(), 64).unwrap();
         let all = step(&mut one, 0, 40);
         assert!(

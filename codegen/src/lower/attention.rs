@@ -7,7 +7,7 @@ use tilefuse_ir::{Attn, DType, Dim, Mask, Nn, NodeId, Op};
 use crate::emit::{Expr, Stmt, Ty};
 use crate::error::CodegenError;
 use crate::fusion::{Fused, Group, KernelKind};
-use crate::lower::values::{guard, pointer, unsupported, work_ptr};
+use crate::lower::values::{dim_expr, guard, pointer, unsupported, work_ptr};
 use crate::plan::{Plan, PlanOptions, Tiling};
 
 /// Threads per CTA (the same for every kernel, for the persistent mode).
@@ -40,6 +40,24 @@ struct Layer {
     sinks: bool,
     cap: usize,
     ring: bool,
+    /// Query rows (`T`).
+    q_rows: Dim,
+    /// Rows appended to the caches in this forward (`T`, or `C+T` for a
+    /// draft whose new context rows precede its block).
+    new_rows: Dim,
+    /// Cache rows before the append (`S`).
+    len: Dim,
+    /// Positions of the queries and of the appended keys (RoPE).
+    q_pos: NodeId,
+    k_pos: NodeId,
+}
+
+impl Layer {
+    /// Keys before the first query: `len + new_rows - q_rows` (the queries are
+    /// the last `q_rows` keys, the interpreter's convention).
+    fn keys_before(&self) -> Dim {
+        (self.len.clone() + self.new_rows.clone()).sub(&self.q_rows)
+    }
 }
 
 fn layer(f: &Fused, attn: NodeId) -> Result<Layer, CodegenError> {
@@ -49,7 +67,7 @@ fn layer(f: &Fused, attn: NodeId) -> Result<Layer, CodegenError> {
         return Err(CodegenError::Internal("not an attention node".into()));
     };
     let (q_rope, k_append, v_append) = (ins[0], ins[1], ins[2]);
-    let Op::Attn(Attn::KvAppend { ring, .. }) = g.node(k_append).op else {
+    let Op::Attn(Attn::KvAppend { ring, ref len }) = g.node(k_append).op else {
         return Err(unsupported(f, attn, "keys are not a cache append"));
     };
     let k_rope = g.inputs(k_append)[1];
@@ -112,6 +130,11 @@ fn layer(f: &Fused, attn: NodeId) -> Result<Layer, CodegenError> {
         sinks,
         cap,
         ring,
+        q_rows: qt.dims()[0].clone(),
+        new_rows: kt.dims()[0].clone(),
+        len: len.clone(),
+        q_pos: g.inputs(q_rope)[1],
+        k_pos: g.inputs(k_rope)[1],
     })
 }
 
@@ -243,45 +266,71 @@ fn row_elems(f: &Fused, n: NodeId) -> usize {
         .product()
 }
 
-/// Rows of a value whose shape is `T` times constants.
-fn rows_expr(f: &Fused, n: NodeId, last: usize) -> Result<(Expr, usize), CodegenError> {
+/// Rows of a value whose shape is one row dim (`T`, `C+T`, …) times
+/// constants: the rows as a C++ expression and their largest value.
+fn rows_expr(plan_opt: RowsOf<'_>, n: NodeId, last: usize) -> Result<(Expr, usize), CodegenError> {
+    let (f, opt) = (plan_opt.f, plan_opt.opt);
     let ty = &f.graph.node(n).ty;
     let mut c = 1usize;
-    let mut has_t = false;
+    let mut row: Option<&Dim> = None;
     for d in ty.dims() {
         match d.as_const() {
             Some(k) => c *= k,
-            None if *d == Dim::sym("T") && !has_t => has_t = true,
+            None if row.is_none() => row = Some(d),
             None => {
                 return Err(unsupported(
                     f,
                     n,
-                    format!("rows of {ty} are not T times constants"),
+                    format!("rows of {ty} are not one row dim times constants"),
                 ))
             }
         }
     }
-    let per_t = c / last.max(1);
+    let per = c / last.max(1);
+    let Some(d) = row else {
+        return Ok((Expr::I32(per as i64), per));
+    };
+    let max = d
+        .eval(&opt.max_bindings())
+        .map_err(|m| unsupported(f, n, m))?;
+    let e = match plan_opt.plan {
+        Some(plan) => dim_expr(plan, d)?,
+        None => Expr::I32(0),
+    };
     Ok((
-        if has_t {
-            Expr::var("T").bin("*", Expr::I32(per_t as i64))
+        if per == 1 {
+            e
         } else {
-            Expr::I32(per_t as i64)
+            e.bin("*", Expr::I32(per as i64))
         },
-        per_t,
+        per * max,
     ))
+}
+
+/// What [`rows_expr`] needs: the fused graph and the bucket, and the plan
+/// once it exists (for the C++ expression).
+#[derive(Clone, Copy)]
+struct RowsOf<'a> {
+    f: &'a Fused,
+    opt: &'a PlanOptions,
+    plan: Option<&'a Plan>,
+}
+
+/// The largest value of a row dim in a bucket.
+fn dim_max(f: &Fused, n: NodeId, d: &Dim, opt: &PlanOptions) -> Result<usize, CodegenError> {
+    d.eval(&opt.max_bindings())
+        .map_err(|m| unsupported(f, n, m))
 }
 
 /// Launch shape of the kernels of this family.
 pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, CodegenError> {
-    let max_t = opt.max_t;
     match group.kind {
         KernelKind::RopeAppend { k_append, .. } => {
             let attn = f.real_users(k_append)[0];
             let l = layer(f, attn)?;
             let act_bytes = 2;
             Ok(Tiling {
-                tiles: max_t as u32,
+                tiles: dim_max(f, k_append, &l.new_rows, opt)? as u32,
                 threads: THREADS,
                 smem: (align16(l.rot / 2 * 8) + l.hkv * l.dk * act_bytes) as u32,
                 workspaces: vec![],
@@ -290,6 +339,7 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
         }
         KernelKind::Attention { attn, split, .. } => {
             let l = layer(f, attn)?;
+            let max_t = dim_max(f, attn, &l.q_rows, opt)?;
             let s = sched(&l, max_t);
             let tiles = max_t.div_ceil(s.tq) * l.hkv * s.nsplit;
             let ws = if split {
@@ -311,6 +361,7 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
         }
         KernelKind::AttentionCombine { attn } => {
             let l = layer(f, attn)?;
+            let max_t = dim_max(f, attn, &l.q_rows, opt)?;
             let s = sched(&l, max_t);
             Ok(Tiling {
                 tiles: (max_t * l.hq) as u32,
@@ -329,9 +380,9 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
                 .last()
                 .and_then(|d| d.as_const())
                 .unwrap_or(1);
-            let (_, per_t) = rows_expr(f, node, d)?;
+            let (_, rows) = rows_expr(RowsOf { f, opt, plan: None }, node, d)?;
             Ok(Tiling {
-                tiles: (per_t * max_t) as u32,
+                tiles: rows as u32,
                 threads: THREADS,
                 smem: THREADS / 32 * 8,
                 workspaces: vec![],
@@ -347,8 +398,17 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
                 .last()
                 .and_then(|d| d.as_const())
                 .unwrap_or(1);
+            let ids = f.graph.inputs(node)[1];
+            let rows = f
+                .graph
+                .node(ids)
+                .ty
+                .dims()
+                .first()
+                .cloned()
+                .unwrap_or(Dim::c(1));
             Ok(Tiling {
-                tiles: max_t as u32,
+                tiles: dim_max(f, node, &rows, opt)? as u32,
                 threads: THREADS,
                 smem: 0,
                 workspaces: vec![(0, "error flag".into(), 4)],
@@ -365,7 +425,7 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
 pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenError> {
     let f = &plan.fused;
     let g = &f.graph;
-    let max_t = plan.options.max_t;
+    let opt = &plan.options;
     match group.kind {
         KernelKind::RopeAppend { k_append, .. } => {
             let attn = f.real_users(k_append)[0];
@@ -376,11 +436,12 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
                 Some(n) => pointer(plan, g.inputs(n)[1], false)?,
                 None => Expr::var("nullptr"),
             };
+            let rows = dim_expr(plan, &l.new_rows)?;
             Ok(vec![
                 Stmt::Comment(
                     "tiles past this forward's tokens would write future cache slots".into(),
                 ),
-                guard(Expr::var("tile").bin(">=", Expr::var("T"))),
+                guard(Expr::var("tile").bin(">=", rows.clone())),
                 Stmt::Expr(Expr::call(
                     format!(
                         "tf::rope_append_tile<tf::bf16, {}, {}, {}, {}, {}, {THREADS}>",
@@ -392,9 +453,10 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
                     ),
                     vec![
                         Expr::var("tile"),
-                        Expr::var("T"),
-                        Expr::var("S"),
+                        rows,
+                        dim_expr(plan, &l.len)?,
                         Expr::I32(l.cap as i64),
+                        pointer(plan, l.k_pos, false)?,
                         pointer(plan, l.k_src, false)?,
                         Expr::I32(row_elems(f, f.storage(l.k_src)) as i64),
                         pointer(plan, l.v_src, false)?,
@@ -411,7 +473,8 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
         }
         KernelKind::Attention { attn, split, .. } => {
             let l = layer(f, attn)?;
-            let s = sched(&l, max_t);
+            let s = sched(&l, dim_max(f, attn, &l.q_rows, opt)?);
+            let rows = dim_expr(plan, &l.q_rows)?;
             let kc = g.inputs(l.k_append)[0];
             let vc = g.inputs(l.v_append)[0];
             let qnorm_w = match l.q_norm {
@@ -436,14 +499,15 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
                     smem_attention(&l, &s)
                 ))),
                 Stmt::Comment("query blocks past this forward's tokens have no work".into()),
-                guard(Expr::var("tile").bin("/", Expr::I32(per_block)).bin("*", Expr::I32(s.tq as i64)).bin(">=", Expr::var("T"))),
+                guard(Expr::var("tile").bin("/", Expr::I32(per_block)).bin("*", Expr::I32(s.tq as i64)).bin(">=", rows.clone())),
                 Stmt::Expr(Expr::call(
                     "tf::attention_tile<C>",
                     vec![
                         Expr::var("tile"),
-                        Expr::var("T"),
-                        Expr::var("S"),
+                        rows,
+                        dim_expr(plan, &l.keys_before())?,
                         Expr::I32(l.cap as i64),
+                        pointer(plan, l.q_pos, false)?,
                         pointer(plan, l.q_src, false)?,
                         Expr::I32(row_elems(f, f.storage(l.q_src)) as i64),
                         qnorm_w,
@@ -463,7 +527,8 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
         }
         KernelKind::AttentionCombine { attn } => {
             let l = layer(f, attn)?;
-            let s = sched(&l, max_t);
+            let s = sched(&l, dim_max(f, attn, &l.q_rows, opt)?);
+            let rows = dim_expr(plan, &l.q_rows)?;
             // The partials were written by the attention kernel just before.
             let producer = plan
                 .kernels
@@ -477,12 +542,12 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
             };
             Ok(vec![
                 Stmt::Expr(Expr::var(format!("using C = {}", config(&l, &s)))),
-                guard(Expr::var("tile").bin(">=", Expr::var("T").bin("*", Expr::I32(l.hq as i64)))),
+                guard(Expr::var("tile").bin(">=", rows.clone().bin("*", Expr::I32(l.hq as i64)))),
                 Stmt::Expr(Expr::call(
                     "tf::attention_combine_tile<C>",
                     vec![
                         Expr::var("tile"),
-                        Expr::var("T"),
+                        rows,
                         work_ptr(plan, producer, "float")?,
                         sinks,
                         pointer(plan, attn, true)?,
@@ -496,7 +561,15 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
             let ins = g.inputs(node);
             let ty = &g.node(node).ty;
             let d = ty.dims().last().and_then(|d| d.as_const()).unwrap_or(1);
-            let (rows, _) = rows_expr(f, node, d)?;
+            let (rows, _) = rows_expr(
+                RowsOf {
+                    f,
+                    opt,
+                    plan: Some(plan),
+                },
+                node,
+                d,
+            )?;
             let act = match ty.dtype {
                 DType::BF16 => "tf::bf16",
                 DType::F32 => "float",
@@ -548,15 +621,16 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
                 }
             };
             if g.node(ins[1]).ty.rank() != 1 {
-                return Err(unsupported(f, node, "token ids must be [T]"));
+                return Err(unsupported(f, node, "token ids must be one row dim [T]"));
             }
+            let rows = dim_expr(plan, &g.node(ins[1]).ty.dims()[0])?;
             Ok(vec![
-                guard(Expr::var("tile").bin(">=", Expr::var("T"))),
+                guard(Expr::var("tile").bin(">=", rows.clone())),
                 Stmt::Expr(Expr::call(
                     format!("tf::embedding_tile<{t}, {h}, {THREADS}>"),
                     vec![
                         Expr::var("tile"),
-                        Expr::var("T"),
+                        rows,
                         pointer(plan, ins[1], false)?,
                         pointer(plan, ins[0], false)?,
                         Expr::I32(vocab as i64),

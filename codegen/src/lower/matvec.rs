@@ -7,7 +7,7 @@ use crate::emit::{Expr, Stmt, Temps, Ty};
 use crate::error::CodegenError;
 use crate::fusion::{Fused, Group, KernelKind};
 use crate::lower::epilogue::epilogue;
-use crate::lower::values::pointer;
+use crate::lower::values::{dim_expr, pointer};
 use crate::plan::{Plan, PlanOptions, Tiling};
 
 /// Threads per CTA of every kernel that streams weights.
@@ -80,6 +80,8 @@ struct Shape {
     epv: usize,
     rows: usize,
     max_t: usize,
+    /// The activation rows (`T`, `C+T`, …).
+    rows_dim: tilefuse_ir::Dim,
 }
 
 fn shape(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Shape, CodegenError> {
@@ -98,11 +100,15 @@ fn shape(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Shape, CodegenEr
         None => x_in,
     };
     let xt = &g.node(x).ty;
-    if xt.rank() != 2 || xt.dims()[0] != tilefuse_ir::Dim::sym("T") {
+    if xt.rank() != 2 || xt.dims()[0].is_const() {
         return Err(unsupported(format!(
-            "matvec kernels take activations [T, K], found {xt}"
+            "matvec kernels take activations [rows, K] with symbolic rows (T, C+T, …), found {xt}"
         )));
     }
+    let rows_dim = xt.dims()[0].clone();
+    let max_rows = rows_dim
+        .eval(&opt.max_bindings())
+        .map_err(&unsupported)?;
     let wt = &g.node(w).ty;
     let n = wt.dims()[0]
         .as_const()
@@ -139,7 +145,8 @@ fn shape(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Shape, CodegenEr
         mma,
         epv,
         rows: rows_for(n),
-        max_t: opt.max_t.min(MAX_T_PER_PASS),
+        max_t: max_rows.min(MAX_T_PER_PASS),
+        rows_dim,
     })
 }
 
@@ -259,6 +266,7 @@ pub fn body(plan: &Plan, group: &Group, temps: &mut Temps) -> Result<Vec<Stmt>, 
         Stmt::NodeComment(format!("epilogue of \"{}\"", g.node(s.matmul).name)),
     );
     let _ = s.w;
+    let rows = dim_expr(plan, &s.rows_dim)?;
     Ok(vec![
         Stmt::Expr(Expr::var(format!("using C = {cfg}"))),
         Stmt::Expr(Expr::var(format!(
@@ -270,7 +278,7 @@ pub fn body(plan: &Plan, group: &Group, temps: &mut Temps) -> Result<Vec<Stmt>, 
         Stmt::For(
             "t0".into(),
             Expr::I32(0),
-            Expr::var("T"),
+            rows.clone(),
             Expr::I32(s.max_t as i64),
             vec![Stmt::Expr(Expr::call(
                 format!("tf::matvec_tile<C, {act}, {wty}>"),
@@ -278,7 +286,7 @@ pub fn body(plan: &Plan, group: &Group, temps: &mut Temps) -> Result<Vec<Stmt>, 
                     Expr::var("tile"),
                     Expr::var("x"),
                     Expr::var("t0"),
-                    Expr::call("min", vec![Expr::I32(s.max_t as i64), Expr::var("T").bin("-", Expr::var("t0"))]),
+                    Expr::call("min", vec![Expr::I32(s.max_t as i64), rows.bin("-", Expr::var("t0"))]),
                     gamma,
                     eps,
                     Expr::var("w"),

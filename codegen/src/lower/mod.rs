@@ -177,6 +177,7 @@ fn persistent(
 pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, CodegenError> {
     match group.kind {
         KernelKind::Elementwise => elementwise::tiling(&f.graph, group, opt),
+        KernelKind::Concat { node } => elementwise::concat_tiling(&f.graph, node, opt),
         KernelKind::MatVec { .. } => matvec::tiling(f, group, opt),
         KernelKind::RopeAppend { .. }
         | KernelKind::Attention { .. }
@@ -268,6 +269,7 @@ fn kernel_body(plan: &Plan, ki: usize, k: &Kernel) -> Result<Vec<Stmt>, CodegenE
     let mut temps = Temps::default();
     Ok(match group.kind {
         KernelKind::Elementwise => elementwise::body(plan, group, &mut temps)?,
+        KernelKind::Concat { node } => elementwise::concat_body(plan, node)?,
         KernelKind::MatVec { .. } => matvec::body(plan, group, &mut temps)?,
         KernelKind::RopeAppend { .. }
         | KernelKind::Attention { .. }

@@ -146,3 +146,32 @@ pub fn work_ptr(plan: &Plan, ki: usize, ty: &str) -> Result<Expr, CodegenError> 
 pub fn guard(cond: Expr) -> Stmt {
     Stmt::If(cond, vec![Stmt::Return], vec![])
 }
+
+/// A row dim (`T`, `C+T`, `S+C`, …) as a C++ expression: `T` and `S` are
+/// the tile function's parameters, any other symbol is read from its word of
+/// the arena head ([`Plan::symbol_slot`]).
+pub fn dim_expr(plan: &Plan, d: &tilefuse_ir::Dim) -> Result<Expr, CodegenError> {
+    let mut e: Option<Expr> = None;
+    for (sym, a) in d.terms() {
+        let v = match sym {
+            "T" | "S" => Expr::var(sym),
+            _ => {
+                let slot = plan.symbol_slot(sym).ok_or_else(|| {
+                    CodegenError::Internal(format!("symbol `{sym}` of {d} is not a graph symbol"))
+                })?;
+                Expr::var(format!("reinterpret_cast<const int*>(act)[{slot}]"))
+            }
+        };
+        let term = if a == 1 { v } else { v.bin("*", Expr::I32(a)) };
+        e = Some(match e {
+            None => term,
+            Some(x) => x.bin("+", term),
+        });
+    }
+    let c = d.constant();
+    Ok(match e {
+        None => Expr::I32(c),
+        Some(x) if c == 0 => x,
+        Some(x) => x.bin("+", Expr::I32(c)),
+    })
+}

@@ -92,15 +92,8 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
                 "rotated queries used outside the attention",
             ));
         }
-        let q_pos = f.graph.inputs(q)[1];
-        let k_pos = f.graph.inputs(k_rope)[1];
-        if q_pos != k_pos {
-            return Err(unsupported(
-                f,
-                a,
-                "queries and keys rotated with different positions",
-            ));
-        }
+        // Queries and keys may carry different position inputs (a draft's
+        // keys span its context rows and its block): each kernel reads its own.
         let k_norm = optional_norm(f, f.graph.inputs(k_rope)[0]);
         let q_norm = optional_norm(f, f.graph.inputs(q)[0]);
         let mut append_nodes = vec![keys, values, k_rope];

@@ -1,7 +1,7 @@
 //! The remaining nodes: each gets a kernel of its own kind, or an error that
 //! names it and says what is not supported on the GPU.
 
-use tilefuse_ir::{Nn, Op, Sample};
+use tilefuse_ir::{Nn, Op, Sample, View};
 
 use crate::error::CodegenError;
 use crate::fusion::{Fused, Group, KernelKind};
@@ -16,6 +16,7 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
             Op::Input(_) => continue,
             Op::Nn(Nn::Embedding) => KernelKind::Embedding { node: n },
             Op::Nn(Nn::RmsNorm { .. }) => KernelKind::RmsNorm { node: n },
+            Op::View(View::Concat { .. }) => KernelKind::Concat { node: n },
             Op::Sample(Sample::Argmax) => KernelKind::Argmax { node: n },
             Op::Sample(Sample::Sample { .. }) => KernelKind::Sample { node: n },
             op => {
