@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use tilefuse::model::presets;
+use tilefuse::model::{dflash, presets};
 use tilefuse::runtime::bench::{self, Row};
 use tilefuse::runtime::gpu::Gpu;
 use tilefuse::runtime::LaunchMode;
@@ -102,6 +102,35 @@ pub fn run(a: BenchArgs<'_>) -> Result<(), String> {
         rows.extend(r);
         if kernels.is_empty() {
             kernels = k;
+        }
+        // The draft rows, for each built-in draft of this preset.
+        for dp in dflash::draft_presets()
+            .into_iter()
+            .filter(|d| d.targets.contains(&p.name))
+        {
+            let target = dflash::target_graph(&p.arch, &p.options, &dp.config.target_layer_ids)
+                .map_err(|e| e.to_string())?;
+            let dopt = dflash::draft_options(&p.options);
+            let draft = dflash::draft_graph(&dp.config, &dopt).map_err(|e| e.to_string())?;
+            let pair = bench::DraftPair {
+                model: &format!("{label} + {}", dp.name),
+                target: &target,
+                draft: &draft,
+                mask_id: dp.config.mask_id(),
+                block: dp.config.block_size.min(p.options.max_tokens),
+                draft_rows: dopt.max_tokens,
+                steps_tokens: 32,
+                context: p.options.context,
+            };
+            let (r, g) =
+                bench::bench_draft(gpu, &pair, a.contexts, a.modes, bandwidth, a.reps, |m| {
+                    eprint!("\r\x1b[K{m}");
+                    let _ = std::io::stderr().flush();
+                })
+                .map_err(|e| e.to_string())?;
+            eprintln!();
+            gpu = g;
+            rows.extend(r);
         }
         if a.peer {
             peers.extend(peer_rows(&p, a.contexts));

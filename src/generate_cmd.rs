@@ -111,7 +111,7 @@ pub fn load(args: &GenerateArgs<'_>) -> Result<Loaded, String> {
                 name: p.name.to_string(),
                 model_dir: None,
                 arch: p.arch.clone(),
-                options: p.options.clone(),
+                options: p.options,
                 graph,
                 weights,
                 context,

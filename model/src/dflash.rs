@@ -361,6 +361,56 @@ impl DraftConfig {
         }
     }
 
+    /// A draft at the MiMo-V2-Flash width for the `layers`-layer target
+    /// preset: 5 full-attention Qwen3-style layers (32 query heads, 8 KV
+    /// heads of 128, SwiGLU 12288), context from the reference's default
+    /// target layers, B = 16, mask token id 0. Shaped like the published
+    /// DFlash drafters for benchmarks (random weights); not a trained model.
+    pub fn flash_width(layers: usize) -> DraftConfig {
+        DraftConfig {
+            hidden_size: 4096,
+            num_hidden_layers: 5,
+            num_attention_heads: 32,
+            num_key_value_heads: 8,
+            head_dim: 128,
+            intermediate_size: 12288,
+            rms_norm_eps: 1e-5,
+            rope_theta: 1_000_000.0,
+            layer_types: vec![DraftLayerType::Full; 5],
+            sliding_window: 0,
+            vocab_size: 152_576,
+            num_target_layers: layers,
+            target_layer_ids: build_target_layer_ids(layers, 5),
+            block_size: 16,
+            mask: MaskToken::Id(0),
+            is_causal: Some(false),
+        }
+    }
+
+    /// A draft at the Qwen3-30B-A3B width: 5 full-attention layers (32
+    /// query heads, 4 KV heads of 128, SwiGLU 6144) over the reference's
+    /// default target layers of 48, B = 16, mask token id 0. For benchmarks.
+    pub fn a3b_width() -> DraftConfig {
+        DraftConfig {
+            hidden_size: 2048,
+            num_hidden_layers: 5,
+            num_attention_heads: 32,
+            num_key_value_heads: 4,
+            head_dim: 128,
+            intermediate_size: 6144,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1_000_000.0,
+            layer_types: vec![DraftLayerType::Full; 5],
+            sliding_window: 0,
+            vocab_size: 151_936,
+            num_target_layers: 48,
+            target_layer_ids: build_target_layer_ids(48, 5),
+            block_size: 16,
+            mask: MaskToken::Id(0),
+            is_causal: Some(false),
+        }
+    }
+
     /// Reads a z-lab style draft `config.json` (see the module docs for the
     /// fields). The mask is [`MaskToken::Id`]; a loader that finds a
     /// `mask_embedding` tensor switches it to [`MaskToken::Embedding`].
@@ -752,6 +802,18 @@ pub fn draft_presets() -> Vec<DraftPreset> {
             about: "2 full draft layers over target layers 0 and 1, B = 16, mask token id 0",
             targets: &["qwen3-moe-tiny"],
             config: DraftConfig::tiny_qwen(),
+        },
+        DraftPreset {
+            name: "mimo-v2-flash-dflash",
+            about: "5 full draft layers at the MiMo-V2-Flash width, B = 16 (benchmarks)",
+            targets: &["mimo-v2-flash-4l"],
+            config: DraftConfig::flash_width(4),
+        },
+        DraftPreset {
+            name: "qwen3-30b-a3b-dflash",
+            about: "5 full draft layers at the Qwen3-30B-A3B width, B = 16 (benchmarks)",
+            targets: &["qwen3-30b-a3b"],
+            config: DraftConfig::a3b_width(),
         },
     ]
 }

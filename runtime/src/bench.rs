@@ -314,3 +314,179 @@ pub fn svg(rows: &[Row]) -> String {
     s.push_str("</svg>\n");
     s
 }
+
+/// A DFlash pair to benchmark: the target with its context-feature output
+/// and the draft, both at real widths with random weights made on the GPU.
+pub struct DraftPair<'a> {
+    /// Label of the rows.
+    pub model: &'a str,
+    /// [`tilefuse_model`]'s `dflash::target_graph` of the target.
+    pub target: &'a Graph,
+    /// The draft graph (symbols `S`, `C`, `T`).
+    pub draft: &'a Graph,
+    /// The draft's mask token id.
+    pub mask_id: i32,
+    /// Block size B.
+    pub block: usize,
+    /// Rows one draft forward may carry (the draft graph's `max_tokens`).
+    pub draft_rows: usize,
+    /// Tokens generated for the speculative-step timing.
+    pub steps_tokens: usize,
+    /// Positions the target's caches hold.
+    pub context: usize,
+}
+
+/// Seeded values of standard deviation about 1, as a bf16 tensor.
+fn random_bf16(shape: &[usize], seed: u32) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v = (0..n)
+        .map(|i| 3.464 * (tilefuse_ir::interp::uniform(seed, i as u32) - 0.5))
+        .collect();
+    Tensor::f32(tilefuse_ir::DType::BF16, shape, v)
+}
+
+/// Times the draft block forward (`T = B` after `S = context` cached context
+/// rows, with one new context row: a step that accepted nothing, as random
+/// weights do) and a whole speculative step (greedy; draft, verify,
+/// acceptance and the host copies between them, from the engine's own
+/// clock over `steps_tokens` generated tokens after a prompt of `context`
+/// tokens), for each context and mode. The step's roofline is the verify
+/// forward's bytes plus the draft's.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_draft(
+    gpu: Gpu,
+    pair: &DraftPair<'_>,
+    contexts: &[usize],
+    modes: &[LaunchMode],
+    bandwidth: f64,
+    reps: usize,
+    mut progress: impl FnMut(&str),
+) -> Result<(Vec<Row>, Gpu)> {
+    use crate::speculative::{DFlashDrafter, SamplingRule, SpecDecoder, SpecOptions};
+    use crate::{Executable, Sampling};
+    let b = pair.block;
+    let mut rows = Vec::new();
+    let feature_width = pair
+        .draft
+        .inputs_of_kind(tilefuse_ir::InputKind::Activation)
+        .into_iter()
+        .map(|id| pair.draft.node(id))
+        .find(|n| n.ty.rank() == 2)
+        .and_then(|n| n.ty.dims()[1].as_const())
+        .ok_or_else(|| IrError::new(ErrorKind::Interp, "the draft graph has no feature input"))?;
+    let ms_of = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    for &mode in modes {
+        progress(&format!("{}: compiling the draft for {mode:?}", pair.model));
+        let mut dexe = GpuExecutable::with_weights(
+            gpu.clone(),
+            pair.draft,
+            WeightSource::Random(9),
+            &[b],
+            mode,
+        )?;
+        dexe.randomize_caches(13)?;
+        for &ctx in contexts {
+            progress(&format!("{}: draft {mode:?} B={b} S={ctx}", pair.model));
+            let c = 1;
+            let mut inputs = BTreeMap::new();
+            let mut ids = vec![pair.mask_id; b];
+            ids[0] = 17;
+            inputs.insert("ids".to_string(), Tensor::i32(&[b], ids)?);
+            let at = |from: usize, n: usize| (from as i32..(from + n) as i32).collect();
+            inputs.insert("pos".to_string(), Tensor::i32(&[b], at(ctx + c, b))?);
+            inputs.insert(
+                "context_features".to_string(),
+                random_bf16(&[c, feature_width], 5)?,
+            );
+            inputs.insert("context_pos".to_string(), Tensor::i32(&[c], at(ctx, c))?);
+            let bind = Bindings::new().with("S", ctx).with("C", c).with("T", b);
+            let mut times = dexe.time_forwards(&bind, &inputs, 3, reps)?;
+            times.sort_by(f32::total_cmp);
+            let ms = f64::from(times[times.len() / 2]);
+            let bytes = bytes_moved(&dexe, b, ctx + c)?;
+            rows.push(Row {
+                model: pair.model.to_string(),
+                forward: format!("draft block B={b}"),
+                t: b,
+                context: ctx,
+                mode: format!("{mode:?}").to_lowercase(),
+                ms,
+                roofline_ms: (bytes.weights + bytes.kv) as f64 / bandwidth * 1e3,
+                bytes,
+            });
+        }
+        // The whole step through the engine, one context at a time.
+        drop(dexe);
+        for &ctx in contexts {
+            if ctx + pair.steps_tokens + b + 1 > pair.context {
+                continue;
+            }
+            progress(&format!(
+                "{}: speculative step {mode:?} B={b} S={ctx}",
+                pair.model
+            ));
+            let texe = GpuExecutable::with_weights(
+                gpu.clone(),
+                pair.target,
+                WeightSource::Random(7),
+                &[1, b, 64.min(crate::executable::max_tokens(pair.target))],
+                mode,
+            )?;
+            let dexe = GpuExecutable::with_weights(
+                gpu.clone(),
+                pair.draft,
+                WeightSource::Random(9),
+                &[1, b],
+                mode,
+            )?;
+            let target = Executable::from_gpu(pair.target.clone(), texe);
+            let drafter = DFlashDrafter::new(
+                Executable::from_gpu(pair.draft.clone(), dexe),
+                pair.mask_id,
+                pair.draft_rows,
+            )?;
+            let opts = SpecOptions {
+                block: b,
+                context: pair.context,
+                max_tokens: 64.min(crate::executable::max_tokens(pair.target)),
+                rule: SamplingRule::Rejection,
+                trace_logits: false,
+            };
+            let mut spec = SpecDecoder::new(target, drafter, opts)?;
+            let prompt: Vec<i32> = (0..ctx as i32).map(|i| (i * 7919 + 13) % 256).collect();
+            spec.generate(&prompt, pair.steps_tokens, Sampling::Greedy, |_| true)?;
+            let st = spec.stats.clone();
+            let steps = st.steps.len().max(1);
+            let ms = ms_of(st.decode) / steps as f64;
+            let (mut texe, dexe) = spec.into_parts();
+            let mut bytes = match texe.gpu() {
+                Some(g) => bytes_moved(g, b, ctx)?,
+                None => Bytes::default(),
+            };
+            let _ = dexe;
+            if let Some(d) = rows
+                .iter()
+                .find(|r| r.context == ctx && r.forward.starts_with("draft block"))
+            {
+                bytes.weights += d.bytes.weights;
+                bytes.kv += d.bytes.kv;
+            }
+            rows.push(Row {
+                model: pair.model.to_string(),
+                forward: format!(
+                    "spec step B={b} (τ {:.2}; draft {:.2} + verify {:.2} ms)",
+                    st.tau(),
+                    ms_of(st.draft_per_step()),
+                    ms_of(st.verify_per_step())
+                ),
+                t: b,
+                context: ctx,
+                mode: format!("{mode:?}").to_lowercase(),
+                ms,
+                roofline_ms: (bytes.weights + bytes.kv) as f64 / bandwidth * 1e3,
+                bytes,
+            });
+        }
+    }
+    Ok((rows, gpu))
+}

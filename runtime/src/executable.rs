@@ -111,6 +111,19 @@ impl Executable {
         }
     }
 
+    /// An executable over a GPU executable already built for `graph` (e.g.
+    /// with random weights made on the GPU, for benchmarks at real widths).
+    pub fn from_gpu(graph: Graph, exe: GpuExecutable) -> Executable {
+        let backend = Backend::Cuda(exe.mode);
+        Executable {
+            graph,
+            backend,
+            values: BTreeMap::new(),
+            caches: Caches::default(),
+            gpu: Some(exe),
+        }
+    }
+
     /// The graph.
     pub fn graph(&self) -> &Graph {
         &self.graph

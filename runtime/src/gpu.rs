@@ -63,7 +63,7 @@ fn drv<T>(r: Result<T, cudarc::driver::DriverError>, what: &str) -> Result<T, Gp
 }
 
 /// The GPU: a context and its stream.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,

@@ -229,7 +229,7 @@ fn draft_cache_equals_one_shot_recompute() {
         assert_eq!(inc.held(), 40);
         let wide = GraphOptions {
             max_tokens: 64,
-            ..f.preset.options.clone()
+            ..f.preset.options
         };
         let g = dflash::draft_graph(&f.draft, &wide).unwrap();
         let exe = Executable::new(g, f.dw.clone(), Backend::Cpu).unwrap();
