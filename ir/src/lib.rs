@@ -41,7 +41,7 @@ pub use dtype::DType;
 pub use error::{ErrorKind, IrError, Result};
 pub use graph::{Graph, Loc, Node, NodeId};
 pub use op::{
-    Attn, Attr, BinaryOp, Elementwise, InputKind, Mask, Moe, Nn, Op, ReduceKind, Sample, ScoreFn,
+    Attn, Attr, BinaryOp, Comm, Elementwise, InputKind, Mask, Moe, Nn, Op, ReduceKind, Sample, ScoreFn,
     TensorType, UnaryOp, View,
 };
 pub use shape::{Bindings, Dim, IntoDim, Shape};
