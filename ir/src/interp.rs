@@ -314,7 +314,11 @@ pub fn run(
     let mut exec = Exec::new(graph, bindings, values)?;
     while let Some(id) = exec.advance(caches)? {
         let Op::Comm(c) = &graph.node(id).op else {
-            return Err(node_err(graph, id, "internal: stopped at a non-collective".into()));
+            return Err(node_err(
+                graph,
+                id,
+                "internal: stopped at a non-collective".into(),
+            ));
         };
         if c.ranks() != 1 {
             return Err(node_err(
@@ -417,7 +421,11 @@ pub fn run_ranks(
             let node = graphs[r].node(ids[r]);
             let x = execs[r].arg(ids[r])?;
             let mismatch = if node.op != node0.op {
-                Some(format!("{} here, {} on rank 0", node.op.mnemonic(), node0.op.mnemonic()))
+                Some(format!(
+                    "{} here, {} on rank 0",
+                    node.op.mnemonic(),
+                    node0.op.mnemonic()
+                ))
             } else if x.dtype != x0.dtype || x.shape != x0.shape {
                 Some(format!(
                     "input {}{} here, {}{} on rank 0",
@@ -466,7 +474,10 @@ pub fn run_ranks(
             Comm::AllReduce { .. } => {
                 let mut acc = parts[0].f("all-reduce input").map_err(interp_err)?.to_vec();
                 for p in &parts[1..] {
-                    for (a, &v) in acc.iter_mut().zip(p.f("all-reduce input").map_err(interp_err)?) {
+                    for (a, &v) in acc
+                        .iter_mut()
+                        .zip(p.f("all-reduce input").map_err(interp_err)?)
+                    {
                         *a += v;
                     }
                 }
@@ -598,15 +609,9 @@ impl<'a> Exec<'a> {
             }
             let shape = self.shape(id)?;
             let val = match &node.op {
-                Op::Input(kind) => load_input(
-                    graph,
-                    id,
-                    *kind,
-                    &shape,
-                    self.bindings,
-                    self.values,
-                    caches,
-                )?,
+                Op::Input(kind) => {
+                    load_input(graph, id, *kind, &shape, self.bindings, self.values, caches)?
+                }
                 op => {
                     let ins = graph.inputs(id);
                     let mut args = Vec::with_capacity(ins.len());

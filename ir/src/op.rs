@@ -1335,7 +1335,11 @@ fn infer_moe(m: &Moe, ins: &[&TensorType]) -> Result<TensorType, String> {
             let idx = ins[0];
             want_dtype("expert indices", idx, DType::I32)?;
             want_rank("expert indices", idx, 2)?;
-            if *count == 0 || first.checked_add(*count).is_none_or(|e| e > i32::MAX as usize) {
+            if *count == 0
+                || first
+                    .checked_add(*count)
+                    .is_none_or(|e| e > i32::MAX as usize)
+            {
                 return Err(format!(
                     "experts {first}..{first}+{count} must be a non-empty range of i32 indices"
                 ));
