@@ -113,7 +113,7 @@ impl Slice {
     /// replicated.
     pub fn ranges(&self, rank: usize, n: usize, dim: usize) -> Vec<Range<usize>> {
         match *self {
-            Slice::Replicated => vec![0..dim],
+            Slice::Replicated => std::iter::once(0..dim).collect(),
             Slice::Split { parts, blocks, .. } => {
                 let block = dim / blocks;
                 let piece = block / parts;
@@ -202,7 +202,8 @@ pub fn slice_tensor(t: &Tensor, slice: &Slice, rank: usize, n: usize) -> Result<
             t.shape
         ))
     })?;
-    if parts == 0 || blocks == 0 || n % parts != 0 || dim % (parts * blocks) != 0 {
+    if parts == 0 || blocks == 0 || !n.is_multiple_of(parts) || !dim.is_multiple_of(parts * blocks)
+    {
         return Err(shard_err(format!(
             "axis {axis} of shape {:?} does not divide into {blocks} block(s) of {parts} parts \
              for {n} ranks",
@@ -416,7 +417,7 @@ impl Plan {
         }
         let pk = if hkv % n == 0 {
             n
-        } else if n % hkv == 0 {
+        } else if n.is_multiple_of(hkv) {
             hkv
         } else {
             return Err(node_err(
@@ -473,7 +474,7 @@ impl Plan {
                 }
                 let dt = g.node(w2).ty.dtype;
                 if let Some(b) = dt.block_size() {
-                    if (inter / n) % b != 0 {
+                    if !(inter / n).is_multiple_of(b) {
                         return Err(node_err(
                             g,
                             e,

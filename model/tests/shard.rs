@@ -103,7 +103,7 @@ fn decode_split(
         .collect();
     let (mut feed, mut s) = (PROMPT.to_vec(), 0);
     let (mut all, mut tokens) = (Vec::new(), Vec::new());
-    for step in 0..=STEPS {
+    for &next in &fed[..=STEPS] {
         let (b, inputs) = step_inputs(&feed, s);
         let values: Vec<_> = rank_w
             .iter()
@@ -124,7 +124,7 @@ fn decode_split(
         }
         tokens.push(argmax_last(&logits, vocab));
         s += feed.len();
-        feed = vec![fed[step]];
+        feed = vec![next];
         all.push(logits);
     }
     (all, tokens)
