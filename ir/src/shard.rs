@@ -293,7 +293,11 @@ pub fn shard(graph: &Graph, n: usize, par: Parallelism) -> Result<Sharded> {
     for id in graph.topo_order()? {
         let node = graph.node(id);
         if matches!(node.op, Op::Input(InputKind::Weight | InputKind::Cache)) {
-            let s = plan.inputs.get(&id).copied().unwrap_or(Slice::Replicated);
+            let s = match plan.inputs.get(&id) {
+                // One part (a single KV head on every rank) is the whole tensor.
+                Some(Slice::Split { parts: 1, .. }) | None => Slice::Replicated,
+                Some(s) => *s,
+            };
             slices.insert(node.name.clone(), s);
         }
     }

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use tilefuse_ir::interp::{self, Caches, Tensor};
-use tilefuse_ir::shard::{shard, ExpertSplit, Parallelism, Sharded};
+use tilefuse_ir::shard::{shard, ExpertSplit, Parallelism, Sharded, Slice};
 use tilefuse_ir::{Bindings, Comm, DType, ErrorKind, Graph, Op};
 use tilefuse_model::presets::{self, Arch, Preset};
 
@@ -203,6 +203,56 @@ fn eight_ranks_reproduce_the_tiny_presets_with_eight_heads() {
             check(&p, 8, experts);
         }
     }
+}
+
+#[test]
+fn slices_describe_each_weight() {
+    let p = eight_heads(f32_preset("mimo-v2-tiny"));
+    let g = p.arch.forward_graph(&p.options).unwrap();
+    let sh = shard(&g, 8, Parallelism::default()).unwrap();
+    let s = |name: &str| sh.slices[name];
+    let rows = |parts| Slice::Split {
+        axis: 0,
+        parts,
+        blocks: 1,
+    };
+    let cols = Slice::Split {
+        axis: 1,
+        parts: 8,
+        blocks: 1,
+    };
+    assert_eq!(s("model.layers.0.self_attn.q_proj.weight"), rows(8));
+    assert_eq!(s("model.layers.0.self_attn.o_proj.weight"), cols);
+    // Layer 0 (full) has one KV head: every rank holds it whole; layer 1
+    // (sliding) has two, each on four ranks.
+    assert_eq!(
+        s("model.layers.0.self_attn.k_proj.weight"),
+        Slice::Replicated
+    );
+    assert_eq!(s("model.layers.0.k_cache"), Slice::Replicated);
+    assert_eq!(s("model.layers.1.self_attn.v_proj.weight"), rows(2));
+    assert_eq!(
+        s("model.layers.1.v_cache"),
+        Slice::Split {
+            axis: 1,
+            parts: 2,
+            blocks: 1
+        }
+    );
+    assert_eq!(s("model.layers.1.self_attn.sinks"), rows(8));
+    assert_eq!(s("model.layers.0.mlp.gate_proj.weight"), rows(8));
+    assert_eq!(s("model.layers.0.mlp.down_proj.weight"), cols);
+    assert_eq!(
+        s("model.layers.1.mlp.experts.gate_up_proj"),
+        Slice::Split {
+            axis: 1,
+            parts: 8,
+            blocks: 2
+        }
+    );
+    assert_eq!(s("model.layers.1.mlp.gate.weight"), Slice::Replicated);
+    assert_eq!(s("model.embed_tokens.weight"), Slice::Replicated);
+    assert_eq!(s("lm_head.weight"), rows(8));
 }
 
 #[test]
