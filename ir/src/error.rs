@@ -19,6 +19,8 @@ pub enum ErrorKind {
     Parse,
     /// The interpreter was given bad inputs or met a runtime condition.
     Interp,
+    /// The sharding pass cannot split a node for the requested ranks.
+    Shard,
 }
 
 /// An error about a graph, a node of it, or its text.

@@ -72,12 +72,18 @@
 //!   `u = up_e·x` (f64, each rounded to x's dtype), `h = silu(g)·u` in f32
 //!   rounded to x's dtype, `y = down_e·h` (f64, then f32, not rounded);
 //!   `out = Σⱼ w[t,j]·y` accumulated in f32 in slot order from 0, rounded once.
+//!   A slot with index `-1` (another rank's expert) is skipped.
+//! - `moe.local_index`: `e − first` for `first ≤ e < first + count`, else −1.
 //! - `sample.argmax`: the first index of the maximum (NaN counts as the
 //!   maximum, as `torch.argmax`).
 //! - `sample.sample`: row `t` draws `u = uniform(seed, counter + t)` (see
 //!   [`uniform`]); `e_i = exp((l_i − max) / temperature)` in f32, `total = Σ e_i`
 //!   in f32 in index order; the token is the first `i` whose f32 running sum
 //!   exceeds `u · total`, else (rounding) the last `i` with `e_i > 0`.
+//! - `comm.all_reduce`, `comm.all_gather`: the identity over one rank in
+//!   [`run`]; across simulated ranks, [`run_ranks`] sums in f32 in rank order
+//!   and rounds once to the dtype (all-reduce) or joins the parts in rank
+//!   order (all-gather, exact).
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
@@ -88,7 +94,8 @@ use crate::error::{ErrorKind, IrError, Result};
 use crate::fp4::{self, Fp4Tensor};
 use crate::graph::{Graph, NodeId};
 use crate::op::{
-    Attn, Elementwise, InputKind, Mask, Moe, Nn, Op, ReduceKind, Sample, ScoreFn, UnaryOp, View,
+    Attn, Comm, Elementwise, InputKind, Mask, Moe, Nn, Op, ReduceKind, Sample, ScoreFn, UnaryOp,
+    View,
 };
 use crate::shape::{Bindings, Shape};
 
@@ -295,60 +302,368 @@ pub fn round_to(dtype: DType, x: f32) -> f32 {
 /// present with its declared dtype and bound shape. Errors name the node
 /// (`%7 "layer0.attn.q" (nn.matmul)`) or the input, and say what was
 /// expected and what was found.
+///
+/// A collective (`comm.*`) over one rank is the identity; one over more
+/// ranks is an error: run the ranks' graphs together with [`run_ranks`].
 pub fn run(
     graph: &Graph,
     bindings: &Bindings,
     values: &BTreeMap<String, Tensor>,
     caches: &mut Caches,
 ) -> Result<BTreeMap<String, Tensor>> {
-    graph.verify()?;
-    let order = graph.topo_order()?;
-    // Remaining reads of each value (one per input slot); a value is dropped
-    // after its last read unless it is an output, so dequantized weights and
-    // activations of finished layers do not pile up.
-    let mut reads: BTreeMap<NodeId, usize> = BTreeMap::new();
-    for &id in &order {
-        for i in graph.inputs(id) {
-            *reads.entry(i).or_insert(0) += 1;
+    let mut exec = Exec::new(graph, bindings, values)?;
+    while let Some(id) = exec.advance(caches)? {
+        let Op::Comm(c) = &graph.node(id).op else {
+            return Err(node_err(
+                graph,
+                id,
+                "internal: stopped at a non-collective".into(),
+            ));
+        };
+        if c.ranks() != 1 {
+            return Err(node_err(
+                graph,
+                id,
+                format!(
+                    "a collective over {} ranks cannot run in a single graph; run every rank's \
+                     graph together with interp::run_ranks",
+                    c.ranks()
+                ),
+            ));
+        }
+        let x = exec.arg(id)?;
+        let val = Val {
+            dtype: x.dtype,
+            shape: x.shape.clone(),
+            buf: match &x.buf {
+                Buf::F(v) => Buf::F(Cow::Owned(v.to_vec())),
+                Buf::I(v) => Buf::I(Cow::Owned(v.to_vec())),
+            },
+        };
+        exec.complete(id, val)?;
+    }
+    exec.outputs()
+}
+
+/// Runs the graphs of `n = graphs.len()` simulated ranks in lockstep, as one
+/// sharded forward (see the sharding pass in [`crate::shard`]).
+///
+/// Rank `r` runs `graphs[r]` on `values[r]` and `caches[r]` exactly as
+/// [`run`] would, until it reaches a collective. When every rank waits at
+/// a collective, the `k`-th collective of each rank's run is matched with
+/// the `k`-th of every other (the NCCL rule: every rank issues the same
+/// collectives in the same order); they must agree on op, rank count, dtype
+/// and bound shape, and `ranks` must equal `n`. Then:
+///
+/// - `comm.all_reduce`: every rank receives `Σ_r x_r`, added in f32 in rank
+///   order (`((x_0 + x_1) + x_2) + …`) and rounded once to the node's dtype.
+///   Each `x_r` is already a value of the dtype; a GPU ring reduction in
+///   bf16 may round after each step and so differ by the dtype's rounding
+///   per rank.
+/// - `comm.all_gather`: every rank receives the ranks' parts joined along
+///   `axis` in rank order (exact).
+///
+/// Returns every rank's outputs. Errors name the rank and the node.
+pub fn run_ranks(
+    graphs: &[Graph],
+    bindings: &Bindings,
+    values: &[BTreeMap<String, Tensor>],
+    caches: &mut [Caches],
+) -> Result<Vec<BTreeMap<String, Tensor>>> {
+    let n = graphs.len();
+    if n == 0 || values.len() != n || caches.len() != n {
+        return Err(interp_err(format!(
+            "run_ranks needs one graph, one values map and one Caches per rank; found {n} \
+             graphs, {} values maps and {} caches",
+            values.len(),
+            caches.len()
+        )));
+    }
+    let rank_err = |r: usize, e: IrError| IrError {
+        message: format!("rank {r} of {n}: {}", e.message),
+        ..e
+    };
+    let mut execs = Vec::with_capacity(n);
+    for (r, (g, v)) in graphs.iter().zip(values).enumerate() {
+        execs.push(Exec::new(g, bindings, v).map_err(|e| rank_err(r, e))?);
+    }
+    for step in 0.. {
+        let mut stops = Vec::with_capacity(n);
+        for (r, (e, c)) in execs.iter_mut().zip(caches.iter_mut()).enumerate() {
+            stops.push(e.advance(c).map_err(|e| rank_err(r, e))?);
+        }
+        let ids: Vec<NodeId> = match stops.iter().copied().collect::<Option<Vec<_>>>() {
+            Some(ids) => ids,
+            None if stops.iter().all(Option::is_none) => break,
+            None => {
+                let (r, id) = stops
+                    .iter()
+                    .enumerate()
+                    .find_map(|(r, s)| s.map(|id| (r, id)))
+                    .ok_or_else(|| interp_err("internal: no rank stopped".into()))?;
+                let done = stops.iter().position(Option::is_none).unwrap_or(0);
+                return Err(rank_err(
+                    r,
+                    node_err(
+                        &graphs[r],
+                        id,
+                        format!(
+                            "waits at collective #{step} but rank {done} finished its graph \
+                             without it; every rank must issue the same collectives in the same order"
+                        ),
+                    ),
+                ));
+            }
+        };
+        let node0 = graphs[0].node(ids[0]);
+        let x0 = execs[0].arg(ids[0])?;
+        for r in 0..n {
+            let node = graphs[r].node(ids[r]);
+            let x = execs[r].arg(ids[r])?;
+            let mismatch = if node.op != node0.op {
+                Some(format!(
+                    "{} here, {} on rank 0",
+                    node.op.mnemonic(),
+                    node0.op.mnemonic()
+                ))
+            } else if x.dtype != x0.dtype || x.shape != x0.shape {
+                Some(format!(
+                    "input {}{} here, {}{} on rank 0",
+                    x.dtype,
+                    fmt_shape(&x.shape),
+                    x0.dtype,
+                    fmt_shape(&x0.shape)
+                ))
+            } else {
+                None
+            };
+            if let Some(m) = mismatch {
+                return Err(rank_err(
+                    r,
+                    node_err(
+                        &graphs[r],
+                        ids[r],
+                        format!(
+                            "collective #{step} does not match rank 0's ({}): {m}",
+                            graphs[0].describe(ids[0])
+                        ),
+                    ),
+                ));
+            }
+        }
+        let Op::Comm(comm) = &node0.op else {
+            return Err(interp_err("internal: stopped at a non-collective".into()));
+        };
+        if comm.ranks() != n {
+            return Err(node_err(
+                &graphs[0],
+                ids[0],
+                format!(
+                    "the collective is over {} ranks but {n} ranks run",
+                    comm.ranks()
+                ),
+            ));
+        }
+        let (dtype, shape) = (node0.ty.dtype, x0.shape.clone());
+        let parts: Vec<&Val<'_>> = execs
+            .iter()
+            .zip(&ids)
+            .map(|(e, &id)| e.arg(id))
+            .collect::<Result<_>>()?;
+        let (out_shape, buf) = match comm {
+            Comm::AllReduce { .. } => {
+                let mut acc = parts[0].f("all-reduce input").map_err(interp_err)?.to_vec();
+                for p in &parts[1..] {
+                    for (a, &v) in acc
+                        .iter_mut()
+                        .zip(p.f("all-reduce input").map_err(interp_err)?)
+                    {
+                        *a += v;
+                    }
+                }
+                acc.iter_mut().for_each(|a| *a = round_to(dtype, *a));
+                (shape, Buf::F(Cow::Owned(acc)))
+            }
+            Comm::AllGather { axis, .. } => {
+                let (outer, d, inner) = split_axis(&shape, *axis);
+                let mut out_shape = shape.clone();
+                out_shape[*axis] = d * n;
+                let chunk = d * inner;
+                let buf = match &parts[0].buf {
+                    Buf::F(_) => {
+                        let srcs: Vec<&[f32]> = parts
+                            .iter()
+                            .map(|p| p.f("all-gather input"))
+                            .collect::<Result<_, _>>()
+                            .map_err(interp_err)?;
+                        let mut y = Vec::with_capacity(outer * chunk * n);
+                        for o in 0..outer {
+                            for s in &srcs {
+                                y.extend_from_slice(&s[o * chunk..(o + 1) * chunk]);
+                            }
+                        }
+                        Buf::F(Cow::Owned(y))
+                    }
+                    Buf::I(_) => {
+                        let srcs: Vec<&[i32]> = parts
+                            .iter()
+                            .map(|p| p.i("all-gather input"))
+                            .collect::<Result<_, _>>()
+                            .map_err(interp_err)?;
+                        let mut y = Vec::with_capacity(outer * chunk * n);
+                        for o in 0..outer {
+                            for s in &srcs {
+                                y.extend_from_slice(&s[o * chunk..(o + 1) * chunk]);
+                            }
+                        }
+                        Buf::I(Cow::Owned(y))
+                    }
+                };
+                (out_shape, buf)
+            }
+        };
+        for (r, e) in execs.iter_mut().enumerate() {
+            let buf = match &buf {
+                Buf::F(v) => Buf::F(Cow::Owned(v.to_vec())),
+                Buf::I(v) => Buf::I(Cow::Owned(v.to_vec())),
+            };
+            let val = Val {
+                dtype,
+                shape: out_shape.clone(),
+                buf,
+            };
+            e.complete(ids[r], val).map_err(|e| rank_err(r, e))?;
         }
     }
-    let is_output = |id: NodeId| graph.outputs().iter().any(|(_, o)| *o == id);
-    let mut vals: BTreeMap<NodeId, Val<'_>> = BTreeMap::new();
-    for id in order {
-        let node = graph.node(id);
-        let ins = graph.inputs(id);
-        let shape = node.ty.shape.eval(bindings).map_err(|m| {
+    execs
+        .into_iter()
+        .enumerate()
+        .map(|(r, e)| e.outputs().map_err(|e| rank_err(r, e)))
+        .collect()
+}
+
+/// One run of a graph in progress: nodes are evaluated in topological order
+/// until the next collective, which the caller (one rank or all ranks)
+/// completes with [`Exec::complete`].
+struct Exec<'a> {
+    graph: &'a Graph,
+    bindings: &'a Bindings,
+    values: &'a BTreeMap<String, Tensor>,
+    order: Vec<NodeId>,
+    next: usize,
+    /// Remaining reads of each value (one per input slot); a value is
+    /// dropped after its last read unless it is an output, so dequantized
+    /// weights and activations of finished layers do not pile up.
+    reads: BTreeMap<NodeId, usize>,
+    vals: BTreeMap<NodeId, Val<'a>>,
+}
+
+impl<'a> Exec<'a> {
+    fn new(
+        graph: &'a Graph,
+        bindings: &'a Bindings,
+        values: &'a BTreeMap<String, Tensor>,
+    ) -> Result<Exec<'a>> {
+        graph.verify()?;
+        let order = graph.topo_order()?;
+        let mut reads: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for &id in &order {
+            for i in graph.inputs(id) {
+                *reads.entry(i).or_insert(0) += 1;
+            }
+        }
+        Ok(Exec {
+            graph,
+            bindings,
+            values,
+            order,
+            next: 0,
+            reads,
+            vals: BTreeMap::new(),
+        })
+    }
+
+    /// The bound shape of a node.
+    fn shape(&self, id: NodeId) -> Result<Vec<usize>> {
+        let node = self.graph.node(id);
+        node.ty.shape.eval(self.bindings).map_err(|m| {
             node_err(
-                graph,
+                self.graph,
                 id,
                 format!(
                     "its type {} cannot be sized: {m}; bind every symbol in the Bindings passed to run",
                     node.ty
                 ),
             )
-        })?;
-        let val = match &node.op {
-            Op::Input(kind) => load_input(graph, id, *kind, &shape, bindings, values, caches)?,
-            op => {
-                let mut args = Vec::with_capacity(ins.len());
-                for i in &ins {
-                    args.push(vals.get(i).ok_or_else(|| {
-                        node_err(
-                            graph,
-                            id,
-                            "internal: an input was not evaluated first".into(),
-                        )
-                    })?);
-                }
-                let buf = eval(graph, id, op, &args, &shape, bindings, caches)
-                    .map_err(|m| node_err(graph, id, m))?;
-                Val {
-                    dtype: node.ty.dtype,
-                    shape: shape.clone(),
-                    buf,
-                }
+        })
+    }
+
+    /// Evaluates nodes up to the next collective and returns it (not yet
+    /// evaluated), or `None` at the end of the graph.
+    fn advance(&mut self, caches: &mut Caches) -> Result<Option<NodeId>> {
+        let graph = self.graph;
+        while let Some(&id) = self.order.get(self.next) {
+            let node = graph.node(id);
+            if let Op::Comm(_) = node.op {
+                return Ok(Some(id));
             }
-        };
+            let shape = self.shape(id)?;
+            let val = match &node.op {
+                Op::Input(kind) => {
+                    load_input(graph, id, *kind, &shape, self.bindings, self.values, caches)?
+                }
+                op => {
+                    let ins = graph.inputs(id);
+                    let mut args = Vec::with_capacity(ins.len());
+                    for i in &ins {
+                        args.push(self.vals.get(i).ok_or_else(|| {
+                            node_err(
+                                graph,
+                                id,
+                                "internal: an input was not evaluated first".into(),
+                            )
+                        })?);
+                    }
+                    let buf = eval(graph, id, op, &args, &shape, self.bindings, caches)
+                        .map_err(|m| node_err(graph, id, m))?;
+                    Val {
+                        dtype: node.ty.dtype,
+                        shape,
+                        buf,
+                    }
+                }
+            };
+            self.complete(id, val)?;
+        }
+        Ok(None)
+    }
+
+    /// The value of the single input of `id` (a collective).
+    fn arg(&self, id: NodeId) -> Result<&Val<'a>> {
+        self.graph
+            .inputs(id)
+            .first()
+            .and_then(|i| self.vals.get(i))
+            .ok_or_else(|| {
+                node_err(
+                    self.graph,
+                    id,
+                    "internal: the input was not evaluated first".into(),
+                )
+            })
+    }
+
+    /// Records the value of the next node `id` and moves past it.
+    fn complete(&mut self, id: NodeId, val: Val<'a>) -> Result<()> {
+        let graph = self.graph;
+        if self.order.get(self.next) != Some(&id) {
+            return Err(node_err(
+                graph,
+                id,
+                "internal: nodes completed out of order".into(),
+            ));
+        }
+        let shape = self.shape(id)?;
         // Invariant: every value holds its bound shape's element count, so the
         // indexing in the ops below (shapes checked by the verifier) is in range.
         if val.shape != shape || (!val.placeholder() && val.buf.len() != shape.iter().product()) {
@@ -359,58 +674,66 @@ pub fn run(
                     "internal: computed {} values of shape {} for {} = {}",
                     val.buf.len(),
                     fmt_shape(&val.shape),
-                    node.ty,
+                    graph.node(id).ty,
                     fmt_shape(&shape)
                 ),
             ));
         }
-        vals.insert(id, val);
-        for i in ins {
-            if let Some(n) = reads.get_mut(&i) {
+        self.vals.insert(id, val);
+        self.next += 1;
+        let is_output = |id: NodeId| graph.outputs().iter().any(|(_, o)| *o == id);
+        for i in graph.inputs(id) {
+            if let Some(n) = self.reads.get_mut(&i) {
                 *n -= 1;
                 if *n == 0 && !is_output(i) {
-                    vals.remove(&i);
+                    self.vals.remove(&i);
                 }
             }
         }
+        Ok(())
     }
-    let mut out = BTreeMap::new();
-    for (name, id) in graph.outputs() {
-        let node = graph.node(*id);
-        let v = vals
-            .get(id)
-            .ok_or_else(|| node_err(graph, *id, "internal: output not evaluated".into()))?;
-        let t = match (&node.op, &v.buf) {
-            // FP4 weights are returned as given, not as their dequantized values.
-            (Op::Input(InputKind::Weight), _) if node.ty.dtype.is_block_quantized() => values
-                .get(&node.name)
-                .cloned()
-                .ok_or_else(|| node_err(graph, *id, "internal: weight vanished".into()))?,
-            _ if node.ty.dtype.is_block_quantized() => {
-                return Err(node_err(
-                    graph,
-                    *id,
-                    format!(
-                        "output \"{name}\" is a view of {} weights; the interpreter returns \
-                         computed values only as float or i32 (read them with nn.matmul or moe.experts)",
-                        node.ty.dtype
-                    ),
-                ))
-            }
-            (_, Buf::F(d)) => Tensor {
-                dtype: node.ty.dtype,
-                shape: v.shape.clone(),
-                data: Data::F32(d.to_vec()),
-            },
-            (_, Buf::I(d)) => Tensor {
-                dtype: node.ty.dtype,
-                shape: v.shape.clone(),
-                data: Data::I32(d.to_vec()),
-            },
-        };
-        out.insert(name.clone(), t);
+
+    /// The graph's named outputs, once every node is evaluated.
+    fn outputs(self) -> Result<BTreeMap<String, Tensor>> {
+        let (graph, values, vals) = (self.graph, self.values, self.vals);
+        let mut out = BTreeMap::new();
+        for (name, id) in graph.outputs() {
+            let node = graph.node(*id);
+            let v = vals
+                .get(id)
+                .ok_or_else(|| node_err(graph, *id, "internal: output not evaluated".into()))?;
+            let t = match (&node.op, &v.buf) {
+                // FP4 weights are returned as given, not as their dequantized values.
+                (Op::Input(InputKind::Weight), _) if node.ty.dtype.is_block_quantized() => values
+                    .get(&node.name)
+                    .cloned()
+                    .ok_or_else(|| node_err(graph, *id, "internal: weight vanished".into()))?,
+                _ if node.ty.dtype.is_block_quantized() => {
+                    return Err(node_err(
+                        graph,
+                        *id,
+                        format!(
+                            "output \"{name}\" is a view of {} weights; the interpreter returns \
+                             computed values only as float or i32 (read them with nn.matmul or moe.experts)",
+                            node.ty.dtype
+                        ),
+                    ))
+                }
+                (_, Buf::F(d)) => Tensor {
+                    dtype: node.ty.dtype,
+                    shape: v.shape.clone(),
+                    data: Data::F32(d.to_vec()),
+                },
+                (_, Buf::I(d)) => Tensor {
+                    dtype: node.ty.dtype,
+                    shape: v.shape.clone(),
+                    data: Data::I32(d.to_vec()),
+                },
+            };
+            out.insert(name.clone(), t);
+        }
+        Ok(out)
     }
-    Ok(out)
 }
 
 // ---------------------------------------------------------------------------
@@ -776,6 +1099,7 @@ fn eval<'a>(
         }
         Op::Moe(m) => eval_moe(m, args, out, dt),
         Op::Sample(s) => eval_sample(s, args),
+        Op::Comm(_) => Err("internal: collectives are completed by run or run_ranks".into()),
     }
 }
 
@@ -1334,6 +1658,22 @@ fn eval_moe<'a>(m: &Moe, args: &[&Val<'a>], out: &[usize], dt: DType) -> OpResul
             owned_f(y)
         }
         Moe::Experts => experts(args, dt),
+        Moe::LocalIndex { first, count } => {
+            let idx = args[0].i("expert indices")?;
+            let (lo, hi) = (*first as i64, (*first + *count) as i64);
+            owned_i(
+                idx.iter()
+                    .map(|&e| {
+                        let e = i64::from(e);
+                        if (lo..hi).contains(&e) {
+                            (e - lo) as i32
+                        } else {
+                            -1
+                        }
+                    })
+                    .collect(),
+            )
+        }
     }
 }
 
@@ -1341,6 +1681,7 @@ fn eval_moe<'a>(m: &Moe, args: &[&Val<'a>], out: &[usize], dt: DType) -> OpResul
 /// `g = gate_e·x`, `u = up_e·x` (f64, each rounded to x's dtype),
 /// `h = silu(g)·u` in f32 rounded to x's dtype, `y = down_e·h` (f64, kept in
 /// f32); `out[t] = Σⱼ w[t,j]·y` accumulated in f32 in slot order, rounded once.
+/// A slot with index `-1` (another rank's expert) is skipped.
 fn experts<'a>(args: &[&Val<'a>], dt: DType) -> OpResult<'a> {
     let x = args[0].f("x")?;
     let idx = args[1].i("expert indices")?;
@@ -1356,6 +1697,9 @@ fn experts<'a>(args: &[&Val<'a>], dt: DType) -> OpResult<'a> {
         let xt = &x[ti * hd..(ti + 1) * hd];
         let mut acc = vec![0f32; hd];
         for j in 0..k {
+            if idx[ti * k + j] == -1 {
+                continue; // another rank's expert
+            }
             let e = expert_index(idx[ti * k + j], ne, ti, j)?;
             let gue = &gu[e * i2 * hd..(e + 1) * i2 * hd];
             for (i, h) in hv.iter_mut().enumerate() {

@@ -4,8 +4,9 @@
 //! ([`DType`], FP4 formats included), shapes over named symbols ([`Shape`],
 //! [`Dim`]), the closed set of ops ([`Op`]), graphs built with a checked
 //! [`Builder`], a verifier, a deterministic text printer with a parser that
-//! reads it back, and the CPU reference interpreter ([`interp`]) that is the
-//! oracle of every test.
+//! reads it back, the CPU reference interpreter ([`interp`]) that is the
+//! oracle of every test, and the sharding pass ([`shard`]) that splits a
+//! graph over several ranks joined by collectives.
 //!
 //! No CUDA, no I/O.
 //!
@@ -32,6 +33,7 @@ pub mod graph;
 pub mod interp;
 pub mod op;
 pub mod shape;
+pub mod shard;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod text;
@@ -41,7 +43,7 @@ pub use dtype::DType;
 pub use error::{ErrorKind, IrError, Result};
 pub use graph::{Graph, Loc, Node, NodeId};
 pub use op::{
-    Attn, Attr, BinaryOp, Elementwise, InputKind, Mask, Moe, Nn, Op, ReduceKind, Sample, ScoreFn,
-    TensorType, UnaryOp, View,
+    Attn, Attr, BinaryOp, Comm, Elementwise, InputKind, Mask, Moe, Nn, Op, ReduceKind, Sample,
+    ScoreFn, TensorType, UnaryOp, View,
 };
 pub use shape::{Bindings, Dim, IntoDim, Shape};

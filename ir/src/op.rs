@@ -14,6 +14,7 @@
 //! | `attn` | KV-cache append, attention with masks and sinks |
 //! | `moe` | router selection, router weights, the grouped expert FFN |
 //! | `sample` | argmax, sampling with temperature and seed |
+//! | `comm` | collectives between the ranks of a sharded graph (all-reduce, all-gather) |
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -269,7 +270,19 @@ pub enum Moe {
     /// `(x [T, H], idx i32 [T, k], w f32 [T, k], gate_up [E, 2I, H], down [E, H, I]) -> [T, H]`,
     /// `out[t] = Σⱼ w[t,j] · down_e(silu(gate_e x) ⊙ up_e x)` with `e = idx[t,j]`,
     /// gate the first `I` rows of `gate_up[e]`, up the last `I`.
+    /// An index of `-1` is a slot whose expert lives on another rank (see
+    /// [`Moe::LocalIndex`]): it contributes nothing.
     Experts,
+    /// Expert parallelism: maps global expert indices to this rank's
+    /// experts `first..first+count`: `i32 [T, k] -> i32 [T, k]`,
+    /// `e - first` when `first <= e < first + count`, else `-1` (the slot is
+    /// another rank's, and [`Moe::Experts`] skips it).
+    LocalIndex {
+        /// This rank's first global expert.
+        first: usize,
+        /// Experts this rank holds.
+        count: usize,
+    },
 }
 
 /// Token choice.
@@ -284,6 +297,41 @@ pub enum Sample {
         /// Temperature (> 0).
         temperature: f32,
     },
+}
+
+/// Collectives: how the ranks of a sharded graph combine their parts.
+///
+/// A sharded graph runs once per rank; the `k`-th collective of every rank's
+/// run meets the `k`-th collective of every other rank (as NCCL calls do), so
+/// every rank must issue the same collectives in the same order. Run alone
+/// ([`crate::interp::run`]), a collective over one rank is the identity; over
+/// more it needs [`crate::interp::run_ranks`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Comm {
+    /// Sum over the ranks: `x -> x` (same type, float activations only). The
+    /// interpreter adds the ranks' values in f32 in rank order and rounds the
+    /// sum once to the dtype.
+    AllReduce {
+        /// Ranks taking part.
+        ranks: usize,
+    },
+    /// Every rank's part joined along `axis` in rank order:
+    /// `[.., d, ..] -> [.., ranks·d, ..]` (float or i32; exact).
+    AllGather {
+        /// Axis joined.
+        axis: usize,
+        /// Ranks taking part.
+        ranks: usize,
+    },
+}
+
+impl Comm {
+    /// Ranks taking part.
+    pub fn ranks(&self) -> usize {
+        match self {
+            Comm::AllReduce { ranks } | Comm::AllGather { ranks, .. } => *ranks,
+        }
+    }
 }
 
 /// An operation. Closed: every consumer matches on it exhaustively.
@@ -310,6 +358,8 @@ pub enum Op {
     Moe(Moe),
     /// Token choice family.
     Sample(Sample),
+    /// Collectives between ranks.
+    Comm(Comm),
 }
 
 /// An attribute value, as printed and parsed.
@@ -468,11 +518,17 @@ impl Op {
                 Moe::RouterSelect { .. } => "moe.router_select",
                 Moe::RouterWeights { .. } => "moe.router_weights",
                 Moe::Experts => "moe.experts",
+                Moe::LocalIndex { .. } => "moe.local_index",
             }
             .into(),
             Op::Sample(s) => match s {
                 Sample::Argmax => "sample.argmax",
                 Sample::Sample { .. } => "sample.sample",
+            }
+            .into(),
+            Op::Comm(c) => match c {
+                Comm::AllReduce { .. } => "comm.all_reduce",
+                Comm::AllGather { .. } => "comm.all_gather",
             }
             .into(),
         }
@@ -548,6 +604,15 @@ impl Op {
             Op::Sample(Sample::Sample { temperature }) => {
                 vec![("temperature", Attr::Float(*temperature))]
             }
+            Op::Moe(Moe::LocalIndex { first, count }) => vec![
+                ("first", Attr::Int(*first as i64)),
+                ("count", Attr::Int(*count as i64)),
+            ],
+            Op::Comm(Comm::AllReduce { ranks }) => vec![("ranks", Attr::Int(*ranks as i64))],
+            Op::Comm(Comm::AllGather { axis, ranks }) => vec![
+                ("axis", Attr::Int(*axis as i64)),
+                ("ranks", Attr::Int(*ranks as i64)),
+            ],
         }
     }
 
@@ -677,6 +742,26 @@ impl Op {
                 known = &[];
                 Op::Moe(Moe::Experts)
             }
+            "moe.local_index" => {
+                known = &["first", "count"];
+                Op::Moe(Moe::LocalIndex {
+                    first: a.usize("first")?,
+                    count: a.usize("count")?,
+                })
+            }
+            "comm.all_reduce" => {
+                known = &["ranks"];
+                Op::Comm(Comm::AllReduce {
+                    ranks: a.usize("ranks")?,
+                })
+            }
+            "comm.all_gather" => {
+                known = &["axis", "ranks"];
+                Op::Comm(Comm::AllGather {
+                    axis: a.usize("axis")?,
+                    ranks: a.usize("ranks")?,
+                })
+            }
             "sample.argmax" => {
                 known = &[];
                 Op::Sample(Sample::Argmax)
@@ -740,6 +825,8 @@ impl Op {
             Op::Moe(Moe::RouterSelect { bias, .. }) => 1 + usize::from(*bias),
             Op::Moe(Moe::RouterWeights { .. }) => 2,
             Op::Moe(Moe::Experts) => 5,
+            Op::Moe(Moe::LocalIndex { .. }) => 1,
+            Op::Comm(_) => 1,
             Op::Sample(Sample::Argmax) => 1,
             Op::Sample(Sample::Sample { .. }) => 2,
         })
@@ -772,6 +859,7 @@ impl Op {
             Op::Attn(a) => infer_attn(a, ins)?,
             Op::Moe(m) => infer_moe(m, ins)?,
             Op::Sample(s) => infer_sample(s, ins)?,
+            Op::Comm(c) => infer_comm(c, ins)?,
         };
         Ok(Some(out))
     }
@@ -1243,6 +1331,21 @@ fn infer_moe(m: &Moe, ins: &[&TensorType]) -> Result<TensorType, String> {
             )?;
             Ok(TensorType::new(DType::F32, idx.shape.clone()))
         }
+        Moe::LocalIndex { first, count } => {
+            let idx = ins[0];
+            want_dtype("expert indices", idx, DType::I32)?;
+            want_rank("expert indices", idx, 2)?;
+            if *count == 0
+                || first
+                    .checked_add(*count)
+                    .is_none_or(|e| e > i32::MAX as usize)
+            {
+                return Err(format!(
+                    "experts {first}..{first}+{count} must be a non-empty range of i32 indices"
+                ));
+            }
+            Ok(idx.clone())
+        }
         Moe::Experts => {
             let (x, idx, w, w13, w2) = (ins[0], ins[1], ins[2], ins[3], ins[4]);
             want_activation("x", x)?;
@@ -1286,6 +1389,30 @@ fn infer_moe(m: &Moe, ins: &[&TensorType]) -> Result<TensorType, String> {
                 }
             }
             Ok(x.clone())
+        }
+    }
+}
+
+fn infer_comm(c: &Comm, ins: &[&TensorType]) -> Result<TensorType, String> {
+    let x = ins[0];
+    if c.ranks() == 0 {
+        return Err("ranks must be >= 1".into());
+    }
+    match c {
+        Comm::AllReduce { .. } => {
+            want_activation("input", x)?;
+            Ok(x.clone())
+        }
+        Comm::AllGather { axis, ranks } => {
+            if !(x.dtype.is_float() || x.dtype == DType::I32) {
+                return Err(format!(
+                    "input must be a float or i32 tensor, found {x}; gather weights when loading"
+                ));
+            }
+            want_axis(*axis, x)?;
+            let mut dims = x.dims().to_vec();
+            dims[*axis] = dims[*axis].clone() * (*ranks as i64);
+            Ok(TensorType::new(x.dtype, Shape(dims)))
         }
     }
 }

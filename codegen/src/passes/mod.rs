@@ -17,7 +17,7 @@ mod router;
 
 use std::path::PathBuf;
 
-use tilefuse_ir::Graph;
+use tilefuse_ir::{Graph, Op};
 
 use crate::error::CodegenError;
 use crate::fusion::Fused;
@@ -82,6 +82,27 @@ fn dump_dir() -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// Collectives (a graph split by `tilefuse_ir::shard`) have no lowering
+/// yet: refused before any pass, naming the first one.
+fn refuse_collectives(graph: &Graph) -> Result<(), CodegenError> {
+    for n in graph.topo_order()? {
+        let op = &graph.node(n).op;
+        if let Op::Comm(c) = op {
+            return Err(CodegenError::Unsupported {
+                node: graph.describe(n),
+                reason: format!(
+                    "`{}` over {} ranks: multi-GPU execution needs the NCCL runtime, which \
+                     tilefuse does not have yet; run the sharded graphs on the CPU \
+                     (tilefuse_ir::interp::run_ranks) or compile the unsplit graph for one GPU",
+                    op.mnemonic(),
+                    c.ranks()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Runs every pass on `graph`, verifying between passes (always: it is
 /// cheap next to compiling), and returns the fused graph.
 pub fn run_pipeline(graph: Graph) -> Result<Fused, CodegenError> {
@@ -95,6 +116,7 @@ pub fn run_pipeline_observed(
     mut observe: impl FnMut(&str, &Fused),
 ) -> Result<Fused, CodegenError> {
     graph.verify()?;
+    refuse_collectives(&graph)?;
     let mut fused = Fused::new(graph);
     let dump = dump_dir();
     if let Some(d) = &dump {
