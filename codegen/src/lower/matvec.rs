@@ -106,9 +106,7 @@ fn shape(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Shape, CodegenEr
         )));
     }
     let rows_dim = xt.dims()[0].clone();
-    let max_rows = rows_dim
-        .eval(&opt.max_bindings())
-        .map_err(&unsupported)?;
+    let max_rows = rows_dim.eval(&opt.max_bindings()).map_err(&unsupported)?;
     let wt = &g.node(w).ty;
     let n = wt.dims()[0]
         .as_const()
