@@ -2,7 +2,9 @@
 
 mod bench_cmd;
 mod checkpoint_cmds;
+mod eval_cmd;
 mod generate_cmd;
+mod shipped;
 mod spec_cmd;
 
 use std::process::ExitCode;
@@ -176,6 +178,41 @@ enum Command {
         #[arg(long, default_value = "tilefuse-out")]
         out: std::path::PathBuf,
     },
+    /// Evaluate a target and its DFlash drafter on held-out code: perplexity,
+    /// τ per step and tokens/s of speculative against plain greedy decoding
+    /// [default: the shipped pair `mimo-v2-code`].
+    Eval {
+        /// Target checkpoint directory, or the name of a shipped model.
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
+        /// Draft checkpoint directory or built-in draft [default: the shipped pair's drafter].
+        #[arg(long)]
+        draft: Option<String>,
+        /// Draft block size B.
+        #[arg(long, default_value_t = 8)]
+        block: usize,
+        /// Held-out text [default: eval/heldout.txt beside the target].
+        #[arg(long)]
+        text: Option<std::path::PathBuf>,
+        /// Prompts (cut at function definitions of the held-out text).
+        #[arg(long, default_value_t = 16)]
+        prompts: usize,
+        /// Tokens generated per prompt.
+        #[arg(long, default_value_t = 96)]
+        max_tokens: usize,
+        /// Held-out tokens scored for perplexity.
+        #[arg(long, default_value_t = 16384)]
+        ppl_tokens: usize,
+        /// Where to run: `auto` picks the GPU when there is one.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendArg,
+        /// GPU launch mode.
+        #[arg(long, value_enum, default_value = "graph")]
+        mode: ModeArg,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Time forwards on the GPU as a fraction of the roofline (bandwidth measured in the same run).
     Bench {
         /// Built-in models (comma-separated).
@@ -241,6 +278,28 @@ fn run(cli: Cli) -> Result<(), String> {
             print!("{g}");
             Ok(())
         }
+        Command::Eval {
+            model,
+            draft,
+            block,
+            text,
+            prompts,
+            max_tokens,
+            ppl_tokens,
+            backend,
+            mode,
+            json,
+        } => eval_cmd::run(eval_cmd::EvalArgs {
+            model,
+            draft,
+            block,
+            text,
+            prompts,
+            max_tokens,
+            ppl_tokens,
+            backend: resolve_backend(backend, mode),
+            json,
+        }),
         Command::Bench {
             preset,
             context,
@@ -308,6 +367,23 @@ fn run(cli: Cli) -> Result<(), String> {
             draft,
             block,
         } => {
+            // No model: the shipped pair with its drafter (speculative,
+            // block 8), or the default preset where the pair is absent.
+            let pair = (model.is_none() && preset.is_none())
+                .then(|| shipped::pair_dir(shipped::DEFAULT_PAIR))
+                .flatten();
+            let model = match (&model, &pair) {
+                (Some(m), _) => Some(shipped::resolve_model(m)),
+                (None, Some(p)) => Some(p.join("target")),
+                (None, None) => None,
+            };
+            let (draft, block) = match (&draft, &pair) {
+                (None, Some(p)) => (
+                    Some(p.join("drafter").display().to_string()),
+                    block.or(Some(shipped::DEFAULT_BLOCK)),
+                ),
+                _ => (draft, block),
+            };
             let source = match (&model, &preset) {
                 (Some(dir), _) => generate_cmd::Source::Model(dir),
                 (None, Some(name)) => generate_cmd::Source::Preset(name),

@@ -12,9 +12,9 @@ use std::time::Instant;
 use tilefuse::model::dflash;
 use tilefuse::model::tokenizer::StreamDecoder;
 use tilefuse::runtime::speculative::{DFlashDrafter, SamplingRule, SpecDecoder, SpecOptions};
-use tilefuse::runtime::{Executable, Sampling, Session};
+use tilefuse::runtime::{Backend, Executable, Sampling, Session};
 
-use crate::generate_cmd::{json_str, load, GenerateArgs, Prompt};
+use crate::generate_cmd::{json_str, load, GenerateArgs, Loaded, Prompt};
 
 /// Runs speculative generation, then plain generation, and reports both.
 pub fn run(args: GenerateArgs<'_>, draft: &str, block: Option<usize>) -> Result<(), String> {
@@ -27,29 +27,6 @@ pub fn run(args: GenerateArgs<'_>, draft: &str, block: Option<usize>) -> Result<
     let t_load = Instant::now();
     let m = load(&args)?;
     let err = |e: tilefuse::ir::IrError| e.to_string();
-    let seed = u64::from(args.seed);
-    let (dcfg, dgraph, dweights, dname) = if Path::new(draft).is_dir() {
-        let d = dflash::load_draft(Path::new(draft), &m.arch, &m.options, &m.weights)?;
-        (d.config, d.graph, d.weights, draft.to_string())
-    } else {
-        let dp = dflash::draft_preset(draft)
-            .map_err(|e| format!("--draft {draft}: not a directory, and {e}"))?;
-        dp.config
-            .check_target(&m.arch)
-            .map_err(|e| format!("--draft {} does not fit {}: {e}", dp.name, m.name))?;
-        let g = dflash::draft_graph(&dp.config, &dflash::draft_options(&m.options)).map_err(err)?;
-        let w = dflash::random_draft_weights(&g, &m.weights, seed).map_err(err)?;
-        (dp.config, g, w, dp.name.to_string())
-    };
-    let max_rows = m.options.max_tokens;
-    let block = block.unwrap_or(dcfg.block_size);
-    if block < 2 || block > max_rows {
-        return Err(format!(
-            "--block {block} is outside 2..={max_rows}: the block is one committed token plus \
-             drafts, and {} verifies at most {max_rows} tokens per forward",
-            m.name
-        ));
-    }
     let tokenizer = &m.tokenizer;
     let ids = match &args.prompt {
         Prompt::Text(t) => tokenizer.encode(t).map_err(|e| e.to_string())?,
@@ -69,29 +46,11 @@ pub fn run(args: GenerateArgs<'_>, draft: &str, block: Option<usize>) -> Result<
             "prompt token id {bad} is outside the model's vocabulary of {vocab} (ids 0..{vocab})"
         ));
     }
-    let target = dflash::target_graph(&m.arch, &m.options, &dcfg.target_layer_ids).map_err(err)?;
-    let backend = args.backend;
-    let drafter = DFlashDrafter::new(
-        Executable::new(dgraph, dweights, backend).map_err(err)?,
-        dcfg.mask_id(),
-        dflash::draft_options(&m.options).max_tokens,
-    )
-    .map_err(err)?;
-    let opts = SpecOptions {
-        block,
-        context: m.context,
-        max_tokens: max_rows,
-        rule: SamplingRule::Rejection,
-        trace_logits: false,
-    };
-    let plain_graph = m.graph.clone();
-    let mut spec = SpecDecoder::new(
-        Executable::new(target, m.weights.clone(), backend).map_err(err)?,
-        drafter,
-        opts,
-    )
-    .map_err(err)?;
-    let plain_exe = Executable::new(plain_graph, m.weights, backend).map_err(err)?;
+    let (mut spec, dname) = build(&m, draft, block, args.backend, u64::from(args.seed))?;
+    let block = spec.options().block;
+    let max_rows = m.options.max_tokens;
+    let plain_exe =
+        Executable::new(m.graph.clone(), m.weights.clone(), args.backend).map_err(err)?;
     let load_time = t_load.elapsed();
 
     let sampling = if args.temperature == 0.0 {
@@ -211,4 +170,61 @@ pub fn run(args: GenerateArgs<'_>, draft: &str, block: Option<usize>) -> Result<
         );
     }
     Ok(())
+}
+
+/// The speculative decoder of loaded target `m` with `draft` (a draft
+/// checkpoint directory or a built-in draft preset with random weights of
+/// `seed`), blocks of `block` (default: the draft's), on `backend`; and the
+/// draft's name for reports.
+pub fn build(
+    m: &Loaded,
+    draft: &str,
+    block: Option<usize>,
+    backend: Backend,
+    seed: u64,
+) -> Result<(SpecDecoder<DFlashDrafter>, String), String> {
+    let err = |e: tilefuse::ir::IrError| e.to_string();
+    let (dcfg, dgraph, dweights, dname) = if Path::new(draft).is_dir() {
+        let d = dflash::load_draft(Path::new(draft), &m.arch, &m.options, &m.weights)?;
+        (d.config, d.graph, d.weights, draft.to_string())
+    } else {
+        let dp = dflash::draft_preset(draft)
+            .map_err(|e| format!("--draft {draft}: not a directory, and {e}"))?;
+        dp.config
+            .check_target(&m.arch)
+            .map_err(|e| format!("--draft {} does not fit {}: {e}", dp.name, m.name))?;
+        let g = dflash::draft_graph(&dp.config, &dflash::draft_options(&m.options)).map_err(err)?;
+        let w = dflash::random_draft_weights(&g, &m.weights, seed).map_err(err)?;
+        (dp.config, g, w, dp.name.to_string())
+    };
+    let max_rows = m.options.max_tokens;
+    let block = block.unwrap_or(dcfg.block_size);
+    if block < 2 || block > max_rows {
+        return Err(format!(
+            "--block {block} is outside 2..={max_rows}: the block is one committed token plus \
+             drafts, and {} verifies at most {max_rows} tokens per forward",
+            m.name
+        ));
+    }
+    let target = dflash::target_graph(&m.arch, &m.options, &dcfg.target_layer_ids).map_err(err)?;
+    let drafter = DFlashDrafter::new(
+        Executable::new(dgraph, dweights, backend).map_err(err)?,
+        dcfg.mask_id(),
+        dflash::draft_options(&m.options).max_tokens,
+    )
+    .map_err(err)?;
+    let opts = SpecOptions {
+        block,
+        context: m.context,
+        max_tokens: max_rows,
+        rule: SamplingRule::Rejection,
+        trace_logits: false,
+    };
+    let spec = SpecDecoder::new(
+        Executable::new(target, m.weights.clone(), backend).map_err(err)?,
+        drafter,
+        opts,
+    )
+    .map_err(err)?;
+    Ok((spec, dname))
 }

@@ -417,3 +417,84 @@ fn tokenizer_json_is_used_when_present() {
         &["tokenizer.json"],
     );
 }
+
+#[test]
+fn speculative_generate_and_eval_on_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init(tmp.path(), "mimo-v2-tiny", "target");
+    // Speculative decoding of a checkpoint with a built-in draft equals
+    // plain decoding of the same checkpoint.
+    let spec = ok(&[
+        "generate",
+        "--model",
+        s(&dir),
+        "--draft",
+        "mimo-v2-tiny-dflash",
+        "--block",
+        "4",
+        "--prompt",
+        "def f(x):",
+        "--max-tokens",
+        "20",
+        "--backend",
+        "cpu",
+        "--json",
+    ]);
+    let plain = ok(&[
+        "generate",
+        "--model",
+        s(&dir),
+        "--prompt",
+        "def f(x):",
+        "--max-tokens",
+        "20",
+        "--backend",
+        "cpu",
+        "--json",
+    ]);
+    assert_eq!(generated_ids(&spec), generated_ids(&plain));
+    assert!(spec.contains("\"same_as_plain\":true"), "{spec}");
+    // eval: perplexity, τ and the equality check over prompts cut from text.
+    let text = tmp.path().join("heldout.txt");
+    std::fs::write(
+        &text,
+        "import os\n\n\ndef first(a, b):\n    return a + b\n\n\nclass K:\n    def second(self):\n        return os.sep\n",
+    )
+    .unwrap();
+    let out = ok(&[
+        "eval",
+        "--model",
+        s(&dir),
+        "--draft",
+        "mimo-v2-tiny-dflash",
+        "--text",
+        s(&text),
+        "--prompts",
+        "2",
+        "--max-tokens",
+        "12",
+        "--backend",
+        "cpu",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["prompts"], 2, "{out}");
+    assert_eq!(v["equal_outputs"], 2, "{out}");
+    let ppl = v["perplexity"].as_f64().unwrap();
+    assert!(ppl.is_finite() && ppl > 1.0, "{out}");
+    let tau = v["tau"].as_f64().unwrap();
+    assert!((1.0..=8.0).contains(&tau), "{out}");
+    // A directory that is not a draft is refused by name.
+    fails(
+        &[
+            "generate",
+            "--model",
+            s(&dir),
+            "--draft",
+            s(tmp.path()),
+            "--backend",
+            "cpu",
+        ],
+        &["config.json"],
+    );
+}

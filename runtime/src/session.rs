@@ -122,11 +122,47 @@ impl Session {
         }
         let mut last = Vec::new();
         for chunk in tokens.chunks(self.max_tokens) {
-            last = self.forward(chunk)?;
+            let all = self.forward(chunk)?;
+            last = all[(chunk.len() - 1) * self.vocab..].to_vec();
         }
         Ok(last)
     }
 
+    /// Teacher-forced scoring: runs `tokens` at positions `len..` and returns
+    /// the summed negative log-likelihood (natural log, computed in f64 from
+    /// the f32 logits) of each token after the first given the ones before
+    /// it, and how many were scored (`tokens.len() − 1`).
+    pub fn score(&mut self, tokens: &[i32]) -> Result<(f64, usize)> {
+        if self.len + tokens.len() > self.context {
+            return Err(IrError::new(
+                ErrorKind::Interp,
+                format!(
+                    "{} tokens after {} cached exceed the context limit of {} positions",
+                    tokens.len(),
+                    self.len,
+                    self.context
+                ),
+            ));
+        }
+        let (mut nll, mut n) = (0.0f64, 0usize);
+        let mut at = 0;
+        for chunk in tokens.chunks(self.max_tokens) {
+            let all = self.forward(chunk)?;
+            for (i, row) in all.chunks_exact(self.vocab).enumerate() {
+                let Some(&next) = tokens.get(at + i + 1) else {
+                    break;
+                };
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+                nll += m + z.ln() - row[next as usize] as f64;
+                n += 1;
+            }
+            at += chunk.len();
+        }
+        Ok((nll, n))
+    }
+
+    /// Runs one chunk and returns the logits of all its rows.
     fn forward(&mut self, chunk: &[i32]) -> Result<Vec<f32>> {
         let t = chunk.len();
         let pos: Vec<i32> = (self.len..self.len + t).map(|p| p as i32).collect();
@@ -140,7 +176,24 @@ impl Session {
             .get("logits")
             .ok_or_else(|| IrError::new(ErrorKind::Interp, "the forward returned no logits"))?
             .to_f32();
-        Ok(logits[(t - 1) * self.vocab..t * self.vocab].to_vec())
+        if logits.len() != t * self.vocab {
+            return Err(IrError::new(
+                ErrorKind::Interp,
+                format!(
+                    "the forward returned {} logits for {t} tokens of a {}-token vocabulary",
+                    logits.len(),
+                    self.vocab
+                ),
+            ));
+        }
+        Ok(logits)
+    }
+
+    /// Forgets every cached position and the timings: the next call starts
+    /// a new sequence at position 0.
+    pub fn reset(&mut self) {
+        self.len = 0;
+        self.times = StepTimes::default();
     }
 
     /// Chooses a token from one row of logits; an error if the row has no
