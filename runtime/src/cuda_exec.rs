@@ -414,6 +414,15 @@ impl GpuExecutable {
         })
     }
 
+    /// The largest value symbol `sym` (other than `T` and `S`) may take: the
+    /// bound the plans were sized for.
+    pub fn symbol_bound(&self, sym: &str) -> Option<usize> {
+        self.programs
+            .iter()
+            .filter_map(|p| p.plan.options.bounds.get(sym).copied())
+            .min()
+    }
+
     /// The largest `T` of each bucket.
     pub fn buckets(&self) -> Vec<usize> {
         self.programs.iter().map(|p| p.plan.options.max_t).collect()
@@ -437,17 +446,28 @@ impl GpuExecutable {
         self.gpu
     }
 
-    /// Runs one forward.
+    /// Runs one forward and reads back every output.
     pub fn run(
         &mut self,
         bindings: &Bindings,
         inputs: &BTreeMap<String, Tensor>,
     ) -> Result<BTreeMap<String, Tensor>> {
+        self.run_outputs(bindings, inputs, None)
+    }
+
+    /// Runs one forward and reads back the outputs named in `wanted` (all
+    /// when `None`): the others stay on the GPU.
+    pub fn run_outputs(
+        &mut self,
+        bindings: &Bindings,
+        inputs: &BTreeMap<String, Tensor>,
+        wanted: Option<&[&str]>,
+    ) -> Result<BTreeMap<String, Tensor>> {
         let pi = self.bucket(bindings)?;
         self.prepare(pi, bindings, inputs)?;
         self.dispatch(pi)?;
         self.gpu.sync("running the forward").map_err(gpu_err)?;
-        self.read_outputs(pi, bindings)
+        self.read_outputs(pi, bindings, wanted)
     }
 
     /// The program serving a forward with these bindings.
@@ -734,11 +754,19 @@ impl GpuExecutable {
         Ok(())
     }
 
-    fn read_outputs(&self, pi: usize, bindings: &Bindings) -> Result<BTreeMap<String, Tensor>> {
+    fn read_outputs(
+        &self,
+        pi: usize,
+        bindings: &Bindings,
+        wanted: Option<&[&str]>,
+    ) -> Result<BTreeMap<String, Tensor>> {
         let p = &self.programs[pi].plan;
         let g = &p.fused.graph;
         let mut out = BTreeMap::new();
         for (name, id) in g.outputs() {
+            if wanted.is_some_and(|w| !w.contains(&name.as_str())) {
+                continue;
+            }
             let node = g.node(*id);
             let shape = node
                 .ty

@@ -124,6 +124,12 @@ impl Executable {
         }
     }
 
+    /// The largest value symbol `sym` may take, where the backend sized
+    /// buffers for one (the GPU); `None` when any value runs.
+    pub fn symbol_bound(&self, sym: &str) -> Option<usize> {
+        self.gpu.as_ref().and_then(|g| g.symbol_bound(sym))
+    }
+
     /// The graph.
     pub fn graph(&self) -> &Graph {
         &self.graph
@@ -141,9 +147,20 @@ impl Executable {
         bindings: &Bindings,
         inputs: BTreeMap<String, Tensor>,
     ) -> Result<BTreeMap<String, Tensor>> {
+        self.run_outputs(bindings, inputs, None)
+    }
+
+    /// [`Executable::run`] returning only the outputs named in `wanted` (all
+    /// when `None`); on the GPU the others are not copied back.
+    pub fn run_outputs(
+        &mut self,
+        bindings: &Bindings,
+        inputs: BTreeMap<String, Tensor>,
+        wanted: Option<&[&str]>,
+    ) -> Result<BTreeMap<String, Tensor>> {
         check_ring_rows(&self.graph, bindings)?;
         if let Some(g) = &mut self.gpu {
-            return g.run(bindings, &inputs);
+            return g.run_outputs(bindings, &inputs, wanted);
         }
         let names: Vec<String> = inputs.keys().cloned().collect();
         for (k, v) in inputs {
@@ -162,7 +179,11 @@ impl Executable {
         for k in names {
             self.values.remove(&k);
         }
-        r
+        let mut r = r?;
+        if let Some(w) = wanted {
+            r.retain(|k, _| w.contains(&k.as_str()));
+        }
+        Ok(r)
     }
 }
 

@@ -212,6 +212,8 @@ pub struct DFlashDrafter {
     exe: Executable,
     mask_id: i32,
     max_rows: usize,
+    /// The most context rows one forward takes (the GPU plans' bound on `C`).
+    max_context: usize,
     vocab: usize,
     width: usize,
     /// Context positions in the draft caches (`S` of the next call).
@@ -256,10 +258,12 @@ impl DFlashDrafter {
                 "a draft forward needs max_rows >= 2 (one context row and one block row)",
             ));
         }
+        let max_context = exe.symbol_bound("C").unwrap_or(usize::MAX);
         Ok(DFlashDrafter {
             exe,
             mask_id,
             max_rows,
+            max_context,
             vocab,
             width,
             held: 0,
@@ -334,8 +338,9 @@ impl Drafter for DFlashDrafter {
         // Forwards of at most max_rows rows: context chunks with a one-token
         // block whose logits are dropped, then the rest with the real block.
         let mut r0 = 0;
-        while rows - r0 > self.max_rows - step.block {
-            let r1 = (r0 + self.max_rows - 1).min(rows - 1);
+        let last_chunk = (self.max_rows - step.block).min(self.max_context);
+        while rows - r0 > last_chunk {
+            let r1 = (r0 + (self.max_rows - 1).min(self.max_context)).min(rows - 1);
             self.forward(take_rows(step.context, r0, r1)?, vec![self.mask_id])?;
             r0 = r1;
         }
