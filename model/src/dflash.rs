@@ -29,7 +29,10 @@
 //! | [`CONTEXT_POS_INPUT`] | `i32[C]` | their absolute positions `S .. S+C` |
 //!
 //! Output `logits f32[T, V]` through the target's LM head; row `j ≥ 1`
-//! predicts the token at block position `j` (no shift), row 0 is unused.
+//! predicts the token at block position `j` (no shift), row 0 is unused;
+//! and [`GREEDY_OUTPUT`] `i32[T]`, the argmax of each row (the target graph
+//! has one too), so greedy decoding on the GPU copies back a few ids
+//! instead of the logits.
 //!
 //! Per call: `ctx = hidden_norm(fc(context_features))`; the block is embedded
 //! with the target's `model.embed_tokens.weight` (with [`MaskToken::Embedding`],
@@ -121,6 +124,12 @@ use crate::presets::{self, Arch};
 /// Name of the target output holding the context features `[T, k·H]`, and of
 /// the draft input `[C, k·H]` that takes them.
 pub const CONTEXT_OUTPUT: &str = "context_features";
+
+/// Name of the output holding each row's greedy choice `i32[T]` (the argmax
+/// of `logits`, ties to the lower id), in the target with context features
+/// and in the draft: greedy decoding reads these few bytes instead of the
+/// logits.
+pub const GREEDY_OUTPUT: &str = "greedy";
 
 /// Name of the draft input holding the context rows' positions `i32[C]`.
 pub const CONTEXT_POS_INPUT: &str = "context_pos";
@@ -609,6 +618,15 @@ pub fn target_graph(arch: &Arch, opt: &GraphOptions, target_layer_ids: &[usize])
         })?,
     };
     b.output(CONTEXT_OUTPUT, features)?;
+    let logits = b
+        .graph()
+        .outputs()
+        .iter()
+        .find(|(n, _)| n == "logits")
+        .map(|(_, id)| *id)
+        .ok_or_else(|| type_err("the forward graph has no \"logits\" output".into()))?;
+    let greedy = b.argmax(logits)?;
+    b.output(GREEDY_OUTPUT, greedy)?;
     b.finish()
 }
 
@@ -670,6 +688,8 @@ pub fn draft_graph(cfg: &DraftConfig, opt: &GraphOptions) -> Result<Graph> {
     let logits = b.matmul_to(y, head, DType::F32)?;
     let logits = b.name(logits, "logits");
     b.output("logits", logits)?;
+    let greedy = b.argmax(logits)?;
+    b.output(GREEDY_OUTPUT, greedy)?;
     b.finish()
 }
 

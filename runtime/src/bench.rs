@@ -347,10 +347,11 @@ fn random_bf16(shape: &[usize], seed: u32) -> Result<Tensor> {
 
 /// Times the draft block forward (`T = B` after `S = context` cached context
 /// rows, with one new context row: a step that accepted nothing, as random
-/// weights do) and a whole speculative step (greedy; draft, verify,
+/// weights do) and a whole speculative step (greedy: draft, verify,
 /// acceptance and the host copies between them, from the engine's own
 /// clock over `steps_tokens` generated tokens after a prompt of `context`
-/// tokens), for each context and mode. The step's roofline is the verify
+/// tokens, the first step left out as it also feeds the drafter the
+/// prompt), for each context and mode. The step's roofline is the verify
 /// forward's bytes plus the draft's.
 #[allow(clippy::too_many_arguments)]
 pub fn bench_draft(
@@ -455,9 +456,26 @@ pub fn bench_draft(
             let mut spec = SpecDecoder::new(target, drafter, opts)?;
             let prompt: Vec<i32> = (0..ctx as i32).map(|i| (i * 7919 + 13) % 256).collect();
             spec.generate(&prompt, pair.steps_tokens, Sampling::Greedy, |_| true)?;
+            // Steady state: the first step also feeds the drafter the whole
+            // prompt's context, so it is left out.
             let st = spec.stats.clone();
-            let steps = st.steps.len().max(1);
-            let ms = ms_of(st.decode) / steps as f64;
+            let later = st.steps.get(1..).unwrap_or(&[]);
+            if later.is_empty() {
+                return Err(IrError::new(
+                    ErrorKind::Interp,
+                    "the speculative run made fewer than two steps",
+                ));
+            }
+            let first = st.steps[0].draft + st.steps[0].verify;
+            let ms = ms_of(st.decode.saturating_sub(first)) / later.len() as f64;
+            let median = |f: &dyn Fn(&crate::speculative::StepRecord) -> std::time::Duration| {
+                let mut v: Vec<f64> = later.iter().map(|s| ms_of(f(s))).collect();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let (draft_ms, verify_ms) = (median(&|s| s.draft), median(&|s| s.verify));
+            let tau =
+                later.iter().map(|s| s.accepted + 1).sum::<usize>() as f64 / later.len() as f64;
             let (mut texe, dexe) = spec.into_parts();
             let mut bytes = match texe.gpu() {
                 Some(g) => bytes_moved(g, b, ctx)?,
@@ -474,10 +492,7 @@ pub fn bench_draft(
             rows.push(Row {
                 model: pair.model.to_string(),
                 forward: format!(
-                    "spec step B={b} (τ {:.2}; draft {:.2} + verify {:.2} ms)",
-                    st.tau(),
-                    ms_of(st.draft_per_step()),
-                    ms_of(st.verify_per_step())
+                    "spec step B={b} (τ {tau:.2}; draft {draft_ms:.2} + verify {verify_ms:.2} ms)"
                 ),
                 t: b,
                 context: ctx,

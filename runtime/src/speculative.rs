@@ -108,6 +108,10 @@ pub const CONTEXT_OUTPUT: &str = "context_features";
 /// The draft input holding the context rows' positions `i32[C]`.
 pub const CONTEXT_POS_INPUT: &str = "context_pos";
 
+/// The output (of the target and of the draft) holding each row's greedy
+/// token `i32[T]` (the model crate's `dflash::GREEDY_OUTPUT`).
+pub const GREEDY_OUTPUT: &str = "greedy";
+
 fn err(msg: impl Into<String>) -> IrError {
     IrError::new(ErrorKind::Interp, msg)
 }
@@ -139,6 +143,14 @@ pub trait Drafter {
     /// Takes the new context and returns logits `[(B − 1) × V]`, row `j − 1`
     /// for block position `j` (the distribution `q` the draft token is chosen from).
     fn propose(&mut self, step: &DraftStep<'_>) -> Result<Vec<f32>>;
+
+    /// Greedy drafting: takes the new context like [`Drafter::propose`] and
+    /// returns the `B − 1` argmax tokens, or `None` (having consumed
+    /// nothing) when this drafter only gives logits.
+    fn propose_greedy(&mut self, step: &DraftStep<'_>) -> Result<Option<Vec<i32>>> {
+        let _ = step;
+        Ok(None)
+    }
 }
 
 /// Rows `r0..r1` of a float tensor `[R, F]`.
@@ -283,6 +295,20 @@ impl DFlashDrafter {
     /// One draft forward: appends `ctx` (positions `held..held+C`) and runs
     /// the block `ids` at the positions after it; returns the logits `[T, V]`.
     fn forward(&mut self, ctx: Tensor, ids: Vec<i32>) -> Result<Vec<f32>> {
+        let mut out = self.forward_outputs(ctx, ids, &["logits"])?;
+        let logits = out
+            .remove("logits")
+            .ok_or_else(|| err("the draft forward returned no logits"))?;
+        Ok(logits.to_f32())
+    }
+
+    /// One draft forward returning the outputs named in `wanted`.
+    fn forward_outputs(
+        &mut self,
+        ctx: Tensor,
+        ids: Vec<i32>,
+        wanted: &[&str],
+    ) -> Result<BTreeMap<String, Tensor>> {
         let (c, t) = (ctx.shape[0], ids.len());
         let s = self.held;
         let mut inputs = BTreeMap::new();
@@ -293,22 +319,15 @@ impl DFlashDrafter {
         let cpos = (s..s + c).map(|p| p as i32).collect();
         inputs.insert(CONTEXT_POS_INPUT.to_string(), Tensor::i32(&[c], cpos)?);
         let b = Bindings::new().with("S", s).with("C", c).with("T", t);
-        let mut out = self.exe.run(&b, inputs)?;
+        let out = self.exe.run_outputs(&b, inputs, Some(wanted))?;
         // The context rows are now in the caches, whatever the block was.
         self.held += c;
-        let logits = out
-            .remove("logits")
-            .ok_or_else(|| err("the draft forward returned no logits"))?;
-        Ok(logits.to_f32())
-    }
-}
-
-impl Drafter for DFlashDrafter {
-    fn reset(&mut self) {
-        self.held = 0;
+        Ok(out)
     }
 
-    fn propose(&mut self, step: &DraftStep<'_>) -> Result<Vec<f32>> {
+    /// Checks a step and feeds all but the last chunk of its context (with
+    /// one-token blocks); returns the first context row of the last forward.
+    fn feed_context(&mut self, step: &DraftStep<'_>) -> Result<usize> {
         if step.context_start != self.held {
             return Err(err(format!(
                 "the draft holds {} context positions but is given context from position {}; \
@@ -344,10 +363,45 @@ impl Drafter for DFlashDrafter {
             self.forward(take_rows(step.context, r0, r1)?, vec![self.mask_id])?;
             r0 = r1;
         }
+        Ok(r0)
+    }
+}
+
+impl Drafter for DFlashDrafter {
+    fn reset(&mut self) {
+        self.held = 0;
+    }
+
+    fn propose(&mut self, step: &DraftStep<'_>) -> Result<Vec<f32>> {
+        let r0 = self.feed_context(step)?;
+        let rows = step.context.shape[0];
         let mut ids = vec![self.mask_id; step.block];
         ids[0] = step.first;
         let logits = self.forward(take_rows(step.context, r0, rows)?, ids)?;
         Ok(logits[self.vocab..].to_vec())
+    }
+
+    fn propose_greedy(&mut self, step: &DraftStep<'_>) -> Result<Option<Vec<i32>>> {
+        if self
+            .exe
+            .graph()
+            .outputs()
+            .iter()
+            .all(|(n, _)| n != GREEDY_OUTPUT)
+        {
+            return Ok(None);
+        }
+        let r0 = self.feed_context(step)?;
+        let rows = step.context.shape[0];
+        let mut ids = vec![self.mask_id; step.block];
+        ids[0] = step.first;
+        let mut out =
+            self.forward_outputs(take_rows(step.context, r0, rows)?, ids, &[GREEDY_OUTPUT])?;
+        let g = out
+            .remove(GREEDY_OUTPUT)
+            .and_then(|t| t.as_i32().map(<[i32]>::to_vec))
+            .ok_or_else(|| err("the draft forward returned no greedy tokens"))?;
+        Ok(Some(g[1..].to_vec()))
     }
 }
 
@@ -570,25 +624,44 @@ impl<D: Drafter> SpecDecoder<D> {
         f64::from(u)
     }
 
-    /// One target forward of `ids` at positions `len..`: logits `[T × V]` and features `[T, F]`.
-    fn target_forward(&mut self, len: usize, ids: &[i32]) -> Result<(Vec<f32>, Tensor)> {
+    /// One target forward: the logits `[T × V]` (empty when `greedy`), the
+    /// greedy choice of every row (only when `greedy`: then the logits stay
+    /// on the device) and the features `[T, F]`.
+    fn target_run(
+        &mut self,
+        len: usize,
+        ids: &[i32],
+        greedy: bool,
+    ) -> Result<(Vec<f32>, Vec<i32>, Tensor)> {
         let t = ids.len();
         let mut inputs = BTreeMap::new();
         inputs.insert("ids".to_string(), Tensor::i32(&[t], ids.to_vec())?);
         let pos = (len..len + t).map(|p| p as i32).collect();
         inputs.insert("pos".to_string(), Tensor::i32(&[t], pos)?);
         let b = Bindings::new().with("S", len).with("T", t);
-        let mut out = self.target.run(&b, inputs)?;
-        let logits = out
-            .remove("logits")
-            .ok_or_else(|| err("the target forward returned no logits"))?
-            .to_f32();
+        let wanted: &[&str] = if greedy {
+            &[GREEDY_OUTPUT, CONTEXT_OUTPUT]
+        } else {
+            &["logits", CONTEXT_OUTPUT]
+        };
+        let mut out = self.target.run_outputs(&b, inputs, Some(wanted))?;
         let feats = out.remove(CONTEXT_OUTPUT).ok_or_else(|| {
             err(format!(
                 "the target forward returned no \"{CONTEXT_OUTPUT}\""
             ))
         })?;
-        Ok((logits, feats))
+        if greedy {
+            let g = out
+                .remove(GREEDY_OUTPUT)
+                .and_then(|t| t.as_i32().map(<[i32]>::to_vec))
+                .ok_or_else(|| err("the target forward returned no greedy tokens"))?;
+            return Ok((Vec::new(), g, feats));
+        }
+        let logits = out
+            .remove("logits")
+            .ok_or_else(|| err("the target forward returned no logits"))?
+            .to_f32();
+        Ok((logits, Vec::new(), feats))
     }
 
     /// Target distribution of one logits row, or an error naming the position.
@@ -718,20 +791,40 @@ impl<D: Drafter> SpecDecoder<D> {
             return Ok(out);
         }
 
+        // Greedy without a logits trace: the GPU picks every token and only
+        // the ids and features come back.
+        let fast = sampling == Sampling::Greedy
+            && !self.opts.trace_logits
+            && self
+                .target
+                .graph()
+                .outputs()
+                .iter()
+                .any(|(n, _)| n == GREEDY_OUTPUT);
+
         // Prefill.
         let t0 = Instant::now();
         let mut len = 0;
         let mut chunks = Vec::new();
         let mut last = Vec::new();
+        let mut last_greedy = 0;
         for chunk in prompt.chunks(self.opts.max_tokens) {
-            let (logits, feats) = self.target_forward(len, chunk)?;
+            let (logits, greedy, feats) = self.target_run(len, chunk, fast)?;
             len += chunk.len();
-            last = logits[(chunk.len() - 1) * self.vocab..].to_vec();
+            if fast {
+                last_greedy = greedy[chunk.len() - 1];
+            } else {
+                last = logits[(chunk.len() - 1) * self.vocab..].to_vec();
+            }
             chunks.push(feats);
         }
         let mut pending = concat_rows(&chunks)?;
         let mut tokens = prompt.to_vec();
-        let first = self.choose(&last, sampling, len)?;
+        let first = if fast {
+            last_greedy
+        } else {
+            self.choose(&last, sampling, len)?
+        };
         if self.opts.trace_logits {
             self.trace.push(last);
         }
@@ -754,14 +847,30 @@ impl<D: Drafter> SpecDecoder<D> {
             let td = Instant::now();
             let mut drafts = Vec::with_capacity(block.saturating_sub(1));
             let mut q = Vec::new();
-            if block > 1 {
-                let logits = self.drafter.propose(&DraftStep {
-                    context_start: held,
-                    context: &pending,
-                    first: x,
-                    block,
-                    tokens: &tokens,
-                })?;
+            let step = DraftStep {
+                context_start: held,
+                context: &pending,
+                first: x,
+                block,
+                tokens: &tokens,
+            };
+            let greedy_drafts = if fast && block > 1 {
+                self.drafter.propose_greedy(&step)?
+            } else {
+                None
+            };
+            if let Some(g) = greedy_drafts {
+                if g.len() != block - 1 {
+                    return Err(err(format!(
+                        "the drafter returned {} greedy tokens, expected {}",
+                        g.len(),
+                        block - 1
+                    )));
+                }
+                held = len;
+                drafts = g;
+            } else if block > 1 {
+                let logits = self.drafter.propose(&step)?;
                 if logits.len() != (block - 1) * self.vocab {
                     return Err(err(format!(
                         "the drafter returned {} logits, expected {} rows of {}",
@@ -796,10 +905,20 @@ impl<D: Drafter> SpecDecoder<D> {
             let mut ids = Vec::with_capacity(block);
             ids.push(x);
             ids.extend_from_slice(&drafts);
-            let (logits, feats) = self.target_forward(len, &ids)?;
+            let (logits, greedy, feats) = self.target_run(len, &ids, fast)?;
             let verify_time = tv.elapsed();
 
-            let (accepted, bonus) = self.accept(sampling, &drafts, &q, &logits, len)?;
+            let (accepted, bonus) = if fast {
+                // Accept while the draft equals the target's own choice.
+                let a = drafts
+                    .iter()
+                    .zip(&greedy)
+                    .take_while(|(d, y)| d == y)
+                    .count();
+                (a, greedy[a])
+            } else {
+                self.accept(sampling, &drafts, &q, &logits, len)?
+            };
             self.stats.steps.push(StepRecord {
                 block,
                 accepted,

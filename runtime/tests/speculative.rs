@@ -134,6 +134,7 @@ fn prompt(len: usize, salt: i32) -> Vec<i32> {
 #[test]
 fn interface_names_agree() {
     assert_eq!(speculative::CONTEXT_OUTPUT, dflash::CONTEXT_OUTPUT);
+    assert_eq!(speculative::GREEDY_OUTPUT, dflash::GREEDY_OUTPUT);
     assert_eq!(speculative::CONTEXT_POS_INPUT, dflash::CONTEXT_POS_INPUT);
 }
 
@@ -364,6 +365,14 @@ fn greedy_speculative_equals_plain_greedy() {
             let (plain, _) = f.plain_greedy(pr, 37);
             for block in [4, 8, 16] {
                 let mut e = f.engine(f.drafter(), block, SamplingRule::Rejection);
+                // Without a logits trace greedy runs on the graphs' own argmax
+                // outputs (the GPU's fast path): the same tokens and steps.
+                let exe = Executable::new(f.target.clone(), f.tw.clone(), Backend::Cpu).unwrap();
+                let opts = SpecOptions {
+                    trace_logits: false,
+                    ..f.options(block, SamplingRule::Rejection)
+                };
+                let mut fast = SpecDecoder::new(exe, f.drafter(), opts).unwrap();
                 for n in [1, 2, 11, 37] {
                     if (pi + block + n) % 2 == 1 && n != 37 {
                         continue; // a spread of (prompt, block, length), not the full product
@@ -377,6 +386,15 @@ fn greedy_speculative_equals_plain_greedy() {
                         .unwrap();
                     assert_eq!(out, plain[..n], "{t}, prompt {pi}, B = {block}, {n} tokens");
                     assert_eq!(streamed, out);
+                    let quick = fast.generate(pr, n, Sampling::Greedy, |_| true).unwrap();
+                    assert_eq!(
+                        quick, out,
+                        "{t}, prompt {pi}, B = {block}, {n} tokens (argmax outputs)"
+                    );
+                    let accepted = |st: &tilefuse_runtime::speculative::SpecStats| {
+                        st.steps.iter().map(|s| s.accepted).collect::<Vec<_>>()
+                    };
+                    assert_eq!(accepted(&fast.stats), accepted(&e.stats));
                     let st = &e.stats;
                     assert_eq!(st.step_tokens() + 1, n);
                     assert!(st
