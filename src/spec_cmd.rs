@@ -219,6 +219,7 @@ pub fn build(
         max_tokens: max_rows,
         rule: SamplingRule::Rejection,
         trace_logits: false,
+        argmax_outputs: false,
     };
     let spec = SpecDecoder::new(
         Executable::new(target, m.weights.clone(), backend).map_err(err)?,

@@ -3,7 +3,7 @@
 # tiny presets and their random drafts, block sizes 4, 8 and 16, every launch
 # mode: the speculative tokens must equal plain greedy decoding (the command
 # checks and reports `same_as_plain`), and the GPU's plain tokens those of
-# the CPU. Prints one line per case; the binary is gpu-bin/tilefuse.
+# the CPU. MODES="graph" limits the launch modes. Prints one line per case; the binary is gpu-bin/tilefuse.
 set -u
 bin=${TILEFUSE_BIN_DIR:-gpu-bin}/tilefuse
 export TILEFUSE_CACHE_DIR=${TILEFUSE_CACHE_DIR:-/tmp/tilefuse-cache}
@@ -12,7 +12,7 @@ printf "%-16s %-10s %-5s %-11s %-6s %-7s %-9s %-9s %s\n" target mode block same_
 for pair in mimo-v2-tiny:mimo-v2-tiny-dflash qwen3-moe-tiny:qwen3-moe-tiny-dflash; do
     target=${pair%%:*}; draft=${pair##*:}
     cpu=$("$bin" generate --preset "$target" --max-tokens 48 --backend cpu --json 2>/dev/null | field generated_ids)
-    for mode in stream graph persistent; do
+    for mode in ${MODES:-stream graph persistent}; do
         for b in 4 8 16; do
             j=$("$bin" generate --preset "$target" --draft "$draft" --block $b --max-tokens 48 --backend cuda --mode $mode --json 2>/tmp/spec_err.txt)
             if [ -z "$j" ]; then echo "$target $mode B=$b ERROR: $(tail -3 /tmp/spec_err.txt)"; continue; fi

@@ -452,6 +452,7 @@ pub fn bench_draft(
                 max_tokens: 64.min(crate::executable::max_tokens(pair.target)),
                 rule: SamplingRule::Rejection,
                 trace_logits: false,
+                argmax_outputs: false,
             };
             let mut spec = SpecDecoder::new(target, drafter, opts)?;
             let prompt: Vec<i32> = (0..ctx as i32).map(|i| (i * 7919 + 13) % 256).collect();

@@ -439,6 +439,12 @@ pub struct SpecOptions {
     pub rule: SamplingRule,
     /// Keep the target logits row each generated token was chosen from ([`SpecDecoder::trace`]).
     pub trace_logits: bool,
+    /// Greedy decoding takes each row's token from the graphs' argmax
+    /// outputs ([`GREEDY_OUTPUT`]), so a step copies back ids and features
+    /// instead of logits; otherwise the host takes the argmax of the logits.
+    /// Both give the same tokens (see `notes/measurements.md` for where each
+    /// was checked).
+    pub argmax_outputs: bool,
 }
 
 /// One draft-and-verify step.
@@ -794,6 +800,7 @@ impl<D: Drafter> SpecDecoder<D> {
         // Greedy without a logits trace: the GPU picks every token and only
         // the ids and features come back.
         let fast = sampling == Sampling::Greedy
+            && self.opts.argmax_outputs
             && !self.opts.trace_logits
             && self
                 .target

@@ -438,6 +438,17 @@ fn dflash_graphs_match_the_interpreter() {
                     err <= 3e-2,
                     "{draft} {mode:?} S={s} C={c} T={t}: logits rel L2 {err}"
                 );
+                // The greedy output is the argmax of every row of the GPU's own logits.
+                let own: Vec<i32> = got["logits"]
+                    .to_f32()
+                    .chunks(v)
+                    .map(|r| interp::argmax_row(r).unwrap() as i32)
+                    .collect();
+                assert_eq!(
+                    got[dflash::GREEDY_OUTPUT].as_i32().unwrap(),
+                    &own[..],
+                    "{draft} {mode:?} S={s} C={c} T={t}: greedy output"
+                );
             }
             gpu = Some(exe.into_gpu());
         }

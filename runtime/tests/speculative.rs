@@ -77,6 +77,7 @@ impl Fixture {
             max_tokens: self.preset.options.max_tokens,
             rule,
             trace_logits: true,
+            argmax_outputs: false,
         }
     }
 
@@ -370,6 +371,7 @@ fn greedy_speculative_equals_plain_greedy() {
                 let exe = Executable::new(f.target.clone(), f.tw.clone(), Backend::Cpu).unwrap();
                 let opts = SpecOptions {
                     trace_logits: false,
+                    argmax_outputs: true,
                     ..f.options(block, SamplingRule::Rejection)
                 };
                 let mut fast = SpecDecoder::new(exe, f.drafter(), opts).unwrap();

@@ -426,8 +426,8 @@ pub fn body(
                 DType::BF16 => "tf::bf16",
                 d => return Err(unsupported(f, node, format!("logits of {d}"))),
             };
-            let logits = pointer(plan, ins[0], false)?;
-            let row = logits.bin("+", Expr::var("(size_t)tile").bin("*", Expr::I32(v as i64)));
+            // The tile functions pick row `tile` themselves.
+            let row = pointer(plan, ins[0], false)?;
             let call = match g.node(node).op {
                 Op::Sample(Sample::Sample { temperature }) => Expr::call(
                     format!("tf::sample_tile<{THREADS}, {l}>"),
