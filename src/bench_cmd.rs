@@ -63,6 +63,12 @@ fn peer_rows(preset: &presets::Preset, contexts: &[usize]) -> Vec<String> {
     out
 }
 
+/// Shows the bench's progress on one terminal line.
+fn progress(m: &str) {
+    eprint!("\r\x1b[K{m}");
+    let _ = std::io::stderr().flush();
+}
+
 /// Runs the benchmark and writes `bench.json`, `bench.svg` and `bench.txt` under `out`.
 pub fn run(a: BenchArgs<'_>) -> Result<(), String> {
     let gpu = Gpu::open()
@@ -83,18 +89,7 @@ pub fn run(a: BenchArgs<'_>) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         let label = format!("{} ({}L)", p.name, p.arch.num_layers());
         let (r, k, g) = bench::bench_model(
-            gpu,
-            &label,
-            &graph,
-            a.tokens,
-            a.contexts,
-            a.modes,
-            bandwidth,
-            a.reps,
-            |m| {
-                eprint!("\r\x1b[K{m}");
-                let _ = std::io::stderr().flush();
-            },
+            gpu, &label, &graph, a.tokens, a.contexts, a.modes, bandwidth, a.reps, progress,
         )
         .map_err(|e| e.to_string())?;
         eprintln!();
@@ -123,11 +118,8 @@ pub fn run(a: BenchArgs<'_>) -> Result<(), String> {
                 context: p.options.context,
             };
             let (r, g) =
-                bench::bench_draft(gpu, &pair, a.contexts, a.modes, bandwidth, a.reps, |m| {
-                    eprint!("\r\x1b[K{m}");
-                    let _ = std::io::stderr().flush();
-                })
-                .map_err(|e| e.to_string())?;
+                bench::bench_draft(gpu, &pair, a.contexts, a.modes, bandwidth, a.reps, progress)
+                    .map_err(|e| e.to_string())?;
             eprintln!();
             gpu = g;
             rows.extend(r);

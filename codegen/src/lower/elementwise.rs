@@ -52,6 +52,31 @@ fn numel(
     Ok((e.bin("*", Expr::I32(c as i64)), c * max))
 }
 
+/// The loop of a per-element tile: `PER_THREAD` elements `i` per thread,
+/// `body` run for each `i < numel`.
+fn per_element(numel: Expr, body: Vec<Stmt>) -> Vec<Stmt> {
+    vec![
+        Stmt::Let(Ty::I32, "numel".into(), numel),
+        Stmt::For(
+            "j".into(),
+            Expr::I32(0),
+            Expr::I32(PER_THREAD as i64),
+            Expr::I32(1),
+            vec![
+                Stmt::Let(
+                    Ty::I32,
+                    "i".into(),
+                    Expr::var("tile")
+                        .bin("*", Expr::I32((THREADS * PER_THREAD) as i64))
+                        .bin("+", Expr::var("j").bin("*", Expr::I32(THREADS as i64)))
+                        .bin("+", Expr::var("(int)threadIdx.x")),
+                ),
+                Stmt::If(Expr::var("i").bin("<", Expr::var("numel")), body, vec![]),
+            ],
+        ),
+    ]
+}
+
 /// Launch shape.
 pub fn tiling(
     g: &tilefuse_ir::Graph,
@@ -131,26 +156,7 @@ pub fn body(plan: &Plan, group: &Group, temps: &mut Temps) -> Result<Vec<Stmt>, 
         pointer(plan, last, true)?.index(Expr::var("i")),
         Expr::call(format!("tf::from_float<{st}>"), vec![Expr::var(lv)]),
     ));
-    Ok(vec![
-        Stmt::Let(Ty::I32, "numel".into(), numel_e),
-        Stmt::For(
-            "j".into(),
-            Expr::I32(0),
-            Expr::I32(PER_THREAD as i64),
-            Expr::I32(1),
-            vec![
-                Stmt::Let(
-                    Ty::I32,
-                    "i".into(),
-                    Expr::var("tile")
-                        .bin("*", Expr::I32((THREADS * PER_THREAD) as i64))
-                        .bin("+", Expr::var("j").bin("*", Expr::I32(THREADS as i64)))
-                        .bin("+", Expr::var("(int)threadIdx.x")),
-                ),
-                Stmt::If(Expr::var("i").bin("<", Expr::var("numel")), inner, vec![]),
-            ],
-        ),
-    ])
+    Ok(per_element(numel_e, inner))
 }
 
 /// A concat's output viewed as `[outer, A, inner]` around its axis (`outer`
@@ -268,24 +274,5 @@ pub fn concat_body(plan: &Plan, n: NodeId) -> Result<Vec<Stmt>, CodegenError> {
         };
     }
     body.extend(chain);
-    Ok(vec![
-        Stmt::Let(Ty::I32, "numel".into(), numel_e),
-        Stmt::For(
-            "j".into(),
-            Expr::I32(0),
-            Expr::I32(PER_THREAD as i64),
-            Expr::I32(1),
-            vec![
-                Stmt::Let(
-                    Ty::I32,
-                    "i".into(),
-                    Expr::var("tile")
-                        .bin("*", Expr::I32((THREADS * PER_THREAD) as i64))
-                        .bin("+", Expr::var("j").bin("*", Expr::I32(THREADS as i64)))
-                        .bin("+", Expr::var("(int)threadIdx.x")),
-                ),
-                Stmt::If(Expr::var("i").bin("<", Expr::var("numel")), body, vec![]),
-            ],
-        ),
-    ])
+    Ok(per_element(numel_e, body))
 }
