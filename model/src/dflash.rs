@@ -1030,10 +1030,14 @@ mod tests {
             assert_eq!(d.symbols().collect::<Vec<_>>(), ["C", "S", "T"]);
             let text = d.to_string();
             assert!(text.contains("mask=block"), "{text}");
-            let tw = presets::random_weights(&t, 1).unwrap();
-            let dw = random_draft_weights(&d, &tw, 1).unwrap();
-            assert_eq!(dw[SHARED_WEIGHTS[1]], tw[SHARED_WEIGHTS[1]]);
-            assert_eq!(dw.len(), d.inputs_of_kind(InputKind::Weight).len());
+            // Host weights only for the tiny pairs (the full-width ones are
+            // gigabytes; the bench makes theirs on the GPU).
+            if dp.targets[0].contains("tiny") {
+                let tw = presets::random_weights(&t, 1).unwrap();
+                let dw = random_draft_weights(&d, &tw, 1).unwrap();
+                assert_eq!(dw[SHARED_WEIGHTS[1]], tw[SHARED_WEIGHTS[1]]);
+                assert_eq!(dw.len(), d.inputs_of_kind(InputKind::Weight).len());
+            }
         }
         let p = presets::by_name("qwen3-moe-tiny").unwrap();
         let e = target_graph(&p.arch, &p.options, &[2]).unwrap_err();
