@@ -16,8 +16,10 @@
 //!   bf16` builds them) on the `*_bf16` fixtures, whose weights are stored in
 //!   bf16 and whose margins were drawn large enough for bf16 computation (see
 //!   `tests/fixtures/README.md`): the interpreter, and the generated kernels
-//!   when a GPU is present, must choose the same greedy tokens and match the
-//!   logits with a relative L2 error below [`BF16_TOLERANCE`].
+//!   in every launch mode when a GPU is present, must choose the same greedy
+//!   tokens and the same experts at every router and position, and match the
+//!   logits with a relative L2 error below [`BF16_TOLERANCE`]. The f32
+//!   interpreter must match these fixtures like the others.
 
 #![allow(clippy::unwrap_used)]
 
@@ -34,8 +36,14 @@ use tilefuse::runtime::{Backend, Executable, LaunchMode};
 const CHUNK: usize = 5;
 /// The largest relative L2 error allowed over all logits (f32 graphs).
 const TOLERANCE: f64 = 1e-4;
-/// The largest relative L2 error allowed over all logits (bf16 graphs).
-const BF16_TOLERANCE: f64 = 2e-2;
+/// The largest relative L2 error allowed over all logits (bf16 graphs). bf16
+/// rounding moves the logits of the bf16 fixtures by 4.5e-3 and 4.8e-3 in the
+/// interpreter and by at most 5.1e-3 in transformers run in bfloat16 (over
+/// 342 random draws of these two models); this allows three times that, and
+/// stays below what dropping MiMo's sinks (2.5e-2), any one attention or dense
+/// MLP (7.6e-2 or more) or one expert at one position (1.9e-2; router choices
+/// are also compared exactly) costs.
+const BF16_TOLERANCE: f64 = 1.5e-2;
 
 fn fixture_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -265,13 +273,16 @@ fn check_with(name: &str, dtype: DType, backend: Backend, tolerance: f64) -> f64
         );
     }
     let rel = rel_l2(&ours.logits, &r.logits);
+    let routers = match r.experts.len() {
+        0 => String::new(),
+        n => format!("; the experts of {n} router(s) match at every position"),
+    };
     println!(
         "{what}: relative L2 error of {rows} logits rows = {rel:.3e}; {} greedy tokens match, \
-         the smallest by {:.3e} (transformers: {:.3e}); {} routers match at every position",
+         the smallest by {:.3e} (transformers: {:.3e}){routers}",
         r.greedy.len(),
         smallest_greedy_margin(&ours.logits, r.vocab, r.prompt.len()),
         smallest_greedy_margin(&r.logits, r.vocab, r.prompt.len()),
-        r.experts.len(),
     );
     assert!(
         rel < tolerance,
