@@ -496,13 +496,7 @@ pub fn run_ranks(
                             .map(|p| p.f("all-gather input"))
                             .collect::<Result<_, _>>()
                             .map_err(interp_err)?;
-                        let mut y = Vec::with_capacity(outer * chunk * n);
-                        for o in 0..outer {
-                            for s in &srcs {
-                                y.extend_from_slice(&s[o * chunk..(o + 1) * chunk]);
-                            }
-                        }
-                        Buf::F(Cow::Owned(y))
+                        Buf::F(Cow::Owned(gather_chunks(&srcs, outer, chunk)))
                     }
                     Buf::I(_) => {
                         let srcs: Vec<&[i32]> = parts
@@ -510,13 +504,7 @@ pub fn run_ranks(
                             .map(|p| p.i("all-gather input"))
                             .collect::<Result<_, _>>()
                             .map_err(interp_err)?;
-                        let mut y = Vec::with_capacity(outer * chunk * n);
-                        for o in 0..outer {
-                            for s in &srcs {
-                                y.extend_from_slice(&s[o * chunk..(o + 1) * chunk]);
-                            }
-                        }
-                        Buf::I(Cow::Owned(y))
+                        Buf::I(Cow::Owned(gather_chunks(&srcs, outer, chunk)))
                     }
                 };
                 (out_shape, buf)
@@ -1784,6 +1772,18 @@ pub fn sample_row(row: &[f32], temperature: f32, u: f32) -> Option<usize> {
         }
     }
     e.iter().rposition(|&x| x > 0.0)
+}
+
+/// All-gather order: for each of `outer` rows, every rank's `chunk` elements
+/// in rank order.
+fn gather_chunks<T: Copy>(srcs: &[&[T]], outer: usize, chunk: usize) -> Vec<T> {
+    let mut y = Vec::with_capacity(outer * chunk * srcs.len());
+    for o in 0..outer {
+        for s in srcs {
+            y.extend_from_slice(&s[o * chunk..(o + 1) * chunk]);
+        }
+    }
+    y
 }
 
 #[cfg(test)]
