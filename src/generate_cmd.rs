@@ -281,13 +281,19 @@ pub fn run(args: GenerateArgs<'_>) -> Result<(), String> {
             None => (json_str(&name), "null".to_string()),
         };
         println!(
-            "{{\"preset\":{preset},\"model\":{model},\"backend\":\"{backend}\",\"prompt_ids\":[{}],\"generated_ids\":[{}],\"text\":{},\"time_to_first_token_s\":{:.6},\"decode_tokens\":{n_dec},\"decode_s\":{:.6},\"tokens_per_s\":{:.3}}}",
+            "{{\"preset\":{preset},\"model\":{model},\"backend\":\"{backend}\",\"prompt_ids\":[{}],\"generated_ids\":[{}],\"text\":{},\"time_to_first_token_s\":{:.6},\"decode_tokens\":{n_dec},\"decode_s\":{:.6},\"tokens_per_s\":{:.3},\"margins\":[{}]}}",
             list(&ids),
             list(&generated),
             json_str(&text),
             ttft.as_secs_f64(),
             decode.as_secs_f64(),
-            tps
+            tps,
+            session
+                .margins
+                .iter()
+                .map(|m| format!("{m:.5}"))
+                .collect::<Vec<_>>()
+                .join(",")
         );
     } else {
         let _ = out.write_all(stream.finish(&tokenizer).as_bytes());

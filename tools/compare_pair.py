@@ -68,7 +68,8 @@ def tilefuse(binary, model, ids, n, backend):
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"tilefuse failed: {r.stderr.strip().splitlines()[-1:]}")
-    return json.loads(r.stdout)["generated_ids"]
+    j = json.loads(r.stdout)
+    return j["generated_ids"], j["margins"]
 
 
 def first_diff(a, b):
@@ -94,15 +95,23 @@ def main():
         ids = tok.encode(pr).ids[-400:]
         ref, gap = hf_greedy(f32, ids, n)
         hb, _ = hf_greedy(b16, ids, n)
-        tf = tilefuse(a.tilefuse, a.bf16, ids, n, "cuda")
-        qg = tilefuse(a.tilefuse, a.mxfp4, ids, n, "cuda")
-        qc = tilefuse(a.tilefuse, a.mxfp4, ids, n, "cpu")
+        tf, _ = tilefuse(a.tilefuse, a.bf16, ids, n, "cuda")
+        qg, mg = tilefuse(a.tilefuse, a.mxfp4, ids, n, "cuda")
+        qc, mc = tilefuse(a.tilefuse, a.mxfp4, ids, n, "cpu")
+        d = first_diff(qg, qc)
+        # Where GPU and CPU part, both chose from the same context: the CPU's
+        # top-2 margin there says how near a tie it was; the largest margin
+        # difference before it estimates how far the GPU's logits move.
+        drift = max((abs(x - y) for x, y in zip(mg[:d + 1], mc[:d + 1])), default=0.0)
         row = {
             "prompt": i, "prompt_tokens": len(ids), "min_gap_f32": round(gap, 4),
             "tilefuse_bf16_vs_hf_f32": first_diff(tf, ref),
             "tilefuse_bf16_vs_hf_bf16": first_diff(tf, hb),
             "hf_bf16_vs_hf_f32": first_diff(hb, ref),
-            "mxfp4_gpu_vs_cpu": first_diff(qg, qc),
+            "mxfp4_gpu_vs_cpu": d,
+            "mxfp4_cpu_margin_at_split": round(mc[d], 4) if d < n else None,
+            "mxfp4_gpu_margin_at_split": round(mg[d], 4) if d < n else None,
+            "mxfp4_max_margin_drift": round(drift, 4),
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -113,6 +122,10 @@ def main():
         print(f"{r['prompt']:>6} {r['min_gap_f32']:>7} " + " ".join(f"{r[k]:>24}" for k in keys))
     for k in keys:
         print(f"{k}: {sum(r[k] == n for r in rows)}/{len(rows)} prompts fully equal")
+    print("MXFP4 GPU vs CPU where they part: CPU margin, GPU margin, largest margin drift up to there")
+    for r in rows:
+        print(f"{r['prompt']:>6} {str(r['mxfp4_cpu_margin_at_split']):>10} "
+              f"{str(r['mxfp4_gpu_margin_at_split']):>10} {r['mxfp4_max_margin_drift']:>10}")
     return 0
 
 

@@ -23,4 +23,4 @@ for b in 8 4 16; do
     echo "eval B=$b rc=$? $(cat "$out/eval_b$b.json")"
 done
 python3 tools/compare_pair.py --bf16 "${BF16:-gpu-bin/target-bf16}" --mxfp4 "$pair/target" \
-    --text "$out/heldout.txt" --tilefuse "$bin" --prompts 8 --max-tokens 64 2>&1 | tail -16
+    --text "$out/heldout.txt" --tilefuse "$bin" --prompts 8 --max-tokens 64 2>&1 | tail -26

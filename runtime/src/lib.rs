@@ -19,4 +19,4 @@ pub mod speculative;
 
 pub use cuda_exec::LaunchMode;
 pub use executable::{Backend, Executable};
-pub use session::{Sampling, Session, StepTimes};
+pub use session::{top2_margin, Sampling, Session, StepTimes};

@@ -32,6 +32,26 @@ pub struct StepTimes {
     pub decode: Vec<Duration>,
 }
 
+/// The gap between the two largest logits of a row (`0` when the row has
+/// fewer than two finite values): how far rounding would have to move the
+/// logits to change a greedy choice.
+pub fn top2_margin(row: &[f32]) -> f32 {
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &x in row {
+        if x > a {
+            b = a;
+            a = x;
+        } else if x > b {
+            b = x;
+        }
+    }
+    if a.is_finite() && b.is_finite() {
+        a - b
+    } else {
+        0.0
+    }
+}
+
 /// A decoding session: the executable, the committed tokens and the cache length.
 #[derive(Debug)]
 pub struct Session {
@@ -44,6 +64,9 @@ pub struct Session {
     draws: u32,
     /// Time spent so far.
     pub times: StepTimes,
+    /// [`top2_margin`] of the logits row each token of the last
+    /// [`Session::generate`] was chosen from.
+    pub margins: Vec<f32>,
 }
 
 impl Session {
@@ -81,6 +104,7 @@ impl Session {
             vocab,
             draws: 0,
             times: StepTimes::default(),
+            margins: Vec::new(),
         })
     }
 
@@ -243,8 +267,10 @@ impl Session {
         let mut logits = self.feed(prompt)?;
         self.times.prefill += t0.elapsed();
         let mut out = Vec::with_capacity(max_new);
+        self.margins.clear();
         while out.len() < max_new {
             let tok = self.choose(&logits, sampling)?;
+            self.margins.push(top2_margin(&logits));
             out.push(tok);
             if !on_token(tok) || out.len() == max_new {
                 break;
@@ -254,5 +280,19 @@ impl Session {
             self.times.decode.push(t.elapsed());
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top2_margin;
+
+    #[test]
+    fn margin_is_the_gap_between_the_two_best_logits() {
+        assert_eq!(top2_margin(&[0.5, 3.0, -1.0, 2.25]), 0.75);
+        assert_eq!(top2_margin(&[2.0, 1.0, 2.0]), 0.0);
+        assert_eq!(top2_margin(&[-4.0, -6.5]), 2.5);
+        assert_eq!(top2_margin(&[1.0]), 0.0);
+        assert_eq!(top2_margin(&[f32::NEG_INFINITY, 1.0]), 0.0);
     }
 }
