@@ -160,6 +160,8 @@ pub fn run(a: EvalArgs) -> Result<(), String> {
     let mut hist = vec![0usize; b];
     let (mut steps, mut spec_tokens, mut plain_tokens) = (0usize, 0usize, 0usize);
     let (mut spec_time, mut plain_time) = (Duration::ZERO, Duration::ZERO);
+    let (mut step_draft, mut step_verify) = (Duration::ZERO, Duration::ZERO);
+    let mut on_gpu = !ps.is_empty();
     let mut equal = 0;
     for (i, p) in ps.iter().enumerate() {
         if std::io::stderr().is_terminal() {
@@ -176,7 +178,10 @@ pub fn run(a: EvalArgs) -> Result<(), String> {
             .map_err(err)?;
         for s in &spec.stats.steps {
             hist[s.accepted.min(b - 1)] += 1;
+            step_draft += s.draft;
+            step_verify += s.verify;
         }
+        on_gpu &= spec.stats.on_device;
         steps += spec.stats.steps.len();
         spec_time += spec.stats.decode;
         spec_tokens += spec.stats.step_tokens();
@@ -193,6 +198,13 @@ pub fn run(a: EvalArgs) -> Result<(), String> {
     if std::io::stderr().is_terminal() {
         eprintln!();
     }
+    let per_step = |t: Duration| {
+        if steps == 0 {
+            0.0
+        } else {
+            t.as_secs_f64() * 1e3 / steps as f64
+        }
+    };
     let tau = if steps == 0 {
         0.0
     } else {
@@ -214,13 +226,15 @@ pub fn run(a: EvalArgs) -> Result<(), String> {
     if a.json {
         let h: Vec<String> = hist.iter().map(|x| x.to_string()).collect();
         println!(
-            "{{\"model\":{},\"draft\":{},\"backend\":\"{backend}\",\"block\":{b},\"heldout_tokens\":{},\"perplexity\":{ppl:.4},\"bits_per_byte\":{bpb:.4},\"prompts\":{},\"max_tokens\":{},\"steps\":{steps},\"tau\":{tau:.4},\"accepted_histogram\":[{}],\"spec_tokens_per_s\":{spec_tps:.2},\"plain_tokens_per_s\":{plain_tps:.2},\"speedup\":{speedup:.3},\"equal_outputs\":{equal}}}",
+            "{{\"model\":{},\"draft\":{},\"backend\":\"{backend}\",\"block\":{b},\"heldout_tokens\":{},\"perplexity\":{ppl:.4},\"bits_per_byte\":{bpb:.4},\"prompts\":{},\"max_tokens\":{},\"steps\":{steps},\"tau\":{tau:.4},\"accepted_histogram\":[{}],\"spec_tokens_per_s\":{spec_tps:.2},\"plain_tokens_per_s\":{plain_tps:.2},\"speedup\":{speedup:.3},\"draft_ms_per_step\":{:.4},\"verify_ms_per_step\":{:.4},\"steps_on_gpu\":{on_gpu},\"equal_outputs\":{equal}}}",
             json_str(&model_dir.display().to_string()),
             json_str(&dname),
             n,
             ps.len(),
             a.max_tokens,
-            h.join(",")
+            h.join(","),
+            per_step(step_draft),
+            per_step(step_verify),
         );
     } else {
         println!(
@@ -243,6 +257,16 @@ pub fn run(a: EvalArgs) -> Result<(), String> {
                 "#".repeat((40 * c).div_ceil(width))
             );
         }
+        println!(
+            "per step             draft {:.3} ms + verify {:.3} ms{}",
+            per_step(step_draft),
+            per_step(step_verify),
+            if on_gpu {
+                " (GPU time; steps without host round trips)"
+            } else {
+                ""
+            }
+        );
         println!("plain decoding       {plain_tps:.1} tokens/s");
         println!("speculative          {spec_tps:.1} tokens/s ({speedup:.2}x)");
         println!(

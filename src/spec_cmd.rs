@@ -134,7 +134,7 @@ pub fn run(args: GenerateArgs<'_>, draft: &str, block: Option<usize>) -> Result<
             .collect::<Vec<_>>()
             .join(",");
         println!(
-            "{{\"model\":{},\"draft\":{},\"block\":{block},\"backend\":\"{}\",\"prompt_ids\":[{}],\"generated_ids\":[{}],\"text\":{},\"steps\":{},\"tau\":{:.4},\"accepted_histogram\":[{hist}],\"draft_ms_per_step\":{:.4},\"verify_ms_per_step\":{:.4},\"prefill_s\":{:.6},\"decode_s\":{:.6},\"tokens_per_s\":{spec_tps:.3},\"plain_generated_ids\":[{}],\"plain_tokens_per_s\":{plain_tps:.3},\"same_as_plain\":{}}}",
+            "{{\"model\":{},\"draft\":{},\"block\":{block},\"backend\":\"{}\",\"prompt_ids\":[{}],\"generated_ids\":[{}],\"text\":{},\"steps\":{},\"tau\":{:.4},\"accepted_histogram\":[{hist}],\"draft_ms_per_step\":{:.4},\"verify_ms_per_step\":{:.4},\"steps_on_gpu\":{},\"prefill_s\":{:.6},\"decode_s\":{:.6},\"tokens_per_s\":{spec_tps:.3},\"plain_generated_ids\":[{}],\"plain_tokens_per_s\":{plain_tps:.3},\"same_as_plain\":{}}}",
             json_str(&m.name),
             json_str(&dname),
             spec.backend(),
@@ -145,6 +145,7 @@ pub fn run(args: GenerateArgs<'_>, draft: &str, block: Option<usize>) -> Result<
             st.tau(),
             ms(st.draft_per_step()),
             ms(st.verify_per_step()),
+            st.on_device,
             st.prefill.as_secs_f64(),
             st.decode.as_secs_f64(),
             list(&plain),
@@ -155,12 +156,17 @@ pub fn run(args: GenerateArgs<'_>, draft: &str, block: Option<usize>) -> Result<
         );
     } else {
         eprintln!(
-            "speculative: {} steps, τ = {:.2} tokens/step, draft {:.2} ms + verify {:.2} ms per step, \
+            "speculative: {} steps, τ = {:.2} tokens/step, draft {:.2} ms + verify {:.2} ms per step{}, \
              {spec_tps:.1} tokens/s after prefill ({:.1?})",
             st.steps.len(),
             st.tau(),
             ms(st.draft_per_step()),
             ms(st.verify_per_step()),
+            if st.on_device {
+                " (GPU time; steps without host round trips)"
+            } else {
+                ""
+            },
             st.prefill
         );
         eprintln!(
@@ -207,8 +213,11 @@ pub fn build(
         ));
     }
     let target = dflash::target_graph(&m.arch, &m.options, &dcfg.target_layer_ids).map_err(err)?;
+    let target = Executable::new(target, m.weights.clone(), backend).map_err(err)?;
+    // On the target's GPU stream: the draft reads the target's features and
+    // the target the drafts in place.
     let drafter = DFlashDrafter::new(
-        Executable::new(dgraph, dweights, backend).map_err(err)?,
+        Executable::new_beside(dgraph, dweights, &target).map_err(err)?,
         dcfg.mask_id(),
         dflash::draft_options(&m.options).max_tokens,
     )
@@ -219,13 +228,8 @@ pub fn build(
         max_tokens: max_rows,
         rule: SamplingRule::Rejection,
         trace_logits: false,
-        argmax_outputs: false,
+        argmax_outputs: true,
     };
-    let spec = SpecDecoder::new(
-        Executable::new(target, m.weights.clone(), backend).map_err(err)?,
-        drafter,
-        opts,
-    )
-    .map_err(err)?;
+    let spec = SpecDecoder::new(target, drafter, opts).map_err(err)?;
     Ok((spec, dname))
 }

@@ -8,7 +8,7 @@ set -u
 bin=${TILEFUSE_BIN_DIR:-gpu-bin}/tilefuse
 export TILEFUSE_CACHE_DIR=${TILEFUSE_CACHE_DIR:-/tmp/tilefuse-cache}
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(*(d.get(k) if not isinstance(d.get(k), list) else ','.join(map(str, d[k])) for k in sys.argv[1:]), sep=' | ')" "$@"; }
-printf "%-16s %-10s %-5s %-11s %-6s %-7s %-9s %-9s %s\n" target mode block same_plain tau tok/s draft_ms verify_ms plain_vs_cpu
+printf "%-16s %-10s %-5s %-11s %-6s %-7s %-9s %-9s %-12s %s\n" target mode block same_plain tau tok/s draft_ms verify_ms plain_vs_cpu steps_on_gpu
 for pair in mimo-v2-tiny:mimo-v2-tiny-dflash qwen3-moe-tiny:qwen3-moe-tiny-dflash; do
     target=${pair%%:*}; draft=${pair##*:}
     cpu=$("$bin" generate --preset "$target" --max-tokens 48 --backend cpu --json 2>/dev/null | field generated_ids)
@@ -16,9 +16,9 @@ for pair in mimo-v2-tiny:mimo-v2-tiny-dflash qwen3-moe-tiny:qwen3-moe-tiny-dflas
         for b in 4 8 16; do
             j=$("$bin" generate --preset "$target" --draft "$draft" --block $b --max-tokens 48 --backend cuda --mode $mode --json 2>/tmp/spec_err.txt)
             if [ -z "$j" ]; then echo "$target $mode B=$b ERROR: $(tail -3 /tmp/spec_err.txt)"; continue; fi
-            read -r same tau tps dms vms plain <<<"$(echo "$j" | field same_as_plain tau tokens_per_s draft_ms_per_step verify_ms_per_step plain_generated_ids | tr -d ' ' | tr '|' ' ')"
+            read -r same tau tps dms vms plain ongpu <<<"$(echo "$j" | field same_as_plain tau tokens_per_s draft_ms_per_step verify_ms_per_step plain_generated_ids steps_on_gpu | tr -d ' ' | tr '|' ' ')"
             pc=$([ "$plain" = "$cpu" ] && echo same || echo DIFFERENT)
-            printf "%-16s %-10s %-5s %-11s %-6s %-7s %-9s %-9s %s\n" "$target" "$mode" "$b" "$same" "$tau" "$tps" "$dms" "$vms" "$pc"
+            printf "%-16s %-10s %-5s %-11s %-6s %-7s %-9s %-9s %-12s %s\n" "$target" "$mode" "$b" "$same" "$tau" "$tps" "$dms" "$vms" "$pc" "$ongpu"
         done
     done
 done

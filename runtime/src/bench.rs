@@ -84,6 +84,15 @@ pub fn bytes_moved(exe: &GpuExecutable, t: usize, s: usize) -> Result<Bytes> {
                 .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
             let e = g.node(w13).ty.dims()[0].as_const().unwrap_or(1);
+            if let Some(bad) = ids.iter().find(|&&i| i < 0 || i as usize >= e) {
+                return Err(IrError::new(
+                    ErrorKind::Interp,
+                    format!(
+                        "the router of the T = {t} forward holds expert {bad} of {e}: \
+                         the last forward was not one of {t} tokens"
+                    ),
+                ));
+            }
             for w in [w13, w2] {
                 expert_weights.insert(w);
                 let slot = plan.weight(w).map(|s| s.bytes).unwrap_or(0);
@@ -320,7 +329,7 @@ pub fn svg(rows: &[Row]) -> String {
 pub struct DraftPair<'a> {
     /// Label of the rows.
     pub model: &'a str,
-    /// [`tilefuse_model`]'s `dflash::target_graph` of the target.
+    /// `tilefuse_model`'s `dflash::target_graph` of the target.
     pub target: &'a Graph,
     /// The draft graph (symbols `S`, `C`, `T`).
     pub draft: &'a Graph,
@@ -446,62 +455,78 @@ pub fn bench_draft(
                 pair.mask_id,
                 pair.draft_rows,
             )?;
-            let opts = SpecOptions {
-                block: b,
-                context: pair.context,
-                max_tokens: 64.min(crate::executable::max_tokens(pair.target)),
-                rule: SamplingRule::Rejection,
-                trace_logits: false,
-                argmax_outputs: false,
-            };
-            let mut spec = SpecDecoder::new(target, drafter, opts)?;
-            let prompt: Vec<i32> = (0..ctx as i32).map(|i| (i * 7919 + 13) % 256).collect();
-            spec.generate(&prompt, pair.steps_tokens, Sampling::Greedy, |_| true)?;
-            // Steady state: the first step also feeds the drafter the whole
-            // prompt's context, so it is left out.
-            let st = spec.stats.clone();
-            let later = st.steps.get(1..).unwrap_or(&[]);
-            if later.is_empty() {
-                return Err(IrError::new(
-                    ErrorKind::Interp,
-                    "the speculative run made fewer than two steps",
-                ));
+            let mut parts = Some((target, drafter));
+            // The step with the host loop (logits copied back each step),
+            // then with the GPU loop (argmax outputs, acceptance kernel,
+            // features handed over in place).
+            for (on_device, how) in [(false, "host loop"), (true, "GPU loop")] {
+                let Some((target, drafter)) = parts.take() else {
+                    break;
+                };
+                let opts = SpecOptions {
+                    block: b,
+                    context: pair.context,
+                    max_tokens: 64.min(crate::executable::max_tokens(pair.target)),
+                    rule: SamplingRule::Rejection,
+                    trace_logits: false,
+                    argmax_outputs: on_device,
+                };
+                let mut spec = SpecDecoder::new(target, drafter, opts)?;
+                let prompt: Vec<i32> = (0..ctx as i32).map(|i| (i * 7919 + 13) % 256).collect();
+                // Stopped by the callback, so that the last forward is a
+                // whole block's verify (its routing gives the step's bytes).
+                let mut n = 0;
+                spec.generate(&prompt, pair.steps_tokens + b, Sampling::Greedy, |_| {
+                    n += 1;
+                    n < pair.steps_tokens
+                })?;
+                // Steady state: the first step also feeds the drafter the
+                // whole prompt's context, so it is left out.
+                let st = spec.stats.clone();
+                let later = st.steps.get(1..).unwrap_or(&[]);
+                if later.is_empty() {
+                    return Err(IrError::new(
+                        ErrorKind::Interp,
+                        "the speculative run made fewer than two steps",
+                    ));
+                }
+                let first = st.steps[0].draft + st.steps[0].verify;
+                let ms = ms_of(st.decode.saturating_sub(first)) / later.len() as f64;
+                let median =
+                    |f: &dyn Fn(&crate::speculative::StepRecord) -> std::time::Duration| {
+                        let mut v: Vec<f64> = later.iter().map(|s| ms_of(f(s))).collect();
+                        v.sort_by(f64::total_cmp);
+                        v[v.len() / 2]
+                    };
+                let (draft_ms, verify_ms) = (median(&|s| s.draft), median(&|s| s.verify));
+                let tau =
+                    later.iter().map(|s| s.accepted + 1).sum::<usize>() as f64 / later.len() as f64;
+                let (mut texe, dexe) = spec.into_parts();
+                let mut bytes = match texe.gpu() {
+                    Some(g) => bytes_moved(g, b, ctx)?,
+                    None => Bytes::default(),
+                };
+                if let Some(d) = rows
+                    .iter()
+                    .find(|r| r.context == ctx && r.forward.starts_with("draft block"))
+                {
+                    bytes.weights += d.bytes.weights;
+                    bytes.kv += d.bytes.kv;
+                }
+                rows.push(Row {
+                    model: pair.model.to_string(),
+                    forward: format!(
+                        "spec step B={b}, {how} (τ {tau:.2}; draft {draft_ms:.2} + verify {verify_ms:.2} ms)"
+                    ),
+                    t: b,
+                    context: ctx,
+                    mode: format!("{mode:?}").to_lowercase(),
+                    ms,
+                    roofline_ms: (bytes.weights + bytes.kv) as f64 / bandwidth * 1e3,
+                    bytes,
+                });
+                parts = Some((texe, dexe));
             }
-            let first = st.steps[0].draft + st.steps[0].verify;
-            let ms = ms_of(st.decode.saturating_sub(first)) / later.len() as f64;
-            let median = |f: &dyn Fn(&crate::speculative::StepRecord) -> std::time::Duration| {
-                let mut v: Vec<f64> = later.iter().map(|s| ms_of(f(s))).collect();
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            };
-            let (draft_ms, verify_ms) = (median(&|s| s.draft), median(&|s| s.verify));
-            let tau =
-                later.iter().map(|s| s.accepted + 1).sum::<usize>() as f64 / later.len() as f64;
-            let (mut texe, dexe) = spec.into_parts();
-            let mut bytes = match texe.gpu() {
-                Some(g) => bytes_moved(g, b, ctx)?,
-                None => Bytes::default(),
-            };
-            let _ = dexe;
-            if let Some(d) = rows
-                .iter()
-                .find(|r| r.context == ctx && r.forward.starts_with("draft block"))
-            {
-                bytes.weights += d.bytes.weights;
-                bytes.kv += d.bytes.kv;
-            }
-            rows.push(Row {
-                model: pair.model.to_string(),
-                forward: format!(
-                    "spec step B={b} (τ {tau:.2}; draft {draft_ms:.2} + verify {verify_ms:.2} ms)"
-                ),
-                t: b,
-                context: ctx,
-                mode: format!("{mode:?}").to_lowercase(),
-                ms,
-                roofline_ms: (bytes.weights + bytes.kv) as f64 / bandwidth * 1e3,
-                bytes,
-            });
         }
     }
     Ok((rows, gpu))

@@ -143,6 +143,87 @@ impl Program {
     }
 }
 
+/// A value in device memory: an input or output of a forward, in the arena
+/// of the executable that ran it ([`GpuExecutable::value_range`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceRange {
+    ptr: u64,
+    bytes: usize,
+    dtype: DType,
+    rows: usize,
+}
+
+impl DeviceRange {
+    /// The device address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Rows (the first axis).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// All of `buf`, holding `rows` rows of `dtype`.
+    pub fn whole(buf: &Buffer, dtype: DType, rows: usize) -> DeviceRange {
+        DeviceRange {
+            ptr: buf.ptr(),
+            bytes: buf.len(),
+            dtype,
+            rows,
+        }
+    }
+
+    /// Rows `r0..r1` of the value.
+    pub fn rows_range(&self, r0: usize, r1: usize) -> Result<DeviceRange> {
+        if r0 > r1 || r1 > self.rows || !self.bytes.is_multiple_of(self.rows.max(1)) {
+            return Err(IrError::new(
+                ErrorKind::Interp,
+                format!(
+                    "rows {r0}..{r1} are outside a device value of {} rows",
+                    self.rows
+                ),
+            ));
+        }
+        let row = self.bytes / self.rows.max(1);
+        Ok(DeviceRange {
+            ptr: self.ptr + (r0 * row) as u64,
+            bytes: (r1 - r0) * row,
+            dtype: self.dtype,
+            rows: r1 - r0,
+        })
+    }
+}
+
+/// A device range copied into (part of) an activation input before a forward.
+#[derive(Clone, Copy, Debug)]
+pub struct Feed<'a> {
+    /// The input's name.
+    pub input: &'a str,
+    /// Byte offset inside the input.
+    pub offset: usize,
+    /// What is copied there.
+    pub src: DeviceRange,
+}
+
+/// Bytes of a value of `dtype` and `shape` in the arena.
+fn value_bytes(dtype: DType, shape: &[usize]) -> usize {
+    let numel: usize = shape.iter().product();
+    dtype
+        .storage_bytes(numel, shape.last().copied().unwrap_or(1))
+        .unwrap_or(0)
+}
+
 /// A graph compiled for the GPU, with its weights and caches resident.
 pub struct GpuExecutable {
     gpu: Gpu,
@@ -551,22 +632,73 @@ impl GpuExecutable {
         b: &Bindings,
         inputs: &BTreeMap<String, Tensor>,
     ) -> Result<()> {
+        self.prepare_with(pi, b, inputs, &[])
+    }
+
+    /// [`GpuExecutable::prepare`] where some inputs come (wholly, or in part
+    /// over host values) from device ranges, copied on the stream after the
+    /// host writes. An input with no host value must be covered exactly by
+    /// one feed.
+    fn prepare_with(
+        &mut self,
+        pi: usize,
+        b: &Bindings,
+        inputs: &BTreeMap<String, Tensor>,
+        feeds: &[Feed<'_>],
+    ) -> Result<()> {
         self.write_symbols(pi, b)?;
         let p = &self.programs[pi];
         let g = &p.plan.fused.graph;
+        for f in feeds {
+            if g.find_input(f.input).is_none() {
+                return Err(IrError::new(
+                    ErrorKind::Interp,
+                    format!(
+                        "the graph \"{}\" has no input named \"{}\"",
+                        g.name, f.input
+                    ),
+                ));
+            }
+        }
+        let mut copies = Vec::new();
         for n in g.inputs_of_kind(InputKind::Activation) {
             let node = g.node(n);
-            let v = inputs.get(&node.name).ok_or_else(|| {
-                IrError::new(
-                    ErrorKind::Interp,
-                    format!("missing input \"{}\" ({})", node.name, node.ty),
-                )
-            })?;
             let want = node
                 .ty
                 .shape
                 .eval(b)
                 .map_err(|m| IrError::new(ErrorKind::Interp, m))?;
+            let off = p.plan.offset_of(n).ok_or_else(|| {
+                IrError::new(
+                    ErrorKind::Interp,
+                    format!("input \"{}\" has no buffer", node.name),
+                )
+            })?;
+            let bytes = value_bytes(node.ty.dtype, &want);
+            let mine: Vec<&Feed<'_>> = feeds.iter().filter(|f| f.input == node.name).collect();
+            for f in &mine {
+                if f.offset + f.src.bytes > bytes {
+                    return Err(IrError::new(
+                        ErrorKind::Interp,
+                        format!(
+                            "a device feed of {} bytes at byte {} overruns input \"{}\" ({} {want:?}, {bytes} bytes)",
+                            f.src.bytes, f.offset, node.name, node.ty.dtype
+                        ),
+                    ));
+                }
+                copies.push((self.arena.ptr() + (off + f.offset) as u64, f.src));
+            }
+            let Some(v) = inputs.get(&node.name) else {
+                if let [f] = mine[..] {
+                    if f.offset == 0 && f.src.bytes == bytes {
+                        continue;
+                    }
+                }
+                return Err(IrError::new(
+                    ErrorKind::Interp,
+                    format!("missing input \"{}\" ({})", node.name, node.ty),
+                ));
+            };
             if v.shape != want || v.dtype != node.ty.dtype {
                 return Err(IrError::new(
                     ErrorKind::Interp,
@@ -576,17 +708,70 @@ impl GpuExecutable {
                     ),
                 ));
             }
-            let off = p.plan.offset_of(n).ok_or_else(|| {
-                IrError::new(
-                    ErrorKind::Interp,
-                    format!("input \"{}\" has no buffer", node.name),
-                )
-            })?;
             self.gpu
                 .write(&mut self.arena, off, &to_bytes(v)?)
                 .map_err(gpu_err)?;
         }
+        for (dst, src) in copies {
+            self.gpu
+                .copy_range(dst, src.ptr, src.bytes)
+                .map_err(gpu_err)?;
+        }
         Ok(())
+    }
+
+    /// Issues one forward on the stream and returns without waiting: the
+    /// outputs stay in the arena ([`GpuExecutable::value_range`]) until the
+    /// next forward of this executable. `feeds` copy device ranges (outputs
+    /// of another executable on the same stream) into inputs.
+    pub fn enqueue(
+        &mut self,
+        bindings: &Bindings,
+        inputs: &BTreeMap<String, Tensor>,
+        feeds: &[Feed<'_>],
+    ) -> Result<()> {
+        let pi = self.bucket(bindings)?;
+        self.prepare_with(pi, bindings, inputs, feeds)?;
+        self.dispatch(pi)
+    }
+
+    /// Where the input or output `name` of a forward with `bindings` lives
+    /// in the arena (valid until the next forward).
+    pub fn value_range(&self, bindings: &Bindings, name: &str) -> Result<DeviceRange> {
+        let p = &self.programs[self.bucket(bindings)?].plan;
+        let g = &p.fused.graph;
+        let id = g
+            .find_input(name)
+            .or_else(|| {
+                g.outputs()
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, id)| *id)
+            })
+            .ok_or_else(|| {
+                IrError::new(
+                    ErrorKind::Interp,
+                    format!(
+                        "the graph \"{}\" has no input or output named \"{name}\"",
+                        g.name
+                    ),
+                )
+            })?;
+        let node = g.node(id);
+        let shape = node
+            .ty
+            .shape
+            .eval(bindings)
+            .map_err(|m| IrError::new(ErrorKind::Interp, m))?;
+        let off = p.offset_of(id).ok_or_else(|| {
+            IrError::new(ErrorKind::Interp, format!("\"{name}\" has no arena buffer"))
+        })?;
+        Ok(DeviceRange {
+            ptr: self.arena.ptr() + off as u64,
+            bytes: value_bytes(node.ty.dtype, &shape),
+            dtype: node.ty.dtype,
+            rows: shape.first().copied().unwrap_or(1),
+        })
     }
 
     /// Issues one forward of bucket `pi` on the stream (no wait).
@@ -773,12 +958,7 @@ impl GpuExecutable {
                 .shape
                 .eval(bindings)
                 .map_err(|m| IrError::new(ErrorKind::Interp, m))?;
-            let numel: usize = shape.iter().product();
-            let bytes = node
-                .ty
-                .dtype
-                .storage_bytes(numel, shape.last().copied().unwrap_or(1))
-                .unwrap_or(0);
+            let bytes = value_bytes(node.ty.dtype, &shape);
             let off = p.offset_of(*id).ok_or_else(|| {
                 IrError::new(
                     ErrorKind::Interp,

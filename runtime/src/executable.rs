@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use tilefuse_ir::interp::{self, Caches, Tensor};
 
-use crate::cuda_exec::{GpuExecutable, LaunchMode};
+use crate::cuda_exec::{DeviceRange, Feed, GpuExecutable, LaunchMode};
 use crate::gpu::Gpu;
 use tilefuse_ir::{Bindings, ErrorKind, Graph, InputKind, IrError, Result};
 
@@ -54,6 +54,28 @@ impl Executable {
         weights: BTreeMap<String, Tensor>,
         backend: Backend,
     ) -> Result<Executable> {
+        Executable::build(graph, weights, backend, None)
+    }
+
+    /// Like [`Executable::new`] on the backend of `other`, and on the GPU on
+    /// its device and stream, so that work of the two is ordered without
+    /// host synchronisation and one may read the other's outputs in place
+    /// (as speculative decoding's draft and target do).
+    pub fn new_beside(
+        graph: Graph,
+        weights: BTreeMap<String, Tensor>,
+        other: &Executable,
+    ) -> Result<Executable> {
+        let gpu = other.gpu.as_ref().map(|g| g.gpu().clone());
+        Executable::build(graph, weights, other.backend, gpu)
+    }
+
+    fn build(
+        graph: Graph,
+        weights: BTreeMap<String, Tensor>,
+        backend: Backend,
+        gpu: Option<Gpu>,
+    ) -> Result<Executable> {
         graph.verify()?;
         let none = Bindings::new();
         for id in graph.inputs_of_kind(InputKind::Weight) {
@@ -89,14 +111,17 @@ impl Executable {
                 })
             }
             Backend::Cuda(mode) => {
-                let gpu = Gpu::open()
-                    .map_err(|e| IrError::new(ErrorKind::Interp, e.to_string()))?
-                    .ok_or_else(|| {
-                        IrError::new(
-                            ErrorKind::Interp,
-                            "no CUDA GPU found (no driver library or no device); use --backend cpu",
-                        )
-                    })?;
+                let gpu = match gpu {
+                    Some(g) => g,
+                    None => Gpu::open()
+                        .map_err(|e| IrError::new(ErrorKind::Interp, e.to_string()))?
+                        .ok_or_else(|| {
+                            IrError::new(
+                                ErrorKind::Interp,
+                                "no CUDA GPU found (no driver library or no device); use --backend cpu",
+                            )
+                        })?,
+                };
                 let max = max_tokens(&graph);
                 let buckets: Vec<usize> = DEFAULT_BUCKETS.iter().map(|&b| b.min(max)).collect();
                 let exe = GpuExecutable::new(gpu, &graph, &weights, &buckets, mode)?;
@@ -221,6 +246,49 @@ impl Executable {
     /// The GPU executable, when running on the GPU.
     pub fn gpu(&mut self) -> Option<&mut GpuExecutable> {
         self.gpu.as_mut()
+    }
+
+    /// The GPU executable, when running on the GPU (shared).
+    pub fn gpu_ref(&self) -> Option<&GpuExecutable> {
+        self.gpu.as_ref()
+    }
+
+    /// On the GPU: issues one forward without waiting for it, with inputs
+    /// from the host and from device ranges ([`GpuExecutable::enqueue`]);
+    /// its outputs stay on the device ([`Executable::value_range`]). An
+    /// error on the CPU.
+    pub fn enqueue(
+        &mut self,
+        bindings: &Bindings,
+        inputs: &BTreeMap<String, Tensor>,
+        feeds: &[Feed<'_>],
+    ) -> Result<()> {
+        check_ring_rows(&self.graph, bindings)?;
+        match &mut self.gpu {
+            Some(g) => g.enqueue(bindings, inputs, feeds),
+            None => Err(IrError::new(
+                ErrorKind::Interp,
+                format!(
+                    "graph \"{}\" runs on the CPU: only GPU forwards can be enqueued",
+                    self.graph.name
+                ),
+            )),
+        }
+    }
+
+    /// On the GPU: where input or output `name` of the forward with
+    /// `bindings` lives on the device. An error on the CPU.
+    pub fn value_range(&self, bindings: &Bindings, name: &str) -> Result<DeviceRange> {
+        match &self.gpu {
+            Some(g) => g.value_range(bindings, name),
+            None => Err(IrError::new(
+                ErrorKind::Interp,
+                format!(
+                    "graph \"{}\" runs on the CPU: its values are not on a GPU",
+                    self.graph.name
+                ),
+            )),
+        }
     }
 }
 

@@ -366,6 +366,29 @@ impl Gpu {
         )
     }
 
+    /// Copies `bytes` between two device ranges on the stream. The ranges come
+    /// from [`crate::cuda_exec::DeviceRange`]s, which lie inside live
+    /// allocations of this context by construction.
+    pub(crate) fn copy_range(&self, dst: u64, src: u64, bytes: usize) -> Result<(), GpuError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: both ranges lie inside live arena allocations (the callers
+        // check them against the buffers' sizes); the stream orders the copy.
+        drv(
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())
+            },
+            "copying on the GPU",
+        )
+    }
+
+    /// True when `other` issues its work to the same stream (so work of both
+    /// is ordered without synchronisation).
+    pub fn same_stream(&self, other: &Gpu) -> bool {
+        Arc::ptr_eq(&self.stream, &other.stream)
+    }
+
     /// Fills a buffer with one byte value on the stream.
     pub fn memset(&self, buf: &Buffer, value: u8) -> Result<(), GpuError> {
         // SAFETY: the range is the whole live allocation; ordered on the stream.

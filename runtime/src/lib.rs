@@ -7,6 +7,7 @@
 //! and token-by-token decoding. The CPU backend executes through the IR's
 //! reference interpreter, so everything works on a machine without a GPU.
 
+pub mod accept;
 pub mod bench;
 pub mod cuda_exec;
 pub mod executable;

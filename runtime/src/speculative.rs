@@ -74,24 +74,31 @@
 //! (all rows come from one draft forward), which the rule allows: given the
 //! accepted prefix, the next draft is still distributed as its `q`.
 //!
-//! # On the GPU (not yet written)
+//! # On the GPU
 //!
-//! This host loop is the reference; the GPU engine will differ in where
-//! things happen, not in what is computed:
-//! - acceptance runs on the device: the verify graph gets argmax or
-//!   counter-based sampling (the IR's `sample` ops use the same
-//!   [`interp::uniform`]) and the acceptance rule as nodes, and one small copy
-//!   per step brings back the accepted count and the committed tokens, where
-//!   this loop copies all logits;
-//! - the features stay on the device: the draft reads rows `0..=a` of the
-//!   verify's [`CONTEXT_OUTPUT`] buffer in place;
-//! - the shared embedding and LM head are one device buffer used by both
-//!   graphs (here the draft executable holds a copy);
-//! - draft, verify and acceptance can be one CUDA graph or one persistent
-//!   kernel launch per step, with `S`, `C` and `a` read from device memory;
-//! - greedy is reproduced only if the verify kernels at `T = B` round every
-//!   row as the `T = 1` kernels do; otherwise the output is the greedy output
-//!   of the verify numerics, which may differ from `T = 1` decoding at near-ties.
+//! Greedy decoding with [`SpecOptions::argmax_outputs`], target and draft
+//! on one GPU stream ([`Executable::new_beside`]) and a [`DFlashDrafter`]:
+//! after prefill every step is issued without waiting and computes what the
+//! host loop computes, in different places:
+//! - the draft forward's context input is a device-to-device copy of rows
+//!   `0..=a` of the last verify's [`CONTEXT_OUTPUT`], still in the target's
+//!   arena (the first step takes the prompt's features from the host);
+//! - the verify forward's `ids` are `x` (written from the host, which knows
+//!   it) followed by a copy of the draft's [`GREEDY_OUTPUT`] rows `1..B`;
+//! - a one-thread kernel ([`crate::accept`]) compares the drafts with the
+//!   target's [`GREEDY_OUTPUT`] and writes `a` and the committed tokens;
+//! - one copy of `a + 2` ints, the step's only wait, brings them back; the
+//!   host then knows `a`, hence the next `S`, `C` and positions.
+//!
+//! Draft and verify times of such steps are CUDA event times
+//! ([`SpecStats::on_device`]). Otherwise (sampling, a logits trace, the CPU,
+//! or executables on different streams) the host loop above runs, copying
+//! the logits (or, with `argmax_outputs`, the argmax ids) and the features
+//! back each step. Greedy is reproduced when the verify kernels at `T = B`
+//! round every row as the `T = 1` kernels do; otherwise the output is the
+//! greedy output of the verify numerics, which may differ from `T = 1`
+//! decoding at near-ties (the tests and `notes/measurements.md` say where
+//! each was checked).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -99,6 +106,8 @@ use std::time::{Duration, Instant};
 use tilefuse_ir::interp::{self, Data, Tensor};
 use tilefuse_ir::{Bindings, ErrorKind, IrError, Result};
 
+use crate::accept::GreedyAccept;
+use crate::cuda_exec::{DeviceRange, Feed};
 use crate::{Executable, Sampling};
 
 /// The target output holding the context features `[T, F]`, and the draft
@@ -150,6 +159,12 @@ pub trait Drafter {
     fn propose_greedy(&mut self, step: &DraftStep<'_>) -> Result<Option<Vec<i32>>> {
         let _ = step;
         Ok(None)
+    }
+
+    /// This drafter as a DFlash draft graph, which the engine can run on the
+    /// GPU without host round trips when it shares the target's stream.
+    fn dflash(&mut self) -> Option<&mut DFlashDrafter> {
+        None
     }
 }
 
@@ -302,6 +317,27 @@ impl DFlashDrafter {
         Ok(logits.to_f32())
     }
 
+    /// The bindings and the host inputs (all but the context features) of a
+    /// draft forward taking `c` context rows and the block `ids`.
+    fn block_inputs(
+        &self,
+        c: usize,
+        ids: Vec<i32>,
+    ) -> Result<(Bindings, BTreeMap<String, Tensor>)> {
+        let t = ids.len();
+        let s = self.held;
+        let mut inputs = BTreeMap::new();
+        inputs.insert("ids".to_string(), Tensor::i32(&[t], ids)?);
+        let pos = (s + c..s + c + t).map(|p| p as i32).collect();
+        inputs.insert("pos".to_string(), Tensor::i32(&[t], pos)?);
+        let cpos = (s..s + c).map(|p| p as i32).collect();
+        inputs.insert(CONTEXT_POS_INPUT.to_string(), Tensor::i32(&[c], cpos)?);
+        Ok((
+            Bindings::new().with("S", s).with("C", c).with("T", t),
+            inputs,
+        ))
+    }
+
     /// One draft forward returning the outputs named in `wanted`.
     fn forward_outputs(
         &mut self,
@@ -309,20 +345,62 @@ impl DFlashDrafter {
         ids: Vec<i32>,
         wanted: &[&str],
     ) -> Result<BTreeMap<String, Tensor>> {
-        let (c, t) = (ctx.shape[0], ids.len());
-        let s = self.held;
-        let mut inputs = BTreeMap::new();
-        inputs.insert("ids".to_string(), Tensor::i32(&[t], ids)?);
-        let pos = (s + c..s + c + t).map(|p| p as i32).collect();
-        inputs.insert("pos".to_string(), Tensor::i32(&[t], pos)?);
+        let (b, mut inputs) = self.block_inputs(ctx.shape[0], ids)?;
+        let c = ctx.shape[0];
         inputs.insert(CONTEXT_OUTPUT.to_string(), ctx);
-        let cpos = (s..s + c).map(|p| p as i32).collect();
-        inputs.insert(CONTEXT_POS_INPUT.to_string(), Tensor::i32(&[c], cpos)?);
-        let b = Bindings::new().with("S", s).with("C", c).with("T", t);
         let out = self.exe.run_outputs(&b, inputs, Some(wanted))?;
         // The context rows are now in the caches, whatever the block was.
         self.held += c;
         Ok(out)
+    }
+
+    /// On the GPU: issues a greedy draft of `block` tokens after `first`,
+    /// with new context `ctx` (at most one forward's worth), and returns
+    /// where its `block − 1` draft tokens will be, without waiting.
+    fn enqueue_greedy(
+        &mut self,
+        ctx: DraftContext,
+        first: i32,
+        block: usize,
+    ) -> Result<DeviceRange> {
+        let c = match &ctx {
+            DraftContext::Host(t) => t.shape[0],
+            DraftContext::Device(r) => r.rows(),
+        };
+        let mut ids = vec![self.mask_id; block];
+        ids[0] = first;
+        let (b, mut inputs) = self.block_inputs(c, ids)?;
+        let mut feeds = Vec::new();
+        match ctx {
+            DraftContext::Host(t) => {
+                inputs.insert(CONTEXT_OUTPUT.to_string(), t);
+            }
+            DraftContext::Device(r) => {
+                let want = self.exe.value_range(&b, CONTEXT_OUTPUT)?;
+                if r.dtype() != want.dtype() || r.bytes() != want.bytes() {
+                    return Err(err(format!(
+                        "the target's context features ({} rows of {}, {} bytes) do not fit the \
+                         draft's input ({} rows of {}, {} bytes)",
+                        r.rows(),
+                        r.dtype(),
+                        r.bytes(),
+                        want.rows(),
+                        want.dtype(),
+                        want.bytes()
+                    )));
+                }
+                feeds.push(Feed {
+                    input: CONTEXT_OUTPUT,
+                    offset: 0,
+                    src: r,
+                });
+            }
+        }
+        self.exe.enqueue(&b, &inputs, &feeds)?;
+        self.held += c;
+        self.exe
+            .value_range(&b, GREEDY_OUTPUT)?
+            .rows_range(1, block)
     }
 
     /// Checks a step and feeds all but the last chunk of its context (with
@@ -367,9 +445,21 @@ impl DFlashDrafter {
     }
 }
 
+/// New context for a draft forward on the GPU.
+enum DraftContext {
+    /// Features copied from the host.
+    Host(Tensor),
+    /// Feature rows of a target forward, still in its arena.
+    Device(DeviceRange),
+}
+
 impl Drafter for DFlashDrafter {
     fn reset(&mut self) {
         self.held = 0;
+    }
+
+    fn dflash(&mut self) -> Option<&mut DFlashDrafter> {
+        Some(self)
     }
 
     fn propose(&mut self, step: &DraftStep<'_>) -> Result<Vec<f32>> {
@@ -440,10 +530,9 @@ pub struct SpecOptions {
     /// Keep the target logits row each generated token was chosen from ([`SpecDecoder::trace`]).
     pub trace_logits: bool,
     /// Greedy decoding takes each row's token from the graphs' argmax
-    /// outputs ([`GREEDY_OUTPUT`]), so a step copies back ids and features
-    /// instead of logits; otherwise the host takes the argmax of the logits.
-    /// Both give the same tokens (see `notes/measurements.md` for where each
-    /// was checked).
+    /// outputs ([`GREEDY_OUTPUT`]) instead of the host taking the argmax of
+    /// copied logits; on one GPU stream the steps then stay on the device
+    /// (module docs, "On the GPU"). Both give the same tokens.
     pub argmax_outputs: bool,
 }
 
@@ -469,6 +558,9 @@ pub struct SpecStats {
     pub decode: Duration,
     /// Every step in order.
     pub steps: Vec<StepRecord>,
+    /// The steps ran on the GPU without host round trips (the greedy GPU
+    /// loop); their draft and verify times are GPU event times.
+    pub on_device: bool,
 }
 
 impl SpecStats {
@@ -558,8 +650,18 @@ pub struct SpecDecoder<D> {
     /// Uniforms drawn in this generation.
     draws: u32,
     trace: Vec<Vec<f32>>,
+    /// The acceptance kernel of the GPU loop, built on first use.
+    accept: Option<GreedyAccept>,
     /// What the last generation did.
     pub stats: SpecStats,
+}
+
+/// The state the GPU loop starts from (after prefill and the first token).
+struct Resident {
+    len: usize,
+    tokens: Vec<i32>,
+    pending: Tensor,
+    max_new: usize,
 }
 
 impl<D: Drafter> SpecDecoder<D> {
@@ -589,6 +691,7 @@ impl<D: Drafter> SpecDecoder<D> {
             vocab,
             draws: 0,
             trace: Vec::new(),
+            accept: None,
             stats: SpecStats::default(),
         })
     }
@@ -758,6 +861,164 @@ impl<D: Drafter> SpecDecoder<D> {
         Ok((n, draw_index(&p, u) as i32))
     }
 
+    /// True when greedy steps can stay on the GPU: target and draft run
+    /// there on one stream, and both graphs output their argmax.
+    fn resident(&mut self) -> Result<bool> {
+        let Some(tg) = self.target.gpu_ref().map(|g| g.gpu().clone()) else {
+            return Ok(false);
+        };
+        let max_block = self.opts.block;
+        let Some(d) = self.drafter.dflash() else {
+            return Ok(false);
+        };
+        let draft_ok = d.exe.gpu_ref().is_some_and(|g| g.gpu().same_stream(&tg))
+            && d.exe
+                .graph()
+                .outputs()
+                .iter()
+                .any(|(n, _)| n == GREEDY_OUTPUT);
+        if !draft_ok || max_block < 2 {
+            return Ok(false);
+        }
+        if self.accept.is_none() {
+            self.accept = Some(
+                GreedyAccept::new(&tg, self.opts.max_tokens)
+                    .map_err(|e| err(format!("the acceptance kernel: {e}")))?,
+            );
+        }
+        Ok(true)
+    }
+
+    /// The greedy loop on the GPU (see "On the GPU" in the module docs):
+    /// per step, the draft forward reads the last verify's feature rows in
+    /// place, the verify forward takes the drafts from the draft's argmax
+    /// output in place, a kernel accepts, and one copy of `a + 2` ints
+    /// brings back the accepted count and the committed tokens — the
+    /// step's only wait. Draft and verify times are GPU event times.
+    fn decode_resident(
+        &mut self,
+        st: Resident,
+        out: &mut Vec<i32>,
+        mut go_on: bool,
+        on_token: &mut impl FnMut(i32) -> bool,
+    ) -> Result<()> {
+        let Resident {
+            mut len,
+            mut tokens,
+            pending,
+            max_new,
+        } = st;
+        let stream = self
+            .target
+            .gpu_ref()
+            .map(|g| g.gpu().stream().clone())
+            .ok_or_else(|| err("the target is not on the GPU"))?;
+        let ev = |e: cudarc::driver::DriverError| err(format!("event: {e:?}"));
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        // Features of the positions the drafter has not seen: on the host
+        // after prefill, then rows of the last verify on the device.
+        self.stats.on_device = true;
+        let mut host_pending = Some(pending);
+        let mut dev_pending: Option<DeviceRange> = None;
+        let mut held = 0;
+        while go_on && out.len() < max_new {
+            let x = *tokens.last().unwrap_or(&0);
+            let block = self.opts.block.min(max_new - out.len());
+            let e0 = stream.record_event(flags).map_err(ev)?;
+            let drafts = if block > 1 {
+                let d = self
+                    .drafter
+                    .dflash()
+                    .ok_or_else(|| err("the drafter is not a DFlash graph"))?;
+                let ctx = match (host_pending.take(), dev_pending) {
+                    (Some(p), _) => {
+                        // The prompt's features may need several forwards.
+                        let step = DraftStep {
+                            context_start: held,
+                            context: &p,
+                            first: x,
+                            block,
+                            tokens: &tokens,
+                        };
+                        let r0 = d.feed_context(&step)?;
+                        DraftContext::Host(take_rows(&p, r0, p.shape[0])?)
+                    }
+                    (None, Some(r)) => DraftContext::Device(r),
+                    (None, None) => return Err(err("no context features for the draft")),
+                };
+                let r = d.enqueue_greedy(ctx, x, block)?;
+                held = len;
+                Some(r)
+            } else {
+                None
+            };
+            let e1 = stream.record_event(flags).map_err(ev)?;
+            let mut ids = vec![0; block];
+            ids[0] = x;
+            let mut inputs = BTreeMap::new();
+            inputs.insert("ids".to_string(), Tensor::i32(&[block], ids)?);
+            let pos = (len..len + block).map(|p| p as i32).collect();
+            inputs.insert("pos".to_string(), Tensor::i32(&[block], pos)?);
+            let b = Bindings::new().with("S", len).with("T", block);
+            let feeds: Vec<Feed<'_>> = drafts
+                .iter()
+                .map(|&src| Feed {
+                    input: "ids",
+                    offset: 4,
+                    src,
+                })
+                .collect();
+            self.target.enqueue(&b, &inputs, &feeds)?;
+            let choices = self.target.value_range(&b, GREEDY_OUTPUT)?;
+            let accept = self
+                .accept
+                .as_ref()
+                .ok_or_else(|| err("the acceptance kernel is not built"))?;
+            accept
+                .enqueue(drafts.unwrap_or(choices), choices, block - 1)
+                .map_err(|e| err(e.to_string()))?;
+            let e2 = stream.record_event(flags).map_err(ev)?;
+            let (accepted, committed) = accept
+                .read(block - 1)
+                .map_err(|e| err(format!("speculative step at position {len}: {e}")))?;
+            if let Some(&bad) = committed
+                .iter()
+                .find(|&&t| t < 0 || t as usize >= self.vocab)
+            {
+                return Err(err(format!(
+                    "no token can be chosen after position {len}: the target's argmax is {bad} \
+                     (NaN logits?)"
+                )));
+            }
+            let ms = |a: &cudarc::driver::CudaEvent, b: &cudarc::driver::CudaEvent| {
+                a.elapsed_ms(b)
+                    .map(|m| Duration::from_secs_f64(f64::from(m.max(0.0)) / 1e3))
+                    .map_err(ev)
+            };
+            self.stats.steps.push(StepRecord {
+                block,
+                accepted,
+                draft: ms(&e0, &e1)?,
+                verify: ms(&e1, &e2)?,
+            });
+            for &tok in &committed {
+                if !go_on {
+                    break;
+                }
+                out.push(tok);
+                tokens.push(tok);
+                go_on = on_token(tok);
+            }
+            dev_pending = Some(
+                self.target
+                    .value_range(&b, CONTEXT_OUTPUT)?
+                    .rows_range(0, accepted + 1)?,
+            );
+            len += accepted + 1;
+        }
+        Ok(())
+    }
+
     /// Prefills `prompt`, then generates up to `max_new` tokens by
     /// draft-and-verify steps, calling `on_token` with each as soon as it is
     /// committed (return `false` to stop). Each call starts a new generation
@@ -840,6 +1101,21 @@ impl<D: Drafter> SpecDecoder<D> {
         out.push(first);
         tokens.push(first);
         let mut go_on = on_token(first);
+        if fast && self.resident()? {
+            self.decode_resident(
+                Resident {
+                    len,
+                    tokens,
+                    pending,
+                    max_new,
+                },
+                &mut out,
+                go_on,
+                &mut on_token,
+            )?;
+            self.stats.decode = t_loop.elapsed();
+            return Ok(out);
+        }
         // Context positions the drafter holds.
         let mut held = 0;
 

@@ -454,3 +454,115 @@ fn dflash_graphs_match_the_interpreter() {
         }
     }
 }
+
+#[test]
+fn acceptance_kernel_finds_every_prefix() {
+    use tilefuse_runtime::accept::GreedyAccept;
+    use tilefuse_runtime::cuda_exec::DeviceRange;
+    let Some(gpu) = Gpu::open().unwrap() else {
+        println!("{}", Gpu::SKIP);
+        return;
+    };
+    let acc = GreedyAccept::new(&gpu, 16).unwrap_or_else(|e| panic!("{e}"));
+    let bytes = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let mut cases = 0;
+    for n in [0usize, 1, 3, 7, 15] {
+        let target: Vec<i32> = (0..=n as i32).map(|i| 1000 + 37 * i).collect();
+        for a in 0..=n {
+            // Drafts equal the target's choices up to position a, then differ.
+            let mut drafts: Vec<i32> = target[..n].to_vec();
+            if a < n {
+                drafts[a] += 1;
+                for d in drafts.iter_mut().skip(a + 1) {
+                    *d = -5; // later drafts never count
+                }
+            }
+            let tb = gpu.upload(&bytes(&target), "target ids").unwrap();
+            let mut dv = bytes(&drafts);
+            dv.resize(4 * n.max(1), 0xff);
+            let db = gpu.upload(&dv, "draft ids").unwrap();
+            acc.enqueue(
+                DeviceRange::whole(&db, DType::I32, n),
+                DeviceRange::whole(&tb, DType::I32, n + 1),
+                n,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let (got_a, toks) = acc.read(n).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(got_a, a, "n = {n}");
+            assert_eq!(toks, target[..=a], "n = {n}, a = {a}");
+            cases += 1;
+        }
+    }
+    println!("acceptance kernel: {cases} cases");
+}
+
+#[test]
+fn greedy_steps_on_the_gpu_equal_the_host_loop() {
+    use tilefuse_model::dflash;
+    use tilefuse_runtime::speculative::{DFlashDrafter, SamplingRule, SpecDecoder, SpecOptions};
+    use tilefuse_runtime::{Backend, Executable, Sampling};
+    if !Gpu::available() {
+        println!("{}", Gpu::SKIP);
+        return;
+    }
+    for (target, draft) in [
+        ("mimo-v2-tiny", "mimo-v2-tiny-dflash"),
+        ("qwen3-moe-tiny", "qwen3-moe-tiny-dflash"),
+    ] {
+        let p = tilefuse_model::presets::by_name(target).unwrap();
+        let dp = dflash::draft_preset(draft).unwrap();
+        let tg = dflash::target_graph(&p.arch, &p.options, &dp.config.target_layer_ids).unwrap();
+        let tw = tilefuse_model::presets::random_weights(&tg, 7).unwrap();
+        let dg = dflash::draft_graph(&dp.config, &dflash::draft_options(&p.options)).unwrap();
+        let dw = dflash::random_draft_weights(&dg, &tw, 7).unwrap();
+        let v = p.arch.vocab_size() as i32;
+        for mode in [
+            LaunchMode::Stream,
+            LaunchMode::Graph,
+            LaunchMode::Persistent,
+        ] {
+            let texe = Executable::new(tg.clone(), tw.clone(), Backend::Cuda(mode))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let dexe = Executable::new_beside(dg.clone(), dw.clone(), &texe)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let drafter = DFlashDrafter::new(
+                dexe,
+                dp.config.mask_id(),
+                dflash::draft_options(&p.options).max_tokens,
+            )
+            .unwrap();
+            let mut parts = Some((texe, drafter));
+            for block in [4, 8, 16] {
+                for (len, n) in [(5usize, 23usize), (21, 40)] {
+                    let prompt: Vec<i32> = (0..len as i32).map(|i| (i * 31 + 7) % v).collect();
+                    let mut runs = Vec::new();
+                    for on_device in [false, true] {
+                        let (t, d) = parts.take().unwrap();
+                        let opts = SpecOptions {
+                            block,
+                            context: p.options.context,
+                            max_tokens: p.options.max_tokens,
+                            rule: SamplingRule::Rejection,
+                            trace_logits: false,
+                            argmax_outputs: on_device,
+                        };
+                        let mut e = SpecDecoder::new(t, d, opts).unwrap();
+                        let out = e
+                            .generate(&prompt, n, Sampling::Greedy, |_| true)
+                            .unwrap_or_else(|err| panic!("{target} {mode:?} B={block}: {err}"));
+                        assert_eq!(e.stats.on_device, on_device, "{target} {mode:?}");
+                        let acc: Vec<usize> = e.stats.steps.iter().map(|s| s.accepted).collect();
+                        runs.push((out, acc));
+                        parts = Some(e.into_parts());
+                    }
+                    assert_eq!(
+                        runs[0], runs[1],
+                        "{target} {mode:?} B={block} prompt {len}: host loop vs GPU loop"
+                    );
+                    assert_eq!(runs[1].0.len(), n);
+                }
+            }
+            println!("{target} {mode:?}: GPU loop equals the host loop at B = 4, 8, 16");
+        }
+    }
+}

@@ -37,3 +37,19 @@ fn source_errors_carry_log_options_and_numbered_source() {
     assert!(msg.contains("--gpu-architecture=sm_90a"), "{msg}");
     assert!(msg.contains("    2 |   x[0] = undefined_name;"), "{msg}");
 }
+
+#[test]
+fn acceptance_kernel_compiles() {
+    let c = nvrtc::compile(
+        tilefuse_runtime::accept::KERNEL,
+        tilefuse_runtime::accept::SOURCE,
+        &[],
+        &CompileOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!c.cubin.is_empty());
+    assert!(c
+        .resources
+        .iter()
+        .any(|r| r.name == tilefuse_runtime::accept::KERNEL && r.spill_stores == 0));
+}
