@@ -649,19 +649,20 @@ impl GpuExecutable {
         self.write_symbols(pi, b)?;
         let p = &self.programs[pi];
         let g = &p.plan.fused.graph;
+        let activations = g.inputs_of_kind(InputKind::Activation);
         for f in feeds {
-            if g.find_input(f.input).is_none() {
+            if !activations.iter().any(|&n| g.node(n).name == f.input) {
                 return Err(IrError::new(
                     ErrorKind::Interp,
                     format!(
-                        "the graph \"{}\" has no input named \"{}\"",
+                        "the graph \"{}\" has no activation input named \"{}\" to feed",
                         g.name, f.input
                     ),
                 ));
             }
         }
         let mut copies = Vec::new();
-        for n in g.inputs_of_kind(InputKind::Activation) {
+        for n in activations {
             let node = g.node(n);
             let want = node
                 .ty

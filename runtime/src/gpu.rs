@@ -5,7 +5,7 @@
 //! pointers and cudarc's per-buffer event tracking is switched off.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{
@@ -62,11 +62,87 @@ fn drv<T>(r: Result<T, cudarc::driver::DriverError>, what: &str) -> Result<T, Gp
     r.map_err(|e| GpuError::Driver(format!("{what}: {e:?}")))
 }
 
+/// Page-locked host memory that small writes are staged in, so that their
+/// copies are asynchronous: the host can issue a whole forward, or a whole
+/// speculative step, without waiting for the GPU (a copy from pageable
+/// memory may wait for the stream). A region is handed out again only after
+/// the host has waited for the stream, when every copy from it is done.
+struct Staging {
+    stream: Arc<CudaStream>,
+    ptr: *mut u8,
+    cap: usize,
+    head: usize,
+}
+
+// SAFETY: the pointer is a page-locked allocation owned by this value and
+// only touched under the mutex that holds it.
+unsafe impl Send for Staging {}
+
+impl Staging {
+    /// Bytes of page-locked memory per stream.
+    const BYTES: usize = 1 << 20;
+
+    fn new(stream: &Arc<CudaStream>) -> Staging {
+        // SAFETY: a plain allocation; on failure the staging is empty and
+        // every write takes the pageable path.
+        let ptr = unsafe { cudarc::driver::result::malloc_host(Staging::BYTES, 0) };
+        let (ptr, cap) = match ptr {
+            Ok(p) => (p.cast::<u8>(), Staging::BYTES),
+            Err(_) => (std::ptr::null_mut(), 0),
+        };
+        Staging {
+            stream: stream.clone(),
+            ptr,
+            cap,
+            head: 0,
+        }
+    }
+
+    /// Copies `data` into a free region and returns it, or `None` when it
+    /// does not fit until the next wait.
+    fn stage(&mut self, data: &[u8]) -> Option<&[u8]> {
+        let start = self.head.next_multiple_of(64);
+        if self.ptr.is_null() || data.len() > self.cap / 4 || start + data.len() > self.cap {
+            return None;
+        }
+        // SAFETY: start + len lies inside the allocation; no copy in flight
+        // reads this region (regions are reused only after a stream wait).
+        let region = unsafe {
+            let dst = self.ptr.add(start);
+            std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len());
+            std::slice::from_raw_parts(dst, data.len())
+        };
+        self.head = start + data.len();
+        Some(region)
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.ptr.is_null() {
+            // Copies from the staging memory must finish before it is freed.
+            let _ = self.stream.synchronize();
+            // SAFETY: allocated by malloc_host, freed once.
+            let _ = unsafe { cudarc::driver::result::free_host(self.ptr.cast()) };
+        }
+    }
+}
+
+impl fmt::Debug for Staging {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Staging")
+            .field("cap", &self.cap)
+            .field("head", &self.head)
+            .finish()
+    }
+}
+
 /// The GPU: a context and its stream.
 #[derive(Clone, Debug)]
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    staging: Arc<Mutex<Staging>>,
     /// NVRTC target, e.g. `sm_90a`.
     pub arch: String,
     /// Streaming multiprocessors.
@@ -179,9 +255,11 @@ impl Gpu {
         } else {
             format!("sm_{major}{minor}")
         };
+        let staging = Arc::new(Mutex::new(Staging::new(&stream)));
         Ok(Some(Gpu {
             ctx,
             stream,
+            staging,
             arch,
             sms: sms as u32,
             name,
@@ -272,6 +350,23 @@ impl Gpu {
                 buf.len()
             )));
         }
+        if let Ok(mut st) = self.staging.lock() {
+            if let Some(src) = st.stage(data) {
+                // SAFETY: the destination lies inside the buffer (checked above);
+                // the source is page-locked staging memory that stays untouched
+                // until the host next waits for the stream.
+                return drv(
+                    unsafe {
+                        cudarc::driver::result::memcpy_htod_async(
+                            buf.ptr + offset as u64,
+                            src,
+                            self.stream.cu_stream(),
+                        )
+                    },
+                    "copying to the GPU",
+                );
+            }
+        }
         let mut view = buf.slice.slice_mut(offset..end);
         drv(
             self.stream.memcpy_htod(data, &mut view),
@@ -279,9 +374,18 @@ impl Gpu {
         )
     }
 
+    /// The host has waited for the stream: every staged copy is done.
+    fn waited(&self) {
+        if let Ok(mut st) = self.staging.lock() {
+            st.head = 0;
+        }
+    }
+
     /// Copies a whole buffer back to the host (waits for the stream).
     pub fn download(&self, buf: &Buffer) -> Result<Vec<u8>, GpuError> {
-        drv(self.stream.clone_dtoh(&buf.slice), "copying from the GPU")
+        let v = drv(self.stream.clone_dtoh(&buf.slice), "copying from the GPU")?;
+        self.waited();
+        Ok(v)
     }
 
     /// Copies `len` bytes from `offset` of a buffer back to the host.
@@ -292,7 +396,9 @@ impl Gpu {
         len: usize,
     ) -> Result<Vec<u8>, GpuError> {
         let view = buf.slice.slice(offset..offset + len);
-        drv(self.stream.clone_dtoh(&view), "copying from the GPU")
+        let v = drv(self.stream.clone_dtoh(&view), "copying from the GPU")?;
+        self.waited();
+        Ok(v)
     }
 
     /// Launches `func` on `grid` CTAs of `block` threads with `smem` bytes of
@@ -341,7 +447,9 @@ impl Gpu {
 
     /// Waits for all work; a kernel fault surfaces here, named by `what`.
     pub fn sync(&self, what: &str) -> Result<(), GpuError> {
-        drv(self.stream.synchronize(), what)
+        drv(self.stream.synchronize(), what)?;
+        self.waited();
+        Ok(())
     }
 
     /// Copies `bytes` from `src` to `dst` on the stream (device to device).
