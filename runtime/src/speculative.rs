@@ -76,25 +76,31 @@
 //!
 //! # On the GPU
 //!
-//! Greedy decoding with [`SpecOptions::argmax_outputs`], target and draft
-//! on one GPU stream ([`Executable::new_beside`]) and a [`DFlashDrafter`]:
-//! after prefill every step is issued without waiting and computes what the
-//! host loop computes, in different places:
+//! With [`SpecOptions::argmax_outputs`], target and draft on one GPU stream
+//! ([`Executable::new_beside`]) and a [`DFlashDrafter`], greedy decoding and
+//! temperature sampling (rules `Rejection` and `MatchTarget`) issue every
+//! step after prefill without waiting, computing what the host loop
+//! computes, in different places:
 //! - the draft forward's context input is a device-to-device copy of rows
 //!   `0..=a` of the last verify's [`CONTEXT_OUTPUT`], still in the target's
 //!   arena (the first step takes the prompt's features from the host);
 //! - the verify forward's `ids` are `x` (written from the host, which knows
-//!   it) followed by a copy of the draft's [`GREEDY_OUTPUT`] rows `1..B`;
-//! - a one-thread kernel ([`crate::accept`]) compares the drafts with the
-//!   target's [`GREEDY_OUTPUT`] and writes `a` and the committed tokens;
-//! - one copy of `a + 2` ints, the step's only wait, brings them back; the
+//!   it) followed by a copy of the drafts: the draft's [`GREEDY_OUTPUT`]
+//!   rows `1..B`, or tokens a kernel drew from its logits rows `1..B`;
+//! - a kernel ([`crate::accept`]) compares the drafts with the target's
+//!   [`GREEDY_OUTPUT`], or applies the sampling rule to both logits in f64
+//!   with the host loop's uniforms in the host loop's order, and writes `a`
+//!   and the committed tokens;
+//! - one copy of a few ints, the step's only wait, brings them back; the
 //!   host then knows `a`, hence the next `S`, `C` and positions.
 //!
 //! Draft and verify times of such steps are CUDA event times
-//! ([`SpecStats::on_device`]). Otherwise (sampling, a logits trace, the CPU,
-//! or executables on different streams) the host loop above runs, copying
-//! the logits (or, with `argmax_outputs`, the argmax ids) and the features
-//! back each step. Greedy is reproduced when the verify kernels at `T = B`
+//! ([`SpecStats::on_device`]). Otherwise (a logits trace, the CPU, the
+//! test-only wrong rule, or executables on different streams) the host loop
+//! above runs, copying the logits (or, greedy with `argmax_outputs`, the
+//! argmax ids) and the features back each step. A seed gives the same
+//! tokens in both loops, up to the order of f64 additions in the running
+//! sums (a uniform within rounding of a boundary). Greedy is reproduced when the verify kernels at `T = B`
 //! round every row as the `T = 1` kernels do; otherwise the output is the
 //! greedy output of the verify numerics, which may differ from `T = 1`
 //! decoding at near-ties (the tests and `notes/measurements.md` say where
@@ -106,8 +112,9 @@ use std::time::{Duration, Instant};
 use tilefuse_ir::interp::{self, Data, Tensor};
 use tilefuse_ir::{Bindings, ErrorKind, IrError, Result};
 
-use crate::accept::GreedyAccept;
+use crate::accept::{Draws, GreedyAccept, SampledAccept};
 use crate::cuda_exec::{DeviceRange, Feed};
+use crate::gpu::GpuError;
 use crate::{Executable, Sampling};
 
 /// The target output holding the context features `[T, F]`, and the draft
@@ -354,14 +361,16 @@ impl DFlashDrafter {
         Ok(out)
     }
 
-    /// On the GPU: issues a greedy draft of `block` tokens after `first`,
+    /// On the GPU: issues a draft forward of `block` tokens after `first`,
     /// with new context `ctx` (at most one forward's worth), and returns
-    /// where its `block − 1` draft tokens will be, without waiting.
-    fn enqueue_greedy(
+    /// where rows `1..block` of its output `output` (the argmax, or the
+    /// logits) will be, without waiting.
+    fn enqueue_block(
         &mut self,
         ctx: DraftContext,
         first: i32,
         block: usize,
+        output: &str,
     ) -> Result<DeviceRange> {
         let c = match &ctx {
             DraftContext::Host(t) => t.shape[0],
@@ -398,9 +407,7 @@ impl DFlashDrafter {
         }
         self.exe.enqueue(&b, &inputs, &feeds)?;
         self.held += c;
-        self.exe
-            .value_range(&b, GREEDY_OUTPUT)?
-            .rows_range(1, block)
+        self.exe.value_range(&b, output)?.rows_range(1, block)
     }
 
     /// Checks a step and feeds all but the last chunk of its context (with
@@ -529,10 +536,10 @@ pub struct SpecOptions {
     pub rule: SamplingRule,
     /// Keep the target logits row each generated token was chosen from ([`SpecDecoder::trace`]).
     pub trace_logits: bool,
-    /// Greedy decoding takes each row's token from the graphs' argmax
-    /// outputs ([`GREEDY_OUTPUT`]) instead of the host taking the argmax of
-    /// copied logits; on one GPU stream the steps then stay on the device
-    /// (module docs, "On the GPU"). Both give the same tokens.
+    /// Tokens are chosen where the logits are. Greedy decoding reads the
+    /// graphs' argmax outputs ([`GREEDY_OUTPUT`]) instead of copying logits
+    /// to the host, and on one GPU stream greedy and sampled steps stay on
+    /// the device (module docs, "On the GPU"). Both loops give the same tokens.
     pub argmax_outputs: bool,
 }
 
@@ -650,8 +657,9 @@ pub struct SpecDecoder<D> {
     /// Uniforms drawn in this generation.
     draws: u32,
     trace: Vec<Vec<f32>>,
-    /// The acceptance kernel of the GPU loop, built on first use.
+    /// The acceptance kernels of the GPU loop, built on first use.
     accept: Option<GreedyAccept>,
+    sampled: Option<SampledAccept>,
     /// What the last generation did.
     pub stats: SpecStats,
 }
@@ -662,6 +670,7 @@ struct Resident {
     tokens: Vec<i32>,
     pending: Tensor,
     max_new: usize,
+    sampling: Sampling,
 }
 
 impl<D: Drafter> SpecDecoder<D> {
@@ -692,6 +701,7 @@ impl<D: Drafter> SpecDecoder<D> {
             draws: 0,
             trace: Vec::new(),
             accept: None,
+            sampled: None,
             stats: SpecStats::default(),
         })
     }
@@ -861,40 +871,60 @@ impl<D: Drafter> SpecDecoder<D> {
         Ok((n, draw_index(&p, u) as i32))
     }
 
-    /// True when greedy steps can stay on the GPU: target and draft run
-    /// there on one stream, and both graphs output their argmax.
-    fn resident(&mut self) -> Result<bool> {
+    /// True when the steps can stay on the GPU: target and draft run there
+    /// on one stream, and the draft outputs its argmax (greedy) or f32
+    /// logits of the target's vocabulary (sampling).
+    fn resident(&mut self, sampling: Sampling) -> Result<bool> {
         let Some(tg) = self.target.gpu_ref().map(|g| g.gpu().clone()) else {
             return Ok(false);
         };
-        let max_block = self.opts.block;
+        let max_block = self.opts.max_tokens;
+        let greedy = sampling == Sampling::Greedy;
+        let vocab = self.vocab;
+        let f32_logits = |g: &tilefuse_ir::Graph| {
+            g.outputs().iter().any(|(n, id)| {
+                n == "logits"
+                    && g.node(*id).ty.dtype == tilefuse_ir::DType::F32
+                    && g.node(*id).ty.dims().last().and_then(|d| d.as_const()) == Some(vocab)
+            })
+        };
+        if !greedy && !f32_logits(self.target.graph()) {
+            return Ok(false);
+        }
         let Some(d) = self.drafter.dflash() else {
             return Ok(false);
         };
-        let draft_ok = d.exe.gpu_ref().is_some_and(|g| g.gpu().same_stream(&tg))
-            && d.exe
-                .graph()
-                .outputs()
-                .iter()
-                .any(|(n, _)| n == GREEDY_OUTPUT);
-        if !draft_ok || max_block < 2 {
+        let g = d.exe.graph();
+        let draft_ok = d.exe.gpu_ref().is_some_and(|x| x.gpu().same_stream(&tg))
+            && if greedy {
+                g.outputs().iter().any(|(n, _)| n == GREEDY_OUTPUT)
+            } else {
+                f32_logits(g)
+            };
+        if !draft_ok || self.opts.block < 2 {
             return Ok(false);
         }
-        if self.accept.is_none() {
+        if greedy && self.accept.is_none() {
             self.accept = Some(
-                GreedyAccept::new(&tg, self.opts.max_tokens)
+                GreedyAccept::new(&tg, max_block)
                     .map_err(|e| err(format!("the acceptance kernel: {e}")))?,
+            );
+        }
+        if !greedy && self.sampled.is_none() {
+            self.sampled = Some(
+                SampledAccept::new(&tg, max_block)
+                    .map_err(|e| err(format!("the sampling kernels: {e}")))?,
             );
         }
         Ok(true)
     }
 
-    /// The greedy loop on the GPU (see "On the GPU" in the module docs):
-    /// per step, the draft forward reads the last verify's feature rows in
-    /// place, the verify forward takes the drafts from the draft's argmax
-    /// output in place, a kernel accepts, and one copy of `a + 2` ints
-    /// brings back the accepted count and the committed tokens — the
-    /// step's only wait. Draft and verify times are GPU event times.
+    /// The loop on the GPU (see "On the GPU" in the module docs): per step,
+    /// the draft forward reads the last verify's feature rows in place, the
+    /// drafts (its argmax, or draws from its logits) go into the verify's
+    /// ids in place, a kernel accepts, and one copy of a few ints brings
+    /// back the accepted count and the committed tokens — the step's only
+    /// wait. Draft and verify times are GPU event times.
     fn decode_resident(
         &mut self,
         st: Resident,
@@ -907,7 +937,15 @@ impl<D: Drafter> SpecDecoder<D> {
             mut tokens,
             pending,
             max_new,
+            sampling,
         } = st;
+        let (temperature, seed) = match sampling {
+            Sampling::Greedy => (1.0, 0),
+            Sampling::Temperature { temperature, seed } => (temperature, seed),
+        };
+        let greedy = sampling == Sampling::Greedy;
+        let rule = i32::from(self.opts.rule == SamplingRule::MatchTarget);
+        let vocab = self.vocab;
         let stream = self
             .target
             .gpu_ref()
@@ -946,9 +984,26 @@ impl<D: Drafter> SpecDecoder<D> {
                     (None, Some(r)) => DraftContext::Device(r),
                     (None, None) => return Err(err("no context features for the draft")),
                 };
-                let r = d.enqueue_greedy(ctx, x, block)?;
+                let output = if greedy { GREEDY_OUTPUT } else { "logits" };
+                let r = d.enqueue_block(ctx, x, block, output)?;
                 held = len;
-                Some(r)
+                if greedy {
+                    Some((r, r))
+                } else {
+                    let sampler = self
+                        .sampled
+                        .as_ref()
+                        .ok_or_else(|| err("the sampling kernels are not built"))?;
+                    let draws = Draws {
+                        temperature,
+                        seed,
+                        counter: self.draws,
+                    };
+                    let ids = sampler
+                        .enqueue_drafts(r, block - 1, vocab, draws)
+                        .map_err(|e| err(e.to_string()))?;
+                    Some((ids, r))
+                }
             } else {
                 None
             };
@@ -962,31 +1017,55 @@ impl<D: Drafter> SpecDecoder<D> {
             let b = Bindings::new().with("S", len).with("T", block);
             let feeds: Vec<Feed<'_>> = drafts
                 .iter()
-                .map(|&src| Feed {
+                .map(|&(src, _)| Feed {
                     input: "ids",
                     offset: 4,
                     src,
                 })
                 .collect();
             self.target.enqueue(&b, &inputs, &feeds)?;
-            let choices = self.target.value_range(&b, GREEDY_OUTPUT)?;
-            let accept = self
-                .accept
-                .as_ref()
-                .ok_or_else(|| err("the acceptance kernel is not built"))?;
-            accept
-                .enqueue(drafts.unwrap_or(choices), choices, block - 1)
-                .map_err(|e| err(e.to_string()))?;
-            let e2 = stream.record_event(flags).map_err(ev)?;
-            let (accepted, committed) = accept
-                .read(block - 1)
-                .map_err(|e| err(format!("speculative step at position {len}: {e}")))?;
+            let n = block - 1;
+            let step_err = |e: GpuError| err(format!("speculative step at position {len}: {e}"));
+            let (accepted, committed, e2) = if greedy {
+                let choices = self.target.value_range(&b, GREEDY_OUTPUT)?;
+                let accept = self
+                    .accept
+                    .as_ref()
+                    .ok_or_else(|| err("the acceptance kernel is not built"))?;
+                let ids = drafts.map_or(choices, |(ids, _)| ids);
+                accept.enqueue(ids, choices, n).map_err(step_err)?;
+                let e2 = stream.record_event(flags).map_err(ev)?;
+                let (a, toks) = accept.read(n).map_err(step_err)?;
+                (a, toks, e2)
+            } else {
+                let target = self
+                    .target
+                    .value_range(&b, "logits")?
+                    .rows_range(0, block)?;
+                let sampler = self
+                    .sampled
+                    .as_ref()
+                    .ok_or_else(|| err("the sampling kernels are not built"))?;
+                let draft_rows = drafts.map_or(target, |(_, rows)| rows);
+                let draws = Draws {
+                    temperature,
+                    seed,
+                    counter: self.draws.wrapping_add(n as u32),
+                };
+                sampler
+                    .enqueue_accept(draft_rows, target, n, vocab, rule, draws)
+                    .map_err(step_err)?;
+                let e2 = stream.record_event(flags).map_err(ev)?;
+                let (a, toks, used) = sampler.read(n).map_err(step_err)?;
+                self.draws = self.draws.wrapping_add(n as u32).wrapping_add(used);
+                (a, toks, e2)
+            };
             if let Some(&bad) = committed
                 .iter()
                 .find(|&&t| t < 0 || t as usize >= self.vocab)
             {
                 return Err(err(format!(
-                    "no token can be chosen after position {len}: the target's argmax is {bad} \
+                    "no token can be chosen after position {len}: the device chose {bad} \
                      (NaN logits?)"
                 )));
             }
@@ -1101,13 +1180,22 @@ impl<D: Drafter> SpecDecoder<D> {
         out.push(first);
         tokens.push(first);
         let mut go_on = on_token(first);
-        if fast && self.resident()? {
+        let device_rules = matches!(
+            self.opts.rule,
+            SamplingRule::Rejection | SamplingRule::MatchTarget
+        );
+        let device = self.opts.argmax_outputs
+            && !self.opts.trace_logits
+            && (fast || device_rules)
+            && self.resident(sampling)?;
+        if device {
             self.decode_resident(
                 Resident {
                     len,
                     tokens,
                     pending,
                     max_new,
+                    sampling,
                 },
                 &mut out,
                 go_on,

@@ -497,7 +497,7 @@ fn acceptance_kernel_finds_every_prefix() {
 }
 
 #[test]
-fn greedy_steps_on_the_gpu_equal_the_host_loop() {
+fn speculative_steps_on_the_gpu_equal_the_host_loop() {
     use tilefuse_model::dflash;
     use tilefuse_runtime::speculative::{DFlashDrafter, SamplingRule, SpecDecoder, SpecOptions};
     use tilefuse_runtime::{Backend, Executable, Sampling};
@@ -532,37 +532,68 @@ fn greedy_steps_on_the_gpu_equal_the_host_loop() {
             )
             .unwrap();
             let mut parts = Some((texe, drafter));
-            for block in [4, 8, 16] {
-                for (len, n) in [(5usize, 23usize), (21, 40)] {
-                    let prompt: Vec<i32> = (0..len as i32).map(|i| (i * 31 + 7) % v).collect();
-                    let mut runs = Vec::new();
-                    for on_device in [false, true] {
-                        let (t, d) = parts.take().unwrap();
-                        let opts = SpecOptions {
-                            block,
-                            context: p.options.context,
-                            max_tokens: p.options.max_tokens,
-                            rule: SamplingRule::Rejection,
-                            trace_logits: false,
-                            argmax_outputs: on_device,
-                        };
-                        let mut e = SpecDecoder::new(t, d, opts).unwrap();
-                        let out = e
-                            .generate(&prompt, n, Sampling::Greedy, |_| true)
-                            .unwrap_or_else(|err| panic!("{target} {mode:?} B={block}: {err}"));
-                        assert_eq!(e.stats.on_device, on_device, "{target} {mode:?}");
-                        let acc: Vec<usize> = e.stats.steps.iter().map(|s| s.accepted).collect();
-                        runs.push((out, acc));
-                        parts = Some(e.into_parts());
+            // Greedy, and temperature sampling under both exact rules: the
+            // GPU loop draws the same uniforms in the same order as the host
+            // loop, so a seed gives the same tokens and acceptances.
+            let cases = [
+                (Sampling::Greedy, SamplingRule::Rejection),
+                (
+                    Sampling::Temperature {
+                        temperature: 0.9,
+                        seed: 5,
+                    },
+                    SamplingRule::Rejection,
+                ),
+                (
+                    Sampling::Temperature {
+                        temperature: 1.7,
+                        seed: 11,
+                    },
+                    SamplingRule::MatchTarget,
+                ),
+            ];
+            let mut compared = 0;
+            for (sampling, rule) in cases {
+                for block in [4, 8, 16] {
+                    for (len, n) in [(5usize, 23usize), (21, 40)] {
+                        let prompt: Vec<i32> = (0..len as i32).map(|i| (i * 31 + 7) % v).collect();
+                        let mut runs = Vec::new();
+                        for on_device in [false, true] {
+                            let (t, d) = parts.take().unwrap();
+                            let opts = SpecOptions {
+                                block,
+                                context: p.options.context,
+                                max_tokens: p.options.max_tokens,
+                                rule,
+                                trace_logits: false,
+                                argmax_outputs: on_device,
+                            };
+                            let mut e = SpecDecoder::new(t, d, opts).unwrap();
+                            let out =
+                                e.generate(&prompt, n, sampling, |_| true)
+                                    .unwrap_or_else(|err| {
+                                        panic!("{target} {mode:?} {sampling:?} B={block}: {err}")
+                                    });
+                            assert_eq!(e.stats.on_device, on_device, "{target} {mode:?}");
+                            let acc: Vec<usize> =
+                                e.stats.steps.iter().map(|s| s.accepted).collect();
+                            runs.push((out, acc));
+                            parts = Some(e.into_parts());
+                        }
+                        assert_eq!(
+                            runs[0], runs[1],
+                            "{target} {mode:?} {sampling:?} {rule:?} B={block} prompt {len}: \
+                             host loop vs GPU loop"
+                        );
+                        assert_eq!(runs[1].0.len(), n);
+                        compared += 1;
                     }
-                    assert_eq!(
-                        runs[0], runs[1],
-                        "{target} {mode:?} B={block} prompt {len}: host loop vs GPU loop"
-                    );
-                    assert_eq!(runs[1].0.len(), n);
                 }
             }
-            println!("{target} {mode:?}: GPU loop equals the host loop at B = 4, 8, 16");
+            println!(
+                "{target} {mode:?}: GPU loop equals the host loop in {compared} runs \
+                 (greedy and sampling, B = 4, 8, 16)"
+            );
         }
     }
 }

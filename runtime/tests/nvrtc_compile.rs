@@ -53,3 +53,23 @@ fn acceptance_kernel_compiles() {
         .iter()
         .any(|r| r.name == tilefuse_runtime::accept::KERNEL && r.spill_stores == 0));
 }
+
+#[test]
+fn sampling_kernels_compile_without_spills() {
+    use tilefuse_runtime::accept::{ACCEPT_SAMPLED, SAMPLE_DRAFTS, SAMPLING_SOURCE};
+    let c = nvrtc::compile(
+        "tf_sampled_accept",
+        SAMPLING_SOURCE,
+        &[],
+        &CompileOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    for k in [SAMPLE_DRAFTS, ACCEPT_SAMPLED] {
+        let r = c
+            .resources
+            .iter()
+            .find(|r| r.name == k)
+            .unwrap_or_else(|| panic!("no ptxas report for {k}"));
+        assert_eq!(r.spill_stores, 0, "{r:?}");
+    }
+}
