@@ -94,6 +94,11 @@
 //! - one copy of a few ints, the step's only wait, brings them back; the
 //!   host then knows `a`, hence the next `S`, `C` and positions.
 //!
+//! The draft executable uploads its own copy of the target's embedding and
+//! LM head (the draft graph names them as its weights); sharing one device
+//! buffer between the two would save their bytes of GPU memory and is not
+//! done.
+//!
 //! Draft and verify times of such steps are CUDA event times
 //! ([`SpecStats::on_device`]). Otherwise (a logits trace, the CPU, the
 //! test-only wrong rule, or executables on different streams) the host loop
