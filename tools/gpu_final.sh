@@ -8,7 +8,7 @@ set -u
 out=${OUT:-/tmp}
 bin=${TILEFUSE_BIN_DIR:-gpu-bin}
 export TILEFUSE_CACHE_DIR=${TILEFUSE_CACHE_DIR:-/tmp/tilefuse-cache}
-for t in acceptance_kernel greedy_steps_on_the_gpu dflash; do
+for t in acceptance_kernel speculative_steps_on_the_gpu dflash; do
     "$bin/gpu_exec" $t --test-threads=1 --nocapture > "$out/gpu_exec_$t.log" 2>&1
     echo "gpu_exec $t rc=$? $(grep 'test result' "$out/gpu_exec_$t.log")"
     grep -E "panicked|GPU loop equals|acceptance kernel:" "$out/gpu_exec_$t.log" | head -8

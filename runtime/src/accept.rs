@@ -121,8 +121,8 @@ pub const ACCEPT_SAMPLED: &str = "tf_accept_sampled";
 /// Temperature sampling, computed as the host loop does (`speculative.rs`:
 /// `probs`, `draw_index`, `accept`) in f64 with the same counter-based
 /// uniforms in the same order, so a seed gives the host loop's tokens up to
-/// the order of f64 additions (a different token only when a uniform falls
-/// within rounding of a running-sum boundary).
+/// the order of f64 additions and the last bit of `exp` (a different token
+/// only when a uniform falls within rounding of a boundary).
 ///
 /// `tf_sample_drafts`: block `j < n` draws draft `j` from
 /// `softmax(draft[j] / t)` with uniform `counter + j` into `drafts[j]`, and
@@ -274,10 +274,15 @@ extern "C" __global__ void __launch_bounds__(NT, 1) tf_accept_sampled(
     unsigned int counter, int rule, int* __restrict__ out) {
   __shared__ double sh[NT];
   const double t = (double)temperature;
+  // A NaN draft row is an error, as in the host loop, whichever row it is.
+  for (int i = 0; i < n; ++i)
+    if (drafts[n + i]) {
+      if (threadIdx.x == 0) { out[0] = 0; out[1] = -1; out[n + 2] = 0; }
+      return;
+    }
   unsigned int c = counter;
   int a = n, bonus = -1;
   for (int i = 0; i < n; ++i) {
-    if (drafts[n + i]) { a = i; bonus = -1; c = counter; break; }
     bool okp, okq;
     Dist p = make_dist(target + (size_t)i * V, V, t, sh, &okp);
     if (!okp) { a = i; bonus = -1; break; }

@@ -144,7 +144,9 @@ impl Program {
 }
 
 /// A value in device memory: an input or output of a forward, in the arena
-/// of the executable that ran it ([`GpuExecutable::value_range`]).
+/// of the executable that ran it ([`GpuExecutable::value_range`]). It is
+/// valid while that executable lives and until its next forward; feeding a
+/// stale range copies whatever the arena then holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceRange {
     ptr: u64,
@@ -678,6 +680,15 @@ impl GpuExecutable {
             let bytes = value_bytes(node.ty.dtype, &want);
             let mine: Vec<&Feed<'_>> = feeds.iter().filter(|f| f.input == node.name).collect();
             for f in &mine {
+                if f.src.dtype != node.ty.dtype {
+                    return Err(IrError::new(
+                        ErrorKind::Interp,
+                        format!(
+                            "a device feed of {} into input \"{}\" of {}",
+                            f.src.dtype, node.name, node.ty.dtype
+                        ),
+                    ));
+                }
                 if f.offset + f.src.bytes > bytes {
                     return Err(IrError::new(
                         ErrorKind::Interp,

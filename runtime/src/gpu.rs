@@ -350,8 +350,11 @@ impl Gpu {
                 buf.len()
             )));
         }
+        // The lock is held while the copy is issued, so a wait (which holds
+        // it too) either covers this copy or comes after it.
         if let Ok(mut st) = self.staging.lock() {
             if let Some(src) = st.stage(data) {
+                drv(self.ctx.bind_to_thread(), "binding the CUDA context")?;
                 // SAFETY: the destination lies inside the buffer (checked above);
                 // the source is page-locked staging memory that stays untouched
                 // until the host next waits for the stream.
@@ -374,18 +377,29 @@ impl Gpu {
         )
     }
 
-    /// The host has waited for the stream: every staged copy is done.
-    fn waited(&self) {
-        if let Ok(mut st) = self.staging.lock() {
+    /// Runs `wait`, which waits for the stream when `covers` (a copy to
+    /// pageable host memory returns only once it and all earlier work on
+    /// the stream are done); then every staged copy is done and the staging
+    /// memory is free again. The staging lock is held throughout, so no
+    /// copy is staged between the wait and the release.
+    fn waiting<T>(
+        &self,
+        covers: bool,
+        wait: impl FnOnce() -> Result<T, GpuError>,
+    ) -> Result<T, GpuError> {
+        let guard = self.staging.lock();
+        let r = wait()?;
+        if let (true, Ok(mut st)) = (covers, guard) {
             st.head = 0;
         }
+        Ok(r)
     }
 
     /// Copies a whole buffer back to the host (waits for the stream).
     pub fn download(&self, buf: &Buffer) -> Result<Vec<u8>, GpuError> {
-        let v = drv(self.stream.clone_dtoh(&buf.slice), "copying from the GPU")?;
-        self.waited();
-        Ok(v)
+        self.waiting(true, || {
+            drv(self.stream.clone_dtoh(&buf.slice), "copying from the GPU")
+        })
     }
 
     /// Copies `len` bytes from `offset` of a buffer back to the host.
@@ -396,9 +410,9 @@ impl Gpu {
         len: usize,
     ) -> Result<Vec<u8>, GpuError> {
         let view = buf.slice.slice(offset..offset + len);
-        let v = drv(self.stream.clone_dtoh(&view), "copying from the GPU")?;
-        self.waited();
-        Ok(v)
+        self.waiting(len > 0, || {
+            drv(self.stream.clone_dtoh(&view), "copying from the GPU")
+        })
     }
 
     /// Launches `func` on `grid` CTAs of `block` threads with `smem` bytes of
@@ -447,9 +461,7 @@ impl Gpu {
 
     /// Waits for all work; a kernel fault surfaces here, named by `what`.
     pub fn sync(&self, what: &str) -> Result<(), GpuError> {
-        drv(self.stream.synchronize(), what)?;
-        self.waited();
-        Ok(())
+        self.waiting(true, || drv(self.stream.synchronize(), what))
     }
 
     /// Copies `bytes` from `src` to `dst` on the stream (device to device).
@@ -481,6 +493,7 @@ impl Gpu {
         if bytes == 0 {
             return Ok(());
         }
+        drv(self.ctx.bind_to_thread(), "binding the CUDA context")?;
         // SAFETY: both ranges lie inside live arena allocations (the callers
         // check them against the buffers' sizes); the stream orders the copy.
         drv(

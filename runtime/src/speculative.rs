@@ -105,7 +105,7 @@
 //! above runs, copying the logits (or, greedy with `argmax_outputs`, the
 //! argmax ids) and the features back each step. A seed gives the same
 //! tokens in both loops, up to the order of f64 additions in the running
-//! sums (a uniform within rounding of a boundary). Greedy is reproduced when the verify kernels at `T = B`
+//! sums and the last bit of `exp` (a uniform within rounding of a boundary). Greedy is reproduced when the verify kernels at `T = B`
 //! round every row as the `T = 1` kernels do; otherwise the output is the
 //! greedy output of the verify numerics, which may differ from `T = 1`
 //! decoding at near-ties (the tests and `notes/measurements.md` say where
@@ -906,7 +906,10 @@ impl<D: Drafter> SpecDecoder<D> {
             } else {
                 f32_logits(g)
             };
-        if !draft_ok || self.opts.block < 2 {
+        // After the first step a draft forward takes C = a + 1 ≤ B context
+        // rows and a block of B in one forward, never chunked.
+        let b = self.opts.block;
+        if !draft_ok || b < 2 || 2 * b > d.max_rows || b > d.max_context {
             return Ok(false);
         }
         if greedy && self.accept.is_none() {
@@ -1191,7 +1194,11 @@ impl<D: Drafter> SpecDecoder<D> {
         );
         let device = self.opts.argmax_outputs
             && !self.opts.trace_logits
-            && (fast || device_rules)
+            && if sampling == Sampling::Greedy {
+                fast
+            } else {
+                device_rules
+            }
             && self.resident(sampling)?;
         if device {
             self.decode_resident(
