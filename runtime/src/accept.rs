@@ -31,6 +31,39 @@ extern "C" __global__ void __launch_bounds__(32) tf_accept_greedy(
 }
 "#;
 
+/// Waits, reads the first `words` ints of an acceptance result buffer and
+/// checks its count `out[0] ≤ n`; returns the count and the words.
+fn read_result(
+    gpu: &Gpu,
+    out: &Buffer,
+    n: usize,
+    words: usize,
+) -> Result<(usize, Vec<i32>), GpuError> {
+    let b = gpu.download_range(out, 0, 4 * words)?;
+    let w: Vec<i32> = b
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let a = usize::try_from(w[0])
+        .ok()
+        .filter(|&a| a <= n)
+        .ok_or_else(|| {
+            GpuError::Driver(format!(
+                "the acceptance kernel wrote a count of {} for {n} drafts",
+                w[0]
+            ))
+        })?;
+    Ok((a, w))
+}
+
+/// Allocates an acceptance result buffer, poisoned (`-1` in every word), so
+/// a result the kernel did not write reads as an error.
+fn result_buffer(gpu: &Gpu, words: usize) -> Result<Buffer, GpuError> {
+    let b = gpu.alloc(4 * words, "the acceptance result")?;
+    gpu.memset(&b, 0xff)?;
+    Ok(b)
+}
+
 /// The compiled kernel and its output buffer.
 #[derive(Debug)]
 pub struct GreedyAccept {
@@ -47,7 +80,7 @@ impl GreedyAccept {
     pub fn new(gpu: &Gpu, max_block: usize) -> Result<GreedyAccept, GpuError> {
         let module = gpu.load(KERNEL, SOURCE, &[])?;
         let func = module.function(KERNEL)?;
-        let out = gpu.alloc(4 * (max_block + 1), "the acceptance result")?;
+        let out = result_buffer(gpu, max_block + 1)?;
         Ok(GreedyAccept {
             gpu: gpu.clone(),
             _module: module,
@@ -95,17 +128,7 @@ impl GreedyAccept {
     /// [`GreedyAccept::enqueue`] of `n` drafts: the accepted count `a` and
     /// the `a + 1` committed tokens.
     pub fn read(&self, n: usize) -> Result<(usize, Vec<i32>), GpuError> {
-        let b = self.gpu.download_range(&self.out, 0, 4 * (n + 2))?;
-        let w: Vec<i32> = b
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let a = usize::try_from(w[0])
-            .ok()
-            .filter(|&a| a <= n)
-            .ok_or_else(|| {
-                GpuError::Driver(format!("the acceptance kernel wrote a count of {}", w[0]))
-            })?;
+        let (a, w) = read_result(&self.gpu, &self.out, n, n + 2)?;
         Ok((a, w[1..a + 2].to_vec()))
     }
 }
@@ -350,7 +373,7 @@ impl SampledAccept {
         let sample = module.function(SAMPLE_DRAFTS)?;
         let accept = module.function(ACCEPT_SAMPLED)?;
         let drafts = gpu.alloc(4 * 2 * max_block.max(1), "the sampled drafts")?;
-        let out = gpu.alloc(4 * (max_block + 3), "the acceptance result")?;
+        let out = result_buffer(gpu, max_block + 3)?;
         Ok(SampledAccept {
             gpu: gpu.clone(),
             _module: module,
@@ -463,17 +486,7 @@ impl SampledAccept {
     /// committed tokens and the uniforms the acceptance used. An error names
     /// a NaN row.
     pub fn read(&self, n: usize) -> Result<(usize, Vec<i32>, u32), GpuError> {
-        let b = self.gpu.download_range(&self.out, 0, 4 * (n + 3))?;
-        let w: Vec<i32> = b
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let a = usize::try_from(w[0])
-            .ok()
-            .filter(|&a| a <= n)
-            .ok_or_else(|| {
-                GpuError::Driver(format!("the acceptance kernel wrote a count of {}", w[0]))
-            })?;
+        let (a, w) = read_result(&self.gpu, &self.out, n, n + 3)?;
         let toks = w[1..a + 2].to_vec();
         if toks.iter().any(|&t| t < 0) {
             return Err(GpuError::Driver(

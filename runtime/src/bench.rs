@@ -157,6 +157,32 @@ pub struct Row {
 }
 
 impl Row {
+    /// A row of `model`'s forward kind `forward` (`t` tokens after `context`
+    /// positions, launch `mode`) timed at `ms`, whose `bytes` at `bandwidth`
+    /// (bytes per second) give its roofline.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        model: &str,
+        forward: String,
+        t: usize,
+        context: usize,
+        mode: LaunchMode,
+        ms: f64,
+        bytes: Bytes,
+        bandwidth: f64,
+    ) -> Row {
+        Row {
+            model: model.to_string(),
+            forward,
+            t,
+            context,
+            mode: format!("{mode:?}").to_lowercase(),
+            ms,
+            roofline_ms: (bytes.weights + bytes.kv) as f64 / bandwidth * 1e3,
+            bytes,
+        }
+    }
+
     /// Roofline time over measured time.
     pub fn fraction(&self) -> f64 {
         self.roofline_ms / self.ms
@@ -206,21 +232,12 @@ pub fn bench_model(
                 times.sort_by(f32::total_cmp);
                 let ms = f64::from(times[times.len() / 2]);
                 let bytes = bytes_moved(&exe, t, ctx)?;
-                let roofline_ms = (bytes.weights + bytes.kv) as f64 / bandwidth * 1e3;
-                rows.push(Row {
-                    model: model.to_string(),
-                    forward: if t == 1 {
-                        "decode".into()
-                    } else {
-                        format!("verify/prefill T={t}")
-                    },
-                    t,
-                    context: ctx,
-                    mode: format!("{mode:?}").to_lowercase(),
-                    ms,
-                    bytes,
-                    roofline_ms,
-                });
+                let forward = if t == 1 {
+                    "decode".into()
+                } else {
+                    format!("verify/prefill T={t}")
+                };
+                rows.push(Row::new(model, forward, t, ctx, mode, ms, bytes, bandwidth));
                 if mode == LaunchMode::Stream && t == 1 && kernel_times.is_empty() {
                     kernel_times = exe.kernel_times(1, ctx, 20)?;
                 }
@@ -414,16 +431,10 @@ pub fn bench_draft(
             times.sort_by(f32::total_cmp);
             let ms = f64::from(times[times.len() / 2]);
             let bytes = bytes_moved(&dexe, b, ctx + c)?;
-            rows.push(Row {
-                model: pair.model.to_string(),
-                forward: format!("draft block B={b}"),
-                t: b,
-                context: ctx,
-                mode: format!("{mode:?}").to_lowercase(),
-                ms,
-                roofline_ms: (bytes.weights + bytes.kv) as f64 / bandwidth * 1e3,
-                bytes,
-            });
+            let forward = format!("draft block B={b}");
+            rows.push(Row::new(
+                pair.model, forward, b, ctx, mode, ms, bytes, bandwidth,
+            ));
         }
         // The whole step through the engine, one context at a time.
         drop(dexe);
@@ -513,18 +524,12 @@ pub fn bench_draft(
                     bytes.weights += d.bytes.weights;
                     bytes.kv += d.bytes.kv;
                 }
-                rows.push(Row {
-                    model: pair.model.to_string(),
-                    forward: format!(
-                        "spec step B={b}, {how} (τ {tau:.2}; draft {draft_ms:.2} + verify {verify_ms:.2} ms)"
-                    ),
-                    t: b,
-                    context: ctx,
-                    mode: format!("{mode:?}").to_lowercase(),
-                    ms,
-                    roofline_ms: (bytes.weights + bytes.kv) as f64 / bandwidth * 1e3,
-                    bytes,
-                });
+                let forward = format!(
+                    "spec step B={b}, {how} (τ {tau:.2}; draft {draft_ms:.2} + verify {verify_ms:.2} ms)"
+                );
+                rows.push(Row::new(
+                    pair.model, forward, b, ctx, mode, ms, bytes, bandwidth,
+                ));
                 parts = Some((texe, dexe));
             }
         }

@@ -235,6 +235,8 @@ pub struct GpuExecutable {
     kv: Buffer,
     /// Launch mode.
     pub mode: LaunchMode,
+    /// The bucket of the last forward issued (whose values the arena holds).
+    last_bucket: Option<usize>,
 }
 
 impl std::fmt::Debug for GpuExecutable {
@@ -494,6 +496,7 @@ impl GpuExecutable {
             weights: weights_buf,
             kv,
             mode,
+            last_bucket: None,
         })
     }
 
@@ -788,6 +791,7 @@ impl GpuExecutable {
 
     /// Issues one forward of bucket `pi` on the stream (no wait).
     fn dispatch(&mut self, pi: usize) -> Result<()> {
+        self.last_bucket = Some(pi);
         let args = [
             Arg::Ptr(self.arena.ptr()),
             Arg::Ptr(self.weights.ptr()),
@@ -1025,13 +1029,27 @@ impl GpuExecutable {
             .collect()
     }
 
-    /// Reads `bytes` of the arena at the storage of node `n` of the bucket serving `t`.
+    /// Reads `bytes` of the arena at the storage of node `n` of the bucket
+    /// serving `t`. Buckets share the arena, so this is an error unless the
+    /// last forward ran that bucket.
     pub fn read_value(&self, t: usize, n: tilefuse_ir::NodeId, bytes: usize) -> Result<Vec<u8>> {
-        let p = self
+        let pi = self
             .programs
             .iter()
-            .find(|p| p.plan.options.max_t >= t)
+            .position(|p| p.plan.options.max_t >= t)
             .ok_or_else(|| IrError::new(ErrorKind::Interp, format!("no bucket for T = {t}")))?;
+        if self.last_bucket != Some(pi) {
+            return Err(IrError::new(
+                ErrorKind::Interp,
+                format!(
+                    "the arena holds the values of a forward of another bucket ({:?}), not of \
+                     T = {t}: run a forward of T = {t} first",
+                    self.last_bucket
+                        .map(|b| self.programs[b].plan.options.max_t)
+                ),
+            ));
+        }
+        let p = &self.programs[pi];
         let off = p
             .plan
             .offset_of(n)
@@ -1061,6 +1079,7 @@ impl GpuExecutable {
         head.extend((t as i32).to_le_bytes());
         head.extend((s as i32).to_le_bytes());
         self.gpu.write(&mut self.arena, 0, &head).map_err(gpu_err)?;
+        self.last_bucket = Some(pi);
         let args = [
             Arg::Ptr(self.arena.ptr()),
             Arg::Ptr(self.weights.ptr()),

@@ -348,6 +348,41 @@ fn full_attention_block_matches_the_interpreter_with_split_keys() {
     }
 }
 
+/// The tiny presets and their built-in DFlash drafts.
+const TINY_PAIRS: [(&str, &str); 2] = [
+    ("mimo-v2-tiny", "mimo-v2-tiny-dflash"),
+    ("qwen3-moe-tiny", "qwen3-moe-tiny-dflash"),
+];
+
+/// A tiny target preset with its feature graph and seeded random weights,
+/// and its built-in random DFlash draft.
+struct DflashPair {
+    p: tilefuse_model::presets::Preset,
+    dp: tilefuse_model::dflash::DraftPreset,
+    tg: Graph,
+    tw: BTreeMap<String, Tensor>,
+    dg: Graph,
+    dw: BTreeMap<String, Tensor>,
+}
+
+fn dflash_pair(target: &str, draft: &str) -> DflashPair {
+    use tilefuse_model::dflash;
+    let p = tilefuse_model::presets::by_name(target).unwrap();
+    let dp = dflash::draft_preset(draft).unwrap();
+    let tg = dflash::target_graph(&p.arch, &p.options, &dp.config.target_layer_ids).unwrap();
+    let tw = tilefuse_model::presets::random_weights(&tg, 7).unwrap();
+    let dg = dflash::draft_graph(&dp.config, &dflash::draft_options(&p.options)).unwrap();
+    let dw = dflash::random_draft_weights(&dg, &tw, 7).unwrap();
+    DflashPair {
+        p,
+        dp,
+        tg,
+        tw,
+        dg,
+        dw,
+    }
+}
+
 #[test]
 fn dflash_graphs_match_the_interpreter() {
     use tilefuse_model::dflash;
@@ -356,16 +391,15 @@ fn dflash_graphs_match_the_interpreter() {
         return;
     };
     let mut gpu = Some(gpu);
-    for (target, draft) in [
-        ("mimo-v2-tiny", "mimo-v2-tiny-dflash"),
-        ("qwen3-moe-tiny", "qwen3-moe-tiny-dflash"),
-    ] {
-        let p = tilefuse_model::presets::by_name(target).unwrap();
-        let dp = dflash::draft_preset(draft).unwrap();
-        let tg = dflash::target_graph(&p.arch, &p.options, &dp.config.target_layer_ids).unwrap();
-        let tw = tilefuse_model::presets::random_weights(&tg, 7).unwrap();
-        let dg = dflash::draft_graph(&dp.config, &dflash::draft_options(&p.options)).unwrap();
-        let dw = dflash::random_draft_weights(&dg, &tw, 7).unwrap();
+    for (target, draft) in TINY_PAIRS {
+        let DflashPair {
+            p,
+            dp,
+            tg,
+            tw,
+            dg,
+            dw,
+        } = dflash_pair(target, draft);
         let f = dp.config.feature_width();
         let v = p.arch.vocab_size();
         // (S, C, T): context rows already cached, new context rows, block.
@@ -505,16 +539,15 @@ fn speculative_steps_on_the_gpu_equal_the_host_loop() {
         println!("{}", Gpu::SKIP);
         return;
     }
-    for (target, draft) in [
-        ("mimo-v2-tiny", "mimo-v2-tiny-dflash"),
-        ("qwen3-moe-tiny", "qwen3-moe-tiny-dflash"),
-    ] {
-        let p = tilefuse_model::presets::by_name(target).unwrap();
-        let dp = dflash::draft_preset(draft).unwrap();
-        let tg = dflash::target_graph(&p.arch, &p.options, &dp.config.target_layer_ids).unwrap();
-        let tw = tilefuse_model::presets::random_weights(&tg, 7).unwrap();
-        let dg = dflash::draft_graph(&dp.config, &dflash::draft_options(&p.options)).unwrap();
-        let dw = dflash::random_draft_weights(&dg, &tw, 7).unwrap();
+    for (target, draft) in TINY_PAIRS {
+        let DflashPair {
+            p,
+            dp,
+            tg,
+            tw,
+            dg,
+            dw,
+        } = dflash_pair(target, draft);
         let v = p.arch.vocab_size() as i32;
         for mode in [
             LaunchMode::Stream,
