@@ -18,6 +18,8 @@ pub struct BenchArgs<'a> {
     pub reps: usize,
     pub out: &'a Path,
     pub peer: bool,
+    pub timeline: bool,
+    pub drafts: bool,
 }
 
 fn peer_rows(preset: &presets::Preset, contexts: &[usize]) -> Vec<String> {
@@ -63,6 +65,45 @@ fn peer_rows(preset: &presets::Preset, contexts: &[usize]) -> Vec<String> {
     out
 }
 
+/// Writes the timeline pictures of one traced decode forward (the whole
+/// forward, and its middle layer alone) under `out`, and returns the middle
+/// layer's summary.
+fn write_timeline(
+    out: &Path,
+    preset: &str,
+    arch: &presets::Arch,
+    tr: &tilefuse::runtime::timeline::Trace,
+) -> Result<String, String> {
+    std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    let mode = format!("{:?}", tr.mode).to_lowercase();
+    let layer = arch.num_layers() / 2;
+    let all = 0..tr.kernels.len();
+    let one = tr.layer_range(layer).unwrap_or(all.clone());
+    let mut files = vec![(
+        format!("timeline-{preset}-{mode}.svg"),
+        tr.svg(all.clone(), &format!("{preset}, decode T=1, whole forward")),
+    )];
+    files.push((
+        format!("timeline-{preset}-{mode}-layer{layer}.svg"),
+        tr.svg(one.clone(), &format!("{preset}, decode T=1, layer {layer}")),
+    ));
+    let summary = format!(
+        "timeline of {preset}, decode T=1, layer {layer}:\n{}whole forward:\n{}",
+        tr.summary(one),
+        tr.summary(all).lines().next().unwrap_or("").to_string() + "\n"
+    );
+    files.push((
+        format!("timeline-{preset}-{mode}.txt"),
+        tr.summary(0..tr.kernels.len()),
+    ));
+    for (file, body) in files {
+        let tmp = out.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, body).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, out.join(&file)).map_err(|e| format!("cannot write {file}: {e}"))?;
+    }
+    Ok(summary)
+}
+
 /// Shows the bench's progress on one terminal line.
 fn progress(m: &str) {
     eprint!("\r\x1b[K{m}");
@@ -80,6 +121,7 @@ pub fn run(a: BenchArgs<'_>) -> Result<(), String> {
     let mut rows: Vec<Row> = Vec::new();
     let mut kernels = Vec::new();
     let mut peers = Vec::new();
+    let mut timelines = Vec::new();
     let mut gpu = gpu;
     for name in a.presets {
         let p = presets::by_name(name)?;
@@ -88,15 +130,25 @@ pub fn run(a: BenchArgs<'_>) -> Result<(), String> {
             .forward_graph(&p.options)
             .map_err(|e| e.to_string())?;
         let label = format!("{} ({}L)", p.name, p.arch.num_layers());
-        let (r, k, g) = bench::bench_model(
-            gpu, &label, &graph, a.tokens, a.contexts, a.modes, bandwidth, a.reps, progress,
+        let mb = bench::bench_model(
+            gpu, &label, &graph, a.tokens, a.contexts, a.modes, bandwidth, a.reps, a.timeline,
+            progress,
         )
         .map_err(|e| e.to_string())?;
         eprintln!();
-        gpu = g;
-        rows.extend(r);
+        gpu = mb.gpu;
+        rows.extend(mb.rows);
         if kernels.is_empty() {
-            kernels = k;
+            kernels = mb.kernel_times;
+        }
+        for tr in &mb.traces {
+            timelines.push(write_timeline(a.out, p.name, &p.arch, tr)?);
+        }
+        if !a.drafts {
+            if a.peer {
+                peers.extend(peer_rows(&p, a.contexts));
+            }
+            continue;
         }
         // The draft rows, for each built-in draft of this preset.
         for dp in dflash::draft_presets()
@@ -138,6 +190,10 @@ pub fn run(a: BenchArgs<'_>) -> Result<(), String> {
         for (n, t) in ks.iter().take(12) {
             text.push_str(&format!("  {t:>9.4} ms  {n}\n"));
         }
+    }
+    for t in &timelines {
+        text.push('\n');
+        text.push_str(t);
     }
     if !peers.is_empty() {
         text.push_str("\npeer (transformers, bf16, static cache, same GPU, same run):\n");

@@ -245,6 +245,13 @@ enum Command {
         /// Output folder for bench.json, bench.svg, bench.txt.
         #[arg(long, default_value = "bench-out")]
         out: std::path::PathBuf,
+        /// Also trace one decode forward per mode and draw its timeline
+        /// (timeline-*.svg, timeline-*.txt in the output folder).
+        #[arg(long)]
+        timeline: bool,
+        /// Skip the draft and speculative-step rows.
+        #[arg(long)]
+        no_draft: bool,
     },
     /// List the built-in models.
     Presets,
@@ -308,6 +315,8 @@ fn run(cli: Cli) -> Result<(), String> {
             reps,
             peer,
             out,
+            timeline,
+            no_draft,
         } => {
             let modes: Vec<LaunchMode> = mode
                 .iter()
@@ -325,6 +334,8 @@ fn run(cli: Cli) -> Result<(), String> {
                 reps,
                 out: &out,
                 peer,
+                timeline,
+                drafts: !no_draft,
             })
         }
         Command::Compile {

@@ -49,4 +49,16 @@ __device__ __forceinline__ void signal_done(uint32_t* counters, int kernel) {
     if (threadIdx.x == 0) red_release_gpu_add(counters + kernel, 1u);
 }
 
+// The trace record of one task: [start, past its wait, end, smid << 32 | task].
+// One thread.
+__device__ __forceinline__ void trace_task(unsigned long long* rec, unsigned long long start, unsigned long long waited,
+                                           int task) {
+    unsigned smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    rec[0] = start;
+    rec[1] = waited;
+    rec[2] = global_timer();
+    rec[3] = ((unsigned long long)smid << 32) | (unsigned)task;
+}
+
 }  // namespace tf

@@ -178,6 +178,79 @@ __device__ __forceinline__ float uniform01(uint32_t seed, uint32_t counter) {
     return (float)(uint32_t)(z >> 40) * (1.0f / 16777216.0f);
 }
 
+// ---- launch order: programmatic dependent launch, weight prefetch, trace ----------
+//
+// Every generated `__global__` wrapper runs, in this order:
+//   1. `prefetch_l2_share` of the dense weights its tile reads. Weights never
+//      depend on activations, so this may overlap the kernel before it;
+//   2. `grid_dependency_wait()`: returns once every earlier kernel of the
+//      stream has finished and its writes are visible. Nothing an earlier
+//      kernel writes is read, and nothing it reads is written, before this;
+//   3. `launch_dependents()`: the next kernel's CTAs may now be scheduled and
+//      start their own step 1 while this one works. Placed after step 2, so
+//      at most two kernels are in flight and the prefetches of one kernel at
+//      a time compete with the running one.
+// A kernel launched without the programmatic-serialization attribute (the
+// first of a forward, any kernel in persistent mode) finds 2 and 3 no-ops.
+
+__device__ __forceinline__ void grid_dependency_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Bytes of weights one tile asks L2 to prefetch at most: enough to cover the
+// few microseconds between two kernels (about 15 MB over 132 SMs at two
+// tiles each) without evicting what the running kernel still reads.
+constexpr unsigned long long PREFETCH_CAP = 64 * 1024;
+
+// Asks L2 to fetch the `tile`-th of `tiles` equal slices (16-byte multiples)
+// of the `bytes` bytes at `base` (16-byte aligned), at most PREFETCH_CAP of
+// it. A hint: no result, no fault past its range. Call from any thread; the
+// first one issues it.
+__device__ __forceinline__ void prefetch_l2_share(const char* base, unsigned long long bytes, int tile, int tiles) {
+#if __CUDA_ARCH__ >= 900
+    if (threadIdx.x != 0 || tiles <= 0) return;
+    const unsigned long long share = ((bytes + tiles - 1) / tiles + 15) & ~15ull;
+    const unsigned long long lo = share * (unsigned long long)tile;
+    if (lo >= bytes) return;
+    unsigned long long n = bytes - lo < share ? bytes - lo : share;
+    n = (n < PREFETCH_CAP ? n : PREFETCH_CAP) & ~15ull;
+    if (n == 0) return;
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base + lo), "r"((unsigned)n) : "memory");
+#endif
+}
+
+// Nanoseconds of the GPU's global timer (one clock for all SMs).
+__device__ __forceinline__ unsigned long long global_timer() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// Where the trace of one forward goes (stream and graph modes): per kernel
+// four words, [first CTA start, first CTA past the wait, last CTA end, CTAs],
+// the runtime having set the first two to all ones and the rest to zero.
+// Call from one thread per CTA.
+__device__ __forceinline__ void trace_cta(unsigned long long* rec, unsigned long long start,
+                                          unsigned long long waited, unsigned long long end) {
+    atomicMin(rec + 0, start);
+    atomicMin(rec + 1, waited);
+    atomicMax(rec + 2, end);
+    atomicAdd(rec + 3, 1ull);
+}
+
+// Word of an offset table that holds the trace buffer's address (0: no
+// trace), and the word that holds the kernel's index in its plan.
+constexpr int OFFSET_TRACE = 30;
+constexpr int OFFSET_KERNEL = 31;
+
 // The buffer offsets of one kernel instance, passed by value to its wrapper
 // (kernels shared by several layers differ only in these).
 struct Offsets {

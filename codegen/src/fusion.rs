@@ -26,6 +26,11 @@ pub enum KernelKind {
         matmul: NodeId,
         /// The `nn.rms_norm` whose output is `x`, recomputed in the prologue.
         norm: Option<NodeId>,
+        /// Further matmuls of the same `x` computed by the same kernel, as
+        /// if their weights' rows followed `matmul`'s (the plan lays those
+        /// weights out one after the other): the q, k and v projections in
+        /// one step. Empty for a single matmul.
+        siblings: Vec<NodeId>,
     },
     /// RoPE (and an optional per-head norm) on new keys, and the K and V cache appends.
     RopeAppend {
@@ -103,7 +108,13 @@ impl KernelKind {
     pub fn short(&self) -> &'static str {
         match self {
             KernelKind::Embedding { .. } => "embedding",
+            KernelKind::MatVec {
+                norm: Some(_),
+                siblings,
+                ..
+            } if !siblings.is_empty() => "norm_matvecs",
             KernelKind::MatVec { norm: Some(_), .. } => "norm_matvec",
+            KernelKind::MatVec { siblings, .. } if !siblings.is_empty() => "matvecs",
             KernelKind::MatVec { .. } => "matvec",
             KernelKind::RopeAppend { .. } => "rope_append",
             KernelKind::Attention { .. } => "attention",

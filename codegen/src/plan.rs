@@ -261,7 +261,7 @@ impl Plan {
         let mut weights = Vec::new();
         let mut off = 0usize;
         let none = Bindings::new();
-        for n in g.inputs_of_kind(InputKind::Weight) {
+        for n in weight_order(&fused) {
             let node = g.node(n);
             let shape = node
                 .ty
@@ -523,6 +523,53 @@ fn schedule(f: &Fused) -> Result<Vec<usize>, CodegenError> {
 }
 
 /// What kernel `ki` (group `gi`) reads and writes.
+/// The weights in slot order: topological, except that the weights of a
+/// matvec kernel with siblings follow one another in the kernel's order (its
+/// tiles read them as one stacked matrix), placed where the first of them
+/// would be.
+fn weight_order(f: &Fused) -> Vec<NodeId> {
+    let g = &f.graph;
+    let mut stacks: Vec<Vec<NodeId>> = Vec::new();
+    for group in &f.groups {
+        if let KernelKind::MatVec {
+            matmul,
+            ref siblings,
+            ..
+        } = group.kind
+        {
+            if !siblings.is_empty() {
+                stacks.push(
+                    std::iter::once(&matmul)
+                        .chain(siblings)
+                        .map(|&m| g.inputs(m)[1])
+                        .collect(),
+                );
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut placed = BTreeSet::new();
+    for n in g.inputs_of_kind(InputKind::Weight) {
+        if placed.contains(&n) {
+            continue;
+        }
+        match stacks.iter().find(|s| s.contains(&n)) {
+            Some(stack) => {
+                for &w in stack {
+                    if placed.insert(w) {
+                        out.push(w);
+                    }
+                }
+            }
+            None => {
+                placed.insert(n);
+                out.push(n);
+            }
+        }
+    }
+    out
+}
+
 #[allow(clippy::type_complexity)]
 fn accesses(
     f: &Fused,

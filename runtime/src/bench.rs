@@ -189,9 +189,17 @@ impl Row {
     }
 }
 
-/// What [`bench_model`] returns: the rows, the per-kernel decode times
-/// (stream mode), and the GPU back.
-pub type ModelBench = (Vec<Row>, Vec<(String, f32)>, Gpu);
+/// What [`bench_model`] returns.
+pub struct ModelBench {
+    /// One row per mode, context and `T`.
+    pub rows: Vec<Row>,
+    /// Per-kernel decode times (stream mode, each kernel launched alone).
+    pub kernel_times: Vec<(String, f32)>,
+    /// One traced decode forward per mode (at the first context), when asked.
+    pub traces: Vec<crate::timeline::Trace>,
+    /// The GPU, back.
+    pub gpu: Gpu,
+}
 
 /// Benchmarks one model's forward graph (random weights made on the GPU) for
 /// each `t` in `tokens`, context in `contexts` and mode in `modes`.
@@ -205,10 +213,12 @@ pub fn bench_model(
     modes: &[LaunchMode],
     bandwidth: f64,
     reps: usize,
+    timeline: bool,
     mut progress: impl FnMut(&str),
 ) -> Result<ModelBench> {
     let mut rows = Vec::new();
     let mut kernel_times = Vec::new();
+    let mut traces = Vec::new();
     let mut gpu = Some(gpu);
     for &mode in modes {
         progress(&format!("{model}: compiling for {mode:?}"));
@@ -241,15 +251,20 @@ pub fn bench_model(
                 if mode == LaunchMode::Stream && t == 1 && kernel_times.is_empty() {
                     kernel_times = exe.kernel_times(1, ctx, 20)?;
                 }
+                if timeline && t == 1 && ctx == contexts[0] {
+                    progress(&format!("{model}: tracing {mode:?} T=1 S={ctx}"));
+                    traces.push(exe.trace_forward(&b, &inputs, 3)?);
+                }
             }
         }
         gpu = Some(exe.into_gpu());
     }
-    Ok((
+    Ok(ModelBench {
         rows,
         kernel_times,
-        gpu.ok_or_else(|| IrError::new(ErrorKind::Interp, "GPU lost"))?,
-    ))
+        traces,
+        gpu: gpu.ok_or_else(|| IrError::new(ErrorKind::Interp, "GPU lost"))?,
+    })
 }
 
 /// The rows as a table.

@@ -123,22 +123,29 @@ struct Program {
 }
 
 impl Program {
-    /// Launches plan kernel `i` (its shared function with its own offsets).
-    fn launch(&self, gpu: &Gpu, i: usize, buffers: &[Arg; 3]) -> std::result::Result<(), GpuError> {
+    /// Launches plan kernel `i` (its shared function with its own offsets),
+    /// with programmatic dependent launch when `programmatic`, recording into
+    /// the trace buffer at `trace` when it is not 0.
+    fn launch(
+        &self,
+        gpu: &Gpu,
+        i: usize,
+        buffers: &[Arg; 3],
+        programmatic: bool,
+        trace: u64,
+    ) -> std::result::Result<(), GpuError> {
         let k = &self.plan.kernels[i];
-        let args = [
-            buffers[0],
-            buffers[1],
-            buffers[2],
-            Arg::Offsets(self.offsets[i]),
-        ];
-        gpu.launch(
+        let mut offsets = self.offsets[i];
+        offsets.0[lower::OFFSET_TRACE] = trace as i64;
+        let args = [buffers[0], buffers[1], buffers[2], Arg::Offsets(offsets)];
+        gpu.launch_ex(
             &k.name,
             &self.functions[i],
             k.tiling.tiles,
             k.tiling.threads,
             k.tiling.smem,
             &args,
+            programmatic,
         )
     }
 }
@@ -237,6 +244,12 @@ pub struct GpuExecutable {
     pub mode: LaunchMode,
     /// The bucket of the last forward issued (whose values the arena holds).
     last_bucket: Option<usize>,
+    /// Programmatic dependent launch between the kernels of a forward in
+    /// stream and graph modes (on unless `TILEFUSE_PDL=0`, which exists to
+    /// measure what it brings).
+    pdl: bool,
+    /// The device address of the trace buffer of a traced forward, else 0.
+    trace: u64,
 }
 
 impl std::fmt::Debug for GpuExecutable {
@@ -446,7 +459,12 @@ impl GpuExecutable {
             let offsets = module
                 .instances
                 .iter()
-                .map(|i| crate::gpu::Offsets::new(&i.offsets))
+                .enumerate()
+                .map(|(k, i)| {
+                    let mut o = crate::gpu::Offsets::new(&i.offsets);
+                    o.0[lower::OFFSET_KERNEL] = k as i64;
+                    o
+                })
                 .collect();
             programs.push(Program {
                 plan,
@@ -497,6 +515,8 @@ impl GpuExecutable {
             kv,
             mode,
             last_bucket: None,
+            pdl: std::env::var("TILEFUSE_PDL").map_or(true, |v| v != "0"),
+            trace: 0,
         })
     }
 
@@ -834,7 +854,8 @@ impl GpuExecutable {
             LaunchMode::Stream => {
                 let p = &self.programs[pi];
                 for i in 0..p.plan.kernels.len() {
-                    p.launch(&self.gpu, i, &args).map_err(gpu_err)?;
+                    p.launch(&self.gpu, i, &args, self.pdl && i > 0, self.trace)
+                        .map_err(gpu_err)?;
                 }
             }
             LaunchMode::Graph => {
@@ -851,7 +872,8 @@ impl GpuExecutable {
                     let p = &self.programs[pi];
                     let mut failed = None;
                     for i in 0..p.plan.kernels.len() {
-                        if let Err(e) = p.launch(&self.gpu, i, &args) {
+                        if let Err(e) = p.launch(&self.gpu, i, &args, self.pdl && i > 0, self.trace)
+                        {
                             failed = Some(e);
                             break;
                         }
@@ -908,10 +930,15 @@ impl GpuExecutable {
         let t = TaskTables::new(&p.plan, sms);
         let mut bytes = Vec::new();
         let mut offsets = [0usize; 7];
+        let trace = self.trace as i64;
         let offs: Vec<u8> = p
             .offsets
             .iter()
-            .flat_map(|o| o.0.iter().flat_map(|x| x.to_le_bytes()))
+            .flat_map(|o| {
+                let mut o = *o;
+                o.0[lower::OFFSET_TRACE] = trace;
+                o.0.into_iter().flat_map(|x| x.to_le_bytes())
+            })
             .collect();
         let function_of: Vec<u8> = p
             .module
@@ -1066,6 +1093,90 @@ impl GpuExecutable {
         crate::fill::random_caches(&self.gpu, p, &mut self.kv, seed).map_err(gpu_err)
     }
 
+    /// Runs one forward with `bindings` and `inputs` (after `warmup` untimed
+    /// ones) with the kernels recording when they start, pass their wait and
+    /// end, and returns what they recorded: per kernel in stream and graph
+    /// modes, per task (with its SM) in persistent mode. The traced forward is
+    /// captured and laid out anew, so the untraced ones after it run exactly
+    /// as before.
+    pub fn trace_forward(
+        &mut self,
+        bindings: &Bindings,
+        inputs: &BTreeMap<String, Tensor>,
+        warmup: usize,
+    ) -> Result<crate::timeline::Trace> {
+        let pi = self.bucket(bindings)?;
+        self.prepare(pi, bindings, inputs)?;
+        for _ in 0..warmup {
+            self.dispatch(pi)?;
+        }
+        self.gpu
+            .sync("warming up before a trace")
+            .map_err(gpu_err)?;
+        let plan = &self.programs[pi].plan;
+        let (records, init) = match self.mode {
+            LaunchMode::Persistent => {
+                let tasks: usize = plan.kernels.iter().map(|k| k.tiling.tiles as usize).sum();
+                (tasks, vec![0u64; 4 * tasks])
+            }
+            _ => {
+                let n = plan.kernels.len();
+                let mut v = Vec::with_capacity(4 * n);
+                for _ in 0..n {
+                    v.extend([u64::MAX, u64::MAX, 0, 0]);
+                }
+                (n, v)
+            }
+        };
+        let init: Vec<u8> = init.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut buf = self
+            .gpu
+            .upload(&init, "the trace buffer")
+            .map_err(gpu_err)?;
+        // The traced launches carry the buffer's address: captured graphs and
+        // task tables are made anew with it, and again without it after.
+        self.trace = buf.ptr();
+        self.programs[pi].graph = None;
+        self.programs[pi].persistent = None;
+        let result = self.traced_dispatch(pi, &mut buf, &init);
+        self.trace = 0;
+        self.programs[pi].graph = None;
+        self.programs[pi].persistent = None;
+        let ms = result?;
+        let raw = self.gpu.download(&buf).map_err(gpu_err)?;
+        let words: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        let plan = &self.programs[pi].plan;
+        crate::timeline::Trace::from_words(plan, self.mode, records, &words, ms)
+    }
+
+    /// Issues the traced forward of [`GpuExecutable::trace_forward`]: one
+    /// forward to capture or lay out the launches, the trace reset, then the
+    /// recorded one between two events. Returns its milliseconds.
+    fn traced_dispatch(&mut self, pi: usize, buf: &mut Buffer, init: &[u8]) -> Result<f32> {
+        if self.mode != LaunchMode::Stream {
+            self.dispatch(pi)?;
+            self.gpu
+                .sync("laying out the traced forward")
+                .map_err(gpu_err)?;
+            self.gpu.write(buf, 0, init).map_err(gpu_err)?;
+        }
+        let stream = self.gpu.stream().clone();
+        let ev = |e: cudarc::driver::DriverError| {
+            IrError::new(ErrorKind::Interp, format!("event: {e:?}"))
+        };
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let e0 = stream.record_event(flags).map_err(ev)?;
+        self.dispatch(pi)?;
+        let e1 = stream.record_event(flags).map_err(ev)?;
+        self.gpu
+            .sync("running the traced forward")
+            .map_err(gpu_err)?;
+        e0.elapsed_ms(&e1).map_err(ev)
+    }
+
     /// Times each kernel of the bucket serving `t` tokens in stream mode
     /// (median of `reps` event-timed launches per kernel), after one warm-up
     /// forward. Inputs must have been set by a previous [`GpuExecutable::run`].
@@ -1094,7 +1205,7 @@ impl GpuExecutable {
                 let e0 = stream
                     .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
                     .map_err(|e| IrError::new(ErrorKind::Interp, format!("{e:?}")))?;
-                p.launch(&self.gpu, i, &args).map_err(gpu_err)?;
+                p.launch(&self.gpu, i, &args, false, 0).map_err(gpu_err)?;
                 let e1 = stream
                     .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
                     .map_err(|e| IrError::new(ErrorKind::Interp, format!("{e:?}")))?;

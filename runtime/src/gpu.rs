@@ -8,10 +8,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
-    PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nvrtc::Ptx;
 
 use crate::nvrtc::{self, CompileError, CompileOptions, Compiled};
@@ -426,6 +423,27 @@ impl Gpu {
         smem: u32,
         args: &[Arg],
     ) -> Result<(), GpuError> {
+        self.launch_ex(name, func, grid, block, smem, args, false)
+    }
+
+    /// [`Gpu::launch`], with programmatic dependent launch when
+    /// `programmatic`: the kernel may be scheduled before the kernel issued
+    /// before it has finished, and must itself wait for it (`griddepcontrol.wait`,
+    /// `tf::grid_dependency_wait` in the prelude) before touching anything
+    /// that kernel reads or writes. Only for kernels written to that contract,
+    /// issued right after another kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_ex(
+        &self,
+        name: &str,
+        func: &CudaFunction,
+        grid: u32,
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+        programmatic: bool,
+    ) -> Result<(), GpuError> {
+        use cudarc::driver::sys;
         if smem > 48 * 1024 {
             drv(
                 func.set_attribute(
@@ -435,28 +453,48 @@ impl Gpu {
                 &format!("raising the shared memory limit of `{name}` to {smem} bytes"),
             )?;
         }
-        let cfg = LaunchConfig {
-            grid_dim: (grid.max(1), 1, 1),
-            block_dim: (block, 1, 1),
-            shared_mem_bytes: smem,
+        drv(self.ctx.bind_to_thread(), "binding the CUDA context")?;
+        // The driver reads each argument through a pointer to its value;
+        // `args` outlives the call, and the driver copies the values at launch.
+        let mut params: Vec<*mut std::ffi::c_void> = args
+            .iter()
+            .map(|a| match a {
+                Arg::Ptr(p) => p as *const u64 as *mut std::ffi::c_void,
+                Arg::I32(v) => v as *const i32 as *mut std::ffi::c_void,
+                Arg::I64(v) => v as *const i64 as *mut std::ffi::c_void,
+                Arg::Offsets(v) => v as *const Offsets as *mut std::ffi::c_void,
+                Arg::F32(v) => v as *const f32 as *mut std::ffi::c_void,
+            })
+            .collect();
+        // SAFETY: an all-zero launch attribute is a valid value of the C struct.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.max(1),
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(programmatic),
         };
-        let mut b = self.stream.launch_builder(func);
-        for a in args {
-            match a {
-                Arg::Ptr(p) => b.arg(p),
-                Arg::I32(v) => b.arg(v),
-                Arg::I64(v) => b.arg(v),
-                Arg::Offsets(v) => b.arg(v),
-                Arg::F32(v) => b.arg(v),
-            };
-        }
         // SAFETY: the argument list matches the generated kernel's signature, which the
-        // caller built from the same plan; buffers outlive the launch (one stream, waited on
-        // before any buffer is dropped).
-        drv(
-            unsafe { b.launch(cfg) }.map(|_| ()),
-            &format!("launching kernel `{name}`"),
-        )
+        // caller built from the same plan (one pointer per parameter, each to a value of
+        // the parameter's C type); buffers outlive the launch (one stream, waited on
+        // before any buffer is dropped); `config` and `attr` live across the call.
+        let r = unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                func.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
+        drv(r.result(), &format!("launching kernel `{name}`"))
     }
 
     /// Waits for all work; a kernel fault surfaces here, named by `what`.

@@ -45,7 +45,9 @@ pub struct SummaryRow {
     pub weight_bytes: usize,
 }
 
-fn weight_bytes(plan: &Plan, k: &tilefuse_codegen::plan::Kernel) -> usize {
+/// Weight bytes a forward at the bucket's largest `T` reads in kernel `k` (routed
+/// experts: the expected `min(T·k, E)` of them).
+pub fn kernel_weight_bytes(plan: &Plan, k: &tilefuse_codegen::plan::Kernel) -> usize {
     let g = &plan.fused.graph;
     let group = plan.group(k);
     let mut nodes: Vec<_> = group.nodes.iter().copied().collect();
@@ -259,7 +261,7 @@ pub fn compile_artifacts(
                     .iter()
                     .find(|r| r.name == module.kernels[inst.function].name)
                     .cloned(),
-                weight_bytes: weight_bytes(&plan, k),
+                weight_bytes: kernel_weight_bytes(&plan, k),
             })
             .collect();
         let table = summary_table(&rows);

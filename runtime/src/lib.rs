@@ -17,6 +17,7 @@ pub mod inspect;
 pub mod nvrtc;
 pub mod session;
 pub mod speculative;
+pub mod timeline;
 
 pub use cuda_exec::LaunchMode;
 pub use executable::{Backend, Executable};

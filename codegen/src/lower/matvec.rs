@@ -68,7 +68,9 @@ pub fn smem_bytes(
 }
 
 struct Shape {
-    matmul: NodeId,
+    /// Every matmul of the kernel with its first weight row: `matmul` at 0,
+    /// then its siblings, rows stacked.
+    parts: Vec<(NodeId, usize)>,
     norm: Option<NodeId>,
     x: NodeId,
     n: usize,
@@ -86,7 +88,12 @@ struct Shape {
 
 fn shape(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Shape, CodegenError> {
     let g = &f.graph;
-    let KernelKind::MatVec { matmul, norm } = group.kind else {
+    let KernelKind::MatVec {
+        matmul,
+        norm,
+        ref siblings,
+    } = group.kind
+    else {
         return Err(CodegenError::Internal("not a matvec kernel".into()));
     };
     let unsupported = |reason: String| CodegenError::Unsupported {
@@ -108,9 +115,18 @@ fn shape(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Shape, CodegenEr
     let rows_dim = xt.dims()[0].clone();
     let max_rows = rows_dim.eval(&opt.max_bindings()).map_err(&unsupported)?;
     let wt = &g.node(w).ty;
-    let n = wt.dims()[0]
-        .as_const()
-        .ok_or_else(|| unsupported(format!("weight rows must be constant, found {wt}")))?;
+    let rows_of = |m: NodeId| {
+        let t = &g.node(g.inputs(m)[1]).ty;
+        t.dims()[0]
+            .as_const()
+            .ok_or_else(|| unsupported(format!("weight rows must be constant, found {t}")))
+    };
+    let mut parts = Vec::new();
+    let mut n = 0usize;
+    for &m in std::iter::once(&matmul).chain(siblings) {
+        parts.push((m, n));
+        n += rows_of(m)?;
+    }
     let k = wt.dims()[1]
         .as_const()
         .ok_or_else(|| unsupported(format!("weight columns must be constant, found {wt}")))?;
@@ -131,8 +147,13 @@ fn shape(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Shape, CodegenEr
             wt.dtype
         )));
     }
+    // Tiles never straddle two stacked weights.
+    let rows = [128usize, 64, 32, 16]
+        .into_iter()
+        .find(|r| n.div_ceil(*r) >= 2 * 132 && parts.iter().all(|(_, r0)| r0 % r == 0))
+        .unwrap_or(16);
     Ok(Shape {
-        matmul,
+        parts,
         norm,
         x,
         n,
@@ -142,7 +163,7 @@ fn shape(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Shape, CodegenEr
         wdt: wt.dtype,
         mma,
         epv,
-        rows: rows_for(n),
+        rows,
         max_t: max_rows.min(MAX_T_PER_PASS),
         rows_dim,
     })
@@ -251,18 +272,53 @@ pub fn body(plan: &Plan, group: &Group, temps: &mut Temps) -> Result<Vec<Stmt>, 
         }
         None => (Expr::var("nullptr"), Expr::F32(0.0)),
     };
-    let mut epi_body = epilogue(
-        plan,
-        group,
-        s.matmul,
-        Expr::var("acc"),
-        Expr::var(format!("(size_t)t * {} + n", s.n)),
-        temps,
-    )?;
-    epi_body.insert(
-        0,
-        Stmt::NodeComment(format!("epilogue of \"{}\"", g.node(s.matmul).name)),
-    );
+    // Stacked weights must be contiguous: each slot right after the last.
+    for w in s.parts.windows(2) {
+        let (a, b) = (g.inputs(w[0].0)[1], g.inputs(w[1].0)[1]);
+        match (plan.weight(a), plan.weight(b)) {
+            (Some(sa), Some(sb)) if sa.offset + sa.bytes == sb.offset => {}
+            _ => {
+                return Err(CodegenError::Internal(format!(
+                    "the weights of {} and {} are not laid out one after the other",
+                    g.describe(a),
+                    g.describe(b)
+                )))
+            }
+        }
+    }
+    // One epilogue per stacked matmul, chosen by the row (uniform over a
+    // tile: tiles never straddle two weights), last part first.
+    let mut epi_body: Vec<Stmt> = Vec::new();
+    for (i, &(m, r0)) in s.parts.iter().enumerate().rev() {
+        let rows_m = s.parts.get(i + 1).map_or(s.n, |p| p.1) - r0;
+        let part = crate::fusion::Group::new(group.kind.clone(), [m]);
+        let own = if i == 0 { group } else { &part };
+        let mut b = epilogue(
+            plan,
+            own,
+            m,
+            Expr::var("acc"),
+            Expr::var(if r0 == 0 {
+                format!("(size_t)t * {rows_m} + n")
+            } else {
+                format!("(size_t)t * {rows_m} + (n - {r0})")
+            }),
+            temps,
+        )?;
+        b.insert(
+            0,
+            Stmt::NodeComment(format!("epilogue of \"{}\"", g.node(m).name)),
+        );
+        epi_body = if epi_body.is_empty() {
+            b
+        } else {
+            vec![Stmt::If(
+                Expr::var(format!("n >= {}", s.parts[i + 1].1)),
+                epi_body,
+                b,
+            )]
+        };
+    }
     let _ = s.w;
     let rows = dim_expr(plan, &s.rows_dim)?;
     Ok(vec![

@@ -13,7 +13,7 @@ pub mod matvec;
 pub mod moe;
 pub mod values;
 
-use tilefuse_ir::{DType, Op};
+use tilefuse_ir::{DType, NodeId, Op};
 
 use crate::emit::{Function, Stmt, Temps, Ty};
 use crate::error::CodegenError;
@@ -29,6 +29,9 @@ pub struct LoweredKernel {
     pub header: String,
     /// The `__device__` tile function.
     pub device: Function,
+    /// The `__device__` weight prefetch of a tile, run before the tile waits
+    /// for its inputs (`None`: the kernel streams no dense weights).
+    pub prefetch: Option<Function>,
     /// The `__global__` wrapper.
     pub wrapper: Function,
 }
@@ -36,7 +39,12 @@ pub struct LoweredKernel {
 impl LoweredKernel {
     /// The kernel's own text: header, tile function and wrapper.
     pub fn source(&self) -> String {
-        format!("{}{}\n{}", self.header, self.device, self.wrapper)
+        let prefetch = self
+            .prefetch
+            .as_ref()
+            .map(|p| format!("{p}\n"))
+            .unwrap_or_default();
+        format!("{}{}\n{prefetch}{}", self.header, self.device, self.wrapper)
     }
 }
 
@@ -70,8 +78,12 @@ pub const TASK_TILE_BITS: u32 = 20;
 /// ([`MAX_OFFSETS`] per row) and its function from `function_of[kernel]`,
 /// waiting for each task's dependencies (`deps[dep_offsets[k]..dep_offsets[k+1]]`)
 /// on the tile counters, calling the kernel's tile function and counting the
-/// tile done. The forward's number `epoch` is read from the arena head
-/// (`act[8..12]`).
+/// tile done. Before it waits, a task asks L2 for its share of the kernel's
+/// dense weights (weights never depend on activations, so the weight stream
+/// need not stop while the SM waits). The forward's number `epoch` is read
+/// from the arena head (`act[8..12]`). With a trace buffer in the offset
+/// tables, each task `i` records `[start, past its wait, end, smid << 32 |
+/// task]` in words `4i..4i+4`.
 fn persistent(
     plan: &Plan,
     kernels: &[LoweredKernel],
@@ -85,11 +97,20 @@ fn persistent(
     let mut cases = String::new();
     for (fi, f) in kernels.iter().enumerate() {
         cases.push_str(&format!(
-            "case {fi}: {}_tile(tile, act, wts, kv, T, S, smem, offsets + (size_t)k * {MAX_OFFSETS}); break; ",
+            "case {fi}: {}_tile(tile, act, wts, kv, T, S, smem, row); break; ",
             f.name
         ));
     }
     let _ = instances;
+    let mut prefetches = String::new();
+    for (fi, f) in kernels.iter().enumerate() {
+        if f.prefetch.is_some() {
+            prefetches.push_str(&format!(
+                "case {fi}: {}_prefetch(tile, wts, row); break; ",
+                f.name
+            ));
+        }
+    }
     let body = vec![
         Stmt::Expr(Expr::var("extern __shared__ __align__(16) char smem[]")),
         Stmt::Let(
@@ -124,6 +145,22 @@ fn persistent(
                     "tile".into(),
                     Expr::var(format!("task & {}", (1u32 << TASK_TILE_BITS) - 1)),
                 ),
+                Stmt::Let(
+                    Ty::Named("long long*".into()),
+                    "row".into(),
+                    Expr::var(format!("offsets + (size_t)k * {MAX_OFFSETS}")),
+                ),
+                Stmt::Expr(Expr::var(
+                    "unsigned long long* const trace = reinterpret_cast<unsigned long long*>(row[tf::OFFSET_TRACE])",
+                )),
+                Stmt::Let(
+                    Ty::Named("unsigned long long".into()),
+                    "t_start".into(),
+                    Expr::var("trace ? tf::global_timer() : 0ull"),
+                ),
+                Stmt::Expr(Expr::var(format!(
+                    "switch (function_of[k]) {{ {prefetches}default: break; }}"
+                ))),
                 Stmt::Expr(Expr::call(
                     "tf::wait_deps",
                     vec![
@@ -134,6 +171,11 @@ fn persistent(
                         Expr::var("epoch"),
                     ],
                 )),
+                Stmt::Let(
+                    Ty::Named("unsigned long long".into()),
+                    "t_waited".into(),
+                    Expr::var("trace ? tf::global_timer() : 0ull"),
+                ),
                 Stmt::Expr(Expr::var(format!(
                     "switch (function_of[k]) {{ {cases}default: break; }}"
                 ))),
@@ -141,6 +183,19 @@ fn persistent(
                     "tf::signal_done",
                     vec![Expr::var("counters"), Expr::var("k")],
                 )),
+                Stmt::If(
+                    Expr::var("trace && threadIdx.x == 0"),
+                    vec![Stmt::Expr(Expr::call(
+                        "tf::trace_task",
+                        vec![
+                            Expr::var("trace + 4 * (size_t)i"),
+                            Expr::var("t_start"),
+                            Expr::var("t_waited"),
+                            Expr::var("task"),
+                        ],
+                    ))],
+                    vec![],
+                ),
             ],
         ),
     ];
@@ -251,8 +306,16 @@ fn params() -> Vec<(Ty, String)> {
     ]
 }
 
-/// The most buffer offsets one kernel takes (`tf::Offsets` in the prelude).
+/// Words of an offset table (`tf::Offsets` in the prelude).
 pub const MAX_OFFSETS: usize = 32;
+/// The word of an offset table that holds the trace buffer's address, 0 when
+/// no trace is taken (`tf::OFFSET_TRACE`).
+pub const OFFSET_TRACE: usize = 30;
+/// The word of an offset table that holds the kernel's index in its plan
+/// (`tf::OFFSET_KERNEL`).
+pub const OFFSET_KERNEL: usize = 31;
+/// The most buffer offsets one kernel body reads: the words below the trace's.
+pub const MAX_BUFFER_OFFSETS: usize = OFFSET_TRACE;
 
 /// One plan kernel as lowered: which shared function runs it, with which offsets.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -284,17 +347,64 @@ fn kernel_body(plan: &Plan, ki: usize, k: &Kernel) -> Result<Vec<Stmt>, CodegenE
     })
 }
 
-fn functions(name: &str, threads: u32, body: Vec<Stmt>) -> (Function, Function) {
+/// The weight prefetch of one tile of `k`: its share of every dense weight
+/// the kernel streams (weights that do not depend on activations; routed
+/// experts do and are not prefetched here).
+fn prefetch_body(plan: &Plan, k: &Kernel) -> Result<Vec<Stmt>, CodegenError> {
     use crate::emit::Expr;
+    let g = &plan.fused.graph;
+    let group = plan.group(k);
+    let weights: Vec<NodeId> = match group.kind {
+        KernelKind::MatVec {
+            matmul,
+            ref siblings,
+            ..
+        } => std::iter::once(&matmul)
+            .chain(siblings)
+            .map(|&m| g.inputs(m)[1])
+            .collect(),
+        _ => vec![],
+    };
+    let mut out = Vec::new();
+    for w in weights {
+        let Some(slot) = plan.weight(w) else {
+            return Err(CodegenError::Internal(format!(
+                "no weight slot for {}",
+                g.describe(w)
+            )));
+        };
+        out.push(Stmt::Expr(Expr::call(
+            "tf::prefetch_l2_share",
+            vec![
+                Expr::var("wts").bin("+", Expr::Offset(slot.offset as i64)),
+                Expr::var(format!("{}ull", slot.bytes)),
+                Expr::var("tile"),
+                Expr::I32(i64::from(k.tiling.tiles)),
+            ],
+        )));
+    }
+    Ok(out)
+}
+
+/// The tile function, the prefetch function (when there is a prefetch) and
+/// the `__global__` wrapper of one kernel function.
+fn functions(
+    name: &str,
+    threads: u32,
+    body: Vec<Stmt>,
+    prefetch: Vec<Stmt>,
+) -> (Function, Option<Function>, Function) {
+    use crate::emit::Expr;
+    let offsets_param = (
+        Ty::Named("const long long* __restrict__".into()),
+        "off".to_string(),
+    );
     let mut tile_params = vec![(Ty::I32, "tile".to_string())];
     tile_params.extend(params());
     tile_params.push((Ty::I32, "T".into()));
     tile_params.push((Ty::I32, "S".into()));
     tile_params.push((Ty::Ptr(Box::new(Ty::Char)), "smem".into()));
-    tile_params.push((
-        Ty::Named("const long long* __restrict__".into()),
-        "off".into(),
-    ));
+    tile_params.push(offsets_param.clone());
     let device = Function {
         qualifiers: "static __device__ __forceinline__".into(),
         launch_bounds: None,
@@ -303,48 +413,101 @@ fn functions(name: &str, threads: u32, body: Vec<Stmt>) -> (Function, Function) 
         params: tile_params,
         body,
     };
+    let prefetch = (!prefetch.is_empty()).then(|| Function {
+        qualifiers: "static __device__ __forceinline__".into(),
+        launch_bounds: None,
+        ret: "void".into(),
+        name: format!("{name}_prefetch"),
+        params: vec![
+            (Ty::I32, "tile".to_string()),
+            (Ty::ConstPtr(Box::new(Ty::Char)), "wts".into()),
+            offsets_param,
+        ],
+        body: prefetch,
+    });
     let mut wparams = params();
     wparams.push((
         Ty::Named("const __grid_constant__ tf::Offsets".into()),
         "off".into(),
     ));
+    let mut wbody = vec![
+        Stmt::Expr(Expr::var("extern __shared__ __align__(16) char smem[]")),
+        Stmt::Expr(Expr::var(
+            "unsigned long long* const trace = reinterpret_cast<unsigned long long*>(off.v[tf::OFFSET_TRACE])",
+        )),
+        Stmt::Let(
+            Ty::Named("unsigned long long".into()),
+            "t_start".into(),
+            Expr::var("trace ? tf::global_timer() : 0ull"),
+        ),
+    ];
+    if prefetch.is_some() {
+        wbody.push(Stmt::Expr(Expr::call(
+            format!("{name}_prefetch"),
+            ["(int)blockIdx.x", "wts", "off.v"]
+                .into_iter()
+                .map(Expr::var)
+                .collect(),
+        )));
+    }
+    wbody.extend([
+        Stmt::Expr(Expr::call("tf::grid_dependency_wait", vec![])),
+        Stmt::Expr(Expr::call("tf::launch_dependents", vec![])),
+        Stmt::Let(
+            Ty::Named("unsigned long long".into()),
+            "t_waited".into(),
+            Expr::var("trace ? tf::global_timer() : 0ull"),
+        ),
+        Stmt::Let(
+            Ty::I32,
+            "T".into(),
+            Expr::var("reinterpret_cast<const int*>(act)[0]"),
+        ),
+        Stmt::Let(
+            Ty::I32,
+            "S".into(),
+            Expr::var("reinterpret_cast<const int*>(act)[1]"),
+        ),
+        Stmt::Expr(Expr::call(
+            format!("{name}_tile"),
+            [
+                "(int)blockIdx.x",
+                "act",
+                "wts",
+                "kv",
+                "T",
+                "S",
+                "smem",
+                "off.v",
+            ]
+            .into_iter()
+            .map(Expr::var)
+            .collect(),
+        )),
+        Stmt::If(
+            Expr::var("trace"),
+            vec![
+                Stmt::Expr(Expr::var("__syncthreads()")),
+                Stmt::If(
+                    Expr::var("threadIdx.x == 0"),
+                    vec![Stmt::Expr(Expr::var(
+                        "tf::trace_cta(trace + 4 * off.v[tf::OFFSET_KERNEL], t_start, t_waited, tf::global_timer())",
+                    ))],
+                    vec![],
+                ),
+            ],
+            vec![],
+        ),
+    ]);
     let wrapper = Function {
         qualifiers: "extern \"C\" __global__".into(),
         launch_bounds: Some(threads),
         ret: "void".into(),
         name: name.to_string(),
         params: wparams,
-        body: vec![
-            Stmt::Expr(Expr::var("extern __shared__ __align__(16) char smem[]")),
-            Stmt::Let(
-                Ty::I32,
-                "T".into(),
-                Expr::var("reinterpret_cast<const int*>(act)[0]"),
-            ),
-            Stmt::Let(
-                Ty::I32,
-                "S".into(),
-                Expr::var("reinterpret_cast<const int*>(act)[1]"),
-            ),
-            Stmt::Expr(Expr::call(
-                format!("{name}_tile"),
-                [
-                    "(int)blockIdx.x",
-                    "act",
-                    "wts",
-                    "kv",
-                    "T",
-                    "S",
-                    "smem",
-                    "off.v",
-                ]
-                .into_iter()
-                .map(Expr::var)
-                .collect(),
-            )),
-        ],
+        body: wbody,
     };
-    (device, wrapper)
+    (device, prefetch, wrapper)
 }
 
 /// Lowers every kernel of the plan into one translation unit. Kernels whose
@@ -356,16 +519,27 @@ pub fn lower(plan: &Plan) -> Result<Module, CodegenError> {
     let mut keys: Vec<(u32, u32, String)> = Vec::new();
     let mut instances = Vec::new();
     for (ki, k) in plan.kernels.iter().enumerate() {
-        let mut body = kernel_body(plan, ki, k)?;
-        let offsets = crate::emit::parameterize(&mut body, "off");
-        if offsets.len() > MAX_OFFSETS {
+        // The prefetch and the body share one offset table: parameterized
+        // together, then split where the prefetch ends.
+        let prefetch = prefetch_body(plan, k)?;
+        let np = prefetch.len();
+        let mut all = prefetch;
+        all.extend(kernel_body(plan, ki, k)?);
+        let offsets = crate::emit::parameterize(&mut all, "off");
+        let body = all.split_off(np);
+        let prefetch = all;
+        if offsets.len() > MAX_BUFFER_OFFSETS {
             return Err(CodegenError::Internal(format!(
-                "kernel {} reads {} buffers, more than the {MAX_OFFSETS} an offset table holds",
+                "kernel {} reads {} buffers, more than the {MAX_BUFFER_OFFSETS} an offset table holds",
                 k.name,
                 offsets.len()
             )));
         }
-        let text = crate::emit::Block(&body, 0).to_string();
+        let text = format!(
+            "{}{}",
+            crate::emit::Block(&prefetch, 0),
+            crate::emit::Block(&body, 0)
+        );
         let key = (k.tiling.threads, k.tiling.smem, text);
         let function = match keys.iter().position(|x| *x == key) {
             Some(i) => {
@@ -386,12 +560,14 @@ pub fn lower(plan: &Plan) -> Result<Module, CodegenError> {
                 } else {
                     format!("{base}_v{same}")
                 };
-                let (device, wrapper) = functions(&name, k.tiling.threads, body);
+                let (device, prefetch, wrapper) =
+                    functions(&name, k.tiling.threads, body, prefetch);
                 keys.push(key);
                 kernels.push(LoweredKernel {
                     name,
                     header: header(plan, k),
                     device,
+                    prefetch,
                     wrapper,
                 });
                 kernels.len() - 1

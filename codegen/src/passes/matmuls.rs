@@ -41,6 +41,7 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
                 KernelKind::MatVec {
                     matmul: m,
                     norm: Some(n),
+                    siblings: vec![],
                 },
                 nodes,
             ));
@@ -52,6 +53,7 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
                 KernelKind::MatVec {
                     matmul: m,
                     norm: None,
+                    siblings: vec![],
                 },
                 [m],
             ));

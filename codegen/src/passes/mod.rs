@@ -14,6 +14,7 @@ mod experts;
 mod matmuls;
 mod remaining;
 mod router;
+mod siblings;
 
 use std::path::PathBuf;
 
@@ -63,6 +64,11 @@ pub const PIPELINE: &[Pass] = &[
         name: "fuse_epilogues",
         why: "once every anchor kernel exists, elementwise consumers (value scale, residual add, cast) join the kernel that produces their input",
         run: epilogue::run,
+    },
+    Pass {
+        name: "fuse_siblings",
+        why: "after epilogues, which decide which matmuls stay bare: matvec kernels of the same input (the q, k and v projections) become one kernel over their stacked weights",
+        run: siblings::run,
     },
     Pass {
         name: "fuse_elementwise",

@@ -1,0 +1,98 @@
+//! Sibling matmuls in one kernel (`fuse_siblings`): the q, k and v
+//! projections of a layer become one kernel whose weights the plan lays out
+//! back to back; weights with block-scale arrays, matmuls with an epilogue
+//! and a lone matmul stay as they were.
+
+#![allow(clippy::unwrap_used)]
+
+use tilefuse_codegen::lower::lower;
+use tilefuse_codegen::passes::run_pipeline;
+use tilefuse_codegen::plan::{Plan, PlanOptions};
+use tilefuse_codegen::KernelKind;
+use tilefuse_ir::{shape, Builder, DType, Graph};
+use tilefuse_model::presets;
+
+/// `x [T, 256]` normalised once, then three projections of 512, 128, 128 rows
+/// in `dt`; with `scaled`, the third is multiplied by 0.5 (an epilogue).
+fn three_projections(dt: DType, scaled: bool) -> Graph {
+    let mut b = Builder::new("qkv", &["T"]);
+    let x = b.input("x", DType::BF16, shape![T, 256]).unwrap();
+    let g = b.weight("norm.weight", DType::BF16, shape![256]).unwrap();
+    let h = b.rms_norm(x, g, 1e-5).unwrap();
+    for (name, rows) in [("q", 512usize), ("k", 128), ("v", 128)] {
+        let w = b
+            .weight(&format!("{name}.weight"), dt, shape![(rows), 256])
+            .unwrap();
+        let mut y = b.matmul(h, w).unwrap();
+        if scaled && name == "v" {
+            y = b.scale(y, 0.5).unwrap();
+        }
+        b.output(name, y).unwrap();
+    }
+    b.finish().unwrap()
+}
+
+fn matvec_kernels(g: Graph) -> (Plan, Vec<Vec<String>>) {
+    let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions::new(4)).unwrap();
+    let gr = &plan.fused.graph;
+    let parts = plan
+        .kernels
+        .iter()
+        .filter_map(|k| match &plan.group(k).kind {
+            KernelKind::MatVec {
+                matmul, siblings, ..
+            } => Some(
+                std::iter::once(matmul)
+                    .chain(siblings)
+                    .map(|&m| gr.node(gr.inputs(m)[1]).name.clone())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect();
+    lower(&plan).unwrap();
+    (plan, parts)
+}
+
+#[test]
+fn bf16_projections_share_one_kernel_over_contiguous_weights() {
+    let (plan, parts) = matvec_kernels(three_projections(DType::BF16, false));
+    assert_eq!(parts, vec![vec!["q.weight", "k.weight", "v.weight"]]);
+    let slot = |n: &str| plan.weights.iter().find(|w| w.name == n).unwrap();
+    assert_eq!(
+        slot("q.weight").offset + slot("q.weight").bytes,
+        slot("k.weight").offset
+    );
+    assert_eq!(
+        slot("k.weight").offset + slot("k.weight").bytes,
+        slot("v.weight").offset
+    );
+    let k = plan
+        .kernels
+        .iter()
+        .find(|k| matches!(plan.group(k).kind, KernelKind::MatVec { .. }))
+        .unwrap();
+    assert_eq!(k.tiling.tiles, (512 + 128 + 128) / 16);
+}
+
+#[test]
+fn scaled_fp4_and_epilogue_projections_stay_apart() {
+    let (_, parts) = matvec_kernels(three_projections(DType::MXFP4, false));
+    assert_eq!(parts.len(), 3, "{parts:?}");
+    let (_, parts) = matvec_kernels(three_projections(DType::BF16, true));
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    assert!(
+        parts.contains(&vec!["q.weight".into(), "k.weight".into()]),
+        "{parts:?}"
+    );
+}
+
+#[test]
+fn a_qwen3_layer_takes_ten_kernels() {
+    let p = presets::by_name("qwen3-30b-a3b").unwrap();
+    let g = p.arch.layer_graph(&p.options, 1).unwrap();
+    let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions::new(1)).unwrap();
+    let names: Vec<&str> = plan.kernels.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(plan.kernels.len(), 10, "{names:?}");
+    assert!(names[0].contains("norm_matvecs"), "{names:?}");
+}

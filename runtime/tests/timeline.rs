@@ -1,0 +1,87 @@
+//! The timeline of a traced forward, from the words the kernels write: per
+//! kernel (stream, graph) and per task (persistent), busy and idle time, the
+//! layer a kernel belongs to, and an unwritten record refused.
+
+#![allow(clippy::unwrap_used)]
+
+use tilefuse_codegen::lower::TASK_TILE_BITS;
+use tilefuse_codegen::passes::run_pipeline;
+use tilefuse_codegen::plan::{Plan, PlanOptions};
+use tilefuse_model::presets;
+use tilefuse_runtime::timeline::Trace;
+use tilefuse_runtime::LaunchMode;
+
+fn plan() -> Plan {
+    let p = presets::by_name("qwen3-moe-tiny").unwrap();
+    let g = p.arch.forward_graph(&p.options).unwrap();
+    Plan::new(run_pipeline(g).unwrap(), PlanOptions::new(1)).unwrap()
+}
+
+#[test]
+fn kernel_records_give_spans_and_idle_time() {
+    let plan = plan();
+    let n = plan.kernels.len();
+    // Kernel i: starts at 10 µs·i (ns since an arbitrary epoch), passes its
+    // wait 2 µs later, works 5 µs: 3 µs of every 10 no kernel works.
+    let t0 = 1_000_000_000u64;
+    let mut words = Vec::new();
+    for i in 0..n as u64 {
+        words.extend([
+            t0 + 10_000 * i,
+            t0 + 10_000 * i + 2_000,
+            t0 + 10_000 * i + 7_000,
+            3,
+        ]);
+    }
+    let tr = Trace::from_words(&plan, LaunchMode::Graph, n, &words, 1.0).unwrap();
+    assert_eq!(tr.kernels.len(), n);
+    assert!((tr.kernels[1].start - 10.0).abs() < 1e-9);
+    assert!((tr.kernels[1].waited - 12.0).abs() < 1e-9);
+    assert!((tr.kernels[1].end - 17.0).abs() < 1e-9);
+    let s = tr.summary(0..n);
+    let span = 10.0 * (n - 1) as f64 + 7.0;
+    let busy = 5.0 * n as f64;
+    assert!(
+        s.contains(&format!("span {span:.1} us, busy {busy:.1} us")),
+        "{s}"
+    );
+    assert!(s.contains(&format!("idle {:.1} us", span - busy)), "{s}");
+    // Layers: every kernel of layer 0 comes before every kernel of layer 1.
+    let l0 = tr.layer_range(0).unwrap();
+    let l1 = tr.layer_range(1).unwrap();
+    assert!(l0.end <= l1.start, "{l0:?} {l1:?}");
+    let svg = tr.svg(l1.clone(), "layer 1");
+    assert!(svg.starts_with("<svg") && svg.contains(&tr.kernels[l1.start].name));
+    // A kernel that wrote no record is an error, not a zero-length bar.
+    words[4 * (n - 1) + 3] = 0;
+    let e = Trace::from_words(&plan, LaunchMode::Graph, n, &words, 1.0).unwrap_err();
+    assert!(e.to_string().contains(&plan.kernels[n - 1].name), "{e}");
+}
+
+#[test]
+fn task_records_fold_into_kernels_and_sms() {
+    let plan = plan();
+    let mut words = Vec::new();
+    let mut tasks = 0usize;
+    let t0 = 5_000u64;
+    for (k, kernel) in plan.kernels.iter().enumerate() {
+        for tile in 0..kernel.tiling.tiles {
+            let task = ((k as u64) << TASK_TILE_BITS) | u64::from(tile);
+            let sm = (tasks % 4) as u64;
+            let s = t0 + 1_000 * tasks as u64;
+            words.extend([s, s + 100, s + 900, (sm << 32) | task]);
+            tasks += 1;
+        }
+    }
+    let tr = Trace::from_words(&plan, LaunchMode::Persistent, tasks, &words, 1.0).unwrap();
+    assert_eq!(tr.tasks.len(), tasks);
+    let ctas: u64 = tr.kernels.iter().map(|k| k.ctas).sum();
+    assert_eq!(ctas as usize, tasks);
+    for (k, kernel) in plan.kernels.iter().enumerate() {
+        assert_eq!(tr.kernels[k].ctas, u64::from(kernel.tiling.tiles));
+    }
+    assert!(tr.svg(0..plan.kernels.len(), "all").contains("4 SMs"));
+    // An unwritten task record is refused.
+    words[0] = 0;
+    assert!(Trace::from_words(&plan, LaunchMode::Persistent, tasks, &words, 1.0).is_err());
+}
