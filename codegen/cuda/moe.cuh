@@ -8,8 +8,8 @@
 // The expert tiles read each distinct expert's weights once per tile for all
 // the (token, slot) pairs that chose it (verification of B tokens reads the
 // union of their experts, not B times 8 experts). The sum over a token's
-// slots runs in ascending expert order rather than slot order (f32 rounding
-// differences only).
+// slots runs in an order of the experts fixed by the routing table (see
+// experts_down_tile) rather than slot order (f32 rounding differences only).
 //
 // Routing table (device layout, int32, written by router_tile, read by the
 // expert tiles; TK = T * TOPK with the T of this forward):
@@ -417,10 +417,13 @@ __host__ __device__ constexpr int experts_down_tiles(int H, int rows) { return c
 // down [E, H, I]. Loops over the distinct experts d < n_distinct; reads
 // down[e][n, :] once per expert and, for each pair p = t*TOPK + j of e, adds
 //   w[p] * (down_e[n, :] . h[p, :])
-// into per-token f32 accumulators (one set per K-slice warp, no barrier
-// between experts), then calls epi(t, n, acc) once per t < T and row n:
-// acc = sum over the K-slices of sum over the token's experts in ascending
-// expert order (NVFP4 tensor scale applied). epi rounds (and may add the
+// into per-token f32 accumulators (one set per warp slot, no barrier between
+// experts), then calls epi(t, n, acc) once per t < T and row n. On the MMA
+// path slot kw holds experts kw, kw + KW, ... over all of K, and acc = the
+// sum over the slots in order of each slot's sum in ascending expert order
+// (for T = 1 and TOPK <= KW: ascending expert order); otherwise slot kw holds
+// the K-slice kw of every expert, summed over the slots (NVFP4 tensor scale
+// applied). epi rounds (and may add the
 // residual). h: [T*TOPK, I] bf16 from experts_up_tile; w: f32 [T, TOPK].
 // Grid: experts_down_tiles(H, ROWS). Smem: experts_down_smem_bytes<C, W>().
 // Requires 1 <= T <= MAX_T.
@@ -430,6 +433,16 @@ __device__ void experts_down_tile(int tile, const bf16* __restrict__ h, const fl
     using EP = moe_detail::ExpertPlan<C, W, C::rows, C::i>;
     using P = typename EP::P;
     constexpr int ROWS = C::rows, H = C::h, I = C::i, TOPK = C::topk, MT = C::max_t;
+    // Where the plan splits K over KW warps (the MMA path), the warps split the
+    // experts instead: slot kw runs experts kw, kw + KW, ... over all of K, so
+    // the loads of every expert are in flight at once rather than one expert
+    // after another (an expert's rows are only a few k-blocks long). A slot's
+    // experts still accumulate in ascending order, one warp each, and the
+    // slots are summed in order: deterministic.
+    constexpr bool BY_EXPERT = EP::MMA && P::KW > 1;
+    using PW = typename mv_detail::cond<BY_EXPERT, mv_detail::Plan<ROWS, 32 * P::RG, I, EP::MAXCOL, true, W, C::u>, P>::type;
+    using WarpT = mv_detail::WarpOf<PW, W, I, bf16>;
+    static_assert(PW::G == P::G && PW::NCOLP == P::NCOLP, "expert split: same warp tile");
     const RouteView rt{route, T * TOPK};
     __syncthreads();
     const int warp = threadIdx.x >> 5;
@@ -439,14 +452,15 @@ __device__ void experts_down_tile(int tile, const bf16* __restrict__ h, const fl
     for (int i = threadIdx.x; i < P::KW * MT * ROWS; i += C::threads) acc[i] = 0.f;
     __syncthreads();
     const int nd = rt.n_distinct();
-    for (int d = 0; d < nd; ++d) {
+    for (int d = BY_EXPERT ? kw : 0; d < nd; d += BY_EXPERT ? P::KW : 1) {
         const int e = rt.expert(d), p0 = rt.offset(d), np = rt.offset(d + 1) - p0;
         auto rowmap = [&](int lr) { return e * H + min(n0 + rg * P::G + lr, H - 1); };
         for (int pc = 0; pc < np; pc += P::NCOLP) {
             const int ncols = min((int)P::NCOLP, np - pc);
-            typename EP::Warp st;
+            WarpT st;
             st.init(rowmap, [&](int col) { return h + (size_t)rt.pair(p0 + pc + col) * I; }, ncols);
-            st.run(down, kw, P::NKB, P::KW, 0);
+            if constexpr (BY_EXPERT) st.run(down, 0, PW::NKB, 1, 0);
+            else st.run(down, kw, P::NKB, P::KW, 0);
             // A router's top-k never repeats an expert within a token, so one
             // emit hits every (token, row) at most once and the result does
             // not depend on timing; the shared atomic keeps a repeated expert
@@ -462,7 +476,7 @@ __device__ void experts_down_tile(int tile, const bf16* __restrict__ h, const fl
         }
     }
     __syncthreads();
-    const float sc = EP::Warp::scale(down);
+    const float sc = WarpT::scale(down);
     for (int i = threadIdx.x; i < ROWS * T; i += C::threads) {
         const int t = i / ROWS, r = i - t * ROWS, n = n0 + r;
         if (n < H) {
