@@ -96,13 +96,24 @@ pub fn arb_step() -> impl Strategy<Value = Step> {
 /// Builds a graph from steps; steps that do not type-check are skipped.
 /// Inputs: `x`, `y` bf16 `[T,64]`, `z` f32 `[S+T,32]`; outputs `out` (the last value) and `first`.
 pub fn build(steps: &[Step]) -> Graph {
+    build_with_z(steps, shape!["S+T", 32])
+}
+
+/// Like [`build`], with `z` of `[T,32]`: every input is sized by `T` alone,
+/// as a GPU plan needs (a stored activation may not depend on `S`, the
+/// cached length), so these graphs can be planned and lowered.
+pub fn build_t_only(steps: &[Step]) -> Graph {
+    build_with_z(steps, shape![T, 32])
+}
+
+fn build_with_z(steps: &[Step], z: crate::Shape) -> Graph {
     let mut b = Builder::new("random", &["S", "T"]);
     let mut vals: Vec<NodeId> = vec![
         b.input("x", DType::BF16, shape![T, 64])
             .expect("random graph construction"),
         b.input("y", DType::BF16, shape![T, 64])
             .expect("random graph construction"),
-        b.input("z", DType::F32, shape!["S+T", 32])
+        b.input("z", DType::F32, z)
             .expect("random graph construction"),
     ];
     let mut weights = 0usize;
@@ -196,6 +207,24 @@ pub fn build(steps: &[Step]) -> Graph {
 /// Random graphs of up to `max_steps` steps.
 pub fn arb_graph(max_steps: usize) -> impl Strategy<Value = Graph> {
     proptest::collection::vec(arb_step(), 0..max_steps).prop_map(|s| build(&s))
+}
+
+/// Random graphs of up to `max_steps` steps built by [`build_t_only`].
+pub fn arb_graph_t_only(max_steps: usize) -> impl Strategy<Value = Graph> {
+    proptest::collection::vec(arb_step(), 0..max_steps).prop_map(|s| build_t_only(&s))
+}
+
+/// Random graphs of up to `max_steps` steps drawn only from the steps
+/// `keep` accepts, built by [`build_t_only`].
+pub fn arb_graph_t_only_of(
+    max_steps: usize,
+    keep: fn(&Step) -> bool,
+) -> impl Strategy<Value = Graph> {
+    proptest::collection::vec(
+        arb_step().prop_filter("step kind not wanted", keep),
+        0..max_steps,
+    )
+    .prop_map(|s| build_t_only(&s))
 }
 
 /// Fresh random values (never zeros: uniform in ±[0.1, 1]) for every
