@@ -359,8 +359,7 @@ fn qwen3_moe_tiny_bf16_in_bf16_matches_transformers() {
 /// The generated kernels in bf16, in every launch mode, against transformers.
 #[test]
 fn bf16_fixtures_in_bf16_match_transformers_on_the_gpu() {
-    if !Gpu::available() {
-        println!("{}", Gpu::SKIP);
+    if !Gpu::available_or_skip() {
         return;
     }
     for name in BF16_FIXTURES {

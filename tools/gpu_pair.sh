@@ -4,8 +4,12 @@
 # standard library, the corpus it was trained on) to $OUT/heldout.txt, runs
 # `tilefuse eval` on the GPU at blocks 4, 8 and 16, and compares greedy
 # tokens with transformers (tools/compare_pair.py; the bf16 checkpoint in
-# $BF16, default gpu-bin/target-bf16). Tables last.
+# $BF16, default gpu-bin/target-bf16). Tables last. Exits non-zero when an
+# eval or the comparison fails.
 set -u
+# TILEFUSE_REQUIRE_GPU=1: a GPU test that finds no GPU fails instead of skipping.
+export TILEFUSE_REQUIRE_GPU=1
+failed=0
 bin=${TILEFUSE_BIN_DIR:-gpu-bin}/tilefuse
 out=${OUT:-/tmp}
 export TILEFUSE_CACHE_DIR=${TILEFUSE_CACHE_DIR:-/tmp/tilefuse-cache}
@@ -20,7 +24,12 @@ print(f"held-out text: {len(names)} files, {sum(map(len, parts))} characters")
 PY
 for b in 8 4 16; do
     "$bin" eval --text "$out/heldout.txt" --block $b --backend cuda --mode graph --json > "$out/eval_b$b.json" 2> "$out/eval_b$b.err"
-    echo "eval B=$b rc=$? $(cat "$out/eval_b$b.json")"
+    rc=$?; [ $rc -ne 0 ] && failed=$((failed + 1))
+    echo "eval B=$b rc=$rc $(cat "$out/eval_b$b.json")"
 done
 python3 tools/compare_pair.py --bf16 "${BF16:-gpu-bin/target-bf16}" --mxfp4 "$pair/target" \
-    --text "$out/heldout.txt" --tilefuse "$bin" --prompts 8 --max-tokens 64 2>&1 | tail -26
+    --text "$out/heldout.txt" --tilefuse "$bin" --prompts 8 --max-tokens 64 > "$out/compare_pair.txt" 2>&1 \
+    || failed=$((failed + 1))
+tail -26 "$out/compare_pair.txt"
+if [ "$failed" -ne 0 ]; then echo "FAILED: $failed check(s) failed"; exit 1; fi
+echo "all checks passed"

@@ -279,6 +279,51 @@ impl Gpu {
     /// The one-line message a GPU test prints when it skips.
     pub const SKIP: &'static str = "skipped: no CUDA GPU on this machine";
 
+    /// True when `TILEFUSE_REQUIRE_GPU` is set (to anything but empty or
+    /// `0`): a run on a GPU machine sets it so that a missing GPU fails every
+    /// GPU test instead of letting it skip.
+    pub fn required() -> bool {
+        std::env::var_os("TILEFUSE_REQUIRE_GPU").is_some_and(|v| !v.is_empty() && v != "0")
+    }
+
+    /// The one place a GPU test skips: prints [`Gpu::SKIP`] followed by
+    /// `note`, or panics when [`Gpu::required`] (the GPU was required and is
+    /// missing, so the run must fail).
+    pub fn skip(note: &str) {
+        if Gpu::required() {
+            panic!(
+                "TILEFUSE_REQUIRE_GPU is set but this machine has no CUDA GPU (no driver or no \
+                 device), so this GPU test cannot run; run it on a machine with a GPU, or unset \
+                 TILEFUSE_REQUIRE_GPU to let GPU tests skip"
+            );
+        }
+        println!("{}{note}", Gpu::SKIP);
+    }
+
+    /// Opens the GPU for a test: `None` after [`Gpu::skip`] when there is
+    /// none (a panic when the GPU is required); a GPU that is present but
+    /// fails to open is always a panic.
+    pub fn open_or_skip() -> Option<Gpu> {
+        match Gpu::open() {
+            Ok(Some(g)) => Some(g),
+            Ok(None) => {
+                Gpu::skip("");
+                None
+            }
+            Err(e) => panic!("a CUDA GPU is present but cannot be opened: {e}"),
+        }
+    }
+
+    /// [`Gpu::available`] for a test: `false` after [`Gpu::skip`] when there
+    /// is no GPU (a panic when the GPU is required).
+    pub fn available_or_skip() -> bool {
+        if Gpu::available() {
+            return true;
+        }
+        Gpu::skip("");
+        false
+    }
+
     /// Compiles `source` for this device and loads it.
     pub fn load(
         &self,

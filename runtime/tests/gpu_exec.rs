@@ -136,8 +136,7 @@ fn elementwise_graph() -> Graph {
 
 #[test]
 fn elementwise_kernels_match_the_interpreter_in_every_mode() {
-    let Some(mut gpu) = Gpu::open().unwrap() else {
-        println!("{}", Gpu::SKIP);
+    let Some(mut gpu) = Gpu::open_or_skip() else {
         return;
     };
     let g = elementwise_graph();
@@ -152,8 +151,7 @@ fn elementwise_kernels_match_the_interpreter_in_every_mode() {
 
 #[test]
 fn norm_linear_matches_the_interpreter() {
-    let Some(mut gpu) = Gpu::open().unwrap() else {
-        println!("{}", Gpu::SKIP);
+    let Some(mut gpu) = Gpu::open_or_skip() else {
         return;
     };
     for dt in [DType::BF16, DType::MXFP4, DType::NVFP4, DType::F8E4M3] {
@@ -176,8 +174,7 @@ fn norm_linear_matches_the_interpreter() {
 
 #[test]
 fn attention_block_matches_the_interpreter_across_the_ring() {
-    let Some(mut gpu) = Gpu::open().unwrap() else {
-        println!("{}", Gpu::SKIP);
+    let Some(mut gpu) = Gpu::open_or_skip() else {
         return;
     };
     let g = tilefuse_model::canonical::attention_block().unwrap();
@@ -204,8 +201,7 @@ fn attention_block_matches_the_interpreter_across_the_ring() {
 
 #[test]
 fn moe_block_matches_the_interpreter() {
-    let Some(mut gpu) = Gpu::open().unwrap() else {
-        println!("{}", Gpu::SKIP);
+    let Some(mut gpu) = Gpu::open_or_skip() else {
         return;
     };
     for dt in [DType::BF16, DType::MXFP4, DType::NVFP4] {
@@ -228,8 +224,7 @@ fn moe_block_matches_the_interpreter() {
 
 #[test]
 fn tiny_models_match_the_interpreter_end_to_end() {
-    let Some(gpu) = Gpu::open().unwrap() else {
-        println!("{}", Gpu::SKIP);
+    let Some(gpu) = Gpu::open_or_skip() else {
         return;
     };
     let mut gpu = Some(gpu);
@@ -322,8 +317,7 @@ fn tiny_models_match_the_interpreter_end_to_end() {
 
 #[test]
 fn full_attention_block_matches_the_interpreter_with_split_keys() {
-    let Some(mut gpu) = Gpu::open().unwrap() else {
-        println!("{}", Gpu::SKIP);
+    let Some(mut gpu) = Gpu::open_or_skip() else {
         return;
     };
     let g = tilefuse_model::canonical::full_attention_block().unwrap();
@@ -386,8 +380,7 @@ fn dflash_pair(target: &str, draft: &str) -> DflashPair {
 #[test]
 fn dflash_graphs_match_the_interpreter() {
     use tilefuse_model::dflash;
-    let Some(gpu) = Gpu::open().unwrap() else {
-        println!("{}", Gpu::SKIP);
+    let Some(gpu) = Gpu::open_or_skip() else {
         return;
     };
     let mut gpu = Some(gpu);
@@ -493,8 +486,7 @@ fn dflash_graphs_match_the_interpreter() {
 fn acceptance_kernel_finds_every_prefix() {
     use tilefuse_runtime::accept::GreedyAccept;
     use tilefuse_runtime::cuda_exec::DeviceRange;
-    let Some(gpu) = Gpu::open().unwrap() else {
-        println!("{}", Gpu::SKIP);
+    let Some(gpu) = Gpu::open_or_skip() else {
         return;
     };
     let acc = GreedyAccept::new(&gpu, 16).unwrap_or_else(|e| panic!("{e}"));
@@ -535,8 +527,7 @@ fn speculative_steps_on_the_gpu_equal_the_host_loop() {
     use tilefuse_model::dflash;
     use tilefuse_runtime::speculative::{DFlashDrafter, SamplingRule, SpecDecoder, SpecOptions};
     use tilefuse_runtime::{Backend, Executable, Sampling};
-    if !Gpu::available() {
-        println!("{}", Gpu::SKIP);
+    if !Gpu::available_or_skip() {
         return;
     }
     for (target, draft) in TINY_PAIRS {

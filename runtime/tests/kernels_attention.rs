@@ -923,16 +923,9 @@ fn check_step(gpu: &Gpu, l: &Layer, s: usize, t: usize, seed: u64, what: &str) {
     println!("{what}: S={s} T={t}: rel L2 {e:.2e}, max error {worst:.2} x rowmax/256");
 }
 
-/// Opens the GPU, or says why the test skips.
+/// Opens the GPU, or says why the test skips ([`Gpu::open_or_skip`]).
 fn gpu_or_skip() -> Option<Gpu> {
-    match Gpu::open() {
-        Ok(Some(g)) => Some(g),
-        Ok(None) => {
-            println!("{}", Gpu::SKIP);
-            None
-        }
-        Err(e) => panic!("{e}"),
-    }
+    Gpu::open_or_skip()
 }
 
 /// Runs each `(layer, S, T)` case: the interpreter reference always (this
@@ -953,7 +946,7 @@ fn run_cases(name: &str, cases: &[(Layer, usize, usize)]) {
         }
     }
     if gpu.is_none() {
-        println!("{}", Gpu::SKIP);
+        Gpu::skip("");
     }
 }
 

@@ -738,7 +738,7 @@ fn program(kernels: &[String]) -> String {
 /// static_asserts check the smem replicas of these shapes too), checks that
 /// nothing spills, prints `Gpu::SKIP` and returns `None`.
 fn open_or_compile(name: &str, src: &str) -> Option<Gpu> {
-    if let Some(gpu) = Gpu::open().unwrap() {
+    if let Some(gpu) = Gpu::open().unwrap_or_else(|e| panic!("{e}")) {
         return Some(gpu);
     }
     let c = nvrtc::compile(name, src, HEADERS, &CompileOptions::default())
@@ -749,7 +749,7 @@ fn open_or_compile(name: &str, src: &str) -> Option<Gpu> {
             "{r:?}"
         );
     }
-    println!("{} (compiled the kernels for sm_90a only)", Gpu::SKIP);
+    Gpu::skip(" (compiled the kernels for sm_90a only)");
     None
 }
 
@@ -1711,8 +1711,7 @@ fn argmax_and_sample_match_the_interpreter() {
 
 #[test]
 fn matvec_bandwidth_print_only() {
-    let Some(gpu) = Gpu::open().unwrap() else {
-        println!("{}", Gpu::SKIP);
+    let Some(gpu) = Gpu::open_or_skip() else {
         return;
     };
     use cudarc::driver::sys::CUevent_flags;
