@@ -278,6 +278,12 @@ fn run_random(
 ) -> Result<(), String> {
     let mut runner = TestRunner::new(Config {
         source_file: Some(file!()),
+        // A sabotaged pipeline fails on purpose: its cases are not regressions to keep.
+        failure_persistence: if passes.is_none() {
+            Config::default().failure_persistence
+        } else {
+            None
+        },
         ..Config::with_cases(cases)
     });
     let b = bindings();
