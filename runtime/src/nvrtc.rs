@@ -12,6 +12,14 @@
 //! the source, the headers, the options and the NVRTC version. Setting
 //! `TILEFUSE_NO_COMPILE=1` makes any compile that misses the cache an error,
 //! which proves that a warm start compiles nothing.
+//!
+//! One entry is one file, `KEY.entry` ([`CACHE_MAGIC`], the byte lengths of
+//! the log, the PTX and the cubin, a SHA-256 of lengths and contents, then
+//! the three contents). It is written under a temporary name in the same
+//! folder and renamed into place, so a reader sees a whole entry or none;
+//! and it is verified before use, so an entry damaged anyway (a full disk, a
+//! crash before the data reached the disk, an edit) is reported, removed and
+//! recompiled, never loaded.
 
 use std::ffi::{c_char, CStr, CString};
 use std::fmt;
@@ -348,16 +356,25 @@ pub fn compile(
     let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     let dir = cache_dir();
     if let Some(d) = &dir {
-        let cubin = d.join(format!("{key}.cubin"));
-        let log = d.join(format!("{key}.log"));
-        if let (Ok(c), Ok(l)) = (std::fs::read(&cubin), std::fs::read_to_string(&log)) {
-            return Ok(Compiled {
-                cubin: c,
-                ptx: std::fs::read_to_string(d.join(format!("{key}.ptx"))).unwrap_or_default(),
-                resources: parse_resources(&l),
-                log: l,
-                cached: true,
-            });
+        let path = d.join(format!("{key}.entry"));
+        match read_entry(&path) {
+            Ok(Some((log, ptx, cubin))) => {
+                return Ok(Compiled {
+                    cubin,
+                    ptx,
+                    resources: parse_resources(&log),
+                    log,
+                    cached: true,
+                });
+            }
+            Ok(None) => {}
+            Err(why) => {
+                eprintln!(
+                    "warning: the compile cache entry {} is damaged ({why}); removing it and compiling `{name}` again",
+                    path.display()
+                );
+                let _ = std::fs::remove_file(&path);
+            }
         }
     }
     if std::env::var_os("TILEFUSE_NO_COMPILE").is_some_and(|v| !v.is_empty() && v != "0") {
@@ -366,22 +383,130 @@ pub fn compile(
     let compiled = compile_uncached(name, source, headers, &options)?;
     COMPILES.fetch_add(1, Ordering::SeqCst);
     if let Some(d) = &dir {
-        // Write to a temporary name and rename, so a reader never sees half a file.
-        if std::fs::create_dir_all(d).is_ok() {
-            let tmp = d.join(format!("{key}.{}.tmp", std::process::id()));
-            // The cubin last: its presence marks a complete entry.
-            for (ext, bytes) in [
-                ("log", compiled.log.as_bytes()),
-                ("ptx", compiled.ptx.as_bytes()),
-                ("cubin", &compiled.cubin[..]),
-            ] {
-                if std::fs::write(&tmp, bytes).is_ok() {
-                    let _ = std::fs::rename(&tmp, d.join(format!("{key}.{ext}")));
-                }
-            }
+        // A cache that cannot be written only costs a compile next time.
+        if let Err(e) = write_entry(d, &key, &compiled) {
+            eprintln!(
+                "warning: cannot write the compile cache entry of `{name}` in {}: {e}",
+                d.display()
+            );
         }
     }
     Ok(compiled)
+}
+
+/// The first bytes of a compile cache entry (the format's version).
+pub const CACHE_MAGIC: &[u8; 8] = b"TFNVRTC1";
+
+/// Bytes before the contents: magic, three `u64` lengths, a SHA-256.
+const ENTRY_HEAD: usize = 8 + 3 * 8 + 32;
+
+/// The SHA-256 that guards an entry: over the three lengths and contents.
+fn entry_digest(lens: &[u8], parts: [&[u8]; 3]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(lens);
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
+/// Encodes an entry (see the module docs).
+pub fn encode_entry(log: &str, ptx: &str, cubin: &[u8]) -> Vec<u8> {
+    let parts = [log.as_bytes(), ptx.as_bytes(), cubin];
+    let lens: Vec<u8> = parts
+        .iter()
+        .flat_map(|p| (p.len() as u64).to_le_bytes())
+        .collect();
+    let mut out = Vec::with_capacity(ENTRY_HEAD + parts.iter().map(|p| p.len()).sum::<usize>());
+    out.extend_from_slice(CACHE_MAGIC);
+    out.extend_from_slice(&lens);
+    out.extend_from_slice(&entry_digest(&lens, parts));
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+/// Decodes and verifies an entry: `(log, ptx, cubin)`, or why it is damaged.
+pub fn decode_entry(bytes: &[u8]) -> Result<(String, String, Vec<u8>), String> {
+    if bytes.len() < ENTRY_HEAD {
+        return Err(format!(
+            "{} bytes, shorter than the {ENTRY_HEAD}-byte header",
+            bytes.len()
+        ));
+    }
+    if &bytes[..8] != CACHE_MAGIC {
+        return Err("it does not start with the entry magic".into());
+    }
+    let lens = &bytes[8..32];
+    let len = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&lens[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(b)
+    };
+    // Invariant once checked: the three lengths add up to exactly what
+    // follows the header (checked addition: a length may be any u64).
+    let body = (bytes.len() - ENTRY_HEAD) as u64;
+    let total = len(0)
+        .checked_add(len(1))
+        .and_then(|t| t.checked_add(len(2)));
+    if total != Some(body) {
+        return Err(format!(
+            "its header announces {} + {} + {} bytes but {body} follow (truncated?)",
+            len(0),
+            len(1),
+            len(2)
+        ));
+    }
+    let (a, b) = (len(0) as usize, len(1) as usize);
+    let body = &bytes[ENTRY_HEAD..];
+    let parts = [&body[..a], &body[a..a + b], &body[a + b..]];
+    if entry_digest(lens, parts)[..] != bytes[32..ENTRY_HEAD] {
+        return Err("its contents do not match the SHA-256 in its header".into());
+    }
+    let text = |p: &[u8], what: &str| {
+        String::from_utf8(p.to_vec()).map_err(|_| format!("its {what} is not UTF-8"))
+    };
+    Ok((
+        text(parts[0], "log")?,
+        text(parts[1], "PTX")?,
+        parts[2].to_vec(),
+    ))
+}
+
+/// Reads the entry at `path`: `None` when there is none, an error naming
+/// the damage when it cannot be used.
+fn read_entry(path: &Path) -> Result<Option<(String, String, Vec<u8>)>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => decode_entry(&bytes).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("unreadable: {e}")),
+    }
+}
+
+/// Temporary names of entries being written by this process.
+static TMP_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// Writes the entry of `key` to a temporary file in `dir`, flushes it and
+/// renames it to `KEY.entry`.
+fn write_entry(dir: &Path, key: &str, c: &Compiled) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{key}.entry.tmp-{}-{}",
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&encode_entry(&c.log, &c.ptx, &c.cubin))?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(format!("{key}.entry")))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 fn cstring(s: &str, what: &str) -> Result<CString, CompileError> {
