@@ -498,3 +498,115 @@ fn speculative_generate_and_eval_on_a_checkpoint() {
         &["config.json"],
     );
 }
+
+/// The names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("list")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// `tilefuse init` and `tilefuse quantize` killed (SIGKILL: no clean-up
+/// runs) at delays spread over a whole run: the output directory is absent or
+/// complete, never partial; a later writer of the same name removes what a
+/// killed one left and succeeds.
+#[test]
+fn writers_killed_midway_leave_no_partial_output() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = init(tmp.path(), "mimo-v2-tiny", "src");
+    let runs: [Vec<String>; 2] = [
+        ["init", "--preset", "mimo-v2-tiny", "--out"]
+            .map(String::from)
+            .to_vec(),
+        ["quantize", "--format", "mxfp4", "--model", s(&src), "--out"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for args in runs {
+        // How long one whole run takes here.
+        let t = std::time::Instant::now();
+        init_like(&args, &tmp.path().join("timed"));
+        let whole = t.elapsed();
+        std::fs::remove_dir_all(tmp.path().join("timed")).expect("clean");
+        let (mut killed_while_writing, mut complete) = (0, 0);
+        for attempt in 0..24u32 {
+            let out = tmp.path().join("out");
+            let mut child = Command::new(env!("CARGO_BIN_EXE_tilefuse"))
+                .args(&args)
+                .arg(&out)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn tilefuse");
+            // From at once to past the end of a whole run.
+            std::thread::sleep(whole * attempt / 16);
+            let _ = child.kill();
+            let status = child.wait().expect("wait");
+            let staging = tmp.path().join(format!(".out.tmp-{}", child.id()));
+            if out.exists() {
+                // Complete: it loads and generates.
+                assert!(
+                    !staging.exists(),
+                    "{args:?}: staging beside a complete output"
+                );
+                assert_eq!(
+                    generated_ids(&ok(&generate_model(&out, &["--json"]))).len(),
+                    6
+                );
+                std::fs::remove_dir_all(&out).expect("clean");
+                complete += 1;
+            } else if staging.exists() {
+                assert!(!status.success(), "{args:?} succeeded without its output");
+                killed_while_writing += 1;
+            }
+        }
+        println!(
+            "{}: {killed_while_writing} kills while writing, {complete} complete outputs",
+            args[0]
+        );
+        assert!(
+            killed_while_writing > 0,
+            "{args:?}: no kill landed while the output was being written ({whole:?} a run)"
+        );
+        // The next writer clears what the killed ones left and succeeds.
+        init_like(&args, &tmp.path().join("out"));
+        assert_eq!(names(tmp.path()), ["out", "src"], "{args:?}");
+        std::fs::remove_dir_all(tmp.path().join("out")).expect("clean");
+    }
+}
+
+/// Runs `args` with `out` appended and expects success.
+fn init_like(args: &[String], out: &Path) {
+    let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+    a.push(s(out));
+    ok(&a);
+}
+
+/// A writer that fails after it started writing (an expert tensor missing
+/// from the source) removes its staging directory and writes nothing.
+#[test]
+fn a_failed_quantize_leaves_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = init(tmp.path(), "qwen3-moe-tiny", "src");
+    edit_tensors(&src, |list| {
+        list.retain(|(n, _)| !n.contains("layers.1.mlp.experts.3.down_proj"))
+    });
+    let out = tmp.path().join("q");
+    fails(
+        &[
+            "quantize",
+            "--model",
+            s(&src),
+            "--out",
+            s(&out),
+            "--format",
+            "nvfp4",
+        ],
+        &["experts.3.down_proj"],
+    );
+    assert_eq!(names(tmp.path()), ["src"]);
+}

@@ -25,10 +25,13 @@ use crate::error::{LoadError, Result};
 use crate::presets::{self, Preset};
 use crate::quantize;
 
-/// A directory being written: files go to a hidden sibling
-/// (`.NAME.partial-PID`), which [`StagingDir::commit`] renames to the
-/// destination in one step. Dropped without a commit, it is removed, so a
-/// failure never leaves a half-written checkpoint behind.
+/// A directory being written: files go to a hidden sibling in the same
+/// parent (`.NAME.tmp-PID`), which [`StagingDir::commit`] flushes and renames
+/// to the destination in one step. Invariant: the destination is either
+/// absent (or the empty directory it was) or complete; never half-written.
+/// Dropped without a commit (an error), the sibling is removed; a process
+/// killed while writing leaves only the hidden sibling, which the next
+/// writer of the same destination removes.
 #[derive(Debug)]
 pub struct StagingDir {
     tmp: PathBuf,
@@ -72,10 +75,25 @@ impl StagingDir {
                 dest.display()
             )));
         }
-        let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)
-                .map_err(|e| LoadError::new(format!("cannot clear {}: {e}", tmp.display())))?;
+        // Leftovers of writers of this destination that were killed (this
+        // process's own name included): a staging directory is never shared,
+        // so any other one found here belongs to a writer that is gone or
+        // writing the same destination, which cannot both succeed anyway.
+        let prefix = format!(".{name}.tmp-");
+        let tmp = parent.join(format!("{prefix}{}", std::process::id()));
+        if let Ok(entries) = std::fs::read_dir(&parent) {
+            for e in entries.flatten() {
+                let stale = e.file_name().to_string_lossy().starts_with(&prefix)
+                    && !pid_alive(&e.file_name().to_string_lossy()[prefix.len()..]);
+                if stale || e.path() == tmp {
+                    std::fs::remove_dir_all(e.path()).map_err(|err| {
+                        LoadError::new(format!(
+                            "cannot remove the leftover {}: {err}; remove it by hand",
+                            e.path().display()
+                        ))
+                    })?;
+                }
+            }
         }
         std::fs::create_dir(&tmp)
             .map_err(|e| LoadError::new(format!("cannot create {}: {e}", tmp.display())))?;
@@ -113,6 +131,20 @@ impl StagingDir {
         self.committed = true;
         Ok(())
     }
+}
+
+/// Whether `pid` (decimal) names a running process, as far as this system
+/// can tell: on systems without `/proc` every process counts as running, so
+/// only leftovers of this process's own id are ever removed.
+fn pid_alive(pid: &str) -> bool {
+    let Ok(n) = pid.parse::<u32>() else {
+        return true;
+    };
+    if n == std::process::id() {
+        return false;
+    }
+    let proc = Path::new("/proc");
+    !proc.join("self").exists() || proc.join(n.to_string()).exists()
 }
 
 impl Drop for StagingDir {

@@ -182,12 +182,12 @@ pub fn compile_artifacts(
     emit: Emit,
     out: &Path,
 ) -> Result<String, String> {
+    // Written in a hidden sibling (`.NAME.tmp-PID`, same parent) and renamed
+    // over `out` at the end: `out` is the old folder or the new one, whole.
     let tmp: PathBuf = {
-        let mut name = out
-            .file_name()
-            .map(|n| n.to_os_string())
-            .unwrap_or_default();
-        name.push(format!(".tmp{}", std::process::id()));
+        let mut name = std::ffi::OsString::from(".");
+        name.push(out.file_name().unwrap_or_default());
+        name.push(format!(".tmp-{}", std::process::id()));
         out.with_file_name(name)
     };
     let _ = std::fs::remove_dir_all(&tmp);
