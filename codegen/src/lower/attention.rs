@@ -197,12 +197,15 @@ fn sched_unbounded(l: &Layer, tq: usize, max_t: usize) -> Sched {
             ch: range.div_ceil(32) * 32,
         };
     }
-    // Enough splits for two waves over the SMs at T = 1, at least 2 (the
-    // combine kernel expects partials).
-    let nsplit = (2 * SMS / (qblocks * l.hkv))
-        .clamp(2, 64)
-        .next_power_of_two()
-        .min(64);
+    // Enough splits for one wave over the SMs, at least 2 (the combine
+    // kernel expects partials). An attention tile holds a whole SM (its
+    // registers and shared memory leave room for one CTA), so a second wave
+    // would run after the first: at short contexts a tile's time is mostly
+    // its fixed part (query prep, stats, the partial's store), and two waves
+    // of half the keys cost nearly twice one wave.
+    let fit = (SMS / (qblocks * l.hkv)).clamp(2, 64);
+    // The largest power of two that still fits one wave.
+    let nsplit = 1usize << (usize::BITS - 1 - fit.leading_zeros());
     let per_split = l.cap.div_ceil(nsplit).div_ceil(16) * 16;
     Sched {
         tq,
