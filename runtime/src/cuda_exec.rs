@@ -7,6 +7,14 @@
 //! all buckets (sized for the largest). The symbols `T` and `S` of a forward
 //! are written to the head of the arena before the launches, so captured
 //! graphs replay for any `T` of their bucket and any `S`.
+//!
+//! Launch order: in stream and graph modes every kernel but a forward's first
+//! is launched with programmatic dependent launch. Its CTAs may then start
+//! while the kernel before it drains; each asks L2 for its dense weights,
+//! waits (`griddepcontrol.wait`) for the kernel before it to finish, and only
+//! then lets the next kernel start (the wrapper contract in `prelude.cuh`).
+//! A forward's first kernel, and anything else issued on the stream, keeps
+//! full stream order.
 
 use std::collections::BTreeMap;
 
