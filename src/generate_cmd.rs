@@ -29,17 +29,10 @@ pub enum Prompt<'a> {
     Ids(Vec<i32>),
 }
 
-/// Parses `--prompt-ids`: comma-separated non-negative integers.
+/// Parses `--prompt-ids`: comma-separated non-negative integers
+/// ([`tilefuse::model::tokenizer::parse_ids`]).
 pub fn parse_ids(s: &str) -> Result<Vec<i32>, String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            p.parse::<i32>().ok().filter(|&i| i >= 0).ok_or_else(|| {
-                format!("--prompt-ids: `{p}` is not a token id (a non-negative integer)")
-            })
-        })
-        .collect()
+    tilefuse::model::tokenizer::parse_ids(s)
 }
 
 /// Everything `generate` needs.

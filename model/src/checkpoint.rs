@@ -52,12 +52,30 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 /// The index of a sharded checkpoint.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
-/// One memory-mapped safetensors file.
+/// The bytes of one safetensors file: mapped from disk, or held in memory
+/// ([`Checkpoint::from_bytes`]).
+#[derive(Debug)]
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// One safetensors file.
 #[derive(Debug)]
 struct Shard {
     /// The file name, for errors.
     name: String,
-    map: Mmap,
+    map: Bytes,
     /// Offset of the tensor data (after the header).
     data_start: usize,
 }
@@ -262,6 +280,20 @@ impl Checkpoint {
         Ok(ck)
     }
 
+    /// A checkpoint of one safetensors file held in memory (`file` names it
+    /// in errors; `dir` stands for its directory), checked as
+    /// [`Checkpoint::open`] checks a file.
+    pub fn from_bytes(dir: &Path, file: &str, bytes: Vec<u8>) -> Result<Checkpoint> {
+        let mut ck = Checkpoint {
+            dir: dir.to_path_buf(),
+            shards: Vec::new(),
+            tensors: BTreeMap::new(),
+            read: RefCell::new(BTreeSet::new()),
+        };
+        ck.add_shard_bytes(file, Bytes::Owned(bytes))?;
+        Ok(ck)
+    }
+
     fn add_shard(&mut self, file: &str) -> Result<()> {
         let path = self.dir.join(file);
         let f = File::open(&path)
@@ -272,6 +304,14 @@ impl Checkpoint {
         // checkpoints to a fresh directory and renames it into place).
         let map = unsafe { Mmap::map(&f) }
             .map_err(|e| LoadError::new(format!("cannot map {}: {e}", path.display())))?;
+        self.add_shard_bytes(file, Bytes::Mapped(map))
+    }
+
+    /// Reads the header of `map` and adds its tensors. Invariant: every
+    /// entry's `start..end` lies inside the data of its shard (safetensors
+    /// checks the offsets against the buffer's length, and that each
+    /// tensor's bytes are its shape times its dtype's size).
+    fn add_shard_bytes(&mut self, file: &str, map: Bytes) -> Result<()> {
         let (n, meta) = SafeTensors::read_metadata(&map)
             .map_err(|e| LoadError::new(explain(file, map.len(), &map, &e)))?;
         let shard = self.shards.len();

@@ -69,6 +69,15 @@ pub struct ModelConfig {
     pub quantization: Quantization,
 }
 
+/// The largest size (hidden size, vocabulary, heads, experts, ...) a config
+/// may give: `2^31 - 1`, an `int` index.
+pub const MAX_SIZE: usize = i32::MAX as usize;
+
+/// The most layers a config may give.
+pub const MAX_LAYERS: usize = 4096;
+
+const SIZE_WHAT: &str = "a positive integer below 2^31";
+
 /// Parses the text of a `config.json`; `file` names it in errors.
 pub fn parse(text: &str, file: &str) -> Result<ModelConfig> {
     let value: Value = serde_json::from_str(text)
@@ -118,11 +127,7 @@ pub fn parse(text: &str, file: &str) -> Result<ModelConfig> {
             _ => vec![f.req::<i64>("eos_token_id", "a token id or a list of token ids")?],
         },
     };
-    let max_position_embeddings =
-        f.opt::<usize>("max_position_embeddings", "a positive integer")?;
-    if max_position_embeddings == Some(0) {
-        return Err(f.bad("max_position_embeddings", "a positive integer"));
-    }
+    let max_position_embeddings = f.opt_size("max_position_embeddings")?;
     Ok(ModelConfig {
         arch,
         dtype,
@@ -271,20 +276,37 @@ impl<'a> Fields<'a> {
     }
 
     /// A required positive integer, from the first present key of `keys`.
+    /// Invariant of every size read here: `1 <= n <= MAX_SIZE`, so that
+    /// kernels index any one dimension with an `int` and products of a few
+    /// sizes (a weight's element count) cannot overflow a `u64`.
     fn size(&self, keys: &[&'static str]) -> Result<usize> {
         match self.first::<usize>(keys, "a positive integer")? {
-            Some((k, 0)) => Err(self.bad(k, "a positive integer")),
+            Some((k, n)) if n == 0 || n > MAX_SIZE => Err(self.bad(k, SIZE_WHAT)),
             Some((_, n)) => Ok(n),
             None => Err(self.missing(keys[0])),
         }
     }
 
-    /// An optional positive integer.
+    /// An optional positive integer, at most `MAX_SIZE` as in [`Fields::size`].
     fn opt_size(&self, key: &str) -> Result<Option<usize>> {
         match self.opt::<usize>(key, "a positive integer")? {
-            Some(0) => Err(self.bad(key, "a positive integer")),
+            Some(n) if n == 0 || n > MAX_SIZE => Err(self.bad(key, SIZE_WHAT)),
             n => Ok(n),
         }
+    }
+
+    /// `num_hidden_layers`: a size, at most [`MAX_LAYERS`] (the graph has
+    /// nodes per layer: a config claiming billions must not hang the load).
+    fn layers(&self) -> Result<usize> {
+        let n = self.size(&["num_hidden_layers"])?;
+        if n > MAX_LAYERS {
+            return Err(LoadError::new(format!(
+                "{}: `{}num_hidden_layers` = {n} is more layers than tilefuse builds (at most \
+                 {MAX_LAYERS}); check the config.json",
+                self.file, self.prefix
+            )));
+        }
+        Ok(n)
     }
 
     fn flag(&self, key: &str, default: bool) -> Result<bool> {
@@ -460,7 +482,7 @@ fn mimo_rope(f: &Fields<'_>, params: &Map<String, Value>, layer_type: &str) -> R
 fn mimo_config(f: &Fields<'_>) -> Result<mimo_v2::Config> {
     check_common(f)?;
     let hidden_size = f.size(&["hidden_size"])?;
-    let num_hidden_layers = f.size(&["num_hidden_layers"])?;
+    let num_hidden_layers = f.layers()?;
     let vocab_size = f.size(&["vocab_size"])?;
     let num_attention_heads = f.size(&["num_attention_heads"])?;
     let num_key_value_heads = f.size(&["num_key_value_heads"])?;
@@ -768,7 +790,7 @@ fn qwen_config(f: &Fields<'_>) -> Result<qwen3_moe::Config> {
         "tilefuse's Qwen3-MoE graph uses full causal attention in every layer",
     )?;
     let hidden_size = f.size(&["hidden_size"])?;
-    let num_hidden_layers = f.size(&["num_hidden_layers"])?;
+    let num_hidden_layers = f.layers()?;
     let vocab_size = f.size(&["vocab_size"])?;
     let num_attention_heads = f.size(&["num_attention_heads"])?;
     let num_key_value_heads = f.size(&["num_key_value_heads"])?;
@@ -826,6 +848,7 @@ fn qwen_config(f: &Fields<'_>) -> Result<qwen3_moe::Config> {
         &["num_experts", "num_local_experts"],
         "a non-negative integer",
     )? {
+        Some((k, n)) if n > MAX_SIZE => return Err(f.bad(k, "a non-negative integer below 2^31")),
         Some((_, n)) => n,
         None => return Err(f.missing("num_experts")),
     };

@@ -145,6 +145,26 @@ impl StreamDecoder {
     }
 }
 
+/// Parses token ids given as text (`--prompt-ids`): comma-separated
+/// non-negative integers that fit an `i32`; blanks around them and empty
+/// items are ignored. The error names the item and what is expected.
+pub fn parse_ids(s: &str) -> std::result::Result<Vec<i32>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<i32>().ok().filter(|&i| i >= 0).ok_or_else(|| {
+                let shown: String = p.chars().take(40).collect();
+                let more = if p.chars().count() > 40 { "…" } else { "" };
+                format!(
+                    "--prompt-ids: `{shown}{more}` is not a token id (a non-negative integer below 2^31); \
+                     pass ids separated by commas, such as 1,2,3"
+                )
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -182,8 +182,9 @@ pub fn compile_artifacts(
     emit: Emit,
     out: &Path,
 ) -> Result<String, String> {
-    // Written in a hidden sibling (`.NAME.tmp-PID`, same parent) and renamed
-    // over `out` at the end: `out` is the old folder or the new one, whole.
+    // Written in a hidden sibling (`.NAME.tmp-PID`, same parent), which
+    // replaces `out` at the end: a crash leaves the old folder, none, or the
+    // new one, never a half-written one.
     let tmp: PathBuf = {
         let mut name = std::ffi::OsString::from(".");
         name.push(out.file_name().unwrap_or_default());
