@@ -111,18 +111,11 @@ fn persistent(
             ));
         }
     }
-    let body = vec![
-        Stmt::Expr(Expr::var("extern __shared__ __align__(16) char smem[]")),
-        Stmt::Let(
-            Ty::I32,
-            "T".into(),
-            Expr::var("reinterpret_cast<const int*>(act)[0]"),
-        ),
-        Stmt::Let(
-            Ty::I32,
-            "S".into(),
-            Expr::var("reinterpret_cast<const int*>(act)[1]"),
-        ),
+    let mut body = vec![Stmt::Expr(Expr::var(
+        "extern __shared__ __align__(16) char smem[]",
+    ))];
+    body.extend(symbols());
+    body.extend([
         Stmt::Let(
             Ty::Named("uint32_t".into()),
             "epoch".into(),
@@ -198,7 +191,7 @@ fn persistent(
                 ),
             ],
         ),
-    ];
+    ]);
     let int_ptr = |n: &str| (Ty::ConstPtr(Box::new(Ty::I32)), n.to_string());
     let mut params = params();
     params.push(int_ptr("tasks"));
@@ -296,6 +289,23 @@ fn header(plan: &Plan, k: &Kernel) -> String {
         s.push('\n');
     }
     s
+}
+
+/// `T` and `S` of this forward, read from the arena head.
+fn symbols() -> [Stmt; 2] {
+    use crate::emit::Expr;
+    [
+        Stmt::Let(
+            Ty::I32,
+            "T".into(),
+            Expr::var("reinterpret_cast<const int*>(act)[0]"),
+        ),
+        Stmt::Let(
+            Ty::I32,
+            "S".into(),
+            Expr::var("reinterpret_cast<const int*>(act)[1]"),
+        ),
+    ]
 }
 
 fn params() -> Vec<(Ty, String)> {
@@ -458,16 +468,9 @@ fn functions(
             "t_waited".into(),
             Expr::var("trace ? tf::global_timer() : 0ull"),
         ),
-        Stmt::Let(
-            Ty::I32,
-            "T".into(),
-            Expr::var("reinterpret_cast<const int*>(act)[0]"),
-        ),
-        Stmt::Let(
-            Ty::I32,
-            "S".into(),
-            Expr::var("reinterpret_cast<const int*>(act)[1]"),
-        ),
+    ]);
+    wbody.extend(symbols());
+    wbody.extend([
         Stmt::Expr(Expr::call(
             format!("{name}_tile"),
             [
