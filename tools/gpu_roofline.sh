@@ -10,6 +10,8 @@ set -u
 out=${OUT:-/tmp/out}
 work=$(mktemp -d)
 export TILEFUSE_CACHE_DIR=${TILEFUSE_CACHE_DIR:-/tmp/tilefuse-cache}
+# TILEFUSE_REQUIRE_GPU=1: a GPU test that finds no GPU fails instead of skipping.
+export TILEFUSE_REQUIRE_GPU=1
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 tests=("$@")
 [ ${#tests[@]} -eq 0 ] && tests=(kernels_weights kernels_attention gpu_exec fixtures)
