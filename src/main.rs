@@ -4,6 +4,7 @@ mod bench_cmd;
 mod checkpoint_cmds;
 mod eval_cmd;
 mod generate_cmd;
+mod serve;
 mod shipped;
 mod spec_cmd;
 
@@ -253,6 +254,43 @@ enum Command {
         #[arg(long)]
         no_draft: bool,
     },
+    /// Serve a model over HTTP with an OpenAI-compatible API (completions,
+    /// chat completions, streaming, metrics), one request at a time
+    /// [default: the shipped pair `mimo-v2-code` with its drafter].
+    Serve {
+        /// A checkpoint directory, or the name of a shipped pair.
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
+        /// Speculative decoding with this DFlash draft: a draft checkpoint
+        /// directory or a built-in random draft [default: the shipped pair's
+        /// drafter when no --model is given, else none].
+        #[arg(long)]
+        draft: Option<String>,
+        /// Draft block size B [default: the draft's; 8 for the shipped pair].
+        #[arg(long)]
+        block: Option<usize>,
+        /// Where to run.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendArg,
+        /// How GPU kernels are launched.
+        #[arg(long, value_enum, default_value = "graph")]
+        mode: ModeArg,
+        /// Positions the KV caches hold [default: max_position_embeddings, at most 4096].
+        #[arg(long)]
+        context: Option<usize>,
+        /// Activation and dense-weight dtype [default: the checkpoint's].
+        #[arg(long, value_enum)]
+        dtype: Option<DtypeArg>,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port to listen on (0: any free port; the address is printed).
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Requests that may wait while one decodes; past that, 429.
+        #[arg(long, default_value_t = 32)]
+        queue: usize,
+    },
     /// List the built-in models.
     Presets,
 }
@@ -423,6 +461,31 @@ fn run(cli: Cli) -> Result<(), String> {
                 None => generate_cmd::run(args),
             }
         }
+        Command::Serve {
+            model,
+            draft,
+            block,
+            backend,
+            mode,
+            context,
+            dtype,
+            host,
+            port,
+            queue,
+        } => serve::run(serve::ServeArgs {
+            model,
+            draft,
+            block,
+            backend: resolve_backend(backend, mode),
+            context,
+            dtype: dtype.map(|d| match d {
+                DtypeArg::Bf16 => tilefuse::ir::DType::BF16,
+                DtypeArg::F32 => tilefuse::ir::DType::F32,
+            }),
+            host,
+            port,
+            queue,
+        }),
         Command::Init { preset, out, seed } => {
             checkpoint_cmds::init(&preset, &out, u64::from(seed))
         }
