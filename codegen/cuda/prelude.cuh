@@ -192,6 +192,10 @@ __device__ __forceinline__ float uniform01(uint32_t seed, uint32_t counter) {
 //      a time compete with the running one.
 // A kernel launched without the programmatic-serialization attribute (the
 // first of a forward, any kernel in persistent mode) finds 2 and 3 no-ops.
+// No deadlock: the next kernel's CTAs are scheduled only once every CTA of
+// this one has passed step 3 or exited, so none of this kernel's CTAs ever
+// waits for room that a waiting dependent holds; and the prefetch of step 1
+// is a hint that never blocks.
 
 __device__ __forceinline__ void grid_dependency_wait() {
 #if __CUDA_ARCH__ >= 900

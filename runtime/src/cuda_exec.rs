@@ -50,7 +50,8 @@ pub enum LaunchMode {
 /// `k`: every task of kernel 0 waits on nothing and finishes; if every task
 /// of the kernels before `k` finishes, then a task of kernel `k` is preceded
 /// on its SM only by tasks of kernels `<= k`, whose dependencies all finish,
-/// so it runs and finishes too.
+/// so it runs and finishes too. A task's weight prefetch, issued before it
+/// waits, is a hint that never blocks, so it leaves the argument unchanged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TaskTables {
     /// `kernel << 20 | tile` per task, SM lists concatenated.
