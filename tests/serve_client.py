@@ -229,7 +229,31 @@ def main():
     made = metric(m, "tilefuse_generation_tokens_total") - metric(before, "tilefuse_generation_tokens_total")
     check(made < 400, f"the cancelled request ran to the end ({made} tokens)")
     alive(base)
-    print(f"disconnect ok: cancelled after {made:.0f} tokens")
+    # One that gives up while queued leaves the queue at the next decode step,
+    # while the request ahead of it still runs.
+    before = metrics(base)
+    ahead = client.completions.create(model=model, prompt=PROMPT, max_tokens=2000,
+                                      temperature=0, stream=True)
+    first = next(iter(ahead))
+    impatient = client.with_options(timeout=0.3)
+    try:
+        impatient.completions.create(model=model, prompt=PROMPT, max_tokens=4)
+    except openai.APITimeoutError:
+        pass
+    else:
+        raise AssertionError("the queued request was answered while another decoded")
+    deadline = time.time() + 60
+    while True:
+        m = metrics(base)
+        if (requests_total(m, "cancelled") > requests_total(before, "cancelled")
+                and metric(m, "tilefuse_queue_depth") == 0):
+            break
+        check(time.time() < deadline, "the queued request that gave up kept its place")
+        time.sleep(0.1)
+    check(metric(m, "tilefuse_requests_running") == 1, "the request ahead stopped too")
+    ahead.close()
+    print(f"disconnect ok: cancelled after {made:.0f} tokens; a queued one left the queue "
+          f"while {first.choices[0].text!r}... decoded")
 
     # Load: 16 clients x 4 requests; each answered once, correctly; 429 only
     # when the queue holds --queue requests (all sent, none answered yet).

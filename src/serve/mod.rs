@@ -711,6 +711,8 @@ struct StreamState {
     done: bool,
 }
 
+/// One `data:` event of JSON `v`. Compact JSON escapes control characters
+/// inside strings, so the text has no carriage return (which axum refuses).
 fn data(v: &Value) -> SseEvent {
     SseEvent::default().data(v.to_string())
 }
