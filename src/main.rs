@@ -69,6 +69,38 @@ enum FormatArg {
     Nvfp4,
 }
 
+/// Where and how a model runs: the options `generate` and `serve` share.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendArg,
+    /// How GPU kernels are launched.
+    #[arg(long, value_enum, default_value = "graph")]
+    mode: ModeArg,
+    /// Positions the KV caches hold [default: the preset's; for a checkpoint
+    /// max_position_embeddings, at most 4096].
+    #[arg(long)]
+    context: Option<usize>,
+    /// Activation and dense-weight dtype of a checkpoint [default: the
+    /// checkpoint's]; the GPU kernels take bf16.
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
+}
+
+impl RunArgs {
+    fn backend(&self) -> Backend {
+        resolve_backend(self.backend, self.mode)
+    }
+
+    fn dtype(&self) -> Option<tilefuse::ir::DType> {
+        self.dtype.map(|d| match d {
+            DtypeArg::Bf16 => tilefuse::ir::DType::BF16,
+            DtypeArg::F32 => tilefuse::ir::DType::F32,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Generate text from a prompt with a checkpoint (`--model`) or a built-in
@@ -95,20 +127,8 @@ enum Command {
         /// Seed of the sampler and of the preset's random weights.
         #[arg(long, default_value_t = 0)]
         seed: u32,
-        /// Where to run.
-        #[arg(long, value_enum, default_value = "auto")]
-        backend: BackendArg,
-        /// How GPU kernels are launched.
-        #[arg(long, value_enum, default_value = "graph")]
-        mode: ModeArg,
-        /// Positions the KV caches hold [default: the preset's; for a checkpoint
-        /// max_position_embeddings, at most 4096].
-        #[arg(long)]
-        context: Option<usize>,
-        /// Activation and dense-weight dtype of a checkpoint [default: the
-        /// checkpoint's]; the GPU kernels take bf16.
-        #[arg(long, value_enum)]
-        dtype: Option<DtypeArg>,
+        #[command(flatten)]
+        run: RunArgs,
         /// Print one JSON object (prompt and generated ids, text, timings) instead of streaming text.
         #[arg(long)]
         json: bool,
@@ -269,18 +289,8 @@ enum Command {
         /// Draft block size B [default: the draft's; 8 for the shipped pair].
         #[arg(long)]
         block: Option<usize>,
-        /// Where to run.
-        #[arg(long, value_enum, default_value = "auto")]
-        backend: BackendArg,
-        /// How GPU kernels are launched.
-        #[arg(long, value_enum, default_value = "graph")]
-        mode: ModeArg,
-        /// Positions the KV caches hold [default: max_position_embeddings, at most 4096].
-        #[arg(long)]
-        context: Option<usize>,
-        /// Activation and dense-weight dtype [default: the checkpoint's].
-        #[arg(long, value_enum)]
-        dtype: Option<DtypeArg>,
+        #[command(flatten)]
+        run: RunArgs,
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
@@ -408,10 +418,7 @@ fn run(cli: Cli) -> Result<(), String> {
             max_tokens,
             temperature,
             seed,
-            backend,
-            mode,
-            context,
-            dtype,
+            run,
             json,
             draft,
             block,
@@ -448,12 +455,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 max_tokens,
                 temperature,
                 seed,
-                backend: resolve_backend(backend, mode),
-                context,
-                dtype: dtype.map(|d| match d {
-                    DtypeArg::Bf16 => tilefuse::ir::DType::BF16,
-                    DtypeArg::F32 => tilefuse::ir::DType::F32,
-                }),
+                backend: run.backend(),
+                context: run.context,
+                dtype: run.dtype(),
                 json,
             };
             match &draft {
@@ -465,10 +469,7 @@ fn run(cli: Cli) -> Result<(), String> {
             model,
             draft,
             block,
-            backend,
-            mode,
-            context,
-            dtype,
+            run,
             host,
             port,
             queue,
@@ -476,12 +477,9 @@ fn run(cli: Cli) -> Result<(), String> {
             model,
             draft,
             block,
-            backend: resolve_backend(backend, mode),
-            context,
-            dtype: dtype.map(|d| match d {
-                DtypeArg::Bf16 => tilefuse::ir::DType::BF16,
-                DtypeArg::F32 => tilefuse::ir::DType::F32,
-            }),
+            backend: run.backend(),
+            context: run.context,
+            dtype: run.dtype(),
             host,
             port,
             queue,
