@@ -94,7 +94,11 @@ fn write_timeline(
     );
     files.push((
         format!("timeline-{preset}-{mode}.txt"),
-        tr.summary(0..tr.kernels.len()),
+        format!(
+            "{}\nper step, over the whole forward:\n{}",
+            tr.summary(0..tr.kernels.len()),
+            tr.steps()
+        ),
     ));
     for (file, body) in files {
         let tmp = out.join(format!(".{file}.tmp"));

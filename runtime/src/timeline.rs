@@ -291,6 +291,46 @@ impl Trace {
         s
     }
 
+    /// Where the forward's time goes, per step: kernels grouped by their name
+    /// without the schedule index (`k241_moe_down_…` and `k250_moe_down_…`
+    /// are one step repeated by the layers), with how many there are, the
+    /// median and total work (end minus past-the-wait) and the total's share
+    /// of the forward's span, largest total first.
+    pub fn steps(&self) -> String {
+        let mut by: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for k in &self.kernels {
+            let step = k.name.split_once('_').map_or(k.name.as_str(), |(_, r)| r);
+            by.entry(step)
+                .or_default()
+                .push((k.end - k.waited).max(0.0));
+        }
+        let (lo, hi) = self.window(&(0..self.kernels.len()));
+        let span = (hi - lo).max(1e-9);
+        let mut rows: Vec<(&str, Vec<f64>)> = by.into_iter().collect();
+        rows.sort_by(|a, b| {
+            let (ta, tb): (f64, f64) = (a.1.iter().sum(), b.1.iter().sum());
+            tb.total_cmp(&ta).then(a.0.cmp(b.0))
+        });
+        let mut s = format!(
+            "  {:<44} {:>5} {:>10} {:>10} {:>7}\n",
+            "step", "count", "median us", "total us", "share"
+        );
+        for (step, mut w) in rows {
+            w.sort_by(f64::total_cmp);
+            let total: f64 = w.iter().sum();
+            let _ = writeln!(
+                s,
+                "  {:<44} {:>5} {:>10.2} {:>10.1} {:>6.1}%",
+                step,
+                w.len(),
+                w[w.len() / 2],
+                total,
+                100.0 * total / span
+            );
+        }
+        s
+    }
+
     /// The kernels in `range` drawn as an SVG: time across; one row per
     /// kernel (stream, graph) or per SM (persistent); the light part of a
     /// bar is the wait for inputs, the dark part the work.

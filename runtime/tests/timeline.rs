@@ -85,3 +85,58 @@ fn task_records_fold_into_kernels_and_sms() {
     words[0] = 0;
     assert!(Trace::from_words(&plan, LaunchMode::Persistent, tasks, &words, 1.0).is_err());
 }
+
+#[test]
+fn steps_group_kernels_by_name_over_the_layers() {
+    let plan = plan();
+    let n = plan.kernels.len();
+    // Kernel i works i + 1 µs, back to back.
+    let mut words = Vec::new();
+    let mut t = 1_000_000u64;
+    for i in 0..n as u64 {
+        words.extend([t, t, t + 1_000 * (i + 1), 1]);
+        t += 1_000 * (i + 1);
+    }
+    let tr = Trace::from_words(&plan, LaunchMode::Stream, n, &words, 1.0).unwrap();
+    let s = tr.steps();
+    // Every step appears once, with the count of kernels of that name.
+    let mut names: std::collections::BTreeMap<&str, usize> = Default::default();
+    for k in &plan.kernels {
+        *names.entry(k.name.split_once('_').unwrap().1).or_default() += 1;
+    }
+    for (name, count) in &names {
+        let line = s
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("{name} missing from\n{s}"));
+        assert_eq!(
+            line.split_whitespace().nth(1),
+            Some(count.to_string().as_str()),
+            "{line}"
+        );
+    }
+    // Shares add up to the whole span: the kernels run back to back.
+    let share: f64 = s
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.split_whitespace()
+                .last()
+                .unwrap()
+                .trim_end_matches('%')
+                .parse::<f64>()
+                .unwrap()
+        })
+        .sum();
+    assert!(
+        (share - 100.0).abs() < 0.1 * names.len() as f64,
+        "{share}\n{s}"
+    );
+    // Largest total first.
+    let totals: Vec<f64> = s
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().nth(3).unwrap().parse::<f64>().unwrap())
+        .collect();
+    assert!(totals.windows(2).all(|w| w[0] >= w[1]), "{s}");
+}
