@@ -87,18 +87,15 @@ fn write_timeline(
         format!("timeline-{preset}-{mode}-layer{layer}.svg"),
         tr.svg(one.clone(), &format!("{preset}, decode T=1, layer {layer}")),
     ));
+    let whole = tr.summary(all);
     let summary = format!(
-        "timeline of {preset}, decode T=1, layer {layer}:\n{}whole forward:\n{}",
+        "timeline of {preset}, decode T=1, layer {layer}:\n{}whole forward:\n{}\n",
         tr.summary(one),
-        tr.summary(all).lines().next().unwrap_or("").to_string() + "\n"
+        whole.lines().next().unwrap_or("")
     );
     files.push((
         format!("timeline-{preset}-{mode}.txt"),
-        format!(
-            "{}\nper step, over the whole forward:\n{}",
-            tr.summary(0..tr.kernels.len()),
-            tr.steps()
-        ),
+        format!("{whole}\nper step, over the whole forward:\n{}", tr.steps()),
     ));
     for (file, body) in files {
         let tmp = out.join(format!(".{file}.tmp"));

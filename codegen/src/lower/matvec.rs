@@ -28,11 +28,12 @@ fn format(d: DType) -> Option<(usize, bool, &'static str)> {
 }
 
 /// Rows per tile: the largest of 16, 32, 64, 128 that still gives every SM two
-/// tiles of an `n`-row matrix (at least 16).
-pub fn rows_for(n: usize) -> usize {
+/// tiles of an `n`-row matrix and divides every row in `starts` (the first
+/// rows of stacked weights: a tile never straddles two), at least 16.
+pub fn rows_for(n: usize, starts: &[usize]) -> usize {
     [128usize, 64, 32, 16]
         .into_iter()
-        .find(|r| n.div_ceil(*r) >= 2 * 132)
+        .find(|r| n.div_ceil(*r) >= 2 * 132 && starts.iter().all(|s| s % r == 0))
         .unwrap_or(16)
 }
 
@@ -147,11 +148,8 @@ fn shape(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Shape, CodegenEr
             wt.dtype
         )));
     }
-    // Tiles never straddle two stacked weights.
-    let rows = [128usize, 64, 32, 16]
-        .into_iter()
-        .find(|r| n.div_ceil(*r) >= 2 * 132 && parts.iter().all(|(_, r0)| r0 % r == 0))
-        .unwrap_or(16);
+    let starts: Vec<usize> = parts.iter().map(|p| p.1).collect();
+    let rows = rows_for(n, &starts);
     Ok(Shape {
         parts,
         norm,

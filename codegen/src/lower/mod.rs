@@ -146,11 +146,7 @@ fn persistent(
                 Stmt::Expr(Expr::var(
                     "unsigned long long* const trace = reinterpret_cast<unsigned long long*>(row[tf::OFFSET_TRACE])",
                 )),
-                Stmt::Let(
-                    Ty::Named("unsigned long long".into()),
-                    "t_start".into(),
-                    Expr::var("trace ? tf::global_timer() : 0ull"),
-                ),
+                timer("t_start"),
                 Stmt::Expr(Expr::var(format!(
                     "switch (function_of[k]) {{ {prefetches}default: break; }}"
                 ))),
@@ -164,11 +160,7 @@ fn persistent(
                         Expr::var("epoch"),
                     ],
                 )),
-                Stmt::Let(
-                    Ty::Named("unsigned long long".into()),
-                    "t_waited".into(),
-                    Expr::var("trace ? tf::global_timer() : 0ull"),
-                ),
+                timer("t_waited"),
                 Stmt::Expr(Expr::var(format!(
                     "switch (function_of[k]) {{ {cases}default: break; }}"
                 ))),
@@ -289,6 +281,15 @@ fn header(plan: &Plan, k: &Kernel) -> String {
         s.push('\n');
     }
     s
+}
+
+/// `name` = the global timer when a trace is taken, else 0.
+fn timer(name: &str) -> Stmt {
+    Stmt::Let(
+        Ty::Named("unsigned long long".into()),
+        name.into(),
+        crate::emit::Expr::var("trace ? tf::global_timer() : 0ull"),
+    )
 }
 
 /// `T` and `S` of this forward, read from the arena head.
@@ -445,11 +446,7 @@ fn functions(
         Stmt::Expr(Expr::var(
             "unsigned long long* const trace = reinterpret_cast<unsigned long long*>(off.v[tf::OFFSET_TRACE])",
         )),
-        Stmt::Let(
-            Ty::Named("unsigned long long".into()),
-            "t_start".into(),
-            Expr::var("trace ? tf::global_timer() : 0ull"),
-        ),
+        timer("t_start"),
     ];
     if prefetch.is_some() {
         wbody.push(Stmt::Expr(Expr::call(
@@ -463,11 +460,7 @@ fn functions(
     wbody.extend([
         Stmt::Expr(Expr::call("tf::grid_dependency_wait", vec![])),
         Stmt::Expr(Expr::call("tf::launch_dependents", vec![])),
-        Stmt::Let(
-            Ty::Named("unsigned long long".into()),
-            "t_waited".into(),
-            Expr::var("trace ? tf::global_timer() : 0ull"),
-        ),
+        timer("t_waited"),
     ]);
     wbody.extend(symbols());
     wbody.extend([
