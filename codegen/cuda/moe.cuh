@@ -12,13 +12,16 @@
 // experts_down_tile) rather than slot order (f32 rounding differences only).
 //
 // Routing table (device layout, int32, written by router_tile, read by the
-// expert tiles; TK = T * TOPK with the T of this forward):
+// expert tiles; TK = MAX_T * TOPK with the MAX_T of the bucket, so that every
+// field's place is a constant and a tile reads the count, its expert and its
+// offsets in one round):
 //   [0]                      n_distinct: experts chosen by at least one token
 //   [1 .. 1 + TK)            expert[d], d < n_distinct: those experts, ascending
 //   [1 + TK .. 2 + 2 TK)     offset[d], d <= n_distinct: offset[d]..offset[d+1] index pair[]
+//                            (offset[n_distinct] = T * TOPK)
 //   [2 + 2 TK .. 2 + 3 TK)   pair[i] = t * TOPK + j for every (t, j) with idx[t, j] = expert[d],
 //                            grouped by d, ascending (t, j) within a group
-// route_table_ints(MAX_T, TOPK) = 2 + 3 * MAX_T * TOPK bounds its size.
+// route_table_ints(MAX_T, TOPK) = 2 + 3 * MAX_T * TOPK is its size.
 //
 // Persistent kernels: the table, idx, w and the h workspace are read with
 // ordinary loads (never the non-coherent path), so producer tiles of the same
@@ -33,7 +36,7 @@ __host__ __device__ constexpr int route_table_ints(int max_t, int topk) { return
 // Read access to a routing table.
 struct RouteView {
     const int* base;
-    int tk;  // T * TOPK
+    int tk;  // MAX_T * TOPK
     __device__ __forceinline__ int n_distinct() const { return base[0]; }
     __device__ __forceinline__ int expert(int d) const { return base[1 + d]; }
     __device__ __forceinline__ int offset(int d) const { return base[1 + tk + d]; }
@@ -51,6 +54,13 @@ __device__ __forceinline__ bool before(float a, int ia, float b, int ib) {
     const bool na = a != a, nb = b != b;
     if (na || nb) return na && (!nb || ia < ib);
     return a > b || (a == b && ia < ib);
+}
+// A key whose unsigned order is the router's order on values: NaN above
+// every number, larger values above, -0 equal to +0.
+__device__ __forceinline__ uint32_t order_key(float x) {
+    if (x != x) return 0xffffffffu;
+    const uint32_t b = __float_as_uint(x == 0.f ? 0.f : x);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 // Warp-wide best (value, index) under `before`; index -1 = none. All lanes get it.
 __device__ __forceinline__ void warp_best(float& v, int& i) {
@@ -214,36 +224,41 @@ __device__ void router_tile(int /*tile*/, const float* __restrict__ logits, cons
                 if (e < E && !kept[e / GSZ]) v[j] = -f32_inf();
             }
         }
-        // Top-k: TOPK rounds of a warp arg-best over the not yet taken experts.
+        // Top-k: TOPK rounds of a warp arg-best over the not yet taken
+        // experts, two warp reductions a round: the largest order key (NaN
+        // above every number, -0 equal to +0), then the lowest index holding
+        // it (moe_detail::before); every lane reads the winner's score.
+        uint32_t key[EJ];
+#pragma unroll
+        for (int j = 0; j < EJ; ++j) key[j] = moe_detail::order_key(v[j]);
         uint32_t taken = 0;
+        float wsel[TOPK];
+#pragma unroll
         for (int r = 0; r < TOPK; ++r) {
-            float bv = 0.f;
-            int bi = -1;
+            uint32_t bk = 0;
+            int bj = -1;
 #pragma unroll
             for (int j = 0; j < EJ; ++j) {
                 const int e = lane + 32 * j;
-                if (e < E && !((taken >> j) & 1u) && (bi < 0 || moe_detail::before(v[j], e, bv, bi))) bv = v[j], bi = e;
+                if (e < E && !((taken >> j) & 1u) && (bj < 0 || key[j] > bk)) bk = key[j], bj = j;
             }
-            moe_detail::warp_best(bv, bi);
+            const uint32_t mk = __reduce_max_sync(0xffffffffu, bj >= 0 ? bk : 0u);
+            const int bi = (int)__reduce_min_sync(0xffffffffu, bj >= 0 && bk == mk ? (uint32_t)(lane + 32 * bj) : 0xffffffffu);
+            wsel[r] = sc[bi];
             if (lane == (bi & 31)) taken |= 1u << (bi >> 5);
             if (lane == 0) {
                 sel[t * TOPK + r] = bi;
                 idx[t * TOPK + r] = bi;
             }
         }
-        __syncwarp();
         // Weights, in slot order on one lane (the oracle's f64 sum order).
         if (lane == 0) {
-            float w[TOPK];
             double s = 0.0;
 #pragma unroll
-            for (int r = 0; r < TOPK; ++r) {
-                w[r] = sc[sel[t * TOPK + r]];
-                s += (double)w[r];
-            }
+            for (int r = 0; r < TOPK; ++r) s += (double)wsel[r];
             const float denom = (float)s + norm_eps;
 #pragma unroll
-            for (int r = 0; r < TOPK; ++r) wts[t * TOPK + r] = (C::norm ? w[r] / denom : w[r]) * scale;
+            for (int r = 0; r < TOPK; ++r) wts[t * TOPK + r] = (C::norm ? wsel[r] / denom : wsel[r]) * scale;
         }
         __syncwarp();
     }
@@ -251,12 +266,13 @@ __device__ void router_tile(int /*tile*/, const float* __restrict__ logits, cons
 
     // Routing table.
     const int TK = T * TOPK;
+    constexpr int MTK = C::max_t * TOPK;
     for (int p = threadIdx.x; p < TK; p += C::threads) atomicAdd(&cnt[sel[p]], 1);
     __syncthreads();
     if (warp == 0) {
         int* r_expert = route + 1;
-        int* r_offset = route + 1 + TK;
-        int* r_pair = route + 2 + 2 * TK;
+        int* r_offset = route + 1 + MTK;
+        int* r_pair = route + 2 + 2 * MTK;
         // Exclusive prefix over experts of the pair counts and of "chosen" flags;
         // lane l owns experts [l*EJ, (l+1)*EJ).
         int c_sum = 0, f_sum = 0;
@@ -362,7 +378,7 @@ __device__ void experts_up_tile(int tile, const bf16* __restrict__ x, int T, con
     using EP = moe_detail::ExpertPlan<C, W, 2 * C::rows, C::h>;
     using P = typename EP::P;
     constexpr int ROWS = C::rows, H = C::h, I = C::i, TOPK = C::topk, CH = cdiv(I, ROWS);
-    const RouteView rt{route, T * TOPK};
+    const RouteView rt{route, C::max_t * TOPK};
     const int d = tile / CH, c = tile - d * CH;
     if (d >= rt.n_distinct()) return;  // uniform over the CTA
     __syncthreads();
@@ -401,12 +417,27 @@ __device__ void experts_up_tile(int tile, const bf16* __restrict__ x, int T, con
     }
 }
 
+namespace moe_detail {
+// The expert down tile's decomposition. Where the plan splits K over KW warps
+// (the MMA path), the warps split the experts instead: slot kw runs experts
+// kw, kw + KW, ... over all of K, so the loads of every expert are in flight
+// at once rather than one expert after another (an expert's rows are only a
+// few k-blocks long).
+template <class C, class W> struct DownPlan {
+    using EP = ExpertPlan<C, W, C::rows, C::i>;
+    using P = typename EP::P;
+    enum : bool { BY_EXPERT = EP::MMA && P::KW > 1 };
+    using PW = typename mv_detail::cond<BY_EXPERT, mv_detail::Plan<C::rows, 32 * P::RG, C::i, EP::MAXCOL, true, W, C::u>,
+                                        P>::type;
+    enum : int { SMEM = 4 * P::KW * C::max_t * C::rows };
+};
+}  // namespace moe_detail
+
 // Shared memory of experts_down_tile: 4 * KW * MAX_T * ROWS bytes (per K-slice
 // per-token accumulators), KW = (THREADS/32) / (ROWS/G), G as matvec with
 // ROWS rows (MMA 16, SIMT max(2, ROWS/(THREADS/32))).
 template <class C, class W> __host__ __device__ constexpr int experts_down_smem_bytes() {
-    using P = typename moe_detail::ExpertPlan<C, W, C::rows, C::i>::P;
-    return 4 * P::KW * C::max_t * C::rows;
+    return moe_detail::DownPlan<C, W>::SMEM;
 }
 // Tiles of experts_down: ceil(H / ROWS).
 __host__ __device__ constexpr int experts_down_tiles(int H, int rows) { return cdiv(H, rows); }
@@ -430,20 +461,16 @@ __host__ __device__ constexpr int experts_down_tiles(int H, int rows) { return c
 template <class C, class W, class Epi>
 __device__ void experts_down_tile(int tile, const bf16* __restrict__ h, const float* __restrict__ w, int T,
                                   const int* __restrict__ route, W down, Epi epi, char* smem) {
-    using EP = moe_detail::ExpertPlan<C, W, C::rows, C::i>;
-    using P = typename EP::P;
+    using DP = moe_detail::DownPlan<C, W>;
+    using P = typename DP::P;
+    using PW = typename DP::PW;
     constexpr int ROWS = C::rows, H = C::h, I = C::i, TOPK = C::topk, MT = C::max_t;
-    // Where the plan splits K over KW warps (the MMA path), the warps split the
-    // experts instead: slot kw runs experts kw, kw + KW, ... over all of K, so
-    // the loads of every expert are in flight at once rather than one expert
-    // after another (an expert's rows are only a few k-blocks long). A slot's
-    // experts still accumulate in ascending order, one warp each, and the
-    // slots are summed in order: deterministic.
-    constexpr bool BY_EXPERT = EP::MMA && P::KW > 1;
-    using PW = typename mv_detail::cond<BY_EXPERT, mv_detail::Plan<ROWS, 32 * P::RG, I, EP::MAXCOL, true, W, C::u>, P>::type;
+    // With BY_EXPERT (DownPlan) a slot's experts still accumulate in ascending
+    // order, one warp each, and the slots are summed in order: deterministic.
+    constexpr bool BY_EXPERT = DP::BY_EXPERT;
     using WarpT = mv_detail::WarpOf<PW, W, I, bf16>;
     static_assert(PW::G == P::G && PW::NCOLP == P::NCOLP, "expert split: same warp tile");
-    const RouteView rt{route, T * TOPK};
+    const RouteView rt{route, C::max_t * TOPK};
     __syncthreads();
     const int warp = threadIdx.x >> 5;
     const int rg = warp % P::RG, kw = warp / P::RG;

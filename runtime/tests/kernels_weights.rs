@@ -1147,19 +1147,20 @@ fn router_graph(r: &Router, bias: bool) -> Graph {
 }
 
 /// The routing table must list the distinct experts ascending and, for each,
-/// its (t, j) pairs ascending.
+/// its (t, j) pairs ascending, its fields placed for the bucket's `max_t`.
 #[track_caller]
-fn check_route_table(route: &[i32], idx: &[i32], t: usize, k: usize, what: &str) {
+fn check_route_table(route: &[i32], idx: &[i32], t: usize, max_t: usize, k: usize, what: &str) {
     let tk = t * k;
+    let mtk = max_t * k;
     let mut distinct: Vec<i32> = idx.to_vec();
     distinct.sort_unstable();
     distinct.dedup();
     let nd = route[0] as usize;
     assert_eq!(nd, distinct.len(), "{what}: n_distinct");
     let (expert, offset, pair) = (
-        &route[1..1 + tk],
-        &route[1 + tk..2 + 2 * tk],
-        &route[2 + 2 * tk..2 + 3 * tk],
+        &route[1..1 + mtk],
+        &route[1 + mtk..2 + 2 * mtk],
+        &route[2 + 2 * mtk..2 + 3 * mtk],
     );
     assert_eq!(&expert[..nd], &distinct[..], "{what}: experts");
     assert_eq!(offset[nd] as usize, tk, "{what}: last offset");
@@ -1338,6 +1339,7 @@ fn router_matches_the_interpreter() {
             &kit::ints(&gpu.download(&rb).unwrap()),
             &idx,
             *t,
+            r.max_t,
             r.k,
             &what,
         );
@@ -1551,6 +1553,7 @@ fn experts_match_the_interpreter() {
             &kit::ints(&gpu.download(&rb).unwrap()),
             &idx,
             t,
+            router.max_t,
             router.k,
             &what,
         );
