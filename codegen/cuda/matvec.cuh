@@ -398,51 +398,71 @@ template <class P, class W, int K> struct MmaWarp {
         }
     }
 
-    // Accumulates k-blocks kb0, kb0 + kbs, ... < kb1. x is addressed at xp[nt] + (k - xk).
-    __device__ __forceinline__ void run(const W& w, int kb0, int kb1, int kbs, int xk) {
+    // The batch in flight: U k-blocks x rows (ra, rb) of 16-byte weight
+    // vectors and their block scales.
+    uint4 va[P::U], vb[P::U];
+    typename W::Aux sa[P::U], sb[P::U];
+
+    // Issues the weight loads of the batch that starts at k-block kb (k-blocks
+    // kb, kb + kbs, ... of which those past kb1 load the last one again: no
+    // branch around the loads; consume() skips their products). Requires kb < kb1.
+    __device__ __forceinline__ void issue(const W& w, int kb, int kb1, int kbs) {
         const int q = threadIdx.x & 3;
-        for (int kb = kb0; kb < kb1; kb += kbs * P::U) {
-            uint4 va[P::U], vb[P::U];
-            typename W::Aux sa[P::U], sb[P::U];
-            // All weight loads of the batch first (2 * U 16-byte loads in flight
-            // per lane). Past kb1 the last k-block is loaded again (no branch
-            // around the loads; its products are skipped below).
 #pragma unroll
-            for (int u = 0; u < P::U; ++u) {
-                const int k = min(kb + u * kbs, kb1 - 1) * P::KB + q * EPV;
-                va[u] = w.load(ra, k, K);
-                vb[u] = w.load(rb, k, K);
-                sa[u] = w.aux(ra, k, K);
-                sb[u] = w.aux(rb, k, K);
-            }
+        for (int u = 0; u < P::U; ++u) {
+            const int k = min(kb + u * kbs, kb1 - 1) * P::KB + q * EPV;
+            va[u] = w.load(ra, k, K);
+            vb[u] = w.load(rb, k, K);
+            sa[u] = w.aux(ra, k, K);
+            sb[u] = w.aux(rb, k, K);
+        }
+    }
+
+    // Multiplies the batch issue(w, kb, ...) loaded into the accumulators.
+    __device__ __forceinline__ void consume(const W& w, int kb, int kb1, int kbs, int xk) {
+        const int q = threadIdx.x & 3;
 #pragma unroll
-            for (int u = 0; u < P::U; ++u) {
-                const int kbu = kb + u * kbs;
-                if (kbu < kb1) {  // warp-uniform
-                    const int k = kbu * P::KB + q * EPV;
-                    uint32_t A0[NWD], A1[NWD];
-                    w.mma_words(va[u], sa[u], A0);
-                    w.mma_words(vb[u], sb[u], A1);
+        for (int u = 0; u < P::U; ++u) {
+            const int kbu = kb + u * kbs;
+            if (kbu < kb1) {  // warp-uniform
+                const int k = kbu * P::KB + q * EPV;
+                uint32_t A0[NWD], A1[NWD];
+                w.mma_words(va[u], sa[u], A0);
+                w.mma_words(vb[u], sb[u], A1);
 #pragma unroll
-                    for (int nt = 0; nt < NT; ++nt) {
-                        if (nt < ntiles) {  // warp-uniform
-                            uint32_t X[NWD];
+                for (int nt = 0; nt < NT; ++nt) {
+                    if (nt < ntiles) {  // warp-uniform
+                        uint32_t X[NWD];
 #pragma unroll
-                            for (int j = 0; j < XV; ++j) {
-                                const uint4 xv = ld_v4(xp[nt] + (k - xk) + 8 * j);
-                                X[4 * j] = xv.x, X[4 * j + 1] = xv.y, X[4 * j + 2] = xv.z, X[4 * j + 3] = xv.w;
-                            }
-                            W::pair_x(X);
+                        for (int j = 0; j < XV; ++j) {
+                            const uint4 xv = ld_v4(xp[nt] + (k - xk) + 8 * j);
+                            X[4 * j] = xv.x, X[4 * j + 1] = xv.y, X[4 * j + 2] = xv.z, X[4 * j + 3] = xv.w;
+                        }
+                        W::pair_x(X);
 #pragma unroll
-                            for (int s = 0; s < EPV / 4; ++s) {
-                                const uint32_t a[4] = {A0[2 * s], A1[2 * s], A0[2 * s + 1], A1[2 * s + 1]};
-                                const uint32_t b[2] = {X[2 * s], X[2 * s + 1]};
-                                mma_bf16_16816(d[nt], a, b);
-                            }
+                        for (int s = 0; s < EPV / 4; ++s) {
+                            const uint32_t a[4] = {A0[2 * s], A1[2 * s], A0[2 * s + 1], A1[2 * s + 1]};
+                            const uint32_t b[2] = {X[2 * s], X[2 * s + 1]};
+                            mma_bf16_16816(d[nt], a, b);
                         }
                     }
                 }
             }
+        }
+    }
+
+    // Puts the first batch of run(w, kb0, kb1, kbs, ...) in flight.
+    __device__ __forceinline__ void start(const W& w, int kb0, int kb1, int kbs) {
+        if (kb0 < kb1) issue(w, kb0, kb1, kbs);
+    }
+
+    // Accumulates k-blocks kb0, kb0 + kbs, ... < kb1, U per batch. x is
+    // addressed at xp[nt] + (k - xk). With `started` the first batch is
+    // already in flight (start() ran with the same arguments).
+    __device__ __forceinline__ void run(const W& w, int kb0, int kb1, int kbs, int xk, bool started = false) {
+        for (int kb = kb0; kb < kb1; kb += kbs * P::U) {
+            if (kb != kb0 || !started) issue(w, kb, kb1, kbs);
+            consume(w, kb, kb1, kbs, xk);
         }
     }
 
@@ -489,46 +509,65 @@ template <class P, class W, int K, typename Act> struct SimtWarp {
         else load4(p, o);
     }
 
-    // Accumulates k-blocks kb0, kb0 + kbs, ... < kb1 (elements below K only).
-    __device__ __forceinline__ void run(const W& w, int kb0, int kb1, int kbs, int xk) {
+    // The batch in flight: U k-blocks x G rows of 16-byte weight vectors.
+    uint4 v[P::U][G];
+    typename W::Aux a[P::U][G];
+
+    // Issues the weight loads of the batch at k-block kb (out-of-range
+    // vectors load the row's last vector instead: no branch; consume() skips
+    // them). Requires kb < kb1.
+    __device__ __forceinline__ void issue(const W& w, int kb, int kb1, int kbs) {
         const int lane = threadIdx.x & 31;
-        for (int kb = kb0; kb < kb1; kb += kbs * P::U) {
-            uint4 v[P::U][G];
-            typename W::Aux a[P::U][G];
-            // Loads of the batch first; out-of-range vectors load the row's
-            // last vector instead (no branch) and are skipped below.
 #pragma unroll
-            for (int u = 0; u < P::U; ++u) {
-                const int k = min(min(kb + u * kbs, kb1 - 1) * P::KB + lane * EPV, K - EPV);
+        for (int u = 0; u < P::U; ++u) {
+            const int k = min(min(kb + u * kbs, kb1 - 1) * P::KB + lane * EPV, K - EPV);
 #pragma unroll
-                for (int r = 0; r < G; ++r) {
-                    v[u][r] = w.load(rows[r], k, K);
-                    a[u][r] = w.aux(rows[r], k, K);
-                }
+            for (int r = 0; r < G; ++r) {
+                v[u][r] = w.load(rows[r], k, K);
+                a[u][r] = w.aux(rows[r], k, K);
             }
+        }
+    }
+
+    // Multiplies the batch issue(w, kb, ...) loaded (elements below K only).
+    __device__ __forceinline__ void consume(const W& w, int kb, int kb1, int kbs, int xk) {
+        const int lane = threadIdx.x & 31;
 #pragma unroll
-            for (int u = 0; u < P::U; ++u) {
-                const int k = (kb + u * kbs) * P::KB + lane * EPV;
-                if (kb + u * kbs < kb1 && k < K) {
+        for (int u = 0; u < P::U; ++u) {
+            const int k = (kb + u * kbs) * P::KB + lane * EPV;
+            if (kb + u * kbs < kb1 && k < K) {
 #pragma unroll
-                    for (int j = 0; j < EPV / GS; ++j) {
-                        float wf[G][GS];
+                for (int j = 0; j < EPV / GS; ++j) {
+                    float wf[G][GS];
 #pragma unroll
-                        for (int r = 0; r < G; ++r) w.group(v[u][r], a[u][r], j, wf[r]);
+                    for (int r = 0; r < G; ++r) w.group(v[u][r], a[u][r], j, wf[r]);
 #pragma unroll
-                        for (int c = 0; c < NC; ++c) {
-                            if (c < ncols) {
-                                float xf[GS];
-                                load_x(xp[c] + (k - xk) + j * GS, xf);
+                    for (int c = 0; c < NC; ++c) {
+                        if (c < ncols) {
+                            float xf[GS];
+                            load_x(xp[c] + (k - xk) + j * GS, xf);
 #pragma unroll
-                                for (int r = 0; r < G; ++r)
+                            for (int r = 0; r < G; ++r)
 #pragma unroll
-                                    for (int i = 0; i < GS; ++i) acc[r][c] = fmaf(wf[r][i], xf[i], acc[r][c]);
-                            }
+                                for (int i = 0; i < GS; ++i) acc[r][c] = fmaf(wf[r][i], xf[i], acc[r][c]);
                         }
                     }
                 }
             }
+        }
+    }
+
+    // Puts the first batch of run(w, kb0, kb1, kbs, ...) in flight.
+    __device__ __forceinline__ void start(const W& w, int kb0, int kb1, int kbs) {
+        if (kb0 < kb1) issue(w, kb0, kb1, kbs);
+    }
+
+    // Accumulates k-blocks kb0, kb0 + kbs, ... < kb1, U per batch; with
+    // `started` the first batch is already in flight (start() ran).
+    __device__ __forceinline__ void run(const W& w, int kb0, int kb1, int kbs, int xk, bool started = false) {
+        for (int kb = kb0; kb < kb1; kb += kbs * P::U) {
+            if (kb != kb0 || !started) issue(w, kb, kb1, kbs);
+            consume(w, kb, kb1, kbs, xk);
         }
     }
 
@@ -648,9 +687,10 @@ __host__ __device__ constexpr int matvec_tiles(int N, int rows) { return cdiv(N,
 // N-1 (discarded). Per lane: U k-blocks x 2 rows (MMA) or U x G (SIMT) 16-byte
 // weight loads are issued before any is used. The KW partial sums are written
 // to shared memory and added in kw order by the thread that calls epi.
-// NORM: inv of each token (f64 sum of squares, one warp per token), then x is
-// normalised into shared memory KC elements at a time (two barriers per
-// chunk); the cost is O(MAX_T * K) per tile, so with many tokens prefer a
+// NORM: the first batch of weight loads is issued, then inv of each token
+// (f64 sum of squares, one warp per token), then x is normalised into shared
+// memory KC elements at a time (two barriers per chunk), so the weights'
+// latency covers the normalisation's; the cost is O(MAX_T * K) per tile, so with many tokens prefer a
 // bigger ROWS (or normalising once, elsewhere).
 // Rounding: none here besides the RMSNorm points; epi rounds.
 // Call from all THREADS threads; reuses smem from the previous call safely.
@@ -673,6 +713,9 @@ __device__ void matvec_tile(int tile, const Act* __restrict__ x, int t0, int nt,
     } else {
         float* inv = red + MP::RED_FLOATS;
         Act* xs = reinterpret_cast<Act*>(inv + MP::INV_FLOATS);
+        st.init(rowmap, [&](int c) { return static_cast<const Act*>(xs + c * MP::KC); }, nt);
+        // The first batch of weights is in flight while x is normalised.
+        st.start(w, kw, cdiv(cmin(K, MP::KC), P::KB), P::KW);
         for (int t = warp; t < nt; t += P::NW) {
             const Act* xr = x + (size_t)(t0 + t) * K;
             double s = 0.0;
@@ -685,7 +728,6 @@ __device__ void matvec_tile(int tile, const Act* __restrict__ x, int t0, int nt,
             s = warp_sum(s);
             if (lane == 0) inv[t] = 1.0f / sqrtf((float)(s / (double)K) + eps);
         }
-        st.init(rowmap, [&](int c) { return static_cast<const Act*>(xs + c * MP::KC); }, nt);
         for (int kc0 = 0; kc0 < K; kc0 += MP::KC) {
             const int kc1 = min(K, kc0 + MP::KC);
             const int n8 = (kc1 - kc0) / 8;
@@ -701,7 +743,7 @@ __device__ void matvec_tile(int tile, const Act* __restrict__ x, int t0, int nt,
                 store8(xs + t * MP::KC + (kk - kc0), o);
             }
             __syncthreads();
-            st.run(w, kc0 / P::KB + kw, cdiv(kc1, P::KB), P::KW, kc0);
+            st.run(w, kc0 / P::KB + kw, cdiv(kc1, P::KB), P::KW, kc0, kc0 == 0);
         }
     }
     st.emit([&](int lr, int c, float v) { red[(kw * ROWS + rg * P::G + lr) * P::NCOLP + c] = v; }, nt);
