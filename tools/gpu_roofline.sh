@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # One round of the roofline work on a GPU machine: the kernel and executable
-# tests (all launch modes), then the bench of both presets with programmatic
-# dependent launch off (TILEFUSE_PDL=0) and on, with timelines. Binaries come
-# from gpu-bin/ (tests from `cargo test --workspace --release --no-run`, and
-# the tilefuse CLI), stripped. Everything lands in $OUT (default /tmp/out) as
-# one archive; a short table is printed last.
+# tests (all launch modes), then the bench of both presets: the baseline
+# binary gpu-bin/tilefuse-base (when present, graph mode, same card, same
+# call) or else this binary with programmatic dependent launch off
+# (TILEFUSE_PDL=0), then this binary in stream, graph and persistent modes
+# with timelines. Binaries come from gpu-bin/ (tests from `cargo test
+# --workspace --release --no-run`, and the tilefuse CLI), stripped.
+# Everything lands in $OUT (default /tmp/out) as one archive; a short table
+# is printed last.
 # Usage: bash tools/gpu_roofline.sh ["test-binary [libtest args]" ...]
+#   ROUND_TESTS=0 skips the tests; ROUND_MODES (default stream,graph,persistent).
 set -u
 out=${OUT:-/tmp/out}
 work=$(mktemp -d)
@@ -15,6 +19,7 @@ export TILEFUSE_REQUIRE_GPU=1
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 tests=("$@")
 [ ${#tests[@]} -eq 0 ] && tests=(kernels_weights kernels_attention gpu_exec fixtures)
+[ "${ROUND_TESTS:-1}" = 0 ] && tests=()
 summary=""
 fail=0
 for t in "${tests[@]}"; do
@@ -26,15 +31,22 @@ for t in "${tests[@]}"; do
     summary+="$b rc=$rc $(grep -E '^test result' "$work/$b.log" | tail -1)"$'\n'
 done
 bench=(--preset qwen3-30b-a3b,mimo-v2-flash-4l --context 1024 --tokens 1,8 --reps 20 --no-draft)
-TILEFUSE_PDL=0 timeout 200 gpu-bin/tilefuse bench "${bench[@]}" --mode graph \
-    --out "$work/bench-nopdl" >"$work/bench-nopdl.log" 2>&1 || fail=1
-timeout 300 gpu-bin/tilefuse bench "${bench[@]}" --mode stream,graph,persistent --timeline \
-    --out "$work/bench-pdl" >"$work/bench-pdl.log" 2>&1 || fail=1
+if [ -x gpu-bin/tilefuse-base ]; then
+    base=(gpu-bin/tilefuse-base)
+    base_name="baseline binary"
+else
+    base=(env TILEFUSE_PDL=0 gpu-bin/tilefuse)
+    base_name="PDL off"
+fi
+timeout 200 "${base[@]}" bench "${bench[@]}" --mode graph \
+    --out "$work/bench-base" >"$work/bench-base.log" 2>&1 || fail=1
+timeout 300 gpu-bin/tilefuse bench "${bench[@]}" --mode "${ROUND_MODES:-stream,graph,persistent}" --timeline \
+    --out "$work/bench-new" >"$work/bench-new.log" 2>&1 || fail=1
 tar czf "$out/round.tgz" -C "$work" .
-echo "==== bench, PDL off"
-grep -E "%$|^measured" "$work/bench-nopdl/bench.txt" 2>/dev/null || tail -5 "$work/bench-nopdl.log"
-echo "==== bench, PDL on"
-grep -E "%$|^measured|^timeline|span" "$work/bench-pdl/bench.txt" 2>/dev/null || tail -5 "$work/bench-pdl.log"
+echo "==== bench, $base_name"
+grep -E "%$|^measured" "$work/bench-base/bench.txt" 2>/dev/null || tail -5 "$work/bench-base.log"
+echo "==== bench, this binary"
+grep -E "%$|^measured|^timeline|span" "$work/bench-new/bench.txt" 2>/dev/null || tail -5 "$work/bench-new.log"
 echo "==== tests"
 printf "%s" "$summary"
 exit $fail
