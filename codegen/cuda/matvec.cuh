@@ -692,11 +692,14 @@ __host__ __device__ constexpr int matvec_tiles(int N, int rows) { return cdiv(N,
 // memory KC elements at a time (two barriers per chunk), so the weights'
 // latency covers the normalisation's; the cost is O(MAX_T * K) per tile, so with many tokens prefer a
 // bigger ROWS (or normalising once, elsewhere).
+// xn_out (NORM only; nullptr: none): also stores the normalised rows t0 ..
+// t0 + nt there ([T, K], row stride K), for kernels that read the norm itself;
+// pass it to one tile of the grid.
 // Rounding: none here besides the RMSNorm points; epi rounds.
 // Call from all THREADS threads; reuses smem from the previous call safely.
 template <class C, typename Act, class W, class Epi>
 __device__ void matvec_tile(int tile, const Act* __restrict__ x, int t0, int nt, const nodeduce_t<Act>* __restrict__ gamma,
-                            float eps, W w, int N, Epi epi, char* smem) {
+                            float eps, W w, int N, Epi epi, char* smem, nodeduce_t<Act>* __restrict__ xn_out = nullptr) {
     using MP = mv_detail::MatvecPlan<C, Act, W>;
     using P = typename MP::P;
     constexpr int K = C::k, ROWS = C::rows;
@@ -741,6 +744,7 @@ __device__ void matvec_tile(int tile, const Act* __restrict__ x, int t0, int nt,
 #pragma unroll
                 for (int j = 0; j < 8; ++j) o[j] = round_to<Act>(g[j] * round_to<Act>(v[j] * r));
                 store8(xs + t * MP::KC + (kk - kc0), o);
+                if (xn_out != nullptr) store8(xn_out + (size_t)(t0 + t) * K + kk, o);
             }
             __syncthreads();
             st.run(w, kc0 / P::KB + kw, cdiv(kc1, P::KB), P::KW, kc0, kc0 == 0);

@@ -88,11 +88,29 @@ fn scaled_fp4_and_epilogue_projections_stay_apart() {
 }
 
 #[test]
-fn a_qwen3_layer_takes_ten_kernels() {
+fn a_qwen3_layer_takes_nine_kernels() {
     let p = presets::by_name("qwen3-30b-a3b").unwrap();
     let g = p.arch.layer_graph(&p.options, 1).unwrap();
     let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions::new(1)).unwrap();
     let names: Vec<&str> = plan.kernels.iter().map(|k| k.name.as_str()).collect();
-    assert_eq!(plan.kernels.len(), 10, "{names:?}");
+    assert_eq!(plan.kernels.len(), 9, "{names:?}");
     assert!(names[0].contains("norm_matvecs"), "{names:?}");
+    // The norm before the router is the router projection's prologue, which
+    // also stores it for the experts: no kernel of its own.
+    assert!(!names.iter().any(|n| n.contains("rms_norm")), "{names:?}");
+    let router_mv = plan
+        .kernels
+        .iter()
+        .find(|k| k.name.contains("norm_matvec_"))
+        .unwrap_or_else(|| panic!("no norm-prologue router projection: {names:?}"));
+    let KernelKind::MatVec { norm: Some(nm), .. } = plan.group(router_mv).kind else {
+        panic!("{} is not a norm-prologue matvec", router_mv.name);
+    };
+    assert!(
+        router_mv
+            .writes
+            .contains(&tilefuse_codegen::plan::Value::Node(nm)),
+        "{} does not store its norm for the experts",
+        router_mv.name
+    );
 }

@@ -319,6 +319,22 @@ pub fn body(plan: &Plan, group: &Group, temps: &mut Temps) -> Result<Vec<Stmt>, 
     }
     let _ = s.w;
     let rows = dim_expr(plan, &s.rows_dim)?;
+    // The norm this kernel owns is written (by its first tile) when another
+    // kernel reads it: the plan counts it among this kernel's writes.
+    let norm_out = match s.norm {
+        Some(nm)
+            if group.nodes.contains(&nm)
+                && (f.real_users(nm).iter().any(|u| !group.nodes.contains(u))
+                    || f.is_output(nm)) =>
+        {
+            Expr::Select(
+                Box::new(Expr::var("tile").bin("==", Expr::I32(0))),
+                Box::new(pointer(plan, nm, true)?),
+                Box::new(Expr::var("nullptr")),
+            )
+        }
+        _ => Expr::var("nullptr"),
+    };
     Ok(vec![
         Stmt::Expr(Expr::var(format!("using C = {cfg}"))),
         Stmt::Expr(Expr::var(format!(
@@ -345,6 +361,7 @@ pub fn body(plan: &Plan, group: &Group, temps: &mut Temps) -> Result<Vec<Stmt>, 
                     Expr::I32(s.n as i64),
                     Expr::var("epi"),
                     Expr::var("smem"),
+                    norm_out,
                 ],
             ))],
         ),

@@ -114,6 +114,14 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
                 let s = chain_store(*matmul);
                 vec![(Slot::Node(s), s)]
             };
+            // The kernel that owns its norm node also stores it, from its
+            // prologue, when a kernel outside reads it.
+            let mut stores = stores;
+            if let Some(nm) = norm {
+                if nodes.contains(nm) && f.real_users(*nm).iter().any(|u| !nodes.contains(u)) {
+                    stores.push((Slot::Node(*nm), *nm));
+                }
+            }
             Spec {
                 computed,
                 from_work: None,
