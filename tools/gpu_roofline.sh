@@ -9,7 +9,8 @@
 # Everything lands in $OUT (default /tmp/out) as one archive; a short table
 # is printed last.
 # Usage: bash tools/gpu_roofline.sh ["test-binary [libtest args]" ...]
-#   ROUND_TESTS=0 skips the tests; ROUND_MODES (default stream,graph,persistent).
+#   ROUND_TESTS=0 skips the tests; ROUND_MODES (default stream,graph,persistent);
+#   ROUND_TIMEOUT: seconds per test binary (default 300).
 set -u
 out=${OUT:-/tmp/out}
 work=$(mktemp -d)
@@ -25,7 +26,7 @@ fail=0
 for t in "${tests[@]}"; do
     read -r b rest <<<"$t"
     # shellcheck disable=SC2086
-    timeout 300 gpu-bin/"$b" --test-threads=1 $rest >"$work/$b.log" 2>&1
+    timeout "${ROUND_TIMEOUT:-300}" gpu-bin/"$b" --test-threads=1 $rest >"$work/$b.log" 2>&1
     rc=$?
     [ $rc -ne 0 ] && fail=1 && grep -E "panicked|FAILED|MISMATCH" -A5 "$work/$b.log" | head -30
     summary+="$b rc=$rc $(grep -E '^test result' "$work/$b.log" | tail -1)"$'\n'
