@@ -375,9 +375,30 @@ struct Plan {
     static_assert(MMA || G * MAXCOL <= 64, "SIMT path: rows per warp x columns > 64 accumulators; lower ROWS or MAX_T");
 };
 
+// The batch loop of both warp kinds (D: MmaWarp or SimtWarp, which provide
+// issue(w, kb, kb1, kbs): load the batch of U k-blocks kb, kb + kbs, ... into
+// registers, and consume(w, kb, kb1, kbs, xk): multiply it).
+template <class D, class P, class W> struct Batches {
+    // Puts the first batch of run(w, kb0, kb1, kbs, ...) in flight.
+    __device__ __forceinline__ void start(const W& w, int kb0, int kb1, int kbs) {
+        if (kb0 < kb1) static_cast<D*>(this)->issue(w, kb0, kb1, kbs);
+    }
+
+    // Accumulates k-blocks kb0, kb0 + kbs, ... < kb1, U per batch; x is
+    // addressed at the column pointer + (k - xk). With `started` the first
+    // batch is already in flight (start() ran with the same arguments).
+    __device__ __forceinline__ void run(const W& w, int kb0, int kb1, int kbs, int xk, bool started = false) {
+        D& d = *static_cast<D*>(this);
+        for (int kb = kb0; kb < kb1; kb += kbs * P::U) {
+            if (kb != kb0 || !started) d.issue(w, kb, kb1, kbs);
+            d.consume(w, kb, kb1, kbs, xk);
+        }
+    }
+};
+
 // MMA warp state: partial sums d[nt][i] of rows (g, g+8) x columns
 // (nt*8 + 2q, nt*8 + 2q + 1) over the k-blocks this warp has run.
-template <class P, class W, int K> struct MmaWarp {
+template <class P, class W, int K> struct MmaWarp : Batches<MmaWarp<P, W, K>, P, W> {
     enum : int { NT = P::NT, EPV = W::EPV, NWD = EPV / 2, XV = EPV / 8 };
     float d[NT][4];
     int ra, rb, ntiles;
@@ -451,21 +472,6 @@ template <class P, class W, int K> struct MmaWarp {
         }
     }
 
-    // Puts the first batch of run(w, kb0, kb1, kbs, ...) in flight.
-    __device__ __forceinline__ void start(const W& w, int kb0, int kb1, int kbs) {
-        if (kb0 < kb1) issue(w, kb0, kb1, kbs);
-    }
-
-    // Accumulates k-blocks kb0, kb0 + kbs, ... < kb1, U per batch. x is
-    // addressed at xp[nt] + (k - xk). With `started` the first batch is
-    // already in flight (start() ran with the same arguments).
-    __device__ __forceinline__ void run(const W& w, int kb0, int kb1, int kbs, int xk, bool started = false) {
-        for (int kb = kb0; kb < kb1; kb += kbs * P::U) {
-            if (kb != kb0 || !started) issue(w, kb, kb1, kbs);
-            consume(w, kb, kb1, kbs, xk);
-        }
-    }
-
     // sink(lr, col, value) once per (local row, column < ncols) of this warp.
     template <class Sink> __device__ __forceinline__ void emit(Sink sink, int ncols) const {
         const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
@@ -486,7 +492,7 @@ template <class P, class W, int K> struct MmaWarp {
 
 // SIMT warp state: per-lane partial sums acc[r][c] over the vectors this lane
 // has read; emit() reduces them over the warp.
-template <class P, class W, int K, typename Act> struct SimtWarp {
+template <class P, class W, int K, typename Act> struct SimtWarp : Batches<SimtWarp<P, W, K, Act>, P, W> {
     enum : int { G = P::G, NC = P::NCOLP, EPV = W::EPV, GS = W::GS, NV = pow2_ceil(G * NC) };
     float acc[G][NC];
     int rows[G], ncols;
@@ -554,20 +560,6 @@ template <class P, class W, int K, typename Act> struct SimtWarp {
                     }
                 }
             }
-        }
-    }
-
-    // Puts the first batch of run(w, kb0, kb1, kbs, ...) in flight.
-    __device__ __forceinline__ void start(const W& w, int kb0, int kb1, int kbs) {
-        if (kb0 < kb1) issue(w, kb0, kb1, kbs);
-    }
-
-    // Accumulates k-blocks kb0, kb0 + kbs, ... < kb1, U per batch; with
-    // `started` the first batch is already in flight (start() ran).
-    __device__ __forceinline__ void run(const W& w, int kb0, int kb1, int kbs, int xk, bool started = false) {
-        for (int kb = kb0; kb < kb1; kb += kbs * P::U) {
-            if (kb != kb0 || !started) issue(w, kb, kb1, kbs);
-            consume(w, kb, kb1, kbs, xk);
         }
     }
 
