@@ -1,6 +1,7 @@
 //! Every kernel generated for the canonical graphs and for both
 //! architectures' tiny and full-width forwards compiles with NVRTC for
-//! sm_90a, with no register spills in the matmul and attention kernels.
+//! sm_90a, with no register spills in the matmul, attention and expert
+//! kernels, nor in the persistent dispatcher that runs them all.
 //! Runs without a GPU (NVRTC from the pip wheel or a CUDA toolkit).
 
 #![allow(clippy::unwrap_used)]
@@ -47,6 +48,25 @@ fn compile_graph(g: Graph, max_t: usize) {
                 k.name
             );
         }
+    }
+    // The persistent dispatcher inlines every tile function: it must not
+    // spill either.
+    if module.persistent.is_some() {
+        let p = tilefuse_codegen::lower::PERSISTENT;
+        let r = c
+            .resources
+            .iter()
+            .find(|r| r.name == p)
+            .unwrap_or_else(|| panic!("no ptxas report for {p}"));
+        println!(
+            "{name} {p:<48} regs {:>3} spills {}/{} stack {}",
+            r.registers, r.spill_stores, r.spill_loads, r.stack_frame
+        );
+        assert_eq!(
+            r.spill_stores + r.spill_loads,
+            0,
+            "{name}: {p} spills: {r:?}"
+        );
     }
 }
 
