@@ -297,7 +297,10 @@ fn all_options(opts: &CompileOptions, include: &Path) -> Vec<String> {
     o
 }
 
-/// Parses the `ptxas info` lines of an NVRTC log.
+/// Parses the `ptxas info` lines of an NVRTC log. A kernel's stack frame and
+/// spills are those of the `Function properties for <kernel>` line; ptxas
+/// also prints properties of the device functions it compiled on their own
+/// (`__internal_accurate_pow`, non-inlined calls), which are not the kernel's.
 pub fn parse_resources(log: &str) -> Vec<KernelResources> {
     let mut out: Vec<KernelResources> = Vec::new();
     let num_before = |line: &str, unit: &str| -> u32 {
@@ -306,6 +309,8 @@ pub fn parse_resources(log: &str) -> Vec<KernelResources> {
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
     };
+    // Whose properties the next "bytes stack frame" line gives.
+    let mut properties_of = String::new();
     for line in log.lines() {
         if let Some(i) = line.find("Compiling entry function '") {
             let rest = &line[i + "Compiling entry function '".len()..];
@@ -314,8 +319,15 @@ pub fn parse_resources(log: &str) -> Vec<KernelResources> {
                 name,
                 ..KernelResources::default()
             });
+        } else if let Some(i) = line.find("Function properties for ") {
+            properties_of = line[i + "Function properties for ".len()..]
+                .trim()
+                .to_string();
         } else if let Some(k) = out.last_mut() {
             if line.contains("bytes stack frame") {
+                if properties_of != k.name {
+                    continue;
+                }
                 k.stack_frame = num_before(line, "bytes stack frame");
                 k.spill_stores = num_before(line, "bytes spill stores");
                 k.spill_loads = num_before(line, "bytes spill loads");
@@ -608,4 +620,39 @@ fn compile_uncached(
         sys::nvrtcDestroyProgram(&mut prog);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_resources;
+
+    /// The properties of a device function that ptxas prints after a kernel
+    /// are not the kernel's.
+    #[test]
+    fn a_kernels_spills_are_its_own() {
+        let log = "\
+ptxas info    : Compiling entry function 'k' for 'sm_90a'
+ptxas info    : Function properties for k
+ptxas         .     384 bytes stack frame, 744 bytes spill stores, 728 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers, 384 bytes cumulative stack size
+ptxas info    : Function properties for __internal_accurate_pow
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Compiling entry function 'j' for 'sm_90a'
+ptxas info    : Function properties for j
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, 1024 bytes smem
+";
+        let r = parse_resources(log);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].name.as_str(), r[0].registers), ("k", 128));
+        assert_eq!(
+            (r[0].stack_frame, r[0].spill_stores, r[0].spill_loads),
+            (384, 744, 728)
+        );
+        assert_eq!(
+            (r[1].name.as_str(), r[1].registers, r[1].shared),
+            ("j", 40, 1024)
+        );
+        assert_eq!(r[1].spill_stores + r[1].spill_loads, 0);
+    }
 }
