@@ -118,7 +118,9 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
             // prologue, when a kernel outside reads it.
             let mut stores = stores;
             if let Some(nm) = norm {
-                if nodes.contains(nm) && f.real_users(*nm).iter().any(|u| !nodes.contains(u)) {
+                if nodes.contains(nm)
+                    && (f.real_users(*nm).iter().any(|u| !nodes.contains(u)) || f.is_output(*nm))
+                {
                     stores.push((Slot::Node(*nm), *nm));
                 }
             }
