@@ -100,13 +100,20 @@ impl Tokenizer {
     }
 }
 
-/// Prints generated text as tokens arrive: each call decodes all tokens so
-/// far and returns the new complete text (held back while the text ends in an
-/// incomplete character, U+FFFD).
+/// Prints generated text as tokens arrive. Each call decodes a short window
+/// of the latest tokens (from the token before the last text it returned),
+/// and returns what that window's text adds to the window without the new
+/// tokens: the work per token does not grow with the length of the text,
+/// and tokenizers whose first token decodes differently (a leading space
+/// dropped) still give the text of the whole sequence. Text is held back
+/// while it ends in an incomplete character (U+FFFD).
 #[derive(Debug, Default)]
 pub struct StreamDecoder {
     ids: Vec<i32>,
-    printed: usize,
+    /// Start of the window: the first token of the text returned last.
+    prefix: usize,
+    /// Tokens whose text has been returned.
+    read: usize,
 }
 
 impl StreamDecoder {
@@ -118,30 +125,29 @@ impl StreamDecoder {
     /// Adds `id`; returns the text to print now.
     pub fn push(&mut self, tok: &Tokenizer, id: i32) -> String {
         self.ids.push(id);
-        let text = tok.decode(&self.ids);
-        if text.ends_with('\u{FFFD}') {
-            return String::new();
-        }
-        self.take(&text)
+        self.take(tok, false)
     }
 
     /// Whatever is left to print at the end.
     pub fn finish(&mut self, tok: &Tokenizer) -> String {
-        let text = tok.decode(&self.ids);
-        self.take(&text)
+        self.take(tok, true)
     }
 
-    fn take(&mut self, text: &str) -> String {
-        match text.get(self.printed..) {
-            Some(new) => {
-                let new = new.to_string();
-                self.printed = text.len();
-                new
-            }
-            // The decoded prefix changed (a tokenizer that rewrites earlier
-            // text); print nothing rather than a broken character.
-            None => String::new(),
+    fn take(&mut self, tok: &Tokenizer, last: bool) -> String {
+        let before = tok.decode(&self.ids[self.prefix..self.read]);
+        let now = tok.decode(&self.ids[self.prefix..]);
+        if now.len() <= before.len() || (!last && now.ends_with('\u{FFFD}')) {
+            return String::new();
         }
+        // A tokenizer that rewrites earlier text: print nothing rather than
+        // a broken character, and wait for the window to settle.
+        let Some(new) = now.strip_prefix(before.as_str()) else {
+            return String::new();
+        };
+        let new = new.to_string();
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        new
     }
 }
 
@@ -198,5 +204,33 @@ mod tests {
         assert_eq!(s.push(&t, ids[2]), "!");
         assert_eq!(s.finish(&t), "");
         assert_eq!(t.decode(&[104, 300]), "h<300>");
+    }
+
+    /// Streamed pieces add up to the decoded whole: a word-level decoder that
+    /// joins words with spaces, and the shipped pair's byte-level BPE over a
+    /// text with multi-byte characters, split at every token.
+    #[test]
+    fn streamed_pieces_add_up_to_the_whole_text() {
+        let words = Tokenizer::from_json(WORDS).unwrap_or_else(|e| panic!("{e}"));
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/mimo-v2-code/target/tokenizer.json"
+        );
+        let json = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let bpe = Tokenizer::from_json(&json).unwrap_or_else(|e| panic!("{e}"));
+        let text = "def f(x):\n    return \"é→ 🦀\" * x  # ünïcode\n";
+        for (t, ids) in [
+            (&words, vec![1, 2, 3, 1, 0, 2]),
+            (&bpe, bpe.encode(text).unwrap_or_else(|e| panic!("{e}"))),
+            (&Tokenizer::Bytes, text.bytes().map(i32::from).collect()),
+        ] {
+            let mut s = StreamDecoder::new();
+            let mut got: String = ids.iter().map(|&i| s.push(t, i)).collect();
+            got.push_str(&s.finish(t));
+            assert_eq!(got, t.decode(&ids), "{ids:?}");
+        }
+        assert!(bpe
+            .decode(&bpe.encode(text).unwrap_or_default())
+            .contains("🦀"));
     }
 }
