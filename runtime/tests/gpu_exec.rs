@@ -621,3 +621,35 @@ fn speculative_steps_on_the_gpu_equal_the_host_loop() {
         }
     }
 }
+
+#[test]
+fn a_context_past_the_gpu_memory_is_one_clear_error() {
+    let Some(gpu) = Gpu::open_or_skip() else {
+        return;
+    };
+    let (free, _) = gpu.mem_info().unwrap();
+    // 2^30 positions of qwen3-moe-tiny: 2 layers x (k, v) x 2 heads x 16
+    // dims x 2 bytes = 256 bytes a position, 256 GiB: more than one card has.
+    let mut p = tilefuse_model::presets::by_name("qwen3-moe-tiny").unwrap();
+    p.options.context = 1 << 30;
+    let g = p.arch.forward_graph(&p.options).unwrap();
+    let w = tilefuse_model::presets::random_weights(&g, 5).unwrap();
+    let err = match GpuExecutable::new(gpu, &g, &w, &[1], LaunchMode::Graph) {
+        Ok(_) => panic!("a 256 GiB cache was allocated on a card with {free} bytes free"),
+        Err(e) => e.to_string(),
+    };
+    // "out of GPU memory allocating the KV caches: asked A MiB, F MiB free; ..."
+    let rest = err
+        .split("out of GPU memory allocating the KV caches: asked ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("not the KV caches' out-of-memory error: {err}"));
+    let (asked, rest) = rest.split_once(" MiB, ").unwrap();
+    let (free_said, rest) = rest.split_once(" MiB free; ").unwrap();
+    let (asked, free_said): (f64, f64) = (asked.parse().unwrap(), free_said.parse().unwrap());
+    assert!(asked >= 262144.0, "{err}");
+    assert!(
+        (free_said - free as f64 / 1048576.0).abs() < 1024.0,
+        "free memory said {free_said} MiB, the card had {free} bytes: {err}"
+    );
+    assert!(rest.contains("shorter context"), "{err}");
+}
