@@ -6,7 +6,9 @@
 #   --test-threads=1, at most SAN_TIMEOUT seconds (default 300); its log goes
 #   to $OUT/san-TOOL-BINARY.log. Prints one line per run (the tests' result
 #   and the sanitizer's summary) and exits non-zero when a run fails, times
-#   out or reports an error or hazard.
+#   out or reports an error or hazard. --launch-timeout 0: a binary whose
+#   first CUDA call comes after long CPU-only tests is still attached (with
+#   the default 10 s the sanitizer gives up and the GPU tests run unchecked).
 set -u
 out=${OUT:-/tmp}
 export TILEFUSE_REQUIRE_GPU=1
@@ -22,7 +24,7 @@ for tool in ${tools//,/ }; do
         log="$out/san-$tool-$b${rest:+-${rest// /_}}.log"
         start=$(date +%s)
         # shellcheck disable=SC2086
-        timeout "${SAN_TIMEOUT:-300}" "$san" --tool "$tool" --error-exitcode 3 \
+        timeout "${SAN_TIMEOUT:-300}" "$san" --tool "$tool" --error-exitcode 3 --launch-timeout 0 \
             gpu-bin/"$b" --test-threads=1 $rest >"$log" 2>&1
         rc=$?
         secs=$(($(date +%s) - start))
