@@ -8,7 +8,7 @@ use crate::error::CodegenError;
 use crate::fusion::{Fused, Group, KernelKind};
 use crate::lower::epilogue::epilogue;
 use crate::lower::values::{dim_expr, pointer};
-use crate::plan::{Plan, PlanOptions, Tiling};
+use crate::plan::{Kernel, Plan, PlanOptions, Tiling, Value};
 
 /// Threads per CTA of every kernel that streams weights.
 pub const THREADS: u32 = 256;
@@ -223,8 +223,13 @@ pub fn weight_view(plan: &Plan, w: NodeId) -> Result<Expr, CodegenError> {
     Ok(Expr::call(ty.to_string(), args).brace())
 }
 
-/// The tile body.
-pub fn body(plan: &Plan, group: &Group, temps: &mut Temps) -> Result<Vec<Stmt>, CodegenError> {
+/// The tile body of kernel `k`.
+pub fn body(
+    plan: &Plan,
+    k: &Kernel,
+    group: &Group,
+    temps: &mut Temps,
+) -> Result<Vec<Stmt>, CodegenError> {
     let f = &plan.fused;
     let g = &f.graph;
     let s = shape(f, group, &plan.options)?;
@@ -319,20 +324,14 @@ pub fn body(plan: &Plan, group: &Group, temps: &mut Temps) -> Result<Vec<Stmt>, 
     }
     let _ = s.w;
     let rows = dim_expr(plan, &s.rows_dim)?;
-    // The norm this kernel owns is written (by its first tile) when another
-    // kernel reads it: the plan counts it among this kernel's writes.
+    // The norm this kernel owns is written (by its first tile) when the plan
+    // counts it among this kernel's writes (another kernel reads it).
     let norm_out = match s.norm {
-        Some(nm)
-            if group.nodes.contains(&nm)
-                && (f.real_users(nm).iter().any(|u| !group.nodes.contains(u))
-                    || f.is_output(nm)) =>
-        {
-            Expr::Select(
-                Box::new(Expr::var("tile").bin("==", Expr::I32(0))),
-                Box::new(pointer(plan, nm, true)?),
-                Box::new(Expr::var("nullptr")),
-            )
-        }
+        Some(nm) if k.writes.contains(&Value::Node(nm)) => Expr::Select(
+            Box::new(Expr::var("tile").bin("==", Expr::I32(0))),
+            Box::new(pointer(plan, nm, true)?),
+            Box::new(Expr::var("nullptr")),
+        ),
         _ => Expr::var("nullptr"),
     };
     Ok(vec![
