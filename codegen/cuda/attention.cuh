@@ -371,6 +371,70 @@ struct AttnConfig {
     static_assert(THREADS % 32 == 0 && NW % MT == 0, "THREADS/32 must be a multiple of the m-tiles MT");
 };
 
+namespace attn_detail {
+// The keys [my_lo, my_hi) that attention tile `tile` reads: the union of its
+// queries' visible keys, cut into NSPLIT equal parts (rounded up to 16 keys),
+// part `split`.
+template <class C> __device__ __forceinline__ void split_range(int tile, int T, int S, int& my_lo, int& my_hi) {
+    const int split = tile % C::NSPLIT;
+    const int t0 = tile / (C::NSPLIT * C::HKV) * C::TQ;
+    const int t1 = min(T, t0 + C::TQ);
+    int lo, hi;
+    if (C::MASK == MASK_CAUSAL) {
+        hi = S + t1;  // p_max + 1
+        lo = C::WINDOW > 0 ? max(0, S + t0 - C::WINDOW + 1) : 0;
+    } else {
+        hi = S + T;
+        lo = C::WINDOW > 0 ? max(0, min(S, S + t0 - C::WINDOW + 1)) : 0;
+    }
+    if (t0 >= T) hi = lo;  // (never for a grid of tiles(T) tiles)
+    const int per = ((hi - lo + C::NSPLIT - 1) / C::NSPLIT + 15) / 16 * 16;
+    my_lo = min(hi, lo + split * per);
+    my_hi = min(hi, my_lo + per);
+}
+}  // namespace attn_detail
+
+// attention_early<C>: run by an attention tile before it waits for q and the
+// new keys: asks L2 for its share (1/HKV, by kv head) of the cache rows of its
+// split, all kv heads of a row being contiguous, so the key and value stream
+// starts while the kernel before still runs. A hint: rows the kernel before
+// is appending are asked for too, which L2 serves coherently.
+template <class C>
+__device__ void attention_early(int tile, int T, int S, int cap, const bf16* __restrict__ k_cache,
+                                const bf16* __restrict__ v_cache) {
+    if (threadIdx.x != 0) return;
+    int my_lo, my_hi;
+    attn_detail::split_range<C>(tile, T, S, my_lo, my_hi);
+    const int kvh = (tile / C::NSPLIT) % C::HKV;
+    const int n = my_hi - my_lo, share = (n + C::HKV - 1) / C::HKV;
+    const int a = min(n, kvh * share), b = min(n, a + share);
+    constexpr unsigned long long KROW = 2ull * C::HKV * C::DK, VROW = 2ull * C::HKV * C::DV;
+    // Positions [my_lo + a, my_lo + b) in slots j % cap: at most two runs.
+    int j = my_lo + a;
+    while (j < my_lo + b) {
+        const int slot = j % cap, run = min(my_lo + b - j, cap - slot);
+        prefetch_l2_range(k_cache + (size_t)slot * C::HKV * C::DK, KROW * run);
+        prefetch_l2_range(v_cache + (size_t)slot * C::HKV * C::DV, VROW * run);
+        j += run;
+    }
+}
+
+// The new rows an attention tile appends itself (attention_tile<C, true, KNORM>),
+// when they are the queries' own tokens at the queries' positions: raw keys
+// k [T, HKV*DK] (row stride k_stride, elements), values v [T, HKV*DV]
+// (v_stride), the per-head key norm's weight and eps (KNORM), and the caches
+// they go to (the ones attention_tile reads).
+struct AttnAppend {
+    const bf16* k;
+    int k_stride;
+    const bf16* v;
+    int v_stride;
+    const bf16* k_norm_w;
+    float k_eps;
+    bf16* k_cache;
+    bf16* v_cache;
+};
+
 // attention_tile<C>: softmax attention of TQ query tokens x G query heads against
 // one kv head's keys in one split of the key range, exactly interp attn.attention
 // (with the q-side of the model fused in):
@@ -434,13 +498,13 @@ struct AttnConfig {
 // out [T, HQ, DV] with row stride out_stride (NSPLIT = 1); ws (NSPLIT > 1):
 // partial outputs O [T][HQ][NSPLIT][DV] then stats (m, l) [T][HQ][NSPLIT][2].
 // Shared memory: C::SMEM_BYTES.
-template <class C>
+template <class C, bool APPEND = false, bool KNORM = false>
 __device__ void attention_tile(int tile, int T, int S, int cap, const int* __restrict__ qpos,
                                const bf16* __restrict__ q, int q_stride,
                                const bf16* __restrict__ q_norm_w, float eps, float theta, float scale,
-                               const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
+                               const bf16* k_cache, const bf16* v_cache,
                                const bf16* __restrict__ sinks, bf16* __restrict__ out, int out_stride,
-                               float* __restrict__ ws, char* smem) {
+                               float* __restrict__ ws, char* smem, const AttnAppend app = AttnAppend{}) {
     using namespace attn_detail;
     constexpr int HQ = C::HQ, HKV = C::HKV, DK = C::DK, DV = C::DV, ROT = C::ROT, HALF = C::HALF;
     constexpr int G = C::G, ROWS = C::ROWS, MR = C::MR, NW = C::NW, WPM = C::WPM;
@@ -468,21 +532,8 @@ __device__ void attention_tile(int tile, int T, int S, int cap, const int* __res
     const int qb = tile / (NSPLIT * HKV);
     const int t0 = qb * TQ;
     const int t1 = min(T, t0 + TQ);  // tokens [t0, t1)
-    const int L = S + T;
-
-    // Key range of the tile: the union of its queries' visible keys.
-    int lo, hi;
-    if (CAUSAL) {
-        hi = S + t1;  // p_max + 1
-        lo = WINDOW > 0 ? max(0, S + t0 - WINDOW + 1) : 0;
-    } else {
-        hi = L;
-        lo = WINDOW > 0 ? max(0, min(S, S + t0 - WINDOW + 1)) : 0;
-    }
-    if (t0 >= T) hi = lo;  // (never for a grid of tiles(T) tiles)
-    const int per = ((hi - lo + NSPLIT - 1) / NSPLIT + 15) / 16 * 16;
-    const int my_lo = min(hi, lo + split * per);
-    const int my_hi = min(hi, my_lo + per);
+    int my_lo, my_hi;
+    attn_detail::split_range<C>(tile, T, S, my_lo, my_hi);
 
     __syncthreads();  // the previous tile of a persistent loop may still read smem
     for (int i = tid; i < TQ * HALF; i += THREADS)
@@ -506,6 +557,34 @@ __device__ void attention_tile(int tile, int T, int S, int cap, const int* __res
             for (int d = DK + lane; d < KB32 * 32; d += 32) dst[d] = from_float<bf16>(0.f);
         } else {
             for (int d = lane; d < KB32 * 32; d += 32) dst[d] = from_float<bf16>(0.f);
+        }
+    }
+    if constexpr (APPEND) {
+        // The new rows j of this tile's key range (token t = j - S): the key
+        // normed and rotated as rope_append_tile does it, and the value, into
+        // cache slot j % cap before any key is read (the barrier below), one
+        // row per warp from the last warp down (the first warps hold the
+        // query rows). Tiles of other query blocks whose ranges hold the same
+        // rows write the same bytes. Scratch: the score area, free until the
+        // key loop.
+        constexpr int CSB = align16(HALF * 8), SCR = CSB + DK * 2;
+        static_assert(NW * SCR <= C::SMEM_BYTES - C::OFF_U, "append scratch exceeds the score area");
+        float2* cs = reinterpret_cast<float2*>(smem + C::OFF_U + warp * SCR);
+        bf16* krow = reinterpret_cast<bf16*>(smem + C::OFF_U + warp * SCR + CSB);
+        for (int j = max(my_lo, S) + (NW - 1 - warp); j < my_hi; j += NW) {
+            const int t = j - S;
+            const size_t slot = (size_t)(j % cap);
+            for (int f = lane; f < HALF; f += 32) cs[f] = rope_cos_sin<bf16>(qpos[t], f, ROT, theta);
+            __syncwarp();
+            head_prep_warp<bf16, DK, ROT, KNORM>(app.k + (size_t)t * app.k_stride + kvh * DK, app.k_norm_w,
+                                                 app.k_eps, cs, krow);
+            for (int c = lane; c < DK / 8; c += 32)
+                *reinterpret_cast<uint4*>(app.k_cache + (slot * HKV + kvh) * DK + c * 8) =
+                    *reinterpret_cast<const uint4*>(krow + c * 8);
+            for (int c = lane; c < DV / 8; c += 32)
+                *reinterpret_cast<uint4*>(app.v_cache + (slot * HKV + kvh) * DV + c * 8) =
+                    ld_v4(app.v + (size_t)t * app.v_stride + kvh * DV + c * 8);
+            __syncwarp();  // the scratch is reused by the next row
         }
     }
     __syncthreads();

@@ -515,4 +515,44 @@ __device__ void experts_down_tile(int tile, const bf16* __restrict__ h, const fl
     }
 }
 
+// experts_down_hint
+//
+// Run by an up tile once it may read the routing table: asks L2 for this
+// tile's share of its expert's down rows (chunk c of ceil(I/ROWS) of the H
+// rows), so the down step, which starts when every up tile is done, finds
+// its weights in L2. One thread; a hint only.
+template <class C, class W>
+__device__ void experts_down_hint(int tile, const int* __restrict__ route, W down) {
+    constexpr int H = C::h, I = C::i, ROWS = C::rows, CH = cdiv(I, ROWS), SHARE = cdiv(H, CH);
+    if (threadIdx.x != 0) return;
+    const RouteView rt{route, C::max_t * C::topk};
+    const int d = tile / CH, c = tile - d * CH;
+    if (d >= rt.n_distinct()) return;
+    const int r0 = c * SHARE;
+    if (r0 < H) down.prefetch_rows(rt.expert(d) * H + r0, min(SHARE, H - r0), I);
+}
+
+// experts_down_early
+//
+// Run by a down tile before it waits for the expert activations: asks L2 for
+// the tile's rows [tile*ROWS, min(H, (tile+1)*ROWS)) of every expert the
+// routing table names, so the weights stream while the gate/up step still
+// runs. Only for a table that a kernel at least two launches earlier wrote
+// (the launch before this one has passed its own wait, so that writer has
+// finished); read through L2. It only hints: a stale table would ask for the
+// wrong rows, never change a result (expert numbers are checked against E).
+// Call from all threads; no barrier, no shared memory.
+template <class C, class W, int E>
+__device__ void experts_down_early(int tile, const int* __restrict__ route, W down) {
+    constexpr int H = C::h, I = C::i, ROWS = C::rows, MTK = C::max_t * C::topk;
+    const int n0 = tile * ROWS;
+    if (n0 >= H) return;
+    const int nr = min(ROWS, H - n0);
+    for (int d = threadIdx.x; d < cmin(MTK, E); d += C::threads) {
+        const int nd = ld_l2_i32(route);
+        const int e = ld_l2_i32(route + 1 + d);
+        if (d < nd && e >= 0 && e < E) down.prefetch_rows(e * H + n0, nr, I);
+    }
+}
+
 }  // namespace tf

@@ -231,6 +231,28 @@ __device__ __forceinline__ void prefetch_l2_share(const char* base, unsigned lon
 #endif
 }
 
+// Asks L2 for the bytes [p, p + bytes): the start rounded down and the end
+// rounded down to 16 bytes, so nothing past the range is asked for (an
+// allocation starts 16-byte aligned). A hint: no result, never blocks.
+__device__ __forceinline__ void prefetch_l2_range(const void* p, unsigned long long bytes) {
+#if __CUDA_ARCH__ >= 900
+    const unsigned long long a = reinterpret_cast<unsigned long long>(p);
+    const unsigned long long lo = a & ~15ull, hi = (a + bytes) & ~15ull;
+    for (unsigned long long s = lo; s < hi; s += 1ull << 30) {
+        const unsigned long long n = hi - s < (1ull << 30) ? hi - s : (1ull << 30);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(s), "r"((unsigned)n) : "memory");
+    }
+#endif
+}
+
+// An int that an earlier kernel wrote, read through L2 (never an older copy
+// of its line that this SM's L1 may hold).
+__device__ __forceinline__ int ld_l2_i32(const int* p) {
+    int r;
+    asm volatile("ld.global.cg.s32 %0, [%1];" : "=r"(r) : "l"(p));
+    return r;
+}
+
 // Nanoseconds of the GPU's global timer (one clock for all SMs).
 __device__ __forceinline__ unsigned long long global_timer() {
     unsigned long long t;

@@ -53,6 +53,11 @@ pub enum KernelKind {
         q_norm: Option<NodeId>,
         /// The group that appends this attention's keys and values.
         append: NodeId,
+        /// This kernel appends them itself (RoPE, an optional per-head norm
+        /// on the keys): the new rows are the queries' own tokens, at the
+        /// queries' positions. Otherwise a [`KernelKind::RopeAppend`] kernel
+        /// runs before it.
+        fused_append: bool,
         /// Keys split across tiles (flash-decoding): partials go to a
         /// workspace that an [`KernelKind::AttentionCombine`] kernel merges.
         split: bool,

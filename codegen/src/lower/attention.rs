@@ -424,6 +424,35 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
     }
 }
 
+/// The early hints of an attention kernel (`attention_early` in
+/// `attention.cuh`): each tile asks L2 for its share of its split's cache rows
+/// before it waits.
+pub fn early(plan: &Plan, group: &Group) -> Result<Vec<Stmt>, CodegenError> {
+    let KernelKind::Attention { attn, .. } = group.kind else {
+        return Ok(vec![]);
+    };
+    let f = &plan.fused;
+    let g = &f.graph;
+    let l = layer(f, attn)?;
+    let s = sched(&l, dim_max(f, attn, &l.q_rows, &plan.options)?);
+    let kc = g.inputs(l.k_append)[0];
+    let vc = g.inputs(l.v_append)[0];
+    Ok(vec![
+        Stmt::Expr(Expr::var(format!("using C = {}", config(&l, &s)))),
+        Stmt::Expr(Expr::call(
+            "tf::attention_early<C>",
+            vec![
+                Expr::var("tile"),
+                dim_expr(plan, &l.q_rows)?,
+                dim_expr(plan, &l.keys_before())?,
+                Expr::I32(l.cap as i64),
+                pointer(plan, kc, false)?,
+                pointer(plan, vc, false)?,
+            ],
+        )),
+    ])
+}
+
 /// The tile body of kernel `ki`.
 pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenError> {
     let f = &plan.fused;
@@ -474,7 +503,12 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
                 )),
             ])
         }
-        KernelKind::Attention { attn, split, .. } => {
+        KernelKind::Attention {
+            attn,
+            split,
+            fused_append,
+            ..
+        } => {
             let l = layer(f, attn)?;
             let s = sched(&l, dim_max(f, attn, &l.q_rows, opt)?);
             let rows = dim_expr(plan, &l.q_rows)?;
@@ -495,6 +529,52 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
                 (pointer(plan, attn, true)?, Expr::var("nullptr"))
             };
             let per_block = (l.hkv * s.nsplit) as i64;
+            let (tile_fn, mut args) = if fused_append {
+                let knorm_w = match l.k_norm {
+                    Some(n) => pointer(plan, g.inputs(n)[1], false)?,
+                    None => Expr::var("nullptr"),
+                };
+                (
+                    format!("tf::attention_tile<C, true, {}>", l.k_norm.is_some()),
+                    vec![Expr::call(
+                        "tf::AttnAppend",
+                        vec![
+                            pointer(plan, l.k_src, false)?,
+                            Expr::I32(row_elems(f, f.storage(l.k_src)) as i64),
+                            pointer(plan, l.v_src, false)?,
+                            Expr::I32(row_elems(f, f.storage(l.v_src)) as i64),
+                            knorm_w,
+                            Expr::F32(eps_of(f, l.k_norm)),
+                            pointer(plan, kc, true)?,
+                            pointer(plan, vc, true)?,
+                        ],
+                    )
+                    .brace()],
+                )
+            } else {
+                ("tf::attention_tile<C>".to_string(), vec![])
+            };
+            let mut call_args = vec![
+                Expr::var("tile"),
+                rows.clone(),
+                dim_expr(plan, &l.keys_before())?,
+                Expr::I32(l.cap as i64),
+                pointer(plan, l.q_pos, false)?,
+                pointer(plan, l.q_src, false)?,
+                Expr::I32(row_elems(f, f.storage(l.q_src)) as i64),
+                qnorm_w,
+                Expr::F32(eps_of(f, l.q_norm)),
+                Expr::F32(l.theta),
+                Expr::F32(l.scale),
+                pointer(plan, kc, false)?,
+                pointer(plan, vc, false)?,
+                sinks,
+                out,
+                Expr::I32((l.hq * l.dv) as i64),
+                ws,
+                Expr::var("smem"),
+            ];
+            call_args.append(&mut args);
             Ok(vec![
                 Stmt::Expr(Expr::var(format!("using C = {}", config(&l, &s)))),
                 Stmt::Expr(Expr::var(format!(
@@ -502,30 +582,8 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
                     smem_attention(&l, &s)
                 ))),
                 Stmt::Comment("query blocks past this forward's tokens have no work".into()),
-                guard(Expr::var("tile").bin("/", Expr::I32(per_block)).bin("*", Expr::I32(s.tq as i64)).bin(">=", rows.clone())),
-                Stmt::Expr(Expr::call(
-                    "tf::attention_tile<C>",
-                    vec![
-                        Expr::var("tile"),
-                        rows,
-                        dim_expr(plan, &l.keys_before())?,
-                        Expr::I32(l.cap as i64),
-                        pointer(plan, l.q_pos, false)?,
-                        pointer(plan, l.q_src, false)?,
-                        Expr::I32(row_elems(f, f.storage(l.q_src)) as i64),
-                        qnorm_w,
-                        Expr::F32(eps_of(f, l.q_norm)),
-                        Expr::F32(l.theta),
-                        Expr::F32(l.scale),
-                        pointer(plan, kc, false)?,
-                        pointer(plan, vc, false)?,
-                        sinks,
-                        out,
-                        Expr::I32((l.hq * l.dv) as i64),
-                        ws,
-                        Expr::var("smem"),
-                    ],
-                )),
+                guard(Expr::var("tile").bin("/", Expr::I32(per_block)).bin("*", Expr::I32(s.tq as i64)).bin(">=", rows)),
+                Stmt::Expr(Expr::call(tile_fn, call_args)),
             ])
         }
         KernelKind::AttentionCombine { attn } => {

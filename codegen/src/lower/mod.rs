@@ -32,6 +32,13 @@ pub struct LoweredKernel {
     /// The `__device__` weight prefetch of a tile, run before the tile waits
     /// for its inputs (`None`: the kernel streams no dense weights).
     pub prefetch: Option<Function>,
+    /// The early hints of a tile, run by the `__global__` wrapper before it
+    /// waits: L2 prefetches of what the tile will read that does not come
+    /// from the kernel just before (expert rows named by a routing table two
+    /// launches back, cache rows). Hints only: they never change a result.
+    /// Not run by the persistent dispatcher, whose tasks have no launch
+    /// order to rely on.
+    pub early: Option<Function>,
     /// The `__global__` wrapper.
     pub wrapper: Function,
 }
@@ -44,7 +51,15 @@ impl LoweredKernel {
             .as_ref()
             .map(|p| format!("{p}\n"))
             .unwrap_or_default();
-        format!("{}{}\n{prefetch}{}", self.header, self.device, self.wrapper)
+        let early = self
+            .early
+            .as_ref()
+            .map(|p| format!("{p}\n"))
+            .unwrap_or_default();
+        format!(
+            "{}{}\n{prefetch}{early}{}",
+            self.header, self.device, self.wrapper
+        )
     }
 }
 
@@ -309,6 +324,15 @@ fn symbols() -> [Stmt; 2] {
     ]
 }
 
+/// [`params`] as the early hints see them: nothing written.
+fn params_const() -> Vec<(Ty, String)> {
+    vec![
+        (Ty::ConstPtr(Box::new(Ty::Char)), "act".into()),
+        (Ty::ConstPtr(Box::new(Ty::Char)), "wts".into()),
+        (Ty::ConstPtr(Box::new(Ty::Char)), "kv".into()),
+    ]
+}
+
 fn params() -> Vec<(Ty, String)> {
     vec![
         (Ty::Ptr(Box::new(Ty::Char)), "act".into()),
@@ -397,14 +421,26 @@ fn prefetch_body(plan: &Plan, k: &Kernel) -> Result<Vec<Stmt>, CodegenError> {
     Ok(out)
 }
 
-/// The tile function, the prefetch function (when there is a prefetch) and
-/// the `__global__` wrapper of one kernel function.
+/// The early hints of one tile of kernel `ki` ([`LoweredKernel::early`]).
+fn early_body(plan: &Plan, ki: usize, k: &Kernel) -> Result<Vec<Stmt>, CodegenError> {
+    let group = plan.group(k);
+    match group.kind {
+        KernelKind::Attention { .. } => attention::early(plan, group),
+        KernelKind::ExpertsDown { .. } => moe::early(plan, group, ki),
+        _ => Ok(vec![]),
+    }
+}
+
+/// The tile function, the prefetch function (when there is a prefetch), the
+/// early hints (when there are any) and the `__global__` wrapper of one
+/// kernel function.
 fn functions(
     name: &str,
     threads: u32,
     body: Vec<Stmt>,
     prefetch: Vec<Stmt>,
-) -> (Function, Option<Function>, Function) {
+    early: Vec<Stmt>,
+) -> (Function, Option<Function>, Option<Function>, Function) {
     use crate::emit::Expr;
     let offsets_param = (
         Ty::Named("const long long* __restrict__".into()),
@@ -432,9 +468,24 @@ fn functions(
         params: vec![
             (Ty::I32, "tile".to_string()),
             (Ty::ConstPtr(Box::new(Ty::Char)), "wts".into()),
-            offsets_param,
+            offsets_param.clone(),
         ],
         body: prefetch,
+    });
+    let early = (!early.is_empty()).then(|| {
+        let mut params = vec![(Ty::I32, "tile".to_string())];
+        params.extend(params_const());
+        params.push((Ty::I32, "T".into()));
+        params.push((Ty::I32, "S".into()));
+        params.push(offsets_param);
+        Function {
+            qualifiers: "static __device__ __forceinline__".into(),
+            launch_bounds: None,
+            ret: "void".into(),
+            name: format!("{name}_early"),
+            params,
+            body: early,
+        }
     });
     let mut wparams = params();
     wparams.push((
@@ -448,10 +499,22 @@ fn functions(
         )),
         timer("t_start"),
     ];
+    // T and S are written before the forward's first kernel, which every
+    // later kernel follows: they may be read before the wait.
+    wbody.extend(symbols());
     if prefetch.is_some() {
         wbody.push(Stmt::Expr(Expr::call(
             format!("{name}_prefetch"),
             ["(int)blockIdx.x", "wts", "off.v"]
+                .into_iter()
+                .map(Expr::var)
+                .collect(),
+        )));
+    }
+    if early.is_some() {
+        wbody.push(Stmt::Expr(Expr::call(
+            format!("{name}_early"),
+            ["(int)blockIdx.x", "act", "wts", "kv", "T", "S", "off.v"]
                 .into_iter()
                 .map(Expr::var)
                 .collect(),
@@ -462,7 +525,6 @@ fn functions(
         Stmt::Expr(Expr::call("tf::launch_dependents", vec![])),
         timer("t_waited"),
     ]);
-    wbody.extend(symbols());
     wbody.extend([
         Stmt::Expr(Expr::call(
             format!("{name}_tile"),
@@ -503,7 +565,7 @@ fn functions(
         params: wparams,
         body: wbody,
     };
-    (device, prefetch, wrapper)
+    (device, prefetch, early, wrapper)
 }
 
 /// Lowers every kernel of the plan into one translation unit. Kernels whose
@@ -515,14 +577,17 @@ pub fn lower(plan: &Plan) -> Result<Module, CodegenError> {
     let mut keys: Vec<(u32, u32, String)> = Vec::new();
     let mut instances = Vec::new();
     for (ki, k) in plan.kernels.iter().enumerate() {
-        // The prefetch and the body share one offset table: parameterized
-        // together, then split where the prefetch ends.
+        // The prefetch, the early hints and the body share one offset table:
+        // parameterized together, then split where each ends.
         let prefetch = prefetch_body(plan, k)?;
-        let np = prefetch.len();
+        let early = early_body(plan, ki, k)?;
+        let (np, ne) = (prefetch.len(), early.len());
         let mut all = prefetch;
+        all.extend(early);
         all.extend(kernel_body(plan, ki, k)?);
         let offsets = crate::emit::parameterize(&mut all, "off");
-        let body = all.split_off(np);
+        let body = all.split_off(np + ne);
+        let early = all.split_off(np);
         let prefetch = all;
         if offsets.len() > MAX_BUFFER_OFFSETS {
             return Err(CodegenError::Internal(format!(
@@ -532,8 +597,9 @@ pub fn lower(plan: &Plan) -> Result<Module, CodegenError> {
             )));
         }
         let text = format!(
-            "{}{}",
+            "{}{}{}",
             crate::emit::Block(&prefetch, 0),
+            crate::emit::Block(&early, 0),
             crate::emit::Block(&body, 0)
         );
         let key = (k.tiling.threads, k.tiling.smem, text);
@@ -556,14 +622,15 @@ pub fn lower(plan: &Plan) -> Result<Module, CodegenError> {
                 } else {
                     format!("{base}_v{same}")
                 };
-                let (device, prefetch, wrapper) =
-                    functions(&name, k.tiling.threads, body, prefetch);
+                let (device, prefetch, early, wrapper) =
+                    functions(&name, k.tiling.threads, body, prefetch, early);
                 keys.push(key);
                 kernels.push(LoweredKernel {
                     name,
                     header: header(plan, k),
                     device,
                     prefetch,
+                    early,
                     wrapper,
                 });
                 kernels.len() - 1

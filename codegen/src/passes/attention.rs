@@ -1,7 +1,8 @@
 //! Attention fusion: for every `attn.attention` over KV-cache appends, one
-//! kernel appends the new keys (after their per-head norm and RoPE) and
-//! values to the caches, and one computes attention, applying the query's
-//! per-head norm and RoPE as it loads the queries.
+//! kernel computes attention, applying the query's per-head norm and RoPE as
+//! it loads the queries. The new keys (after their per-head norm and RoPE)
+//! and values are appended to the caches by that same kernel when they are
+//! the queries' own tokens, else by a kernel of their own before it.
 
 use tilefuse_ir::{Attn, Nn, NodeId, Op};
 
@@ -98,15 +99,29 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
         let q_norm = optional_norm(f, f.graph.inputs(q)[0]);
         let mut append_nodes = vec![keys, values, k_rope];
         append_nodes.extend(k_norm);
-        f.groups.push(Group::new(
-            KernelKind::RopeAppend {
-                k_append: keys,
-                v_append: values,
-                k_rope,
-                k_norm,
-            },
-            append_nodes,
-        ));
+        // When the new keys are the queries' own tokens (same rows, same
+        // positions, same RoPE), the attention kernel appends them itself:
+        // each tile writes the new rows of its key range before reading
+        // them, and one kernel per layer fewer runs. A draft's keys, which
+        // also span its context rows, keep their own kernel.
+        let fused_append = {
+            let g = &f.graph;
+            let (qi, ki) = (g.inputs(q), g.inputs(k_rope));
+            qi[1] == ki[1]
+                && g.node(q).op == g.node(k_rope).op
+                && g.node(q).ty.dims()[0] == g.node(k_rope).ty.dims()[0]
+        };
+        if !fused_append {
+            f.groups.push(Group::new(
+                KernelKind::RopeAppend {
+                    k_append: keys,
+                    v_append: values,
+                    k_rope,
+                    k_norm,
+                },
+                append_nodes.clone(),
+            ));
+        }
         // Over a full cache (thousands of positions) the keys are split across
         // tiles and merged by a second kernel, which then owns the output; a
         // sliding window's ring is read by one tile per query block.
@@ -116,6 +131,9 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
         let split = !ring;
         let mut attn_nodes = vec![q];
         attn_nodes.extend(q_norm);
+        if fused_append {
+            attn_nodes.extend(append_nodes);
+        }
         if !split {
             attn_nodes.push(a);
         }
@@ -125,6 +143,7 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
                 q_rope: q,
                 q_norm,
                 append: keys,
+                fused_append,
                 split,
             },
             attn_nodes,

@@ -21,7 +21,9 @@
 //!   starts from that workspace.
 //! - `attention` applies the query's norm and RoPE and attends over the cache
 //!   views; when split it stores a workspace that `attention_combine` turns
-//!   into the attention's output.
+//!   into the attention's output. With its append fused (new keys at the
+//!   queries' own positions) it first applies the key norm and RoPE and
+//!   appends keys and values as `rope_append` does, storing both cache views.
 //! - `rope_append` applies the key norm and RoPE and appends keys and values
 //!   to the caches (the shared [`Caches`]); it stores both cache views.
 //! - `router` stores the expert choice and weights; `embedding`, `rms_norm`,
@@ -202,10 +204,17 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
             } else {
                 Slot::Node(*attn)
             };
+            // With its append fused, the kernel also stores both cache views.
+            let mut stores: Vec<(Slot, NodeId)> = nodes
+                .iter()
+                .filter(|&&n| matches!(g.node(n).op, Op::Attn(tilefuse_ir::Attn::KvAppend { .. })))
+                .map(|&n| (Slot::Node(n), n))
+                .collect();
+            stores.push((slot, *attn));
             Spec {
                 computed,
                 from_work: None,
-                stores: vec![(slot, *attn)],
+                stores,
                 chain: None,
             }
         }

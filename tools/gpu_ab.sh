@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Compares CLI binaries of gpu-bin/ on one GPU machine in the same call: the
+# given test binaries first (as tools/gpu_roofline.sh runs them), then
+# `tilefuse bench` of each binary in turn, graph mode with timelines, the
+# whole list AB_ROUNDS times (interleaved, so drift of the card hits every
+# binary alike). Everything lands in $OUT (default /tmp/out) as ab.tgz; a
+# short table is printed last: each row of each bench, then layer
+# AB_LAYER's timeline (default 24) of the first preset.
+# Usage: AB_BINS="tilefuse-base tilefuse" bash tools/gpu_ab.sh ["test-binary [args]" ...]
+#   AB_PRESETS (default qwen3-30b-a3b,mimo-v2-flash-4l), AB_TOKENS (1,8),
+#   AB_CONTEXT (1024), AB_MODES (graph), AB_REPS (20), AB_ROUNDS (1),
+#   ROUND_TIMEOUT: seconds per test binary (default 300).
+set -u
+out=${OUT:-/tmp/out}
+work=$(mktemp -d)
+export TILEFUSE_CACHE_DIR=${TILEFUSE_CACHE_DIR:-/tmp/tilefuse-cache}
+export TILEFUSE_REQUIRE_GPU=1
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+summary=""
+fail=0
+for t in "$@"; do
+    read -r b rest <<<"$t"
+    # shellcheck disable=SC2086
+    timeout "${ROUND_TIMEOUT:-300}" gpu-bin/"$b" --test-threads=1 $rest >"$work/test-$b.log" 2>&1
+    rc=$?
+    [ $rc -ne 0 ] && fail=1 && grep -E "panicked|FAILED|MISMATCH" -A5 "$work/test-$b.log" | head -30
+    summary+="$b rc=$rc $(grep -E '^test result' "$work/test-$b.log" | tail -1)"$'\n'
+done
+bins=(${AB_BINS:-tilefuse-base tilefuse})
+bench=(--preset "${AB_PRESETS:-qwen3-30b-a3b,mimo-v2-flash-4l}" --context "${AB_CONTEXT:-1024}"
+    --tokens "${AB_TOKENS:-1,8}" --reps "${AB_REPS:-20}" --no-draft --mode "${AB_MODES:-graph}" --timeline)
+for r in $(seq 1 "${AB_ROUNDS:-1}"); do
+    for b in "${bins[@]}"; do
+        timeout 300 gpu-bin/"$b" bench "${bench[@]}" --out "$work/$b-$r" >"$work/$b-$r.log" 2>&1 || {
+            fail=1
+            tail -5 "$work/$b-$r.log"
+        }
+    done
+done
+tar czf "$out/ab.tgz" -C "$work" .
+for b in "${bins[@]}"; do
+    for r in $(seq 1 "${AB_ROUNDS:-1}"); do
+        echo "==== $b, round $r"
+        grep -E "%$|^measured" "$work/$b-$r/bench.txt" 2>/dev/null
+    done
+done
+for b in "${bins[@]}"; do
+    echo "==== $b, layer ${AB_LAYER:-24}"
+    grep -A12 "layer ${AB_LAYER:-24}:" "$work/$b-1/bench.txt" 2>/dev/null | grep -E "^Graph|^Stream|^Persistent|^  k" | head -14 |
+        awk '{ if ($1 ~ /^k/) printf "  %-40s %8s %8s\n", $1, $5, $6; else print }'
+done
+echo "==== tests"
+printf "%s" "$summary"
+exit $fail
