@@ -13,19 +13,9 @@
 set -u
 out=${OUT:-/tmp/out}
 work=$(mktemp -d)
-export TILEFUSE_CACHE_DIR=${TILEFUSE_CACHE_DIR:-/tmp/tilefuse-cache}
-export TILEFUSE_REQUIRE_GPU=1
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-summary=""
-fail=0
-for t in "$@"; do
-    read -r b rest <<<"$t"
-    # shellcheck disable=SC2086
-    timeout "${ROUND_TIMEOUT:-300}" gpu-bin/"$b" --test-threads=1 $rest >"$work/test-$b.log" 2>&1
-    rc=$?
-    [ $rc -ne 0 ] && fail=1 && grep -E "panicked|FAILED|MISMATCH" -A5 "$work/test-$b.log" | head -30
-    summary+="$b rc=$rc $(grep -E '^test result' "$work/test-$b.log" | tail -1)"$'\n'
-done
+# shellcheck source=tools/gpu_common.sh
+source "$(dirname "$0")/gpu_common.sh"
+run_test_binaries "$work" "$@"
 bins=(${AB_BINS:-tilefuse-base tilefuse})
 bench=(--preset "${AB_PRESETS:-qwen3-30b-a3b,mimo-v2-flash-4l}" --context "${AB_CONTEXT:-1024}"
     --tokens "${AB_TOKENS:-1,8}" --reps "${AB_REPS:-20}" --no-draft --mode "${AB_MODES:-graph}" --timeline)

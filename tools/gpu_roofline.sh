@@ -14,23 +14,12 @@
 set -u
 out=${OUT:-/tmp/out}
 work=$(mktemp -d)
-export TILEFUSE_CACHE_DIR=${TILEFUSE_CACHE_DIR:-/tmp/tilefuse-cache}
-# TILEFUSE_REQUIRE_GPU=1: a GPU test that finds no GPU fails instead of skipping.
-export TILEFUSE_REQUIRE_GPU=1
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+# shellcheck source=tools/gpu_common.sh
+source "$(dirname "$0")/gpu_common.sh"
 tests=("$@")
 [ ${#tests[@]} -eq 0 ] && tests=(kernels_weights kernels_attention gpu_exec fixtures)
 [ "${ROUND_TESTS:-1}" = 0 ] && tests=()
-summary=""
-fail=0
-for t in "${tests[@]}"; do
-    read -r b rest <<<"$t"
-    # shellcheck disable=SC2086
-    timeout "${ROUND_TIMEOUT:-300}" gpu-bin/"$b" --test-threads=1 $rest >"$work/$b.log" 2>&1
-    rc=$?
-    [ $rc -ne 0 ] && fail=1 && grep -E "panicked|FAILED|MISMATCH" -A5 "$work/$b.log" | head -30
-    summary+="$b rc=$rc $(grep -E '^test result' "$work/$b.log" | tail -1)"$'\n'
-done
+run_test_binaries "$work" "${tests[@]}"
 bench=(--preset qwen3-30b-a3b,mimo-v2-flash-4l --context 1024 --tokens 1,8 --reps 20 --no-draft)
 if [ -x gpu-bin/tilefuse-base ]; then
     base=(gpu-bin/tilefuse-base)

@@ -453,6 +453,25 @@ pub fn early(plan: &Plan, group: &Group) -> Result<Vec<Stmt>, CodegenError> {
     ])
 }
 
+/// The new rows of a cache append as the append templates take them: raw
+/// keys and their row stride, values and theirs, the key norm's weight (or
+/// `nullptr`) and epsilon.
+fn new_rows_args(plan: &Plan, l: &Layer) -> Result<Vec<Expr>, CodegenError> {
+    let f = &plan.fused;
+    let knorm_w = match l.k_norm {
+        Some(n) => pointer(plan, f.graph.inputs(n)[1], false)?,
+        None => Expr::var("nullptr"),
+    };
+    Ok(vec![
+        pointer(plan, l.k_src, false)?,
+        Expr::I32(row_elems(f, f.storage(l.k_src)) as i64),
+        pointer(plan, l.v_src, false)?,
+        Expr::I32(row_elems(f, f.storage(l.v_src)) as i64),
+        knorm_w,
+        Expr::F32(eps_of(f, l.k_norm)),
+    ])
+}
+
 /// The tile body of kernel `ki`.
 pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenError> {
     let f = &plan.fused;
@@ -464,10 +483,6 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
             let l = layer(f, attn)?;
             let kc = g.inputs(l.k_append)[0];
             let vc = g.inputs(l.v_append)[0];
-            let knorm_w = match l.k_norm {
-                Some(n) => pointer(plan, g.inputs(n)[1], false)?,
-                None => Expr::var("nullptr"),
-            };
             let rows = dim_expr(plan, &l.new_rows)?;
             Ok(vec![
                 Stmt::Comment(
@@ -483,23 +498,22 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
                         l.rot,
                         l.k_norm.is_some()
                     ),
-                    vec![
+                    [
                         Expr::var("tile"),
                         rows,
                         dim_expr(plan, &l.len)?,
                         Expr::I32(l.cap as i64),
                         pointer(plan, l.k_pos, false)?,
-                        pointer(plan, l.k_src, false)?,
-                        Expr::I32(row_elems(f, f.storage(l.k_src)) as i64),
-                        pointer(plan, l.v_src, false)?,
-                        Expr::I32(row_elems(f, f.storage(l.v_src)) as i64),
-                        knorm_w,
-                        Expr::F32(eps_of(f, l.k_norm)),
+                    ]
+                    .into_iter()
+                    .chain(new_rows_args(plan, &l)?)
+                    .chain([
                         Expr::F32(l.k_theta),
                         pointer(plan, kc, true)?,
                         pointer(plan, vc, true)?,
                         Expr::var("smem"),
-                    ],
+                    ])
+                    .collect(),
                 )),
             ])
         }
@@ -530,25 +544,13 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
             };
             let per_block = (l.hkv * s.nsplit) as i64;
             let (tile_fn, mut args) = if fused_append {
-                let knorm_w = match l.k_norm {
-                    Some(n) => pointer(plan, g.inputs(n)[1], false)?,
-                    None => Expr::var("nullptr"),
-                };
                 (
                     format!("tf::attention_tile<C, true, {}>", l.k_norm.is_some()),
-                    vec![Expr::call(
-                        "tf::AttnAppend",
-                        vec![
-                            pointer(plan, l.k_src, false)?,
-                            Expr::I32(row_elems(f, f.storage(l.k_src)) as i64),
-                            pointer(plan, l.v_src, false)?,
-                            Expr::I32(row_elems(f, f.storage(l.v_src)) as i64),
-                            knorm_w,
-                            Expr::F32(eps_of(f, l.k_norm)),
-                            pointer(plan, kc, true)?,
-                            pointer(plan, vc, true)?,
-                        ],
-                    )
+                    vec![Expr::call("tf::AttnAppend", {
+                        let mut a = new_rows_args(plan, &l)?;
+                        a.extend([pointer(plan, kc, true)?, pointer(plan, vc, true)?]);
+                        a
+                    })
                     .brace()],
                 )
             } else {
