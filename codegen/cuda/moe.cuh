@@ -532,49 +532,6 @@ __device__ void experts_down_hint(int tile, const int* __restrict__ route, W dow
     if (r0 < H) down.prefetch_rows(rt.expert(d) * H + r0, min(SHARE, H - r0), I);
 }
 
-// experts_up_routed_tile
-//
-// experts_up_tile in a kernel that also makes the expert choice (no router
-// kernel before it): every tile runs router_tile<RC> over the f32 logits
-// itself, into its own shared memory, so no tile waits for another; tile 0
-// also stores the choice idx, the weights wts and the routing table `route`
-// (valid fields only) for the down kernel. Then the tile streams its
-// expert's rows as experts_up_tile, reading the table from shared memory.
-// Shared memory: experts_up_routed_smem_bytes<RC, C, W>(): the table and the
-// choice scratch, then the larger of the router's and the up tile's.
-template <class RC> __host__ __device__ constexpr int routed_head_bytes() {
-    return (4 * route_table_ints(RC::max_t, RC::topk) + 15) / 16 * 16 + 2 * ((4 * RC::max_t * RC::topk + 15) / 16 * 16);
-}
-template <class RC, class C, class W> __host__ __device__ constexpr int experts_up_routed_smem_bytes() {
-    return routed_head_bytes<RC>() + cmax(router_smem_bytes<RC>(), experts_up_smem_bytes<C, W>());
-}
-
-template <class RC, class C, class W>
-__device__ void experts_up_routed_tile(int tile, const float* __restrict__ logits, const float* __restrict__ bias,
-                                       int T, float norm_eps, float scale, int* __restrict__ idx,
-                                       float* __restrict__ wts, int* __restrict__ route, const bf16* __restrict__ x,
-                                       W gate_up, W down, bf16* __restrict__ h, char* smem) {
-    static_assert(RC::max_t == C::max_t && RC::topk == C::topk, "router and experts: same MAX_T and TOPK");
-    constexpr int MTK = C::max_t * C::topk;
-    constexpr int TABLE = (4 * route_table_ints(C::max_t, C::topk) + 15) / 16 * 16, PAIRS = (4 * MTK + 15) / 16 * 16;
-    int* rs = reinterpret_cast<int*>(smem);
-    int* idx_s = reinterpret_cast<int*>(smem + TABLE);
-    float* wts_s = reinterpret_cast<float*>(smem + TABLE + PAIRS);
-    char* rest = smem + routed_head_bytes<RC>();
-    const bool first = tile == 0;
-    router_tile<RC>(0, logits, bias, T, norm_eps, scale, first ? idx : idx_s, first ? wts : wts_s, rs, rest);
-    __syncthreads();
-    if (first) {
-        const int nd = rs[0], tk = T * C::topk;
-        for (int i = threadIdx.x; i < 1 + nd + (nd + 1) + tk; i += C::threads) {
-            const int at = i == 0 ? 0 : i <= nd ? i : i <= 2 * nd + 1 ? 1 + MTK + (i - nd - 1) : 2 + 2 * MTK + (i - 2 * nd - 2);
-            route[at] = rs[at];
-        }
-    }
-    experts_down_hint<C, W>(tile, rs, down);
-    experts_up_tile<C, W>(tile, x, T, rs, gate_up, h, rest);
-}
-
 // experts_down_early
 //
 // Run by a down tile before it waits for the expert activations: asks L2 for

@@ -78,12 +78,6 @@ pub enum KernelKind {
     ExpertsUp {
         /// The `moe.experts` node.
         experts: NodeId,
-        /// The kernel also makes the expert choice, the weights and the
-        /// routing table (the router's nodes are in its group): every tile
-        /// computes them from the logits for itself, the first one stores
-        /// them for the down kernel. Otherwise a [`KernelKind::Router`]
-        /// kernel runs before it.
-        routes: bool,
     },
     /// Down projections of the chosen experts, weighted and summed.
     ExpertsDown {

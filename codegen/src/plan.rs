@@ -449,7 +449,7 @@ fn schedule(f: &Fused) -> Result<Vec<usize>, CodegenError> {
     for (gi, group) in f.groups.iter().enumerate() {
         let mut nodes: BTreeSet<NodeId> = group.nodes.clone();
         match group.kind {
-            KernelKind::ExpertsUp { experts, .. } | KernelKind::ExpertsDown { experts } => {
+            KernelKind::ExpertsUp { experts } | KernelKind::ExpertsDown { experts } => {
                 nodes.insert(experts);
             }
             // The norm is recomputed in this kernel's prologue, not read.
@@ -478,9 +478,11 @@ fn schedule(f: &Fused) -> Result<Vec<usize>, CodegenError> {
         }
         if let KernelKind::ExpertsDown { experts } = group.kind {
             // The down kernel reads the up kernel's workspace.
-            if let Some(up) = f.groups.iter().position(
-                |x| matches!(x.kind, KernelKind::ExpertsUp { experts: e, .. } if e == experts),
-            ) {
+            if let Some(up) = f
+                .groups
+                .iter()
+                .position(|x| x.kind == KernelKind::ExpertsUp { experts })
+            {
                 preds[gi].insert(up);
             }
         }
@@ -595,7 +597,7 @@ fn accesses(
         KernelKind::MatVec { norm: Some(nm), .. } => {
             computed.insert(nm);
         }
-        KernelKind::ExpertsUp { experts, .. } => {
+        KernelKind::ExpertsUp { experts } => {
             computed.insert(experts);
         }
         KernelKind::Attention { attn, .. } => {
@@ -630,11 +632,10 @@ fn accesses(
             }
         }
     }
-    // The up kernel of the experts writes its workspaces (and the router's
-    // choice and weights when it makes them); the down kernel reads them
-    // and writes the node.
+    // The up kernel of the experts writes only its workspace; the down
+    // kernel reads it and writes the node.
     match group.kind {
-        KernelKind::Attention { split: true, .. } => {
+        KernelKind::ExpertsUp { .. } | KernelKind::Attention { split: true, .. } => {
             for (slot, _, _) in &tiling.workspaces {
                 writes.insert(Value::Work(ki, *slot));
             }
@@ -667,9 +668,9 @@ fn accesses(
         let reads_it = match (&other.kind, &group.kind) {
             (
                 KernelKind::Router { select, .. },
-                KernelKind::ExpertsUp { experts, .. } | KernelKind::ExpertsDown { experts },
+                KernelKind::ExpertsUp { experts } | KernelKind::ExpertsDown { experts },
             ) => g.inputs(*experts)[1] == *select,
-            (KernelKind::ExpertsUp { experts: a, .. }, KernelKind::ExpertsDown { experts: b }) => {
+            (KernelKind::ExpertsUp { experts: a }, KernelKind::ExpertsDown { experts: b }) => {
                 a == b
             }
             (

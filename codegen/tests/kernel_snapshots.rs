@@ -39,13 +39,10 @@ fn moe_block_kernels() {
     let text: Vec<String> = m
         .kernels
         .iter()
-        .filter(|k| k.name.contains("moe_up") || k.name.contains("moe_down"))
+        .filter(|k| k.name.contains("router") || k.name.contains("moe_down"))
         .map(|k| k.source())
         .collect();
-    snapshot(
-        "kernels_routed_moe_up_and_moe_down_mxfp4_t8",
-        text.join("\n"),
-    );
+    snapshot("kernels_router_and_moe_down_mxfp4_t8", text.join("\n"));
 }
 
 #[test]

@@ -88,12 +88,12 @@ fn scaled_fp4_and_epilogue_projections_stay_apart() {
 }
 
 #[test]
-fn a_qwen3_layer_takes_seven_kernels() {
+fn a_qwen3_layer_takes_eight_kernels() {
     let p = presets::by_name("qwen3-30b-a3b").unwrap();
     let g = p.arch.layer_graph(&p.options, 1).unwrap();
     let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions::new(1)).unwrap();
     let names: Vec<&str> = plan.kernels.iter().map(|k| k.name.as_str()).collect();
-    assert_eq!(plan.kernels.len(), 7, "{names:?}");
+    assert_eq!(plan.kernels.len(), 8, "{names:?}");
     assert!(names[0].contains("norm_matvecs"), "{names:?}");
     // The new keys are the queries' own tokens: the attention kernel
     // appends them, no kernel of their own.
@@ -102,9 +102,6 @@ fn a_qwen3_layer_takes_seven_kernels() {
         !names.iter().any(|n| n.contains("rope_append")),
         "{names:?}"
     );
-    // Nothing but the experts reads the router's choice: the up kernel
-    // makes it, no router kernel.
-    assert!(!names.iter().any(|n| n.contains("router")), "{names:?}");
     // The norm before the router is the router projection's prologue, which
     // also stores it for the experts: no kernel of its own.
     assert!(!names.iter().any(|n| n.contains("rms_norm")), "{names:?}");

@@ -252,7 +252,7 @@ pub fn weight_dtype_name(f: &Fused, group: &Group) -> DType {
     let g = &f.graph;
     let weight = match group.kind {
         KernelKind::MatVec { matmul, .. } => Some(g.inputs(matmul)[1]),
-        KernelKind::ExpertsUp { experts, .. } | KernelKind::ExpertsDown { experts } => {
+        KernelKind::ExpertsUp { experts } | KernelKind::ExpertsDown { experts } => {
             Some(g.inputs(experts)[3])
         }
         _ => None,

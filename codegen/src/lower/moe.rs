@@ -8,7 +8,7 @@ use crate::error::CodegenError;
 use crate::fusion::{Fused, Group, KernelKind};
 use crate::lower::epilogue::epilogue;
 use crate::lower::matvec::weight_view;
-use crate::lower::values::{guard, pointer, unsupported, work_ptr, work_slot_ptr};
+use crate::lower::values::{guard, pointer, unsupported, work_ptr};
 use crate::plan::{Plan, PlanOptions, Tiling};
 
 /// Threads per CTA.
@@ -168,42 +168,6 @@ fn router_parts(f: &Fused, select: NodeId, weights: NodeId) -> Result<RouterPart
     ))
 }
 
-/// The router's template configuration for a bucket of `max_t` tokens.
-fn router_cfg(max_t: usize, p: &RouterParts) -> String {
-    let (e, topk, ng, tg, softmax, norm, ..) = *p;
-    format!("tf::RouterCfg<{max_t}, {e}, {topk}, {ng}, {tg}, {softmax}, {norm}, {THREADS}>")
-}
-
-/// Shared memory of `router_tile` (`router_smem_bytes` in `moe.cuh`).
-fn router_smem(max_t: usize, p: &RouterParts) -> usize {
-    let (e, topk, ng, ..) = *p;
-    let w = THREADS as usize / 32;
-    4 * (2 * w * e + 2 * w * ng + max_t * topk + 3 * e)
-}
-
-/// Bytes of the routing table (`route_table_ints` in `moe.cuh`).
-fn table_bytes(max_t: usize, topk: usize) -> usize {
-    4 * (2 + 3 * max_t * topk)
-}
-
-/// The logits, the correction bias (or `nullptr`), epsilon and scale of a
-/// router call.
-fn router_inputs(plan: &Plan, select: NodeId, p: &RouterParts) -> Result<Vec<Expr>, CodegenError> {
-    let g = &plan.fused.graph;
-    let bias = if p.8 {
-        pointer(plan, g.inputs(select)[1], false)?
-    } else {
-        Expr::var("nullptr")
-    };
-    Ok(vec![
-        pointer(plan, g.inputs(select)[0], false)?,
-        bias,
-        Expr::var("T"),
-        Expr::F32(p.6),
-        Expr::F32(p.7),
-    ])
-}
-
 /// Launch shape.
 pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, CodegenError> {
     let max_t = opt.max_t;
@@ -222,37 +186,25 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
     }
     match group.kind {
         KernelKind::Router { select, weights } => {
-            let p = router_parts(f, select, weights)?;
+            let (e, topk, ng, ..) = router_parts(f, select, weights)?;
+            let w = THREADS as usize / 32;
             Ok(Tiling {
                 tiles: 1,
                 threads: THREADS,
-                smem: router_smem(max_t, &p) as u32,
-                workspaces: vec![(0, "routing table".into(), table_bytes(max_t, p.1))],
-                shape: format!("{}e_top{}", p.0, p.1),
+                smem: (4 * (2 * w * e + 2 * w * ng + max_t * topk + 3 * e)) as u32,
+                workspaces: vec![(0, "routing table".into(), 4 * (2 + 3 * max_t * topk))],
+                shape: format!("{e}e_top{topk}"),
             })
         }
-        KernelKind::ExpertsUp { experts: n, routes } => {
+        KernelKind::ExpertsUp { experts: n } => {
             let x = experts(f, n)?;
             let rows = up_rows(&x);
             let (kw, ncolp) = pass_floats(2 * rows, max_t, mma(&x, x.h));
-            let up_smem = 4 * kw * 2 * rows * ncolp;
-            let mut workspaces = vec![(0, "expert activations".into(), 2 * max_t * x.topk * x.i)];
-            let smem = if routes {
-                // The routing table and the choice scratch, then the larger of
-                // the router's and the up tile's (experts_up_routed_smem_bytes).
-                let p = router_parts(f, x.idx, x.w)?;
-                workspaces.push((1, "routing table".into(), table_bytes(max_t, x.topk)));
-                let head = table_bytes(max_t, x.topk).div_ceil(16) * 16
-                    + 2 * (4 * max_t * x.topk).div_ceil(16) * 16;
-                head + router_smem(max_t, &p).max(up_smem)
-            } else {
-                up_smem
-            };
             Ok(Tiling {
                 tiles: (x.e.min(max_t * x.topk) * x.i.div_ceil(rows)) as u32,
                 threads: THREADS,
-                smem: smem as u32,
-                workspaces,
+                smem: (4 * kw * 2 * rows * ncolp) as u32,
+                workspaces: vec![(0, "expert activations".into(), 2 * max_t * x.topk * x.i)],
                 shape: format!("{rows}x{}", x.h),
             })
         }
@@ -318,8 +270,11 @@ pub fn early(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, Codegen
         return Ok(vec![]);
     };
     let x = experts(&plan.fused, n)?;
-    let (writer, table) = route_table(plan, &x, n)?;
-    if writer + 1 >= ki {
+    let router = kernel_of(
+        plan,
+        |k| matches!(k, KernelKind::Router { select, .. } if *select == x.idx),
+    )?;
+    if router + 1 >= ki {
         return Ok(vec![]);
     }
     let (_, _, wty) = epv(x.wdt);
@@ -336,25 +291,13 @@ pub fn early(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, Codegen
         ),
         Stmt::Expr(Expr::call(
             format!("tf::experts_down_early<C, {wty}, {}>", x.e),
-            vec![Expr::var("tile"), table, Expr::var("down")],
+            vec![
+                Expr::var("tile"),
+                work_ptr(plan, router, "const int")?,
+                Expr::var("down"),
+            ],
         )),
     ])
-}
-
-/// The kernel that writes the routing table of experts node `n` (the router
-/// kernel, or the up kernel that routes itself) and the table's pointer.
-fn route_table(plan: &Plan, x: &Experts, n: NodeId) -> Result<(usize, Expr), CodegenError> {
-    if let Ok(router) = kernel_of(
-        plan,
-        |k| matches!(k, KernelKind::Router { select, .. } if *select == x.idx),
-    ) {
-        return Ok((router, work_ptr(plan, router, "const int")?));
-    }
-    let up = kernel_of(
-        plan,
-        |k| matches!(k, KernelKind::ExpertsUp { experts, routes: true } if *experts == n),
-    )?;
-    Ok((up, work_slot_ptr(plan, up, 1, "const int")?))
 }
 
 /// The tile body of kernel `ki`.
@@ -369,72 +312,36 @@ pub fn body(
     let max_t = plan.options.max_t;
     match group.kind {
         KernelKind::Router { select, weights } => {
-            let p = router_parts(f, select, weights)?;
-            let mut args = vec![Expr::var("tile")];
-            args.extend(router_inputs(plan, select, &p)?);
-            args.extend([
-                pointer(plan, select, true)?,
-                pointer(plan, weights, true)?,
-                work_ptr(plan, ki, "int")?,
-                Expr::var("smem"),
-            ]);
+            let (e, topk, ng, tg, softmax, norm, eps, scale, bias) =
+                router_parts(f, select, weights)?;
+            let bias_ptr = if bias {
+                pointer(plan, g.inputs(select)[1], false)?
+            } else {
+                Expr::var("nullptr")
+            };
             Ok(vec![
-                Stmt::Expr(Expr::var(format!("using C = {}", router_cfg(max_t, &p)))),
-                smem_assert("tf::router_smem_bytes<C>()", plan, ki),
-                Stmt::Expr(Expr::call("tf::router_tile<C>", args)),
-            ])
-        }
-        KernelKind::ExpertsUp {
-            experts: n,
-            routes: true,
-        } => {
-            let x = experts(f, n)?;
-            let rows = up_rows(&x);
-            let (_, _, wty) = epv(x.wdt);
-            let p = router_parts(f, x.idx, x.w)?;
-            let mut args = vec![Expr::var("tile")];
-            args.extend(router_inputs(plan, x.idx, &p)?);
-            args.extend([
-                pointer(plan, x.idx, true)?,
-                pointer(plan, x.w, true)?,
-                work_slot_ptr(plan, ki, 1, "int")?,
-                pointer(plan, x.x, false)?,
-                Expr::var("gate_up"),
-                Expr::var("down"),
-                work_ptr(plan, ki, "tf::bf16")?,
-                Expr::var("smem"),
-            ]);
-            Ok(vec![
-                Stmt::Expr(Expr::var(format!("using RC = {}", router_cfg(max_t, &p)))),
                 Stmt::Expr(Expr::var(format!(
-                    "using C = {}",
-                    moe_cfg(&x, max_t, rows, mma(&x, x.h))
+                    "using C = tf::RouterCfg<{max_t}, {e}, {topk}, {ng}, {tg}, {softmax}, {norm}, {THREADS}>"
                 ))),
-                smem_assert(
-                    &format!("tf::experts_up_routed_smem_bytes<RC, C, {wty}>()"),
-                    plan,
-                    ki,
-                ),
-                Stmt::Let(
-                    Ty::Named(wty.into()),
-                    "gate_up".into(),
-                    weight_view(plan, x.w13)?,
-                ),
-                Stmt::Let(
-                    Ty::Named(wty.into()),
-                    "down".into(),
-                    weight_view(plan, x.w2)?,
-                ),
+                smem_assert("tf::router_smem_bytes<C>()", plan, ki),
                 Stmt::Expr(Expr::call(
-                    format!("tf::experts_up_routed_tile<RC, C, {wty}>"),
-                    args,
+                    "tf::router_tile<C>",
+                    vec![
+                        Expr::var("tile"),
+                        pointer(plan, g.inputs(select)[0], false)?,
+                        bias_ptr,
+                        Expr::var("T"),
+                        Expr::F32(eps),
+                        Expr::F32(scale),
+                        pointer(plan, select, true)?,
+                        pointer(plan, weights, true)?,
+                        work_ptr(plan, ki, "int")?,
+                        Expr::var("smem"),
+                    ],
                 )),
             ])
         }
-        KernelKind::ExpertsUp {
-            experts: n,
-            routes: false,
-        } => {
+        KernelKind::ExpertsUp { experts: n } => {
             let x = experts(f, n)?;
             let rows = up_rows(&x);
             let (_, _, wty) = epv(x.wdt);
@@ -471,10 +378,13 @@ pub fn body(
             let x = experts(f, n)?;
             let rows = down_rows(&x);
             let (_, _, wty) = epv(x.wdt);
-            let (_, table) = route_table(plan, &x, n)?;
+            let router = kernel_of(
+                plan,
+                |k| matches!(k, KernelKind::Router { select, .. } if *select == x.idx),
+            )?;
             let up = kernel_of(
                 plan,
-                |k| matches!(k, KernelKind::ExpertsUp { experts, .. } if *experts == n),
+                |k| matches!(k, KernelKind::ExpertsUp { experts } if *experts == n),
             )?;
             let mut epi = epilogue(
                 plan,
@@ -519,7 +429,7 @@ pub fn body(
                         work_ptr(plan, up, "const tf::bf16")?,
                         pointer(plan, x.w, false)?,
                         Expr::var("T"),
-                        table,
+                        work_ptr(plan, router, "const int")?,
                         Expr::var("down"),
                         Expr::var("epi"),
                         Expr::var("smem"),

@@ -1,9 +1,7 @@
 //! Expert fusion: each `moe.experts` becomes two kernels. The first streams
 //! the gate/up rows of every chosen expert once and writes `silu(g)·u` for
-//! the tokens that chose it (when nothing else reads the router's choice, it
-//! also makes that choice, each tile from the logits); the second streams
-//! the down rows once and sums the weighted outputs per token (its epilogue
-//! may add the residual).
+//! the tokens that chose it; the second streams the down rows once and sums
+//! the weighted outputs per token (its epilogue may add the residual).
 
 use tilefuse_ir::{Moe, Op};
 
@@ -18,39 +16,18 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
         }
         let ins = f.graph.inputs(e);
         let (idx, w) = (ins[1], ins[2]);
-        let router = f.group_of(idx).filter(|&g| {
+        let routed = f.group_of(idx).is_some_and(|g| {
             matches!(f.groups[g].kind, KernelKind::Router { select, weights } if select == idx && weights == w)
         });
-        let Some(router) = router else {
+        if !routed {
             return Err(CodegenError::Unsupported {
                 node: f.graph.describe(e),
                 reason: "experts whose indices and weights do not come from one router kernel"
                     .into(),
             });
-        };
-        // A choice that only these experts read is made by the up kernel
-        // itself, each tile for itself: one kernel per layer fewer.
-        let only_here = [idx, w]
-            .iter()
-            .all(|&n| f.real_users(n).iter().all(|&u| u == e || u == w) && !f.is_output(n));
-        if only_here {
-            f.groups.remove(router);
-            f.groups.push(Group::new(
-                KernelKind::ExpertsUp {
-                    experts: e,
-                    routes: true,
-                },
-                [idx, w],
-            ));
-        } else {
-            f.groups.push(Group::new(
-                KernelKind::ExpertsUp {
-                    experts: e,
-                    routes: false,
-                },
-                [],
-            ));
         }
+        f.groups
+            .push(Group::new(KernelKind::ExpertsUp { experts: e }, []));
         f.groups
             .push(Group::new(KernelKind::ExpertsDown { experts: e }, [e]));
     }

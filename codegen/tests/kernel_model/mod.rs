@@ -17,9 +17,8 @@
 //!   the last value. A matvec with siblings (matmuls of the same `x` over
 //!   stacked weights) stores each matmul's output and takes no epilogue; its
 //!   norm prologue is recomputed from memory by every kernel that reads it.
-//! - `moe_up` computes the experts' result into a workspace; `moe_down`
-//!   starts from that workspace. A routing `moe_up` first computes the
-//!   router's choice and weights and stores both.
+//! - `moe_up` computes the experts' result into a workspace only; `moe_down`
+//!   starts from that workspace.
 //! - `attention` applies the query's norm and RoPE and attends over the cache
 //!   views; when split it stores a workspace that `attention_combine` turns
 //!   into the attention's output. With its append fused (new keys at the
@@ -134,31 +133,17 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
                 chain: Some((Some(*matmul), group.epilogue.clone())),
             }
         }
-        KernelKind::ExpertsUp { experts, routes } => {
-            // A routing up kernel owns the router's choice and weights and
-            // stores both (its first tile); otherwise it owns nothing.
-            let ins = g.inputs(*experts);
-            let owned: BTreeSet<NodeId> = if *routes {
-                [ins[1], ins[2]].into()
-            } else {
-                BTreeSet::new()
-            };
-            if nodes != owned {
+        KernelKind::ExpertsUp { experts } => {
+            if !nodes.is_empty() {
                 return Err(format!(
-                    "the moe_up kernel of {} owns other nodes than {}; the moe_down kernel owns the experts",
-                    describe(g, *experts),
-                    if *routes { "the router's choice and weights" } else { "none" }
+                    "the moe_up kernel of {} owns nodes; the moe_down kernel owns the experts",
+                    describe(g, *experts)
                 ));
             }
-            let mut computed = owned.clone();
-            computed.insert(*experts);
-            let mut stores: Vec<(Slot, NodeId)> =
-                owned.iter().map(|&n| (Slot::Node(n), n)).collect();
-            stores.push((Slot::Work(*experts), *experts));
             Spec {
-                computed,
+                computed: [*experts].into(),
                 from_work: None,
-                stores,
+                stores: vec![(Slot::Work(*experts), *experts)],
                 chain: None,
             }
         }
