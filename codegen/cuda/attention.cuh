@@ -398,7 +398,8 @@ template <class C> __device__ __forceinline__ void split_range(int tile, int T, 
 // new keys: asks L2 for its share (1/HKV, by kv head) of the cache rows of its
 // split, all kv heads of a row being contiguous, so the key and value stream
 // starts while the kernel before still runs. A hint: rows the kernel before
-// is appending are asked for too, which L2 serves coherently.
+// is appending are asked for too, which L2 serves coherently. Nothing is
+// asked for past EARLY_L2_BUDGET (long contexts).
 template <class C>
 __device__ void attention_early(int tile, int T, int S, int cap, const bf16* __restrict__ k_cache,
                                 const bf16* __restrict__ v_cache) {
@@ -409,6 +410,8 @@ __device__ void attention_early(int tile, int T, int S, int cap, const bf16* __r
     const int n = my_hi - my_lo, share = (n + C::HKV - 1) / C::HKV;
     const int a = min(n, kvh * share), b = min(n, a + share);
     constexpr unsigned long long KROW = 2ull * C::HKV * C::DK, VROW = 2ull * C::HKV * C::DV;
+    // All splits together ask for about NSPLIT times this one's rows.
+    if ((unsigned long long)n * C::NSPLIT * (KROW + VROW) > EARLY_L2_BUDGET) return;
     // Positions [my_lo + a, my_lo + b) in slots j % cap: at most two runs.
     int j = my_lo + a;
     while (j < my_lo + b) {

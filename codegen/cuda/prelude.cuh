@@ -231,6 +231,13 @@ __device__ __forceinline__ void prefetch_l2_share(const char* base, unsigned lon
 #endif
 }
 
+// The most bytes the early hints of one kernel may ask L2 for, all its tiles
+// together: half of an H100's 50 MB L2. A kernel whose hints would ask for
+// more (experts of a long verification block, keys of a long context) asks
+// for none: lines that evict each other before they are read cost a second
+// read from memory.
+constexpr unsigned long long EARLY_L2_BUDGET = 24ull << 20;
+
 // Asks L2 for the bytes [p, p + bytes): the start rounded down and the end
 // rounded down to 16 bytes, so nothing past the range is asked for (an
 // allocation starts 16-byte aligned). A hint: no result, never blocks.
