@@ -133,26 +133,42 @@ pub fn dot(f: &Fused) -> String {
     s
 }
 
-/// Renders the summary rows as a table.
+/// How many CTAs of a kernel one SM of a Hopper GPU (sm_90) holds at once:
+/// the least of what its registers (64 Ki a SM, allocated per warp in units
+/// of 256), its threads (2,048 a SM, 32 CTAs at most) and its shared memory
+/// (228 KiB a SM, 1 KiB of it reserved per CTA) allow. A kernel whose tiles
+/// outnumber this times the SMs runs them in more than one wave.
+pub fn ctas_per_sm(registers: u32, threads: u32, shared: u32) -> u32 {
+    let warps = threads.div_ceil(32).max(1);
+    let per_warp = (registers.max(1) * 32).div_ceil(256) * 256;
+    let by_regs = (65_536 / per_warp) / warps;
+    let by_threads = (2_048 / (warps * 32)).min(32);
+    let by_smem = (228 * 1024) / (shared + 1024);
+    by_regs.min(by_threads).min(by_smem)
+}
+
+/// Renders the summary rows as a table (`occ`: CTAs an SM holds at once,
+/// [`ctas_per_sm`]).
 pub fn summary_table(rows: &[SummaryRow]) -> String {
     let mut s = format!(
-        "{:<48} {:>6} {:>4} {:>7} {:>5} {:>6} {:>6} {:>12}\n",
-        "kernel", "tiles", "thr", "smem", "regs", "spills", "stack", "weight bytes"
+        "{:<48} {:>6} {:>4} {:>7} {:>5} {:>6} {:>6} {:>4} {:>12}\n",
+        "kernel", "tiles", "thr", "smem", "regs", "spills", "stack", "occ", "weight bytes"
     );
     let mut total = 0;
     for r in rows {
-        let (regs, spills, stack) = match &r.resources {
+        let (regs, spills, stack, occ) = match &r.resources {
             Some(k) => (
                 k.registers.to_string(),
                 (k.spill_stores + k.spill_loads).to_string(),
                 k.stack_frame.to_string(),
+                ctas_per_sm(k.registers, r.threads, r.smem + k.shared).to_string(),
             ),
-            None => ("-".into(), "-".into(), "-".into()),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
         let _ = writeln!(
             s,
-            "{:<48} {:>6} {:>4} {:>7} {:>5} {:>6} {:>6} {:>12}",
-            r.name, r.tiles, r.threads, r.smem, regs, spills, stack, r.weight_bytes
+            "{:<48} {:>6} {:>4} {:>7} {:>5} {:>6} {:>6} {:>4} {:>12}",
+            r.name, r.tiles, r.threads, r.smem, regs, spills, stack, occ, r.weight_bytes
         );
         total += r.weight_bytes;
     }
@@ -280,5 +296,25 @@ pub fn compile_artifacts(
             let _ = std::fs::remove_dir_all(&tmp);
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ctas_per_sm;
+
+    #[test]
+    fn occupancy_follows_registers_threads_and_shared_memory() {
+        // 127 registers: 16 units of 256 a warp, 16 warps a SM, two CTAs of 8.
+        assert_eq!(ctas_per_sm(127, 256, 4096), 2);
+        assert_eq!(ctas_per_sm(128, 256, 4096), 2);
+        // 151 registers: 19 units a warp, 13 warps: one CTA of 8.
+        assert_eq!(ctas_per_sm(151, 256, 512), 1);
+        // Few registers: threads bound it (2,048 a SM), then the CTA cap (32).
+        assert_eq!(ctas_per_sm(32, 256, 0), 8);
+        assert_eq!(ctas_per_sm(32, 32, 0), 32);
+        // Shared memory bounds it: 78,848 bytes + 1 KiB reserved, twice in 228 KiB.
+        assert_eq!(ctas_per_sm(64, 256, 78_848), 2);
+        assert_eq!(ctas_per_sm(64, 256, 120_000), 1);
     }
 }
