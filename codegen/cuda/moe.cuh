@@ -515,23 +515,6 @@ __device__ void experts_down_tile(int tile, const bf16* __restrict__ h, const fl
     }
 }
 
-// experts_down_hint
-//
-// Run by an up tile once it may read the routing table: asks L2 for this
-// tile's share of its expert's down rows (chunk c of ceil(I/ROWS) of the H
-// rows), so the down step, which starts when every up tile is done, finds
-// its weights in L2. One thread; a hint only.
-template <class C, class W>
-__device__ void experts_down_hint(int tile, const int* __restrict__ route, W down) {
-    constexpr int H = C::h, I = C::i, ROWS = C::rows, CH = cdiv(I, ROWS), SHARE = cdiv(H, CH);
-    if (threadIdx.x != 0) return;
-    const RouteView rt{route, C::max_t * C::topk};
-    const int d = tile / CH, c = tile - d * CH;
-    if (d >= rt.n_distinct()) return;
-    const int r0 = c * SHARE;
-    if (r0 < H) down.prefetch_rows(rt.expert(d) * H + r0, min(SHARE, H - r0), I);
-}
-
 // experts_down_early
 //
 // Run by a down tile before it waits for the expert activations: asks L2 for

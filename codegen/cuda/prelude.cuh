@@ -222,30 +222,6 @@ __device__ __forceinline__ void launch_dependents() {
 // tiles each) without evicting what the running kernel still reads.
 constexpr unsigned long long PREFETCH_CAP = 64 * 1024;
 
-// Asks L2 to fetch the `tile`-th of `tiles` equal slices (16-byte multiples)
-// of the `bytes` bytes at `base` (16-byte aligned), at most PREFETCH_CAP of
-// it. A hint: no result, no fault past its range. Call from any thread; the
-// first one issues it.
-__device__ __forceinline__ void prefetch_l2_share(const char* base, unsigned long long bytes, int tile, int tiles) {
-#if __CUDA_ARCH__ >= 900
-    if (threadIdx.x != 0 || tiles <= 0) return;
-    const unsigned long long share = ((bytes + tiles - 1) / tiles + 15) & ~15ull;
-    const unsigned long long lo = share * (unsigned long long)tile;
-    if (lo >= bytes) return;
-    unsigned long long n = bytes - lo < share ? bytes - lo : share;
-    n = (n < PREFETCH_CAP ? n : PREFETCH_CAP) & ~15ull;
-    if (n == 0) return;
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base + lo), "r"((unsigned)n) : "memory");
-#endif
-}
-
-// The most bytes the early hints of one kernel may ask L2 for, all its tiles
-// together: half of an H100's 50 MB L2. A kernel whose hints would ask for
-// more (experts of a long verification block, keys of a long context) asks
-// for none: lines that evict each other before they are read cost a second
-// read from memory.
-constexpr unsigned long long EARLY_L2_BUDGET = 24ull << 20;
-
 // Asks L2 for the bytes [p, p + bytes): the start rounded down and the end
 // rounded down to 16 bytes, so nothing past the range is asked for (an
 // allocation starts 16-byte aligned). A hint: no result, never blocks.
@@ -259,6 +235,28 @@ __device__ __forceinline__ void prefetch_l2_range(const void* p, unsigned long l
     }
 #endif
 }
+
+// Asks L2 to fetch the `tile`-th of `tiles` equal slices (16-byte multiples)
+// of the `bytes` bytes at `base` (16-byte aligned), at most PREFETCH_CAP of
+// it. A hint: no result, no fault past its range. Call from any thread; the
+// first one issues it.
+__device__ __forceinline__ void prefetch_l2_share(const char* base, unsigned long long bytes, int tile, int tiles) {
+#if __CUDA_ARCH__ >= 900
+    if (threadIdx.x != 0 || tiles <= 0) return;
+    const unsigned long long share = ((bytes + tiles - 1) / tiles + 15) & ~15ull;
+    const unsigned long long lo = share * (unsigned long long)tile;
+    if (lo >= bytes) return;
+    const unsigned long long n = bytes - lo < share ? bytes - lo : share;
+    prefetch_l2_range(base + lo, n < PREFETCH_CAP ? n : PREFETCH_CAP);
+#endif
+}
+
+// The most bytes the early hints of one kernel may ask L2 for, all its tiles
+// together: half of an H100's 50 MB L2. A kernel whose hints would ask for
+// more (experts of a long verification block, keys of a long context) asks
+// for none: lines that evict each other before they are read cost a second
+// read from memory.
+constexpr unsigned long long EARLY_L2_BUDGET = 24ull << 20;
 
 // An int that an earlier kernel wrote, read through L2 (never an older copy
 // of its line that this SM's L1 may hold).

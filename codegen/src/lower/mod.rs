@@ -326,11 +326,13 @@ fn symbols() -> [Stmt; 2] {
 
 /// [`params`] as the early hints see them: nothing written.
 fn params_const() -> Vec<(Ty, String)> {
-    vec![
-        (Ty::ConstPtr(Box::new(Ty::Char)), "act".into()),
-        (Ty::ConstPtr(Box::new(Ty::Char)), "wts".into()),
-        (Ty::ConstPtr(Box::new(Ty::Char)), "kv".into()),
-    ]
+    params()
+        .into_iter()
+        .map(|(t, n)| match t {
+            Ty::Ptr(t) => (Ty::ConstPtr(t), n),
+            t => (t, n),
+        })
+        .collect()
 }
 
 fn params() -> Vec<(Ty, String)> {
