@@ -313,7 +313,11 @@ mod tests {
         // Few registers: threads bound it (2,048 a SM), then the CTA cap (32).
         assert_eq!(ctas_per_sm(32, 256, 0), 8);
         assert_eq!(ctas_per_sm(32, 32, 0), 32);
-        // Shared memory bounds it: 78,848 bytes + 1 KiB reserved, twice in 228 KiB.
+        // 66 registers take 9 units of 256 a warp (not 66 x 32): 28 one-warp CTAs.
+        assert_eq!(ctas_per_sm(66, 32, 0), 28);
+        // Shared memory bounds it: 78,848 bytes + 1 KiB reserved, twice in 228 KiB;
+        // 76 KiB would fit three times but for the reserved KiB.
+        assert_eq!(ctas_per_sm(64, 256, 76 * 1024), 2);
         assert_eq!(ctas_per_sm(64, 256, 78_848), 2);
         assert_eq!(ctas_per_sm(64, 256, 120_000), 1);
     }
