@@ -3,8 +3,9 @@
 # given test binaries first (as tools/gpu_roofline.sh runs them), then
 # `tilefuse bench` of each binary in turn, graph mode with timelines, the
 # whole list AB_ROUNDS times (interleaved, so drift of the card hits every
-# binary alike). Everything lands in $OUT (default /tmp/out) as ab.tgz; a
-# short table is printed last: each row of each bench, then layer
+# binary alike). The tests' verdict is printed and their logs saved
+# ($OUT/tests.tgz, default OUT /tmp/out) before the benches; everything lands
+# in $OUT as ab.tgz; a short table is printed last: each row of each bench, then layer
 # AB_LAYER's timeline (default 24) of the first preset.
 # Usage: AB_BINS="tilefuse-base tilefuse" bash tools/gpu_ab.sh ["test-binary [args]" ...]
 #   AB_PRESETS (default qwen3-30b-a3b,mimo-v2-flash-4l), AB_TOKENS (1,8),
@@ -16,6 +17,11 @@ work=$(mktemp -d)
 # shellcheck source=tools/gpu_common.sh
 source "$(dirname "$0")/gpu_common.sh"
 run_test_binaries "$work" "$@"
+# The tests' verdict and logs first: they come back even if a bench below
+# runs past the call's limit.
+echo "==== tests"
+printf "%s" "$summary"
+(cd "$work" && ls ./*.log >/dev/null 2>&1 && tar czf "$out/tests.tgz" ./*.log)
 bins=(${AB_BINS:-tilefuse-base tilefuse})
 bench=(--preset "${AB_PRESETS:-qwen3-30b-a3b,mimo-v2-flash-4l}" --context "${AB_CONTEXT:-1024}"
     --tokens "${AB_TOKENS:-1,8}" --reps "${AB_REPS:-20}" --no-draft --mode "${AB_MODES:-graph}" --timeline)
@@ -39,6 +45,4 @@ for b in "${bins[@]}"; do
     grep -A12 "layer ${AB_LAYER:-24}:" "$work/$b-1/bench.txt" 2>/dev/null | grep -E "^Graph|^Stream|^Persistent|^  k" | head -14 |
         awk '{ if ($1 ~ /^k/) printf "  %-40s %8s %8s\n", $1, $5, $6; else print }'
 done
-echo "==== tests"
-printf "%s" "$summary"
 exit $fail

@@ -10,7 +10,8 @@ fail=0
 # run_test_binaries DIR "binary [libtest args]" ...: runs each test binary of
 # gpu-bin/ with --test-threads=1 for at most ROUND_TIMEOUT seconds (default
 # 300), its log in DIR/BINARY[-ARGS].log; adds a line per binary to $summary, sets
-# fail=1 on a failure and prints the failing tests.
+# fail=1 on a failure and prints the failing tests (with the per-row errors
+# a comparison prints before it fails).
 run_test_binaries() {
     local dir=$1 t b rest rc log
     shift
@@ -20,7 +21,7 @@ run_test_binaries() {
         # shellcheck disable=SC2086
         timeout "${ROUND_TIMEOUT:-300}" gpu-bin/"$b" --test-threads=1 $rest >"$log" 2>&1
         rc=$?
-        [ $rc -ne 0 ] && fail=1 && grep -E "panicked|FAILED|MISMATCH" -A5 "$log" | head -30
+        [ $rc -ne 0 ] && fail=1 && grep -E "panicked|FAILED|MISMATCH|^  row [0-9]+:" -A5 "$log" | head -40
         summary+="$b ${rest:+($rest) }rc=$rc $(grep -E '^test result' "$log" | tail -1)"$'\n'
     done
 }
