@@ -254,6 +254,14 @@ fn kernel_of(plan: &Plan, pred: impl Fn(&KernelKind) -> bool) -> Result<usize, C
         .ok_or_else(|| CodegenError::Internal("a producer kernel is missing".into()))
 }
 
+/// The router kernel that writes the routing table of experts `x`.
+fn router_of(plan: &Plan, x: &Experts) -> Result<usize, CodegenError> {
+    kernel_of(
+        plan,
+        |k| matches!(k, KernelKind::Router { select, .. } if *select == x.idx),
+    )
+}
+
 /// A compile-time check that the launch's shared memory covers the template's need.
 fn smem_assert(need: &str, plan: &Plan, ki: usize) -> Stmt {
     let have = plan.kernels[ki].tiling.smem;
@@ -270,10 +278,7 @@ pub fn early(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, Codegen
         return Ok(vec![]);
     };
     let x = experts(&plan.fused, n)?;
-    let router = kernel_of(
-        plan,
-        |k| matches!(k, KernelKind::Router { select, .. } if *select == x.idx),
-    )?;
+    let router = router_of(plan, &x)?;
     if router + 1 >= ki {
         return Ok(vec![]);
     }
@@ -345,10 +350,7 @@ pub fn body(
             let x = experts(f, n)?;
             let rows = up_rows(&x);
             let (_, _, wty) = epv(x.wdt);
-            let router = kernel_of(
-                plan,
-                |k| matches!(k, KernelKind::Router { select, .. } if *select == x.idx),
-            )?;
+            let router = router_of(plan, &x)?;
             Ok(vec![
                 Stmt::Expr(Expr::var(format!(
                     "using C = {}",
@@ -378,10 +380,7 @@ pub fn body(
             let x = experts(f, n)?;
             let rows = down_rows(&x);
             let (_, _, wty) = epv(x.wdt);
-            let router = kernel_of(
-                plan,
-                |k| matches!(k, KernelKind::Router { select, .. } if *select == x.idx),
-            )?;
+            let router = router_of(plan, &x)?;
             let up = kernel_of(
                 plan,
                 |k| matches!(k, KernelKind::ExpertsUp { experts } if *experts == n),
