@@ -25,3 +25,14 @@ run_test_binaries() {
         summary+="$b ${rest:+($rest) }rc=$rc $(grep -E '^test result' "$log" | tail -1)"$'\n'
     done
 }
+
+# kernel_averages TIMELINE: each kernel kind's work (µs) averaged over the
+# forward of a timeline file (`tilefuse bench --timeline`), the launch number
+# stripped from the name, so that kinds compare across binaries whose kernel
+# counts differ. Prints "kind  launches  mean work".
+kernel_averages() {
+    awk '$1 ~ /^k[0-9]+_/ && NF >= 5 {
+            n = $1; sub(/^k[0-9]+_/, "", n); s[n] += $5; c[n]++
+        }
+        END { for (k in s) printf "  %-44s %4d %8.2f\n", k, c[k], s[k] / c[k] }' "$1" | sort
+}
