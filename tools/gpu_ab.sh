@@ -24,8 +24,10 @@ echo "==== tests"
 printf "%s" "$summary"
 (cd "$work" && ls ./*.log >/dev/null 2>&1 && tar czf "$out/tests.tgz" ./*.log)
 bins=(${AB_BINS:-tilefuse-base tilefuse})
-bench=(--preset "${AB_PRESETS:-qwen3-30b-a3b,mimo-v2-flash-4l}" --context "${AB_CONTEXT:-1024}"
-    --tokens "${AB_TOKENS:-1,8}" --reps "${AB_REPS:-20}" --no-draft --mode "${AB_MODES:-graph}" --timeline)
+presets=${AB_PRESETS:-qwen3-30b-a3b,mimo-v2-flash-4l}
+modes=${AB_MODES:-graph}
+bench=(--preset "$presets" --context "${AB_CONTEXT:-1024}"
+    --tokens "${AB_TOKENS:-1,8}" --reps "${AB_REPS:-20}" --no-draft --mode "$modes" --timeline)
 for r in $(seq 1 "${AB_ROUNDS:-1}"); do
     for b in "${bins[@]}"; do
         timeout 300 gpu-bin/"$b" bench "${bench[@]}" --out "$work/$b-$r" >"$work/$b-$r.log" 2>&1 || {
@@ -46,10 +48,8 @@ for b in "${bins[@]}"; do
     grep -A12 "layer ${AB_LAYER:-24}:" "$work/$b-1/bench.txt" 2>/dev/null | grep -E "^Graph|^Stream|^Persistent|^  k" | head -14 |
         awk '{ if ($1 ~ /^k/) printf "  %-40s %8s %8s\n", $1, $5, $6; else print }'
 done
-preset=${AB_PRESETS:-qwen3-30b-a3b,mimo-v2-flash-4l}
-mode=${AB_MODES:-graph}
 for b in "${bins[@]}"; do
-    echo "==== $b, ${preset%%,*} ${mode%%,*}: kernel kinds, launches, mean work (us) over the forward"
-    kernel_averages "$work/$b-1/timeline-${preset%%,*}-${mode%%,*}.txt" 2>/dev/null
+    echo "==== $b, ${presets%%,*} ${modes%%,*}: kernel kinds, launches, mean work (us) over the forward"
+    kernel_averages "$work/$b-1/timeline-${presets%%,*}-${modes%%,*}.txt" 2>/dev/null
 done
 exit $fail
