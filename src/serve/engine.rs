@@ -184,13 +184,13 @@ impl Queue {
             } else {
                 Outcome::Unavailable
             };
+            metrics.request(job.endpoint, outcome);
             let _ = job.events.send(Event::Failed {
                 status: 503,
                 message:
                     "the server is shutting down; retry against another instance or after restart"
                         .into(),
             });
-            metrics.request(job.endpoint, outcome);
         }
         self.ready.notify_all();
     }
@@ -294,27 +294,23 @@ pub fn run(mut decoder: Decoder, shared: Shared) {
             continue;
         }
         if shared.abort.load(Ordering::SeqCst) {
+            shared.metrics.request(job.endpoint, Outcome::Unavailable);
             let _ = job.events.send(Event::Failed {
                 status: 503,
                 message: "the server is shutting down".into(),
             });
-            shared.metrics.request(job.endpoint, Outcome::Unavailable);
             continue;
         }
         let endpoint = job.endpoint;
-        let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| {
-            run_job(&mut decoder, &shared, job)
-        })) {
-            Ok(o) => o,
-            Err(_) => {
-                // The job's sender was dropped with the unwound frame: its
-                // handler sees a closed channel and answers 500.
-                eprintln!("error: the model panicked on a request; answered 500, still serving");
-                shared.metrics.generation(&GenerationReport::default());
-                Outcome::Error
-            }
-        };
-        shared.metrics.request(endpoint, outcome);
+        if std::panic::catch_unwind(AssertUnwindSafe(|| run_job(&mut decoder, &shared, job)))
+            .is_err()
+        {
+            // The job's sender was dropped with the unwound frame: its
+            // handler sees a closed channel and answers 500.
+            eprintln!("error: the model panicked on a request; answered 500, still serving");
+            shared.metrics.generation(&GenerationReport::default());
+            shared.metrics.request(endpoint, Outcome::Error);
+        }
     }
 }
 
@@ -371,7 +367,9 @@ impl TextOut<'_> {
     }
 }
 
-fn run_job(decoder: &mut Decoder, shared: &Shared, job: Job) -> Outcome {
+/// Runs one job and counts its outcome, before its last event: a client
+/// that reads the metrics after its answer finds its request counted.
+fn run_job(decoder: &mut Decoder, shared: &Shared, job: Job) {
     let metrics = &shared.metrics;
     metrics.started(job.arrived.elapsed(), job.ids.len());
     let tokenizer = &*shared.tokenizer;
@@ -413,11 +411,12 @@ fn run_job(decoder: &mut Decoder, shared: &Shared, job: Job) -> Outcome {
                 ..GenerationReport::default()
             });
             eprintln!("error: generation failed: {e}");
+            metrics.request(job.endpoint, Outcome::Error);
             let _ = job.events.send(Event::Failed {
                 status: 500,
                 message: format!("the model failed on this request: {e}"),
             });
-            return Outcome::Error;
+            return;
         }
     };
     metrics.generation(&GenerationReport {
@@ -427,11 +426,12 @@ fn run_job(decoder: &mut Decoder, shared: &Shared, job: Job) -> Outcome {
         steps: stats.steps,
     });
     if cancelled || job.cancelled() {
+        metrics.request(job.endpoint, Outcome::Cancelled);
         let _ = job.events.send(Event::Failed {
             status: 503,
             message: "the server is shutting down; this request was cut short".into(),
         });
-        return Outcome::Cancelled;
+        return;
     }
     if !out.stopped {
         out.add(&stream.finish(tokenizer), true);
@@ -441,11 +441,11 @@ fn run_job(decoder: &mut Decoder, shared: &Shared, job: Job) -> Outcome {
     } else {
         Finish::Length
     };
+    metrics.request(job.endpoint, Outcome::Ok);
     let _ = job.events.send(Event::Done {
         finish,
         completion_tokens: n,
     });
-    Outcome::Ok
 }
 
 #[cfg(test)]
