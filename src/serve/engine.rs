@@ -89,6 +89,13 @@ impl Job {
     fn cancelled(&self) -> bool {
         self.events.is_closed()
     }
+
+    /// Counts the job's outcome, then sends its last event: a client that
+    /// reads the metrics after its answer finds its own request counted.
+    fn finish(&self, metrics: &Metrics, outcome: Outcome, last: Event) {
+        metrics.request(self.endpoint, outcome);
+        let _ = self.events.send(last);
+    }
 }
 
 /// Why a job was not queued.
@@ -184,13 +191,16 @@ impl Queue {
             } else {
                 Outcome::Unavailable
             };
-            metrics.request(job.endpoint, outcome);
-            let _ = job.events.send(Event::Failed {
-                status: 503,
-                message:
-                    "the server is shutting down; retry against another instance or after restart"
-                        .into(),
-            });
+            job.finish(
+                metrics,
+                outcome,
+                Event::Failed {
+                    status: 503,
+                    message:
+                        "the server is shutting down; retry against another instance or after restart"
+                            .into(),
+                },
+            );
         }
         self.ready.notify_all();
     }
@@ -294,11 +304,14 @@ pub fn run(mut decoder: Decoder, shared: Shared) {
             continue;
         }
         if shared.abort.load(Ordering::SeqCst) {
-            shared.metrics.request(job.endpoint, Outcome::Unavailable);
-            let _ = job.events.send(Event::Failed {
-                status: 503,
-                message: "the server is shutting down".into(),
-            });
+            job.finish(
+                &shared.metrics,
+                Outcome::Unavailable,
+                Event::Failed {
+                    status: 503,
+                    message: "the server is shutting down".into(),
+                },
+            );
             continue;
         }
         let endpoint = job.endpoint;
@@ -367,8 +380,7 @@ impl TextOut<'_> {
     }
 }
 
-/// Runs one job and counts its outcome, before its last event: a client
-/// that reads the metrics after its answer finds its request counted.
+/// Runs one job to its last event, its outcome counted ([`Job::finish`]).
 fn run_job(decoder: &mut Decoder, shared: &Shared, job: Job) {
     let metrics = &shared.metrics;
     metrics.started(job.arrived.elapsed(), job.ids.len());
@@ -411,11 +423,14 @@ fn run_job(decoder: &mut Decoder, shared: &Shared, job: Job) {
                 ..GenerationReport::default()
             });
             eprintln!("error: generation failed: {e}");
-            metrics.request(job.endpoint, Outcome::Error);
-            let _ = job.events.send(Event::Failed {
-                status: 500,
-                message: format!("the model failed on this request: {e}"),
-            });
+            job.finish(
+                metrics,
+                Outcome::Error,
+                Event::Failed {
+                    status: 500,
+                    message: format!("the model failed on this request: {e}"),
+                },
+            );
             return;
         }
     };
@@ -426,11 +441,14 @@ fn run_job(decoder: &mut Decoder, shared: &Shared, job: Job) {
         steps: stats.steps,
     });
     if cancelled || job.cancelled() {
-        metrics.request(job.endpoint, Outcome::Cancelled);
-        let _ = job.events.send(Event::Failed {
-            status: 503,
-            message: "the server is shutting down; this request was cut short".into(),
-        });
+        job.finish(
+            metrics,
+            Outcome::Cancelled,
+            Event::Failed {
+                status: 503,
+                message: "the server is shutting down; this request was cut short".into(),
+            },
+        );
         return;
     }
     if !out.stopped {
@@ -441,11 +459,14 @@ fn run_job(decoder: &mut Decoder, shared: &Shared, job: Job) {
     } else {
         Finish::Length
     };
-    metrics.request(job.endpoint, Outcome::Ok);
-    let _ = job.events.send(Event::Done {
-        finish,
-        completion_tokens: n,
-    });
+    job.finish(
+        metrics,
+        Outcome::Ok,
+        Event::Done {
+            finish,
+            completion_tokens: n,
+        },
+    );
 }
 
 #[cfg(test)]
