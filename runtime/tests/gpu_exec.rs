@@ -522,8 +522,24 @@ fn acceptance_kernel_finds_every_prefix() {
     println!("acceptance kernel: {cases} cases");
 }
 
+// One test per launch mode, so that each runs under compute-sanitizer's
+// racecheck within a call's time.
 #[test]
-fn speculative_steps_on_the_gpu_equal_the_host_loop() {
+fn speculative_steps_on_the_gpu_equal_the_host_loop_in_stream_mode() {
+    speculative_steps_equal_the_host_loop(LaunchMode::Stream);
+}
+
+#[test]
+fn speculative_steps_on_the_gpu_equal_the_host_loop_in_graph_mode() {
+    speculative_steps_equal_the_host_loop(LaunchMode::Graph);
+}
+
+#[test]
+fn speculative_steps_on_the_gpu_equal_the_host_loop_in_persistent_mode() {
+    speculative_steps_equal_the_host_loop(LaunchMode::Persistent);
+}
+
+fn speculative_steps_equal_the_host_loop(mode: LaunchMode) {
     use tilefuse_model::dflash;
     use tilefuse_runtime::speculative::{DFlashDrafter, SamplingRule, SpecDecoder, SpecOptions};
     use tilefuse_runtime::{Backend, Executable, Sampling};
@@ -540,85 +556,78 @@ fn speculative_steps_on_the_gpu_equal_the_host_loop() {
             dw,
         } = dflash_pair(target, draft);
         let v = p.arch.vocab_size() as i32;
-        for mode in [
-            LaunchMode::Stream,
-            LaunchMode::Graph,
-            LaunchMode::Persistent,
-        ] {
-            let texe = Executable::new(tg.clone(), tw.clone(), Backend::Cuda(mode))
-                .unwrap_or_else(|e| panic!("{e}"));
-            let dexe = Executable::new_beside(dg.clone(), dw.clone(), &texe)
-                .unwrap_or_else(|e| panic!("{e}"));
-            let drafter = DFlashDrafter::new(
-                dexe,
-                dp.config.mask_id(),
-                dflash::draft_options(&p.options).max_tokens,
-            )
-            .unwrap();
-            let mut parts = Some((texe, drafter));
-            // Greedy, and temperature sampling under both exact rules: the
-            // GPU loop draws the same uniforms in the same order as the host
-            // loop, so a seed gives the same tokens and acceptances.
-            let cases = [
-                (Sampling::Greedy, SamplingRule::Rejection),
-                (
-                    Sampling::Temperature {
-                        temperature: 0.9,
-                        seed: 5,
-                    },
-                    SamplingRule::Rejection,
-                ),
-                (
-                    Sampling::Temperature {
-                        temperature: 1.7,
-                        seed: 11,
-                    },
-                    SamplingRule::MatchTarget,
-                ),
-            ];
-            let mut compared = 0;
-            for (sampling, rule) in cases {
-                for block in [4, 8, 16] {
-                    for (len, n) in [(5usize, 23usize), (21, 40)] {
-                        let prompt: Vec<i32> = (0..len as i32).map(|i| (i * 31 + 7) % v).collect();
-                        let mut runs = Vec::new();
-                        for on_device in [false, true] {
-                            let (t, d) = parts.take().unwrap();
-                            let opts = SpecOptions {
-                                block,
-                                context: p.options.context,
-                                max_tokens: p.options.max_tokens,
-                                rule,
-                                trace_logits: false,
-                                argmax_outputs: on_device,
-                            };
-                            let mut e = SpecDecoder::new(t, d, opts).unwrap();
-                            let out =
-                                e.generate(&prompt, n, sampling, |_| true)
-                                    .unwrap_or_else(|err| {
-                                        panic!("{target} {mode:?} {sampling:?} B={block}: {err}")
-                                    });
-                            assert_eq!(e.stats.on_device, on_device, "{target} {mode:?}");
-                            let acc: Vec<usize> =
-                                e.stats.steps.iter().map(|s| s.accepted).collect();
-                            runs.push((out, acc));
-                            parts = Some(e.into_parts());
-                        }
-                        assert_eq!(
-                            runs[0], runs[1],
-                            "{target} {mode:?} {sampling:?} {rule:?} B={block} prompt {len}: \
-                             host loop vs GPU loop"
-                        );
-                        assert_eq!(runs[1].0.len(), n);
-                        compared += 1;
+        let texe = Executable::new(tg.clone(), tw.clone(), Backend::Cuda(mode))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let dexe =
+            Executable::new_beside(dg.clone(), dw.clone(), &texe).unwrap_or_else(|e| panic!("{e}"));
+        let drafter = DFlashDrafter::new(
+            dexe,
+            dp.config.mask_id(),
+            dflash::draft_options(&p.options).max_tokens,
+        )
+        .unwrap();
+        let mut parts = Some((texe, drafter));
+        // Greedy, and temperature sampling under both exact rules: the
+        // GPU loop draws the same uniforms in the same order as the host
+        // loop, so a seed gives the same tokens and acceptances.
+        let cases = [
+            (Sampling::Greedy, SamplingRule::Rejection),
+            (
+                Sampling::Temperature {
+                    temperature: 0.9,
+                    seed: 5,
+                },
+                SamplingRule::Rejection,
+            ),
+            (
+                Sampling::Temperature {
+                    temperature: 1.7,
+                    seed: 11,
+                },
+                SamplingRule::MatchTarget,
+            ),
+        ];
+        let mut compared = 0;
+        for (sampling, rule) in cases {
+            for block in [4, 8, 16] {
+                for (len, n) in [(5usize, 23usize), (21, 40)] {
+                    let prompt: Vec<i32> = (0..len as i32).map(|i| (i * 31 + 7) % v).collect();
+                    let mut runs = Vec::new();
+                    for on_device in [false, true] {
+                        let (t, d) = parts.take().unwrap();
+                        let opts = SpecOptions {
+                            block,
+                            context: p.options.context,
+                            max_tokens: p.options.max_tokens,
+                            rule,
+                            trace_logits: false,
+                            argmax_outputs: on_device,
+                        };
+                        let mut e = SpecDecoder::new(t, d, opts).unwrap();
+                        let out =
+                            e.generate(&prompt, n, sampling, |_| true)
+                                .unwrap_or_else(|err| {
+                                    panic!("{target} {mode:?} {sampling:?} B={block}: {err}")
+                                });
+                        assert_eq!(e.stats.on_device, on_device, "{target} {mode:?}");
+                        let acc: Vec<usize> = e.stats.steps.iter().map(|s| s.accepted).collect();
+                        runs.push((out, acc));
+                        parts = Some(e.into_parts());
                     }
+                    assert_eq!(
+                        runs[0], runs[1],
+                        "{target} {mode:?} {sampling:?} {rule:?} B={block} prompt {len}: \
+                         host loop vs GPU loop"
+                    );
+                    assert_eq!(runs[1].0.len(), n);
+                    compared += 1;
                 }
             }
-            println!(
-                "{target} {mode:?}: GPU loop equals the host loop in {compared} runs \
-                 (greedy and sampling, B = 4, 8, 16)"
-            );
         }
+        println!(
+            "{target} {mode:?}: GPU loop equals the host loop in {compared} runs \
+             (greedy and sampling, B = 4, 8, 16)"
+        );
     }
 }
 
