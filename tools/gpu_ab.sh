@@ -6,8 +6,9 @@
 # binary alike). The tests' verdict is printed and their logs saved
 # ($OUT/tests.tgz, default OUT /tmp/out) before the benches; everything lands
 # in $OUT as ab.tgz; a short table is printed last: each row of each bench, then layer
-# AB_LAYER's timeline (default 24) of the first preset, then each kernel
-# kind's work averaged over that preset's whole forward.
+# AB_LAYER's timeline (default 24) of the first preset (per kernel: work,
+# CTAs, the longest and the mean CTA's own work), then each kernel kind's
+# work and longest CTA averaged over that preset's whole forward.
 # Usage: AB_BINS="tilefuse-base tilefuse" bash tools/gpu_ab.sh ["test-binary [args]" ...]
 #   AB_PRESETS (default qwen3-30b-a3b,mimo-v2-flash-4l), AB_TOKENS (1,8),
 #   AB_CONTEXT (1024), AB_MODES (graph), AB_REPS (20), AB_ROUNDS (1),
@@ -46,7 +47,7 @@ done
 for b in "${bins[@]}"; do
     echo "==== $b, layer ${AB_LAYER:-24}"
     grep -A12 "layer ${AB_LAYER:-24}:" "$work/$b-1/bench.txt" 2>/dev/null | grep -E "^Graph|^Stream|^Persistent|^  k" | head -14 |
-        awk '{ if ($1 ~ /^k/) printf "  %-40s %8s %8s\n", $1, $5, $6; else print }'
+        awk '{ if ($1 ~ /^k/) printf "  %-40s %8s %6s %8s %8s\n", $1, $5, $6, $10, $11; else print }'
 done
 for b in "${bins[@]}"; do
     echo "==== $b, ${presets%%,*} ${modes%%,*}: kernel kinds, launches, mean work (us) over the forward"

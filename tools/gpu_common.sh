@@ -26,13 +26,14 @@ run_test_binaries() {
     done
 }
 
-# kernel_averages TIMELINE: each kernel kind's work (µs) averaged over the
-# forward of a timeline file (`tilefuse bench --timeline`), the launch number
-# stripped from the name, so that kinds compare across binaries whose kernel
-# counts differ. Prints "kind  launches  mean work".
+# kernel_averages TIMELINE: each kernel kind's work and longest CTA (µs)
+# averaged over the forward of a timeline file (`tilefuse bench --timeline`),
+# the launch number stripped from the name, so that kinds compare across
+# binaries whose kernel counts differ. Prints "kind  launches  mean work  mean
+# longest CTA".
 kernel_averages() {
     awk '$1 ~ /^k[0-9]+_/ && NF >= 5 {
-            n = $1; sub(/^k[0-9]+_/, "", n); s[n] += $5; c[n]++
+            n = $1; sub(/^k[0-9]+_/, "", n); s[n] += $5; m[n] += $10; c[n]++
         }
-        END { for (k in s) printf "  %-44s %4d %8.2f\n", k, c[k], s[k] / c[k] }' "$1" | sort
+        END { for (k in s) printf "  %-44s %4d %8.2f %8.2f\n", k, c[k], s[k] / c[k], m[k] / c[k] }' "$1" | sort
 }

@@ -274,15 +274,25 @@ __device__ __forceinline__ unsigned long long global_timer() {
 }
 
 // Where the trace of one forward goes (stream and graph modes): per kernel
-// four words, [first CTA start, first CTA past the wait, last CTA end, CTAs],
-// the runtime having set the first two to all ones and the rest to zero.
-// Call from one thread per CTA.
+// eight words (lower::TRACE_KERNEL_WORDS), [first CTA start, first CTA past
+// its wait, last CTA end, CTAs, last CTA start, last CTA past its wait, the
+// longest CTA's work (end minus its own wait, ns), the CTAs' work summed
+// (ns)], the runtime having set the first two to all ones and the rest to
+// zero. The spread of starts and waits shows CTAs that became resident late;
+// the longest CTA against the kernel's span shows whether a kernel's time is
+// one tile's program or its CTAs arriving one after another. Call from one
+// thread per CTA.
 __device__ __forceinline__ void trace_cta(unsigned long long* rec, unsigned long long start,
                                           unsigned long long waited, unsigned long long end) {
     atomicMin(rec + 0, start);
     atomicMin(rec + 1, waited);
     atomicMax(rec + 2, end);
     atomicAdd(rec + 3, 1ull);
+    atomicMax(rec + 4, start);
+    atomicMax(rec + 5, waited);
+    const unsigned long long work = end > waited ? end - waited : 0ull;
+    atomicMax(rec + 6, work);
+    atomicAdd(rec + 7, work);
 }
 
 // Word of an offset table that holds the trace buffer's address (0: no

@@ -1126,13 +1126,14 @@ impl GpuExecutable {
         let (records, init) = match self.mode {
             LaunchMode::Persistent => {
                 let tasks: usize = plan.kernels.iter().map(|k| k.tiling.tiles as usize).sum();
-                (tasks, vec![0u64; 4 * tasks])
+                (tasks, vec![0u64; lower::TRACE_TASK_WORDS * tasks])
             }
             _ => {
                 let n = plan.kernels.len();
-                let mut v = Vec::with_capacity(4 * n);
+                let mut v = Vec::with_capacity(lower::TRACE_KERNEL_WORDS * n);
                 for _ in 0..n {
-                    v.extend([u64::MAX, u64::MAX, 0, 0]);
+                    v.extend([u64::MAX, u64::MAX]);
+                    v.extend(std::iter::repeat_n(0, lower::TRACE_KERNEL_WORDS - 2));
                 }
                 (n, v)
             }

@@ -17,6 +17,8 @@ use std::fmt::Write;
 use tilefuse_codegen::plan::Plan;
 use tilefuse_ir::{ErrorKind, IrError, Result};
 
+use tilefuse_codegen::lower::{TASK_TILE_BITS, TRACE_KERNEL_WORDS, TRACE_TASK_WORDS};
+
 use crate::cuda_exec::LaunchMode;
 
 /// One kernel of the traced forward; times in microseconds from the
@@ -35,6 +37,14 @@ pub struct KernelSpan {
     pub end: f64,
     /// CTAs (or tasks) that recorded.
     pub ctas: u64,
+    /// Last CTA (or task) start.
+    pub last_start: f64,
+    /// Last CTA (or task) past its wait.
+    pub last_waited: f64,
+    /// The longest work of one CTA (task): its end minus its own wait.
+    pub longest: f64,
+    /// The mean work of its CTAs (tasks).
+    pub mean: f64,
     /// Weight bytes the kernel reads at the bucket's largest `T`.
     pub weight_bytes: usize,
 }
@@ -80,7 +90,9 @@ fn layer_of(plan: &Plan, k: &tilefuse_codegen::plan::Kernel) -> Option<usize> {
 
 impl Trace {
     /// Decodes the trace words of a forward of `plan` in `mode`: `records`
-    /// records of four words ([`crate::GpuExecutable::trace_forward`]).
+    /// records of [`TRACE_KERNEL_WORDS`] words per kernel (stream, graph) or
+    /// [`TRACE_TASK_WORDS`] per task (persistent)
+    /// ([`crate::GpuExecutable::trace_forward`]).
     pub fn from_words(
         plan: &Plan,
         mode: LaunchMode,
@@ -88,24 +100,21 @@ impl Trace {
         words: &[u64],
         ms: f32,
     ) -> Result<Trace> {
-        if words.len() < 4 * records {
+        let width = match mode {
+            LaunchMode::Persistent => TRACE_TASK_WORDS,
+            _ => TRACE_KERNEL_WORDS,
+        };
+        if words.len() < width * records {
             return Err(IrError::new(
                 ErrorKind::Interp,
                 format!(
                     "the trace holds {} words, fewer than the {} of {records} records",
                     words.len(),
-                    4 * records
+                    width * records
                 ),
             ));
         }
-        let rec = |i: usize| {
-            [
-                words[4 * i],
-                words[4 * i + 1],
-                words[4 * i + 2],
-                words[4 * i + 3],
-            ]
-        };
+        let rec = |i: usize| &words[width * i..width * (i + 1)];
         let mut kernels: Vec<KernelSpan> = plan
             .kernels
             .iter()
@@ -116,6 +125,10 @@ impl Trace {
                 waited: f64::INFINITY,
                 end: 0.0,
                 ctas: 0,
+                last_start: 0.0,
+                last_waited: 0.0,
+                longest: 0.0,
+                mean: 0.0,
                 weight_bytes: crate::inspect::kernel_weight_bytes(plan, k),
             })
             .collect();
@@ -124,9 +137,10 @@ impl Trace {
         match mode {
             LaunchMode::Persistent => {
                 for i in 0..records {
-                    let [s, w, e, id] = rec(i);
+                    let r = rec(i);
+                    let (s, w, e, id) = (r[0], r[1], r[2], r[3]);
                     let task = (id & 0xffff_ffff) as u32;
-                    let k = (task >> tilefuse_codegen::lower::TASK_TILE_BITS) as usize;
+                    let k = (task >> TASK_TILE_BITS) as usize;
                     if s == 0 || k >= kernels.len() {
                         return Err(IrError::new(
                             ErrorKind::Interp,
@@ -138,21 +152,21 @@ impl Trace {
             }
             _ => {
                 for (i, k) in kernels.iter().enumerate() {
-                    let [s, w, e, n] = rec(i);
-                    if n == 0 {
+                    let r = rec(i);
+                    if r[3] == 0 {
                         return Err(IrError::new(
                             ErrorKind::Interp,
                             format!("kernel {} recorded nothing in the trace", k.name),
                         ));
                     }
-                    raw_kernels.push((i, s, w, e, n));
+                    raw_kernels.push((i, r));
                 }
             }
         }
         let t0 = raw_tasks
             .iter()
             .map(|t| t.2)
-            .chain(raw_kernels.iter().map(|k| k.1))
+            .chain(raw_kernels.iter().map(|k| k.1[0]))
             .min()
             .unwrap_or(0);
         let us = |t: u64| t.saturating_sub(t0) as f64 / 1000.0;
@@ -166,18 +180,31 @@ impl Trace {
                 end: us(e),
             };
             let ks = &mut kernels[k];
+            let work = (t.end - t.waited).max(0.0);
             ks.start = ks.start.min(t.start);
             ks.waited = ks.waited.min(t.waited);
             ks.end = ks.end.max(t.end);
+            ks.last_start = ks.last_start.max(t.start);
+            ks.last_waited = ks.last_waited.max(t.waited);
+            ks.longest = ks.longest.max(work);
+            // The sum for now; divided by the count below.
+            ks.mean += work;
             ks.ctas += 1;
             tasks.push(t);
         }
-        for (i, s, w, e, n) in raw_kernels {
+        for ks in kernels.iter_mut().filter(|k| k.ctas > 0) {
+            ks.mean /= ks.ctas as f64;
+        }
+        for (i, r) in raw_kernels {
             let ks = &mut kernels[i];
-            ks.start = us(s);
-            ks.waited = us(w);
-            ks.end = us(e);
-            ks.ctas = n;
+            ks.start = us(r[0]);
+            ks.waited = us(r[1]);
+            ks.end = us(r[2]);
+            ks.ctas = r[3];
+            ks.last_start = us(r[4]);
+            ks.last_waited = us(r[5]);
+            ks.longest = r[6] as f64 / 1000.0;
+            ks.mean = r[7] as f64 / 1000.0 / r[3] as f64;
         }
         Ok(Trace {
             mode,
@@ -241,7 +268,8 @@ impl Trace {
     }
 
     /// A text summary of the kernels in `range`: span, busy and idle time,
-    /// and per kernel its times and the bandwidth of its weight stream.
+    /// and per kernel its times, the bandwidth of its weight stream, when its
+    /// last CTA passed its wait and how long one CTA works (longest, mean).
     pub fn summary(&self, range: std::ops::Range<usize>) -> String {
         let (lo, hi) = self.window(&range);
         let busy = self.busy(lo, hi, &range);
@@ -266,14 +294,24 @@ impl Trace {
         );
         let _ = writeln!(
             s,
-            "  {:<44} {:>9} {:>9} {:>9} {:>8} {:>6} {:>10} {:>7}",
-            "kernel", "start us", "waited", "end", "work us", "CTAs", "w. bytes", "GB/s"
+            "  {:<44} {:>9} {:>9} {:>9} {:>8} {:>6} {:>10} {:>7} {:>9} {:>8} {:>8}",
+            "kernel",
+            "start us",
+            "waited",
+            "end",
+            "work us",
+            "CTAs",
+            "w. bytes",
+            "GB/s",
+            "last wait",
+            "CTA max",
+            "CTA mean"
         );
         for k in &self.kernels[range] {
             let work = (k.end - k.waited).max(0.0);
             let _ = writeln!(
                 s,
-                "  {:<44} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>6} {:>10} {:>7.0}",
+                "  {:<44} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>6} {:>10} {:>7.0} {:>9.2} {:>8.2} {:>8.2}",
                 k.name,
                 k.start - lo,
                 k.waited - lo,
@@ -285,47 +323,57 @@ impl Trace {
                     k.weight_bytes as f64 / (work * 1e3)
                 } else {
                     0.0
-                }
+                },
+                k.last_waited - lo,
+                k.longest,
+                k.mean
             );
         }
+        let _ = writeln!(
+            s,
+            "  (work: the last end minus the first wait; last wait: when the last CTA passed its wait; CTA max and mean: one CTA's end minus its own wait)"
+        );
         s
     }
 
     /// Where the forward's time goes, per step: kernels grouped by their name
     /// without the schedule index (`k241_moe_down_…` and `k250_moe_down_…`
     /// are one step repeated by the layers), with how many there are, the
-    /// median and total work (end minus past-the-wait) and the total's share
-    /// of the forward's span, largest total first.
+    /// median and total work (end minus past-the-wait), the median of their
+    /// longest CTA's own work, and the total's share of the forward's span,
+    /// largest total first.
     pub fn steps(&self) -> String {
-        let mut by: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        let mut by: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
         for k in &self.kernels {
             let step = k.name.split_once('_').map_or(k.name.as_str(), |(_, r)| r);
             by.entry(step)
                 .or_default()
-                .push((k.end - k.waited).max(0.0));
+                .push(((k.end - k.waited).max(0.0), k.longest));
         }
         let (lo, hi) = self.window(&(0..self.kernels.len()));
         let span = (hi - lo).max(1e-9);
-        let mut rows: Vec<(&str, Vec<f64>)> = by.into_iter().collect();
-        rows.sort_by(|a, b| {
-            let (ta, tb): (f64, f64) = (a.1.iter().sum(), b.1.iter().sum());
-            tb.total_cmp(&ta).then(a.0.cmp(b.0))
-        });
+        let total = |w: &[(f64, f64)]| -> f64 { w.iter().map(|x| x.0).sum() };
+        let mut rows: Vec<(&str, Vec<(f64, f64)>)> = by.into_iter().collect();
+        rows.sort_by(|a, b| total(&b.1).total_cmp(&total(&a.1)).then(a.0.cmp(b.0)));
         let mut s = format!(
-            "  {:<44} {:>5} {:>10} {:>10} {:>7}\n",
-            "step", "count", "median us", "total us", "share"
+            "  {:<44} {:>5} {:>10} {:>10} {:>8} {:>7}\n",
+            "step", "count", "median us", "total us", "CTA max", "share"
         );
-        for (step, mut w) in rows {
-            w.sort_by(f64::total_cmp);
-            let total: f64 = w.iter().sum();
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        for (step, w) in rows {
+            let t = total(&w);
             let _ = writeln!(
                 s,
-                "  {:<44} {:>5} {:>10.2} {:>10.1} {:>6.1}%",
+                "  {:<44} {:>5} {:>10.2} {:>10.1} {:>8.2} {:>6.1}%",
                 step,
                 w.len(),
-                w[w.len() / 2],
-                total,
-                100.0 * total / span
+                median(w.iter().map(|x| x.0).collect()),
+                t,
+                median(w.iter().map(|x| x.1).collect()),
+                100.0 * t / span
             );
         }
         s

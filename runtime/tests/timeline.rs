@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use tilefuse_codegen::lower::TASK_TILE_BITS;
+use tilefuse_codegen::lower::{TASK_TILE_BITS, TRACE_KERNEL_WORDS, TRACE_TASK_WORDS};
 use tilefuse_codegen::passes::run_pipeline;
 use tilefuse_codegen::plan::{Plan, PlanOptions};
 use tilefuse_model::presets;
@@ -22,7 +22,9 @@ fn kernel_records_give_spans_and_idle_time() {
     let plan = plan();
     let n = plan.kernels.len();
     // Kernel i: starts at 10 µs·i (ns since an arbitrary epoch), passes its
-    // wait 2 µs later, works 5 µs: 3 µs of every 10 no kernel works.
+    // wait 2 µs later, works 5 µs: 3 µs of every 10 no kernel works. Its
+    // last CTA starts 1 µs and passes its wait 3 µs after the first; the
+    // longest CTA works 4 µs, the three together 9 µs.
     let t0 = 1_000_000_000u64;
     let mut words = Vec::new();
     for i in 0..n as u64 {
@@ -31,13 +33,23 @@ fn kernel_records_give_spans_and_idle_time() {
             t0 + 10_000 * i + 2_000,
             t0 + 10_000 * i + 7_000,
             3,
+            t0 + 10_000 * i + 1_000,
+            t0 + 10_000 * i + 5_000,
+            4_000,
+            9_000,
         ]);
     }
+    assert_eq!(words.len(), TRACE_KERNEL_WORDS * n);
     let tr = Trace::from_words(&plan, LaunchMode::Graph, n, &words, 1.0).unwrap();
     assert_eq!(tr.kernels.len(), n);
-    assert!((tr.kernels[1].start - 10.0).abs() < 1e-9);
-    assert!((tr.kernels[1].waited - 12.0).abs() < 1e-9);
-    assert!((tr.kernels[1].end - 17.0).abs() < 1e-9);
+    let k1 = &tr.kernels[1];
+    assert!((k1.start - 10.0).abs() < 1e-9);
+    assert!((k1.waited - 12.0).abs() < 1e-9);
+    assert!((k1.end - 17.0).abs() < 1e-9);
+    assert!((k1.last_start - 11.0).abs() < 1e-9);
+    assert!((k1.last_waited - 15.0).abs() < 1e-9);
+    assert!((k1.longest - 4.0).abs() < 1e-9);
+    assert!((k1.mean - 3.0).abs() < 1e-9);
     let s = tr.summary(0..n);
     let span = 10.0 * (n - 1) as f64 + 7.0;
     let busy = 5.0 * n as f64;
@@ -46,6 +58,10 @@ fn kernel_records_give_spans_and_idle_time() {
         "{s}"
     );
     assert!(s.contains(&format!("idle {:.1} us", span - busy)), "{s}");
+    // Kernel 1's row ends with its last wait (from the window's start), its
+    // longest and its mean CTA.
+    let row = s.lines().find(|l| l.contains(&k1.name)).unwrap();
+    assert!(row.trim_end().ends_with("15.00     4.00     3.00"), "{row}");
     // Layers: every kernel of layer 0 comes before every kernel of layer 1.
     let l0 = tr.layer_range(0).unwrap();
     let l1 = tr.layer_range(1).unwrap();
@@ -53,7 +69,7 @@ fn kernel_records_give_spans_and_idle_time() {
     let svg = tr.svg(l1.clone(), "layer 1");
     assert!(svg.starts_with("<svg") && svg.contains(&tr.kernels[l1.start].name));
     // A kernel that wrote no record is an error, not a zero-length bar.
-    words[4 * (n - 1) + 3] = 0;
+    words[TRACE_KERNEL_WORDS * (n - 1) + 3] = 0;
     let e = Trace::from_words(&plan, LaunchMode::Graph, n, &words, 1.0).unwrap_err();
     assert!(e.to_string().contains(&plan.kernels[n - 1].name), "{e}");
 }
@@ -73,8 +89,18 @@ fn task_records_fold_into_kernels_and_sms() {
             tasks += 1;
         }
     }
+    assert_eq!(words.len(), TRACE_TASK_WORDS * tasks);
     let tr = Trace::from_words(&plan, LaunchMode::Persistent, tasks, &words, 1.0).unwrap();
     assert_eq!(tr.tasks.len(), tasks);
+    // Every task works 0.8 µs; a kernel's last task passes its wait 1 µs per
+    // task after its first.
+    for (k, kernel) in plan.kernels.iter().enumerate() {
+        let ks = &tr.kernels[k];
+        assert!((ks.longest - 0.8).abs() < 1e-9 && (ks.mean - 0.8).abs() < 1e-9);
+        let spread = f64::from(kernel.tiling.tiles - 1);
+        assert!((ks.last_waited - ks.waited - spread).abs() < 1e-9);
+        assert!((ks.last_start - ks.start - spread).abs() < 1e-9);
+    }
     let ctas: u64 = tr.kernels.iter().map(|k| k.ctas).sum();
     assert_eq!(ctas as usize, tasks);
     for (k, kernel) in plan.kernels.iter().enumerate() {
@@ -94,7 +120,8 @@ fn steps_group_kernels_by_name_over_the_layers() {
     let mut words = Vec::new();
     let mut t = 1_000_000u64;
     for i in 0..n as u64 {
-        words.extend([t, t, t + 1_000 * (i + 1), 1]);
+        let w = 1_000 * (i + 1);
+        words.extend([t, t, t + w, 1, t, t, w, w]);
         t += 1_000 * (i + 1);
     }
     let tr = Trace::from_words(&plan, LaunchMode::Stream, n, &words, 1.0).unwrap();

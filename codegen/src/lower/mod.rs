@@ -87,6 +87,14 @@ pub const PERSISTENT: &str = "persistent_dispatch";
 /// Bits of a task word that hold the tile; the kernel index is above them.
 pub const TASK_TILE_BITS: u32 = 20;
 
+/// Words of one kernel's record in the trace of a stream or graph forward
+/// (`tf::trace_cta` in `prelude.cuh` says what each holds).
+pub const TRACE_KERNEL_WORDS: usize = 8;
+
+/// Words of one task's record in the trace of a persistent forward
+/// (`tf::trace_task` in `persistent.cuh`).
+pub const TRACE_TASK_WORDS: usize = 4;
+
 /// The persistent dispatcher: one CTA per SM walks its static task list
 /// (`tasks[sm_offsets[b]..sm_offsets[b+1]]`, each `kernel << 20 | tile`),
 /// reading each kernel's buffer offsets from row `kernel` of `offsets`
@@ -188,7 +196,7 @@ fn persistent(
                     vec![Stmt::Expr(Expr::call(
                         "tf::trace_task",
                         vec![
-                            Expr::var("trace + 4 * (size_t)i"),
+                            Expr::var(format!("trace + {TRACE_TASK_WORDS} * (size_t)i")),
                             Expr::var("t_start"),
                             Expr::var("t_waited"),
                             Expr::var("task"),
@@ -550,9 +558,9 @@ fn functions(
                 Stmt::Expr(Expr::var("__syncthreads()")),
                 Stmt::If(
                     Expr::var("threadIdx.x == 0"),
-                    vec![Stmt::Expr(Expr::var(
-                        "tf::trace_cta(trace + 4 * off.v[tf::OFFSET_KERNEL], t_start, t_waited, tf::global_timer())",
-                    ))],
+                    vec![Stmt::Expr(Expr::var(format!(
+                        "tf::trace_cta(trace + {TRACE_KERNEL_WORDS} * off.v[tf::OFFSET_KERNEL], t_start, t_waited, tf::global_timer())"
+                    )))],
                     vec![],
                 ),
             ],
