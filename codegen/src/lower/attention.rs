@@ -8,13 +8,11 @@ use crate::emit::{Expr, Stmt, Ty};
 use crate::error::CodegenError;
 use crate::fusion::{Fused, Group, KernelKind};
 use crate::lower::values::{dim_expr, guard, pointer, unsupported, work_ptr};
+use crate::lower::SMS;
 use crate::plan::{Plan, PlanOptions, Tiling};
 
 /// Threads per CTA (the same for every kernel, for the persistent mode).
 pub const THREADS: u32 = 256;
-/// SMs of the target, for choosing key splits.
-const SMS: usize = 132;
-
 fn align16(n: usize) -> usize {
     n.div_ceil(16) * 16
 }

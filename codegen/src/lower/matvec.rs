@@ -8,6 +8,7 @@ use crate::error::CodegenError;
 use crate::fusion::{Fused, Group, KernelKind};
 use crate::lower::epilogue::epilogue;
 use crate::lower::values::{dim_expr, pointer};
+use crate::lower::SMS;
 use crate::plan::{Kernel, Plan, PlanOptions, Tiling, Value};
 
 /// Threads per CTA of every kernel that streams weights.
@@ -33,8 +34,23 @@ fn format(d: DType) -> Option<(usize, bool, &'static str)> {
 pub fn rows_for(n: usize, starts: &[usize]) -> usize {
     [128usize, 64, 32, 16]
         .into_iter()
-        .find(|r| n.div_ceil(*r) >= 2 * 132 && starts.iter().all(|s| s % r == 0))
+        .find(|r| n.div_ceil(*r) >= 2 * SMS && starts.iter().all(|s| s % r == 0))
         .unwrap_or(16)
+}
+
+/// Rows per tile of a matrix so short that 16-row tiles would leave three
+/// quarters of the SMs idle (a router's logits: 128 or 256 rows): the fewest
+/// of 2, 4, 8 rows whose tiles still fit one wave, on the CUDA cores (the
+/// tensor cores take 16 rows at least). Its tiles then each read a few
+/// kilobytes in one round of loads instead of streaming 16 rows one batch
+/// after another on a few SMs. None for a longer matrix.
+pub fn short_rows(n: usize, starts: &[usize]) -> Option<usize> {
+    if n.div_ceil(16) >= SMS / 4 {
+        return None;
+    }
+    [2usize, 4, 8]
+        .into_iter()
+        .find(|r| n.div_ceil(*r) <= SMS && starts.iter().all(|s| s % r == 0))
 }
 
 /// `matvec_smem_bytes` of `matvec.cuh`, for the launch; the generated source
@@ -149,7 +165,10 @@ fn shape(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Shape, CodegenEr
         )));
     }
     let starts: Vec<usize> = parts.iter().map(|p| p.1).collect();
-    let rows = rows_for(n, &starts);
+    let (rows, mma) = match short_rows(n, &starts) {
+        Some(r) => (r, false),
+        None => (rows_for(n, &starts), mma),
+    };
     Ok(Shape {
         parts,
         norm,

@@ -84,6 +84,10 @@ pub struct Module {
 /// The name of the persistent dispatcher kernel.
 pub const PERSISTENT: &str = "persistent_dispatch";
 
+/// Streaming multiprocessors of the card the tilings are chosen for (an
+/// H100 or H200: 132). Only the tiling depends on it, never a result.
+pub const SMS: usize = 132;
+
 /// Bits of a task word that hold the tile; the kernel index is above them.
 pub const TASK_TILE_BITS: u32 = 20;
 

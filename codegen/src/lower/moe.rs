@@ -9,11 +9,11 @@ use crate::fusion::{Fused, Group, KernelKind};
 use crate::lower::epilogue::epilogue;
 use crate::lower::matvec::weight_view;
 use crate::lower::values::{guard, pointer, unsupported, work_ptr};
+use crate::lower::SMS;
 use crate::plan::{Plan, PlanOptions, Tiling};
 
 /// Threads per CTA.
 pub const THREADS: u32 = 256;
-const SMS: usize = 132;
 
 fn c(d: &tilefuse_ir::Dim) -> usize {
     d.as_const().unwrap_or(0)
