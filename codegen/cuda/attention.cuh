@@ -577,10 +577,18 @@ __device__ void attention_tile(int tile, int T, int S, int cap, const int* __res
         for (int j = max(my_lo, S) + (NW - 1 - warp); j < my_hi; j += NW) {
             const int t = j - S;
             const size_t slot = (size_t)(j % cap);
-            for (int f = lane; f < HALF; f += 32) cs[f] = rope_cos_sin<bf16>(qpos[t], f, ROT, theta);
-            __syncwarp();
+            // A row of one of this tile's own query tokens rotates by the
+            // table the queries use (same position, same values); any other
+            // row computes its own.
+            const float2* rcs = cs;
+            if (t >= t0 && t < t1) {
+                rcs = sCS + (t - t0) * HALF;
+            } else {
+                for (int f = lane; f < HALF; f += 32) cs[f] = rope_cos_sin<bf16>(qpos[t], f, ROT, theta);
+                __syncwarp();
+            }
             head_prep_warp<bf16, DK, ROT, KNORM>(app.k + (size_t)t * app.k_stride + kvh * DK, app.k_norm_w,
-                                                 app.k_eps, cs, krow);
+                                                 app.k_eps, rcs, krow);
             for (int c = lane; c < DK / 8; c += 32)
                 *reinterpret_cast<uint4*>(app.k_cache + (slot * HKV + kvh) * DK + c * 8) =
                     *reinterpret_cast<const uint4*>(krow + c * 8);
@@ -841,6 +849,17 @@ __device__ void attention_combine_tile(int tile, int T, const float* __restrict_
     const float* ws_o = ws + base * DV;
     const float* ws_ml = ws + (size_t)T * HQ * NSPLIT * DV + 2 * base;
     __syncthreads();  // the previous tile of a persistent loop may still read smem
+    // Every partial output this thread sums is loaded before the weights are
+    // known (they do not depend on them): one round of loads instead of one
+    // per few splits. Same sum, same order, as the loop below.
+    constexpr bool HOIST = DV <= THREADS;
+    float part[HOIST ? NSPLIT : 1];
+    if constexpr (HOIST) {
+        if (tid < DV) {
+#pragma unroll
+            for (int s = 0; s < NSPLIT; ++s) part[s] = ws_o[(size_t)s * DV + tid];
+        }
+    }
     if (tid < 32) {
         float mx = __int_as_float(0xff800000);
         for (int s = lane; s < NSPLIT; s += 32) mx = fmaxf(mx, ws_ml[2 * s]);
@@ -863,11 +882,20 @@ __device__ void attention_combine_tile(int tile, int T, const float* __restrict_
         for (int s = lane; s < NSPLIT; s += 32) coef[s] = sum > 0.f ? coef[s] / sum : 0.f;
     }
     __syncthreads();
-    for (int d = tid; d < DV; d += THREADS) {
-        float acc = 0.f;
+    if constexpr (HOIST) {
+        if (tid < DV) {
+            float acc = 0.f;
+#pragma unroll
+            for (int s = 0; s < NSPLIT; ++s) acc = fmaf(coef[s], part[s], acc);
+            out[(size_t)t * out_stride + h * DV + tid] = from_float<bf16>(acc);
+        }
+    } else {
+        for (int d = tid; d < DV; d += THREADS) {
+            float acc = 0.f;
 #pragma unroll 8
-        for (int s = 0; s < NSPLIT; ++s) acc = fmaf(coef[s], ws_o[(size_t)s * DV + d], acc);
-        out[(size_t)t * out_stride + h * DV + d] = from_float<bf16>(acc);
+            for (int s = 0; s < NSPLIT; ++s) acc = fmaf(coef[s], ws_o[(size_t)s * DV + d], acc);
+            out[(size_t)t * out_stride + h * DV + d] = from_float<bf16>(acc);
+        }
     }
 }
 
