@@ -9,9 +9,13 @@
 #   out or reports an error or hazard. --launch-timeout 0: a binary whose
 #   first CUDA call comes after long CPU-only tests is still attached (with
 #   the default 10 s the sanitizer gives up and the GPU tests run unchecked).
+#   TILEFUSE_SANITIZE_QUICK=1 (set here unless given): tests with a long
+#   matrix of cases (the speculative steps) run a smaller one that still
+#   reaches every kernel.
 set -u
 out=${OUT:-/tmp}
 export TILEFUSE_REQUIRE_GPU=1
+export TILEFUSE_SANITIZE_QUICK=${TILEFUSE_SANITIZE_QUICK:-1}
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export TILEFUSE_CACHE_DIR=${TILEFUSE_CACHE_DIR:-/tmp/tilefuse-cache}
 san=/usr/local/cuda/bin/compute-sanitizer
