@@ -849,15 +849,18 @@ __device__ void attention_combine_tile(int tile, int T, const float* __restrict_
     const float* ws_o = ws + base * DV;
     const float* ws_ml = ws + (size_t)T * HQ * NSPLIT * DV + 2 * base;
     __syncthreads();  // the previous tile of a persistent loop may still read smem
-    // Every partial output this thread sums is loaded before the weights are
-    // known (they do not depend on them): one round of loads instead of one
-    // per few splits. Same sum, same order, as the loop below.
+    // The partial outputs this thread sums are loaded before the weights are
+    // known (they do not depend on them), HB splits a round: one round for up
+    // to 32 splits instead of one per eight, and no more registers than 32
+    // (the persistent dispatcher holds this tile beside the heaviest ones).
+    // Same sum, same order, as the loop below.
     constexpr bool HOIST = DV <= THREADS;
-    float part[HOIST ? NSPLIT : 1];
+    constexpr int HB = NSPLIT < 32 ? NSPLIT : 32;  // NSPLIT is a power of two
+    float part[HOIST ? HB : 1];
     if constexpr (HOIST) {
         if (tid < DV) {
 #pragma unroll
-            for (int s = 0; s < NSPLIT; ++s) part[s] = ws_o[(size_t)s * DV + tid];
+            for (int s = 0; s < HB; ++s) part[s] = ws_o[(size_t)s * DV + tid];
         }
     }
     if (tid < 32) {
@@ -885,8 +888,15 @@ __device__ void attention_combine_tile(int tile, int T, const float* __restrict_
     if constexpr (HOIST) {
         if (tid < DV) {
             float acc = 0.f;
+#pragma unroll 1
+            for (int s0 = 0; s0 < NSPLIT; s0 += HB) {
+                if (s0 > 0) {
 #pragma unroll
-            for (int s = 0; s < NSPLIT; ++s) acc = fmaf(coef[s], part[s], acc);
+                    for (int s = 0; s < HB; ++s) part[s] = ws_o[(size_t)(s0 + s) * DV + tid];
+                }
+#pragma unroll
+                for (int s = 0; s < HB; ++s) acc = fmaf(coef[s0 + s], part[s], acc);
+            }
             out[(size_t)t * out_stride + h * DV + tid] = from_float<bf16>(acc);
         }
     } else {
