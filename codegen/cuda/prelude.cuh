@@ -236,6 +236,13 @@ __device__ __forceinline__ void prefetch_l2_range(const void* p, unsigned long l
 #endif
 }
 
+// The most bytes the early hints of one kernel may ask L2 for, all its tiles
+// together: half of an H100's 50 MB L2. A kernel whose hints would ask for
+// more (experts of a long verification block, keys of a long context) asks
+// for none: lines that evict each other before they are read cost a second
+// read from memory.
+constexpr unsigned long long EARLY_L2_BUDGET = 24ull << 20;
+
 // Asks L2 to fetch the `tile`-th of `tiles` equal slices (16-byte multiples)
 // of the `bytes` bytes at `base` (16-byte aligned), at most PREFETCH_CAP of
 // it. A hint: no result, no fault past its range. Call from any thread; the
@@ -251,12 +258,20 @@ __device__ __forceinline__ void prefetch_l2_share(const char* base, unsigned lon
 #endif
 }
 
-// The most bytes the early hints of one kernel may ask L2 for, all its tiles
-// together: half of an H100's 50 MB L2. A kernel whose hints would ask for
-// more (experts of a long verification block, keys of a long context) asks
-// for none: lines that evict each other before they are read cost a second
-// read from memory.
-constexpr unsigned long long EARLY_L2_BUDGET = 24ull << 20;
+// prefetch_l2_share of `tile`'s slice and, for the first `stride` tiles
+// (one an SM), also of the slices of tiles tile + stride, tile + 2 * stride,
+// ..., when the kernel's weights (`kernel_bytes`, all of them together) fit
+// EARLY_L2_BUDGET. Tiles past the first wave may find no room on an SM
+// until the kernel before has ended, so their own prefetch comes late;
+// asked for by the first wave, the whole weight can stream while the kernel
+// before still runs. A hint, like prefetch_l2_share (plan::Hints::ahead).
+__device__ __forceinline__ void prefetch_l2_ahead(const char* base, unsigned long long bytes, int tile, int tiles,
+                                                  int stride, unsigned long long kernel_bytes) {
+    prefetch_l2_share(base, bytes, tile, tiles);
+    if (tile >= stride || kernel_bytes > EARLY_L2_BUDGET) return;
+    for (int t = tile + stride; t < tiles; t += stride) prefetch_l2_share(base, bytes, t, tiles);
+}
+
 
 // An int that an earlier kernel wrote, read through L2 (never an older copy
 // of its line that this SM's L1 may hold).

@@ -128,6 +128,51 @@ pub struct Kernel {
     pub deps: BTreeSet<usize>,
 }
 
+/// L2 hints that are off unless asked for: each is a prefetch that cannot
+/// change a result, kept until a benchmark shows it pays on the cards it is
+/// meant for (see `BENCHMARKS.md`). Named by [`Hints::parse`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hints {
+    /// `ahead`: the first wave of a dense kernel's tiles (one an SM) also
+    /// asks L2 for the weight shares of the tiles after it on its SM, when
+    /// the kernel's weights fit the early hints' budget
+    /// (`tf::prefetch_l2_ahead`).
+    pub ahead: bool,
+    /// `gate_up`: the router asks L2 for the gate/up rows of the experts it
+    /// chose as soon as its routing table is written, when they fit the
+    /// budget (`tf::router_gate_up_hint`).
+    pub gate_up: bool,
+}
+
+impl Hints {
+    /// The names of the hints.
+    pub const NAMES: [&'static str; 2] = ["ahead", "gate_up"];
+
+    /// Hints from a comma-separated list of names (`ahead`, `gate_up`),
+    /// `all`, or nothing (`""`, `none`).
+    pub fn parse(list: &str) -> Result<Hints, String> {
+        let mut h = Hints::default();
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match name {
+                "none" => {}
+                "all" => {
+                    h.ahead = true;
+                    h.gate_up = true;
+                }
+                "ahead" => h.ahead = true,
+                "gate_up" => h.gate_up = true,
+                other => {
+                    return Err(format!(
+                        "unknown L2 hint \"{other}\": name some of {}, or all or none",
+                        Hints::NAMES.join(", ")
+                    ))
+                }
+            }
+        }
+        Ok(h)
+    }
+}
+
 /// Choices that shape a plan.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlanOptions {
@@ -137,6 +182,8 @@ pub struct PlanOptions {
     /// draft's context rows `C`); `S` (positions already cached) never sizes
     /// an activation and needs none.
     pub bounds: BTreeMap<String, usize>,
+    /// The L2 hints that are off unless asked for.
+    pub hints: Hints,
 }
 
 impl PlanOptions {
@@ -145,7 +192,14 @@ impl PlanOptions {
         PlanOptions {
             max_t,
             bounds: BTreeMap::new(),
+            hints: Hints::default(),
         }
+    }
+
+    /// With the L2 hints `hints`.
+    pub fn with_hints(mut self, hints: Hints) -> PlanOptions {
+        self.hints = hints;
+        self
     }
 
     /// With symbol `sym` at most `max`.

@@ -86,3 +86,75 @@ fn layers_share_kernel_functions() {
     );
     assert_eq!(m.instances.len(), plan.kernels.len());
 }
+
+/// The L2 hints that are off unless asked for: off, no kernel mentions
+/// them; on, the dense kernels' prefetch asks ahead for the tiles after the
+/// first wave and the router asks for its experts' gate/up rows; on a tiny
+/// model, where neither can pay, nothing changes. They are hints, so they
+/// change no tile body: the rest of the source is the same.
+#[test]
+fn l2_hints_appear_only_when_asked_for() {
+    use tilefuse_codegen::plan::Hints;
+    // A full-width layer: the hints are emitted only where they can pay
+    // (kernels past one wave, experts of a megabyte or more).
+    let p = tilefuse_model::presets::by_name("qwen3-30b-a3b").unwrap();
+    let g = p.arch.layer_graph(&p.options, 1).unwrap();
+    let lower_with = |hints: Hints| {
+        let plan = Plan::new(
+            run_pipeline(g.clone()).unwrap(),
+            PlanOptions::new(1).with_hints(hints),
+        )
+        .unwrap();
+        lower(&plan).unwrap().source
+    };
+    let off = lower_with(Hints::default());
+    assert!(!off.contains("prefetch_l2_ahead") && !off.contains("router_gate_up_hint"));
+    let on = lower_with(Hints::parse("all").unwrap());
+    assert!(on.contains("tf::prefetch_l2_ahead("), "no ahead prefetch");
+    assert!(on.contains("tf::router_gate_up_hint<"), "no gate/up hint");
+    let ahead = lower_with(Hints::parse("ahead").unwrap());
+    assert!(ahead.contains("tf::prefetch_l2_ahead(") && !ahead.contains("router_gate_up_hint"));
+    // Without the hint lines and the offset tables they extend, the sources
+    // agree: a hint adds calls, it never changes a tile.
+    let body = |s: &str| -> Vec<String> {
+        s.lines()
+            .filter(|l| {
+                !l.contains("prefetch_l2_")
+                    && !l.contains("gate_up")
+                    && !l.contains("off[")
+                    && !l.contains("offsets")
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(body(&off), body(&on));
+    let tiny = tilefuse_model::presets::by_name("qwen3-moe-tiny").unwrap();
+    let tg = tiny.arch.forward_graph(&tiny.options).unwrap();
+    let tiny_with = |hints: Hints| {
+        let plan = Plan::new(
+            run_pipeline(tg.clone()).unwrap(),
+            PlanOptions::new(1).with_hints(hints),
+        )
+        .unwrap();
+        lower(&plan).unwrap().source
+    };
+    assert_eq!(
+        tiny_with(Hints::default()),
+        tiny_with(Hints::parse("all").unwrap())
+    );
+}
+
+#[test]
+fn hint_names_parse_and_an_unknown_one_is_refused() {
+    use tilefuse_codegen::plan::Hints;
+    assert_eq!(Hints::parse("").unwrap(), Hints::default());
+    assert_eq!(Hints::parse("none").unwrap(), Hints::default());
+    let all = Hints::parse("all").unwrap();
+    assert!(all.ahead && all.gate_up);
+    assert_eq!(Hints::parse(" ahead , gate_up ").unwrap(), all);
+    let e = Hints::parse("ahead,prefetch_everything").unwrap_err();
+    assert!(
+        e.contains("prefetch_everything") && e.contains("gate_up"),
+        "{e}"
+    );
+}

@@ -222,8 +222,8 @@ pub fn compile_artifacts(
             }
         }
         let dotted = dot(&fused);
-        let plan = Plan::new(fused, crate::cuda_exec::plan_options(graph, max_t))
-            .map_err(|e| e.to_string())?;
+        let opt = crate::cuda_exec::plan_options(graph, max_t).map_err(|e| e.to_string())?;
+        let plan = Plan::new(fused, opt).map_err(|e| e.to_string())?;
         if emit.plan {
             write(&tmp, "plan.txt", &plan.to_string())?;
             write(&tmp, "fused.dot", &dotted)?;

@@ -398,7 +398,8 @@ fn kernel_body(plan: &Plan, ki: usize, k: &Kernel) -> Result<Vec<Stmt>, CodegenE
 
 /// The weight prefetch of one tile of `k`: its share of every dense weight
 /// the kernel streams (weights that do not depend on activations; routed
-/// experts do and are not prefetched here).
+/// experts do and are not prefetched here); with the `ahead` hint, for a
+/// tile of the first wave also the shares of the tiles after it on its SM.
 fn prefetch_body(plan: &Plan, k: &Kernel) -> Result<Vec<Stmt>, CodegenError> {
     use crate::emit::Expr;
     let g = &plan.fused.graph;
@@ -414,7 +415,7 @@ fn prefetch_body(plan: &Plan, k: &Kernel) -> Result<Vec<Stmt>, CodegenError> {
             .collect(),
         _ => vec![],
     };
-    let mut out = Vec::new();
+    let mut slots = Vec::new();
     for w in weights {
         let Some(slot) = plan.weight(w) else {
             return Err(CodegenError::Internal(format!(
@@ -422,17 +423,27 @@ fn prefetch_body(plan: &Plan, k: &Kernel) -> Result<Vec<Stmt>, CodegenError> {
                 g.describe(w)
             )));
         };
-        out.push(Stmt::Expr(Expr::call(
-            "tf::prefetch_l2_share",
-            vec![
+        slots.push(slot);
+    }
+    let total: usize = slots.iter().map(|s| s.bytes).sum();
+    Ok(slots
+        .into_iter()
+        .map(|slot| {
+            let mut args = vec![
                 Expr::var("wts").bin("+", Expr::Offset(slot.offset as i64)),
                 Expr::var(format!("{}ull", slot.bytes)),
                 Expr::var("tile"),
                 Expr::I32(i64::from(k.tiling.tiles)),
-            ],
-        )));
-    }
-    Ok(out)
+            ];
+            // Only a kernel with tiles past one wave has shares to ask ahead for.
+            if plan.options.hints.ahead && k.tiling.tiles as usize > SMS {
+                args.extend([Expr::I32(SMS as i64), Expr::var(format!("{total}ull"))]);
+                Stmt::Expr(Expr::call("tf::prefetch_l2_ahead", args))
+            } else {
+                Stmt::Expr(Expr::call("tf::prefetch_l2_share", args))
+            }
+        })
+        .collect())
 }
 
 /// The early hints of one tile of kernel `ki` ([`LoweredKernel::early`]).
