@@ -99,7 +99,7 @@ fn l2_hints_appear_only_when_asked_for() {
     // (kernels past one wave, experts of a megabyte or more).
     let p = tilefuse_model::presets::by_name("qwen3-30b-a3b").unwrap();
     let g = p.arch.layer_graph(&p.options, 1).unwrap();
-    let lower_with = |hints: Hints| {
+    let source = |g: &Graph, hints: Hints| {
         let plan = Plan::new(
             run_pipeline(g.clone()).unwrap(),
             PlanOptions::new(1).with_hints(hints),
@@ -107,6 +107,7 @@ fn l2_hints_appear_only_when_asked_for() {
         .unwrap();
         lower(&plan).unwrap().source
     };
+    let lower_with = |hints: Hints| source(&g, hints);
     let off = lower_with(Hints::default());
     assert!(!off.contains("prefetch_l2_ahead") && !off.contains("router_gate_up_hint"));
     let on = lower_with(Hints::parse("all").unwrap());
@@ -130,14 +131,7 @@ fn l2_hints_appear_only_when_asked_for() {
     assert_eq!(body(&off), body(&on));
     let tiny = tilefuse_model::presets::by_name("qwen3-moe-tiny").unwrap();
     let tg = tiny.arch.forward_graph(&tiny.options).unwrap();
-    let tiny_with = |hints: Hints| {
-        let plan = Plan::new(
-            run_pipeline(tg.clone()).unwrap(),
-            PlanOptions::new(1).with_hints(hints),
-        )
-        .unwrap();
-        lower(&plan).unwrap().source
-    };
+    let tiny_with = |hints: Hints| source(&tg, hints);
     assert_eq!(
         tiny_with(Hints::default()),
         tiny_with(Hints::parse("all").unwrap())
