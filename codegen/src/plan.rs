@@ -142,14 +142,19 @@ pub struct Hints {
     /// chose as soon as its routing table is written, when they fit the
     /// budget (`tf::router_gate_up_hint`).
     pub gate_up: bool,
+    /// `next`: in the persistent dispatcher, a task asks L2 for the dense
+    /// weights of the next task on its SM as well as its own, before it
+    /// waits, so the SM's weight stream does not stop between two tasks
+    /// of a kernel with more tiles than SMs.
+    pub next: bool,
 }
 
 impl Hints {
     /// The names of the hints.
-    pub const NAMES: [&'static str; 2] = ["ahead", "gate_up"];
+    pub const NAMES: [&'static str; 3] = ["ahead", "gate_up", "next"];
 
-    /// Hints from a comma-separated list of names (`ahead`, `gate_up`),
-    /// `all`, or nothing (`""`, `none`).
+    /// Hints from a comma-separated list of names (`ahead`, `gate_up`,
+    /// `next`), `all`, or nothing (`""`, `none`).
     pub fn parse(list: &str) -> Result<Hints, String> {
         let mut h = Hints::default();
         for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
@@ -158,9 +163,11 @@ impl Hints {
                 "all" => {
                     h.ahead = true;
                     h.gate_up = true;
+                    h.next = true;
                 }
                 "ahead" => h.ahead = true,
                 "gate_up" => h.gate_up = true,
+                "next" => h.next = true,
                 other => {
                     return Err(format!(
                         "unknown L2 hint \"{other}\": name some of {}, or all or none",

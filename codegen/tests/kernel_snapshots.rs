@@ -89,7 +89,8 @@ fn layers_share_kernel_functions() {
 
 /// The L2 hints that are off unless asked for: off, no kernel mentions
 /// them; on, the dense kernels' prefetch asks ahead for the tiles after the
-/// first wave and the router asks for its experts' gate/up rows; on a tiny
+/// first wave, the router asks for its experts' gate/up rows and a
+/// persistent task asks for the next task's weights; on a tiny
 /// model, where neither can pay, nothing changes. They are hints, so they
 /// change no tile body: the rest of the source is the same.
 #[test]
@@ -109,10 +110,16 @@ fn l2_hints_appear_only_when_asked_for() {
     };
     let lower_with = |hints: Hints| source(&g, hints);
     let off = lower_with(Hints::default());
-    assert!(!off.contains("prefetch_l2_ahead") && !off.contains("router_gate_up_hint"));
+    for hint in ["prefetch_l2_ahead", "router_gate_up_hint", "ntile"] {
+        assert!(!off.contains(hint), "{hint} without the hint");
+    }
     let on = lower_with(Hints::parse("all").unwrap());
     assert!(on.contains("tf::prefetch_l2_ahead("), "no ahead prefetch");
     assert!(on.contains("tf::router_gate_up_hint<"), "no gate/up hint");
+    assert!(
+        on.contains("_prefetch(ntile, wts, nrow)"),
+        "no next-task prefetch"
+    );
     let ahead = lower_with(Hints::parse("ahead").unwrap());
     assert!(ahead.contains("tf::prefetch_l2_ahead(") && !ahead.contains("router_gate_up_hint"));
     // Without the hint lines and the offset tables they extend, the sources
@@ -121,6 +128,10 @@ fn l2_hints_appear_only_when_asked_for() {
         s.lines()
             .filter(|l| {
                 !l.contains("prefetch_l2_")
+                    && !l.contains("next")
+                    && !l.contains("nrow")
+                    && !l.contains("i + 1 < sm_offsets")
+                    && l.trim() != "}"
                     && !l.contains("gate_up")
                     && !l.contains("off[")
                     && !l.contains("offsets")
@@ -144,8 +155,10 @@ fn hint_names_parse_and_an_unknown_one_is_refused() {
     assert_eq!(Hints::parse("").unwrap(), Hints::default());
     assert_eq!(Hints::parse("none").unwrap(), Hints::default());
     let all = Hints::parse("all").unwrap();
-    assert!(all.ahead && all.gate_up);
-    assert_eq!(Hints::parse(" ahead , gate_up ").unwrap(), all);
+    assert!(all.ahead && all.gate_up && all.next);
+    assert_eq!(Hints::parse(" ahead , gate_up,next ").unwrap(), all);
+    let some = Hints::parse("gate_up").unwrap();
+    assert!(some.gate_up && !some.ahead && !some.next);
     let e = Hints::parse("ahead,prefetch_everything").unwrap_err();
     assert!(
         e.contains("prefetch_everything") && e.contains("gate_up"),

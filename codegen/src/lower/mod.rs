@@ -107,7 +107,8 @@ pub const TRACE_TASK_WORDS: usize = 4;
 /// on the tile counters, calling the kernel's tile function and counting the
 /// tile done. Before it waits, a task asks L2 for its share of the kernel's
 /// dense weights (weights never depend on activations, so the weight stream
-/// need not stop while the SM waits). The forward's number `epoch` is read
+/// need not stop while the SM waits); with the `next` hint it asks for the
+/// next task's share on its SM too. The forward's number `epoch` is read
 /// from the arena head (`act[8..12]`). With a trace buffer in the offset
 /// tables, each task `i` records `[start, past its wait, end, smid << 32 |
 /// task]` in words `4i..4i+4`.
@@ -118,7 +119,6 @@ fn persistent(
     threads: u32,
 ) -> Function {
     use crate::emit::Expr;
-    let _ = plan;
     // One case per distinct function (not per kernel instance), so each
     // template body is inlined once however many layers share it.
     let mut cases = String::new();
@@ -129,15 +129,54 @@ fn persistent(
         ));
     }
     let _ = instances;
-    let mut prefetches = String::new();
-    for (fi, f) in kernels.iter().enumerate() {
-        if f.prefetch.is_some() {
-            prefetches.push_str(&format!(
-                "case {fi}: {}_prefetch(tile, wts, row); break; ",
-                f.name
-            ));
+    let prefetch_cases = |tile: &str, row: &str| {
+        let mut s = String::new();
+        for (fi, f) in kernels.iter().enumerate() {
+            if f.prefetch.is_some() {
+                s.push_str(&format!(
+                    "case {fi}: {}_prefetch({tile}, wts, {row}); break; ",
+                    f.name
+                ));
+            }
         }
-    }
+        s
+    };
+    let prefetches = prefetch_cases("tile", "row");
+    // The `next` hint, where some dense kernel has more tiles than SMs (so
+    // an SM runs several of its tasks one after another): the next task's
+    // weights are asked for too.
+    let next = plan.options.hints.next
+        && plan.kernels.iter().any(|k| {
+            matches!(plan.group(k).kind, KernelKind::MatVec { .. }) && k.tiling.tiles as usize > SMS
+        });
+    let next_prefetch = next.then(|| {
+        Stmt::If(
+            Expr::var("i + 1 < sm_offsets[blockIdx.x + 1]"),
+            vec![
+                Stmt::Let(Ty::I32, "next".into(), Expr::var("tasks[i + 1]")),
+                Stmt::Let(
+                    Ty::I32,
+                    "nk".into(),
+                    Expr::var(format!("next >> {TASK_TILE_BITS}")),
+                ),
+                Stmt::Let(
+                    Ty::I32,
+                    "ntile".into(),
+                    Expr::var(format!("next & {}", (1u32 << TASK_TILE_BITS) - 1)),
+                ),
+                Stmt::Let(
+                    Ty::Named("long long*".into()),
+                    "nrow".into(),
+                    Expr::var(format!("offsets + (size_t)nk * {MAX_OFFSETS}")),
+                ),
+                Stmt::Expr(Expr::var(format!(
+                    "switch (function_of[nk]) {{ {}default: break; }}",
+                    prefetch_cases("ntile", "nrow")
+                ))),
+            ],
+            vec![],
+        )
+    });
     let mut body = vec![Stmt::Expr(Expr::var(
         "extern __shared__ __align__(16) char smem[]",
     ))];
@@ -177,38 +216,44 @@ fn persistent(
                 Stmt::Expr(Expr::var(format!(
                     "switch (function_of[k]) {{ {prefetches}default: break; }}"
                 ))),
-                Stmt::Expr(Expr::call(
-                    "tf::wait_deps",
-                    vec![
-                        Expr::var("counters"),
-                        Expr::var("deps + dep_offsets[k]"),
-                        Expr::var("dep_offsets[k + 1] - dep_offsets[k]"),
-                        Expr::var("tiles"),
-                        Expr::var("epoch"),
-                    ],
-                )),
-                timer("t_waited"),
-                Stmt::Expr(Expr::var(format!(
-                    "switch (function_of[k]) {{ {cases}default: break; }}"
-                ))),
-                Stmt::Expr(Expr::call(
-                    "tf::signal_done",
-                    vec![Expr::var("counters"), Expr::var("k")],
-                )),
-                Stmt::If(
-                    Expr::var("trace && threadIdx.x == 0"),
-                    vec![Stmt::Expr(Expr::call(
-                        "tf::trace_task",
-                        vec![
-                            Expr::var(format!("trace + {TRACE_TASK_WORDS} * (size_t)i")),
-                            Expr::var("t_start"),
-                            Expr::var("t_waited"),
-                            Expr::var("task"),
-                        ],
-                    ))],
-                    vec![],
-                ),
             ],
+        ),
+    ]);
+    let Some(Stmt::For(_, _, _, _, loop_body)) = body.last_mut() else {
+        unreachable!("the task loop was pushed last")
+    };
+    loop_body.extend(next_prefetch);
+    loop_body.extend([
+        Stmt::Expr(Expr::call(
+            "tf::wait_deps",
+            vec![
+                Expr::var("counters"),
+                Expr::var("deps + dep_offsets[k]"),
+                Expr::var("dep_offsets[k + 1] - dep_offsets[k]"),
+                Expr::var("tiles"),
+                Expr::var("epoch"),
+            ],
+        )),
+        timer("t_waited"),
+        Stmt::Expr(Expr::var(format!(
+            "switch (function_of[k]) {{ {cases}default: break; }}"
+        ))),
+        Stmt::Expr(Expr::call(
+            "tf::signal_done",
+            vec![Expr::var("counters"), Expr::var("k")],
+        )),
+        Stmt::If(
+            Expr::var("trace && threadIdx.x == 0"),
+            vec![Stmt::Expr(Expr::call(
+                "tf::trace_task",
+                vec![
+                    Expr::var(format!("trace + {TRACE_TASK_WORDS} * (size_t)i")),
+                    Expr::var("t_start"),
+                    Expr::var("t_waited"),
+                    Expr::var("task"),
+                ],
+            ))],
+            vec![],
         ),
     ]);
     let int_ptr = |n: &str| (Ty::ConstPtr(Box::new(Ty::I32)), n.to_string());
