@@ -149,34 +149,50 @@ fn persistent(
         && plan.kernels.iter().any(|k| {
             matches!(plan.group(k).kind, KernelKind::MatVec { .. }) && k.tiling.tiles as usize > SMS
         });
+    // The task word at `at` decoded into `task`, kernel `k`, `tile` and its
+    // offset table `row` (variables named by the caller).
+    let decode = |at: &str, [task, k, tile, row]: [&str; 4]| {
+        vec![
+            Stmt::Let(Ty::I32, task.into(), Expr::var(format!("tasks[{at}]"))),
+            Stmt::Let(
+                Ty::I32,
+                k.into(),
+                Expr::var(format!("{task} >> {TASK_TILE_BITS}")),
+            ),
+            Stmt::Let(
+                Ty::I32,
+                tile.into(),
+                Expr::var(format!("{task} & {}", (1u32 << TASK_TILE_BITS) - 1)),
+            ),
+            Stmt::Let(
+                Ty::Named("long long*".into()),
+                row.into(),
+                Expr::var(format!("offsets + (size_t){k} * {MAX_OFFSETS}")),
+            ),
+        ]
+    };
     let next_prefetch = next.then(|| {
+        let mut then = decode("i + 1", ["next", "nk", "ntile", "nrow"]);
+        then.push(Stmt::Expr(Expr::var(format!(
+            "switch (function_of[nk]) {{ {}default: break; }}",
+            prefetch_cases("ntile", "nrow")
+        ))));
         Stmt::If(
             Expr::var("i + 1 < sm_offsets[blockIdx.x + 1]"),
-            vec![
-                Stmt::Let(Ty::I32, "next".into(), Expr::var("tasks[i + 1]")),
-                Stmt::Let(
-                    Ty::I32,
-                    "nk".into(),
-                    Expr::var(format!("next >> {TASK_TILE_BITS}")),
-                ),
-                Stmt::Let(
-                    Ty::I32,
-                    "ntile".into(),
-                    Expr::var(format!("next & {}", (1u32 << TASK_TILE_BITS) - 1)),
-                ),
-                Stmt::Let(
-                    Ty::Named("long long*".into()),
-                    "nrow".into(),
-                    Expr::var(format!("offsets + (size_t)nk * {MAX_OFFSETS}")),
-                ),
-                Stmt::Expr(Expr::var(format!(
-                    "switch (function_of[nk]) {{ {}default: break; }}",
-                    prefetch_cases("ntile", "nrow")
-                ))),
-            ],
+            then,
             vec![],
         )
     });
+    let mut head = decode("i", ["task", "k", "tile", "row"]);
+    head.extend([
+        Stmt::Expr(Expr::var(
+            "unsigned long long* const trace = reinterpret_cast<unsigned long long*>(row[tf::OFFSET_TRACE])",
+        )),
+        timer("t_start"),
+        Stmt::Expr(Expr::var(format!(
+            "switch (function_of[k]) {{ {prefetches}default: break; }}"
+        ))),
+    ]);
     let mut body = vec![Stmt::Expr(Expr::var(
         "extern __shared__ __align__(16) char smem[]",
     ))];
@@ -192,31 +208,7 @@ fn persistent(
             Expr::var("sm_offsets[blockIdx.x]"),
             Expr::var("sm_offsets[blockIdx.x + 1]"),
             Expr::I32(1),
-            vec![
-                Stmt::Let(Ty::I32, "task".into(), Expr::var("tasks[i]")),
-                Stmt::Let(
-                    Ty::I32,
-                    "k".into(),
-                    Expr::var(format!("task >> {TASK_TILE_BITS}")),
-                ),
-                Stmt::Let(
-                    Ty::I32,
-                    "tile".into(),
-                    Expr::var(format!("task & {}", (1u32 << TASK_TILE_BITS) - 1)),
-                ),
-                Stmt::Let(
-                    Ty::Named("long long*".into()),
-                    "row".into(),
-                    Expr::var(format!("offsets + (size_t)k * {MAX_OFFSETS}")),
-                ),
-                Stmt::Expr(Expr::var(
-                    "unsigned long long* const trace = reinterpret_cast<unsigned long long*>(row[tf::OFFSET_TRACE])",
-                )),
-                timer("t_start"),
-                Stmt::Expr(Expr::var(format!(
-                    "switch (function_of[k]) {{ {prefetches}default: break; }}"
-                ))),
-            ],
+            head,
         ),
     ]);
     let Some(Stmt::For(_, _, _, _, loop_body)) = body.last_mut() else {
