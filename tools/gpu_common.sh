@@ -32,8 +32,11 @@ run_test_binaries() {
 # binaries whose kernel counts differ. Prints "kind  launches  mean work  mean
 # longest CTA".
 kernel_averages() {
+    # A binary older than the CTA columns has 8 fields a row: "-" then.
     awk '$1 ~ /^k[0-9]+_/ && NF >= 5 {
-            n = $1; sub(/^k[0-9]+_/, "", n); s[n] += $5; m[n] += $10; c[n]++
+            n = $1; sub(/^k[0-9]+_/, "", n); s[n] += $5; c[n]++
+            if (NF >= 10) { m[n] += $10; h[n]++ }
         }
-        END { for (k in s) printf "  %-44s %4d %8.2f %8.2f\n", k, c[k], s[k] / c[k], m[k] / c[k] }' "$1" | sort
+        END { for (k in s) printf "  %-44s %4d %8.2f %8s\n", k, c[k], s[k] / c[k],
+                  h[k] ? sprintf("%.2f", m[k] / h[k]) : "-" }' "$1" | sort
 }

@@ -10,8 +10,8 @@
 #   first CUDA call comes after long CPU-only tests is still attached (with
 #   the default 10 s the sanitizer gives up and the GPU tests run unchecked).
 #   TILEFUSE_SANITIZE_QUICK=1 (set here unless given): tests with a long
-#   matrix of cases (the speculative steps) run a smaller one that still
-#   reaches every kernel.
+#   matrix of cases (the speculative steps) run a smaller one (one block
+#   size, every acceptance rule).
 set -u
 out=${OUT:-/tmp}
 export TILEFUSE_REQUIRE_GPU=1

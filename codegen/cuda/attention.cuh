@@ -855,7 +855,8 @@ __device__ void attention_combine_tile(int tile, int T, const float* __restrict_
     // (the persistent dispatcher holds this tile beside the heaviest ones).
     // Same sum, same order, as the loop below.
     constexpr bool HOIST = DV <= THREADS;
-    constexpr int HB = NSPLIT < 32 ? NSPLIT : 32;  // NSPLIT is a power of two
+    constexpr int HB = NSPLIT < 32 ? NSPLIT : 32;
+    static_assert(NSPLIT % HB == 0, "the combine loads whole rounds of HB splits (NSPLIT a power of two)");
     float part[HOIST ? HB : 1];
     if constexpr (HOIST) {
         if (tid < DV) {

@@ -165,3 +165,24 @@ fn hint_names_parse_and_an_unknown_one_is_refused() {
         "{e}"
     );
 }
+
+/// The matvec tiling: a short matrix takes 2 to 8 rows a tile on the CUDA
+/// cores, a longer one 16 or more on the tensor cores (the shapes the GPU
+/// test `norm_linear_matches_the_interpreter` runs).
+#[test]
+fn short_matrices_take_short_tiles() {
+    for (rows, k, name) in [
+        (512, 256, "norm_matvec_mxfp4_t1_4x256"),
+        (2048, 256, "norm_matvec_mxfp4_t1_16x256"),
+        (128, 2048, "norm_matvec_mxfp4_t1_2x2048"),
+    ] {
+        let m = module(canonical::norm_linear_of(DType::MXFP4, rows, k).unwrap(), 1);
+        assert_eq!(m.kernels[0].name, name);
+        let src = m.kernels[0].source();
+        let path = if name.contains("_16x") { "Mma" } else { "Simt" };
+        assert!(
+            src.contains(&format!("tf::MvPath::{path}>")),
+            "{name}: {path}"
+        );
+    }
+}

@@ -11,11 +11,18 @@ pub const HIDDEN: usize = 256;
 
 /// `y = rms_norm(x) @ w^T` with `w` in `weight_dtype`; `x [T, 256]`, `y [T, 512]`.
 pub fn norm_linear(weight_dtype: DType) -> Result<Graph> {
+    norm_linear_of(weight_dtype, 512, HIDDEN)
+}
+
+/// `y = rms_norm(x) @ w^T` with `w [rows, k]` in `weight_dtype`: the other
+/// tilings of the same block (a matrix long enough for the tensor cores'
+/// 16-row tiles; a short one of long rows, as a router's logits).
+pub fn norm_linear_of(weight_dtype: DType, rows: usize, k: usize) -> Result<Graph> {
     let mut b = Builder::new("norm_linear", &["T"]);
     b.set_loc(file!(), line!());
-    let x = b.input("x", DType::BF16, shape![T, (HIDDEN)])?;
-    let g = b.weight("norm.weight", DType::BF16, shape![(HIDDEN)])?;
-    let w = b.weight("proj.weight", weight_dtype, shape![512, (HIDDEN)])?;
+    let x = b.input("x", DType::BF16, shape![T, (k)])?;
+    let g = b.weight("norm.weight", DType::BF16, shape![(k)])?;
+    let w = b.weight("proj.weight", weight_dtype, shape![(rows), (k)])?;
     let h = b.rms_norm(x, g, 1e-5)?;
     b.name(h, "norm");
     let y = b.matmul(h, w)?;

@@ -89,9 +89,11 @@ fn compile_graph_with(
 #[test]
 fn canonical_graphs_compile() {
     for t in [1, 16] {
-        compile_graph(canonical::norm_linear(DType::BF16).unwrap(), t);
-        compile_graph(canonical::norm_linear(DType::MXFP4).unwrap(), t);
-        compile_graph(canonical::norm_linear(DType::NVFP4).unwrap(), t);
+        for dt in [DType::BF16, DType::MXFP4, DType::NVFP4, DType::F8E4M3] {
+            for (rows, k) in [(512, 256), (2048, 256), (128, 2048)] {
+                compile_graph(canonical::norm_linear_of(dt, rows, k).unwrap(), t);
+            }
+        }
     }
 }
 

@@ -39,11 +39,12 @@ pub fn rows_for(n: usize, starts: &[usize]) -> usize {
 }
 
 /// Rows per tile of a matrix so short that 16-row tiles would leave three
-/// quarters of the SMs idle (a router's logits: 128 or 256 rows): the fewest
-/// of 2, 4, 8 rows whose tiles still fit one wave, on the CUDA cores (the
-/// tensor cores take 16 rows at least). Its tiles then each read a few
-/// kilobytes in one round of loads instead of streaming 16 rows one batch
-/// after another on a few SMs. None for a longer matrix.
+/// quarters of the SMs idle: a router's logits (128 or 256 rows), and every
+/// matrix of a small model (512 rows or fewer). The fewest of 2, 4, 8 rows
+/// whose tiles still fit one wave, on the CUDA cores (the tensor cores take
+/// 16 rows at least): each tile reads a few kilobytes in one round of loads
+/// instead of 16 rows one batch after another on a few SMs. None for a
+/// longer matrix.
 pub fn short_rows(n: usize, starts: &[usize]) -> Option<usize> {
     if n.div_ceil(16) >= SMS / 4 {
         return None;
