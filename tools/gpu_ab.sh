@@ -53,7 +53,7 @@ done
 for b in "${bins[@]}"; do
     echo "==== $b, layer ${AB_LAYER:-24}"
     grep -A12 "layer ${AB_LAYER:-24}:" "$work/$b-1/bench.txt" 2>/dev/null | grep -E "^Graph|^Stream|^Persistent|^  k" | head -14 |
-        awk '{ if ($1 ~ /^k/) printf "  %-40s %8s %6s %8s %8s\n", $1, $5, $6, NF >= 11 ? $10 : "-", NF >= 11 ? $11 : "-"; else print }'
+        awk '{ if ($1 ~ /^k/) printf "  %-40s %8s %6s %8s %8s\n", $1, $5, $6, (NF >= 11 ? $10 : "-"), (NF >= 11 ? $11 : "-"); else print }'
 done
 for b in "${bins[@]}"; do
     echo "==== $b, ${presets%%,*} ${modes%%,*}: kernel kinds, launches, mean work (us) over the forward"
