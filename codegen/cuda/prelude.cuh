@@ -259,10 +259,10 @@ __device__ __forceinline__ void prefetch_l2_share(const char* base, unsigned lon
 }
 
 // prefetch_l2_share of `tile`'s slice and, for the first `stride` tiles
-// (one an SM on a card of `stride` SMs, lower::SMS; elsewhere only roughly
-// the tiles after it on its SM), also of the slices of tiles tile + stride, tile + 2 * stride,
-// ..., when the kernel's weights (`kernel_bytes`, all of them together) fit
-// EARLY_L2_BUDGET. Tiles past the first wave may find no room on an SM
+// (one an SM on a card of `stride` SMs, lower::SMS; on another card only
+// roughly the tiles after it on its SM), also of the slices of tiles
+// tile + stride, tile + 2 * stride, ..., when the kernel's weights
+// (`kernel_bytes`, all of them together) fit EARLY_L2_BUDGET. Tiles past the first wave may find no room on an SM
 // until the kernel before has ended, so their own prefetch comes late;
 // asked for by the first wave, the whole weight can stream while the kernel
 // before still runs. A hint, like prefetch_l2_share (plan::Hints::ahead).
