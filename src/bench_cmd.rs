@@ -118,10 +118,9 @@ pub fn run(a: BenchArgs<'_>) -> Result<(), String> {
         .ok_or("tilefuse bench needs a CUDA GPU; none was found")?;
     let mut device = format!("{} ({} SMs)", gpu.name, gpu.sms);
     // Hints change the kernels: a result names the ones it ran with.
-    if let Ok(h) = std::env::var("TILEFUSE_HINTS") {
-        if !h.trim().is_empty() {
-            device.push_str(&format!(", L2 hints: {}", h.trim()));
-        }
+    let hints = tilefuse::runtime::cuda_exec::hints_from_env().map_err(|e| e.to_string())?;
+    if hints != Default::default() {
+        device.push_str(&format!(", L2 hints: {hints}"));
     }
     eprintln!("measuring the bandwidth of {device} ...");
     let bandwidth = bench::measure_bandwidth(&gpu, 1 << 30, 20).map_err(|e| e.to_string())?;

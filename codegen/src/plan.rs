@@ -180,6 +180,22 @@ impl Hints {
     }
 }
 
+impl std::fmt::Display for Hints {
+    /// The names of the hints that are on, comma-separated; `none` when off.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let on: Vec<&str> = Hints::NAMES
+            .into_iter()
+            .zip([self.ahead, self.gate_up, self.next])
+            .filter_map(|(n, b)| b.then_some(n))
+            .collect();
+        if on.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&on.join(","))
+        }
+    }
+}
+
 /// Choices that shape a plan.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlanOptions {

@@ -5,12 +5,20 @@
 
 use tilefuse_codegen::lower::lower;
 use tilefuse_codegen::passes::run_pipeline;
-use tilefuse_codegen::plan::{Plan, PlanOptions};
+use tilefuse_codegen::plan::{Hints, Plan, PlanOptions};
 use tilefuse_ir::{DType, Graph};
 use tilefuse_model::canonical;
 
 fn module(g: Graph, max_t: usize) -> tilefuse_codegen::lower::Module {
-    let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions::new(max_t)).unwrap();
+    module_with(g, max_t, Hints::default())
+}
+
+fn module_with(g: Graph, max_t: usize, hints: Hints) -> tilefuse_codegen::lower::Module {
+    let plan = Plan::new(
+        run_pipeline(g).unwrap(),
+        PlanOptions::new(max_t).with_hints(hints),
+    )
+    .unwrap();
     lower(&plan).unwrap()
 }
 
@@ -95,19 +103,11 @@ fn layers_share_kernel_functions() {
 /// change no tile body: the rest of the source is the same.
 #[test]
 fn l2_hints_appear_only_when_asked_for() {
-    use tilefuse_codegen::plan::Hints;
     // A full-width layer: the hints are emitted only where they can pay
     // (kernels past one wave, experts of a megabyte or more).
     let p = tilefuse_model::presets::by_name("qwen3-30b-a3b").unwrap();
     let g = p.arch.layer_graph(&p.options, 1).unwrap();
-    let source = |g: &Graph, hints: Hints| {
-        let plan = Plan::new(
-            run_pipeline(g.clone()).unwrap(),
-            PlanOptions::new(1).with_hints(hints),
-        )
-        .unwrap();
-        lower(&plan).unwrap().source
-    };
+    let source = |g: &Graph, hints: Hints| module_with(g.clone(), 1, hints).source;
     let lower_with = |hints: Hints| source(&g, hints);
     let off = lower_with(Hints::default());
     for hint in ["prefetch_l2_ahead", "router_gate_up_hint", "ntile"] {
@@ -151,7 +151,6 @@ fn l2_hints_appear_only_when_asked_for() {
 
 #[test]
 fn hint_names_parse_and_an_unknown_one_is_refused() {
-    use tilefuse_codegen::plan::Hints;
     assert_eq!(Hints::parse("").unwrap(), Hints::default());
     assert_eq!(Hints::parse("none").unwrap(), Hints::default());
     let all = Hints::parse("all").unwrap();
@@ -159,6 +158,9 @@ fn hint_names_parse_and_an_unknown_one_is_refused() {
     assert_eq!(Hints::parse(" ahead , gate_up,next ").unwrap(), all);
     let some = Hints::parse("gate_up").unwrap();
     assert!(some.gate_up && !some.ahead && !some.next);
+    assert_eq!(all.to_string(), "ahead,gate_up,next");
+    assert_eq!(Hints::default().to_string(), "none");
+    assert_eq!(some.to_string(), "gate_up");
     let e = Hints::parse("ahead,prefetch_everything").unwrap_err();
     assert!(
         e.contains("prefetch_everything") && e.contains("gate_up"),

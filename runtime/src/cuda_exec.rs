@@ -397,17 +397,23 @@ fn from_bytes(dtype: DType, shape: &[usize], b: &[u8]) -> Result<Tensor> {
 /// `TILEFUSE_HINTS` ([`tilefuse_codegen::plan::Hints::parse`]; none when
 /// unset). An unknown hint name is an error.
 pub fn plan_options(graph: &Graph, max_t: usize) -> Result<PlanOptions> {
-    let hints = match std::env::var("TILEFUSE_HINTS") {
-        Ok(list) => tilefuse_codegen::plan::Hints::parse(&list)
-            .map_err(|e| IrError::new(ErrorKind::Interp, format!("TILEFUSE_HINTS: {e}")))?,
-        Err(_) => Default::default(),
-    };
+    let hints = hints_from_env()?;
     let bound = crate::executable::max_tokens(graph);
     Ok(graph
         .symbols()
         .filter(|s| !matches!(*s, "T" | "S"))
         .fold(PlanOptions::new(max_t), |o, s| o.with_bound(s, bound))
         .with_hints(hints))
+}
+
+/// The L2 hints `TILEFUSE_HINTS` names ([`tilefuse_codegen::plan::Hints::parse`];
+/// none when unset). An unknown name is an error that says so.
+pub fn hints_from_env() -> Result<tilefuse_codegen::plan::Hints> {
+    match std::env::var("TILEFUSE_HINTS") {
+        Ok(list) => tilefuse_codegen::plan::Hints::parse(&list)
+            .map_err(|e| IrError::new(ErrorKind::Interp, format!("TILEFUSE_HINTS: {e}"))),
+        Err(_) => Ok(Default::default()),
+    }
 }
 
 /// Plans and lowers `graph` for one bucket (no GPU needed).

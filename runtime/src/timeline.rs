@@ -43,10 +43,21 @@ pub struct KernelSpan {
     pub last_waited: f64,
     /// The longest work of one CTA (task): its end minus its own wait.
     pub longest: f64,
-    /// The mean work of its CTAs (tasks).
-    pub mean: f64,
+    /// The work of its CTAs (tasks) summed ([`KernelSpan::mean`]).
+    pub work_sum: f64,
     /// Weight bytes the kernel reads at the bucket's largest `T`.
     pub weight_bytes: usize,
+}
+
+impl KernelSpan {
+    /// The mean work of its CTAs (tasks), µs.
+    pub fn mean(&self) -> f64 {
+        if self.ctas == 0 {
+            0.0
+        } else {
+            self.work_sum / self.ctas as f64
+        }
+    }
 }
 
 /// One task of a traced persistent forward.
@@ -128,7 +139,7 @@ impl Trace {
                 last_start: 0.0,
                 last_waited: 0.0,
                 longest: 0.0,
-                mean: 0.0,
+                work_sum: 0.0,
                 weight_bytes: crate::inspect::kernel_weight_bytes(plan, k),
             })
             .collect();
@@ -187,13 +198,9 @@ impl Trace {
             ks.last_start = ks.last_start.max(t.start);
             ks.last_waited = ks.last_waited.max(t.waited);
             ks.longest = ks.longest.max(work);
-            // The sum for now; divided by the count below.
-            ks.mean += work;
+            ks.work_sum += work;
             ks.ctas += 1;
             tasks.push(t);
-        }
-        for ks in kernels.iter_mut().filter(|k| k.ctas > 0) {
-            ks.mean /= ks.ctas as f64;
         }
         for (i, r) in raw_kernels {
             let ks = &mut kernels[i];
@@ -204,7 +211,7 @@ impl Trace {
             ks.last_start = us(r[4]);
             ks.last_waited = us(r[5]);
             ks.longest = r[6] as f64 / 1000.0;
-            ks.mean = r[7] as f64 / 1000.0 / r[3] as f64;
+            ks.work_sum = r[7] as f64 / 1000.0;
         }
         Ok(Trace {
             mode,
@@ -326,7 +333,7 @@ impl Trace {
                 },
                 k.last_waited - lo,
                 k.longest,
-                k.mean
+                k.mean()
             );
         }
         let _ = writeln!(

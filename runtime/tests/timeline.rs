@@ -49,7 +49,7 @@ fn kernel_records_give_spans_and_idle_time() {
     assert!((k1.last_start - 11.0).abs() < 1e-9);
     assert!((k1.last_waited - 15.0).abs() < 1e-9);
     assert!((k1.longest - 4.0).abs() < 1e-9);
-    assert!((k1.mean - 3.0).abs() < 1e-9);
+    assert!((k1.mean() - 3.0).abs() < 1e-9);
     let s = tr.summary(0..n);
     let span = 10.0 * (n - 1) as f64 + 7.0;
     let busy = 5.0 * n as f64;
@@ -96,7 +96,7 @@ fn task_records_fold_into_kernels_and_sms() {
     // task after its first.
     for (k, kernel) in plan.kernels.iter().enumerate() {
         let ks = &tr.kernels[k];
-        assert!((ks.longest - 0.8).abs() < 1e-9 && (ks.mean - 0.8).abs() < 1e-9);
+        assert!((ks.longest - 0.8).abs() < 1e-9 && (ks.mean() - 0.8).abs() < 1e-9);
         let spread = f64::from(kernel.tiling.tiles - 1);
         assert!((ks.last_waited - ks.waited - spread).abs() < 1e-9);
         assert!((ks.last_start - ks.start - spread).abs() < 1e-9);

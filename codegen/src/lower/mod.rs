@@ -183,8 +183,10 @@ fn persistent(
             vec![],
         )
     });
-    let mut head = decode("i", ["task", "k", "tile", "row"]);
-    head.extend([
+    // One task: decode it, ask L2 for its weights (and, with `next`, the
+    // next task's), wait for its inputs, run its tile, count it done.
+    let mut task = decode("i", ["task", "k", "tile", "row"]);
+    task.extend([
         Stmt::Expr(Expr::var(
             "unsigned long long* const trace = reinterpret_cast<unsigned long long*>(row[tf::OFFSET_TRACE])",
         )),
@@ -193,29 +195,8 @@ fn persistent(
             "switch (function_of[k]) {{ {prefetches}default: break; }}"
         ))),
     ]);
-    let mut body = vec![Stmt::Expr(Expr::var(
-        "extern __shared__ __align__(16) char smem[]",
-    ))];
-    body.extend(symbols());
-    body.extend([
-        Stmt::Let(
-            Ty::Named("uint32_t".into()),
-            "epoch".into(),
-            Expr::var("reinterpret_cast<const uint32_t*>(act)[2]"),
-        ),
-        Stmt::For(
-            "i".into(),
-            Expr::var("sm_offsets[blockIdx.x]"),
-            Expr::var("sm_offsets[blockIdx.x + 1]"),
-            Expr::I32(1),
-            head,
-        ),
-    ]);
-    let Some(Stmt::For(_, _, _, _, loop_body)) = body.last_mut() else {
-        unreachable!("the task loop was pushed last")
-    };
-    loop_body.extend(next_prefetch);
-    loop_body.extend([
+    task.extend(next_prefetch);
+    task.extend([
         Stmt::Expr(Expr::call(
             "tf::wait_deps",
             vec![
@@ -246,6 +227,24 @@ fn persistent(
                 ],
             ))],
             vec![],
+        ),
+    ]);
+    let mut body = vec![Stmt::Expr(Expr::var(
+        "extern __shared__ __align__(16) char smem[]",
+    ))];
+    body.extend(symbols());
+    body.extend([
+        Stmt::Let(
+            Ty::Named("uint32_t".into()),
+            "epoch".into(),
+            Expr::var("reinterpret_cast<const uint32_t*>(act)[2]"),
+        ),
+        Stmt::For(
+            "i".into(),
+            Expr::var("sm_offsets[blockIdx.x]"),
+            Expr::var("sm_offsets[blockIdx.x + 1]"),
+            Expr::I32(1),
+            task,
         ),
     ]);
     let int_ptr = |n: &str| (Ty::ConstPtr(Box::new(Ty::I32)), n.to_string());
