@@ -855,8 +855,9 @@ __device__ void attention_combine_tile(int tile, int T, const float* __restrict_
     // (the persistent dispatcher holds this tile beside the heaviest ones).
     // Same sum, same order, as the loop below.
     constexpr bool HOIST = DV <= THREADS;
+    // The last round is partial when NSPLIT is not a multiple of HB.
     constexpr int HB = NSPLIT < 32 ? NSPLIT : 32;
-    static_assert(NSPLIT % HB == 0, "the combine loads whole rounds of HB splits (NSPLIT a power of two)");
+    constexpr bool WHOLE = NSPLIT % HB == 0;
     float part[HOIST ? HB : 1];
     if constexpr (HOIST) {
         if (tid < DV) {
@@ -893,10 +894,12 @@ __device__ void attention_combine_tile(int tile, int T, const float* __restrict_
             for (int s0 = 0; s0 < NSPLIT; s0 += HB) {
                 if (s0 > 0) {
 #pragma unroll
-                    for (int s = 0; s < HB; ++s) part[s] = ws_o[(size_t)(s0 + s) * DV + tid];
+                    for (int s = 0; s < HB; ++s)
+                        if (WHOLE || s0 + s < NSPLIT) part[s] = ws_o[(size_t)(s0 + s) * DV + tid];
                 }
 #pragma unroll
-                for (int s = 0; s < HB; ++s) acc = fmaf(coef[s0 + s], part[s], acc);
+                for (int s = 0; s < HB; ++s)
+                    if (WHOLE || s0 + s < NSPLIT) acc = fmaf(coef[s0 + s], part[s], acc);
             }
             out[(size_t)t * out_stride + h * DV + tid] = from_float<bf16>(acc);
         }

@@ -1053,7 +1053,9 @@ fn gpu_attention_gqa16_and_split_keys() {
     // MiMo full head dims (192/128, 64 rotated) with GQA 16 (32 q heads over 2 kv
     // heads, to keep the interpreter fast); one split, then the flash-decoding
     // path: 8 splits over a few thousand keys (T = 1 and a verify block of 4),
-    // also with sub-chunks (4 splits of 128-key sub-chunks) and 4 queries per tile.
+    // also with sub-chunks (4 splits of 128-key sub-chunks), 4 queries per tile,
+    // and 40 splits (the combine sums 32 splits' partials, then a partial round
+    // of 8).
     let base = Layer {
         hq: 32,
         hkv: 2,
@@ -1084,6 +1086,15 @@ fn gpu_attention_gqa16_and_split_keys() {
             (split, 4000, 4),
             (sub, 3000, 1),
             (tq4, 3000, 5),
+            (
+                Layer {
+                    nsplit: 40,
+                    ch: 128,
+                    ..base
+                },
+                4000,
+                2,
+            ),
             (
                 Layer {
                     nsplit: 4,
