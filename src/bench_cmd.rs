@@ -116,12 +116,7 @@ pub fn run(a: BenchArgs<'_>) -> Result<(), String> {
     let gpu = Gpu::open()
         .map_err(|e| e.to_string())?
         .ok_or("tilefuse bench needs a CUDA GPU; none was found")?;
-    let mut device = format!("{} ({} SMs)", gpu.name, gpu.sms);
-    // Hints change the kernels: a result names the ones it ran with.
-    let hints = tilefuse::runtime::cuda_exec::hints_from_env().map_err(|e| e.to_string())?;
-    if hints != Default::default() {
-        device.push_str(&format!(", L2 hints: {hints}"));
-    }
+    let device = format!("{} ({} SMs)", gpu.name, gpu.sms);
     eprintln!("measuring the bandwidth of {device} ...");
     let bandwidth = bench::measure_bandwidth(&gpu, 1 << 30, 20).map_err(|e| e.to_string())?;
     let mut rows: Vec<Row> = Vec::new();

@@ -10,9 +10,6 @@
 # CTAs, the longest and the mean CTA's own work), then each kernel kind's
 # work and longest CTA averaged over that preset's whole forward.
 # Usage: AB_BINS="tilefuse-base tilefuse" bash tools/gpu_ab.sh ["test-binary [args]" ...]
-#   An entry BINARY@HINTS runs BINARY with TILEFUSE_HINTS=HINTS (the L2
-#   hints that are off by default), so that one binary compares its hints:
-#   AB_BINS="tilefuse tilefuse@ahead tilefuse@gate_up tilefuse@all".
 #   AB_PRESETS (default qwen3-30b-a3b,mimo-v2-flash-4l), AB_TOKENS (1,8),
 #   AB_CONTEXT (1024), AB_MODES (graph), AB_REPS (20), AB_ROUNDS (1),
 #   ROUND_TIMEOUT: seconds per test binary (default 300).
@@ -34,9 +31,7 @@ bench=(--preset "$presets" --context "${AB_CONTEXT:-1024}"
     --tokens "${AB_TOKENS:-1,8}" --reps "${AB_REPS:-20}" --no-draft --mode "$modes" --timeline)
 for r in $(seq 1 "${AB_ROUNDS:-1}"); do
     for b in "${bins[@]}"; do
-        exe=${b%%@*} hints=
-        [ "$exe" != "$b" ] && hints=${b#*@}
-        TILEFUSE_HINTS=$hints timeout 300 gpu-bin/"$exe" bench "${bench[@]}" --out "$work/$b-$r" \
+        timeout 300 gpu-bin/"$b" bench "${bench[@]}" --out "$work/$b-$r" \
             >"$work/$b-$r.log" 2>&1 || {
             fail=1
             tail -5 "$work/$b-$r.log"

@@ -324,28 +324,6 @@ __device__ void router_tile(int /*tile*/, const float* __restrict__ logits, cons
     }
 }
 
-// router_gate_up_hint
-//
-// Run by the router's CTA right after router_tile (plan::Hints::gate_up):
-// asks L2 for the gate/up rows [e * 2I, (e + 1) * 2I) of every expert the
-// routing table names, so that their weights stream while the gate/up
-// kernel starts and waits for this one. Nothing is asked for when the
-// routed experts' gate/up blocks together exceed EARLY_L2_BUDGET (a long
-// verification block's union of experts). A hint: expert numbers are
-// checked against E, and it never changes a result. Call from all threads.
-template <class C, class W, int H, int I, int E>
-__device__ void router_gate_up_hint(const int* route, W gate_up) {
-    __syncthreads();  // warp 0 of router_tile wrote the table
-    // Through L2, as every reader of the table; at most its MAX_T * TOPK
-    // entries, whatever its count says.
-    const int nd = cmin(ld_l2_i32(route), C::max_t * C::topk);
-    if ((unsigned long long)nd * 2 * I * W::row_bytes(H) > EARLY_L2_BUDGET) return;
-    for (int d = threadIdx.x; d < nd; d += C::threads) {
-        const int e = ld_l2_i32(route + 1 + d);
-        if (e >= 0 && e < E) gate_up.prefetch_rows(e * 2 * I, 2 * I, H);
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Expert tiles.
 

@@ -258,22 +258,6 @@ __device__ __forceinline__ void prefetch_l2_share(const char* base, unsigned lon
 #endif
 }
 
-// prefetch_l2_share of `tile`'s slice and, for the first `stride` tiles
-// (one an SM on a card of `stride` SMs, lower::SMS; on another card only
-// roughly the tiles after it on its SM), also of the slices of tiles
-// tile + stride, tile + 2 * stride, ..., when the kernel's weights
-// (`kernel_bytes`, all of them together) fit EARLY_L2_BUDGET. Tiles past the first wave may find no room on an SM
-// until the kernel before has ended, so their own prefetch comes late;
-// asked for by the first wave, the whole weight can stream while the kernel
-// before still runs. A hint, like prefetch_l2_share (plan::Hints::ahead).
-__device__ __forceinline__ void prefetch_l2_ahead(const char* base, unsigned long long bytes, int tile, int tiles,
-                                                  int stride, unsigned long long kernel_bytes) {
-    prefetch_l2_share(base, bytes, tile, tiles);
-    if (tile >= stride || kernel_bytes > EARLY_L2_BUDGET) return;
-    for (int t = tile + stride; t < tiles; t += stride) prefetch_l2_share(base, bytes, t, tiles);
-}
-
-
 // An int that an earlier kernel wrote, read through L2 (never an older copy
 // of its line that this SM's L1 may hold).
 __device__ __forceinline__ int ld_l2_i32(const int* p) {

@@ -128,74 +128,6 @@ pub struct Kernel {
     pub deps: BTreeSet<usize>,
 }
 
-/// L2 hints that are off unless asked for: each is a prefetch that cannot
-/// change a result, kept until a benchmark shows it pays on the cards it is
-/// meant for (see `BENCHMARKS.md`). Named by [`Hints::parse`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Hints {
-    /// `ahead`: the first wave of a dense kernel's tiles (one an SM) also
-    /// asks L2 for the weight shares of the tiles after it on its SM, when
-    /// the kernel's weights fit the early hints' budget
-    /// (`tf::prefetch_l2_ahead`).
-    pub ahead: bool,
-    /// `gate_up`: the router asks L2 for the gate/up rows of the experts it
-    /// chose as soon as its routing table is written, when they fit the
-    /// budget (`tf::router_gate_up_hint`).
-    pub gate_up: bool,
-    /// `next`: in the persistent dispatcher, a task asks L2 for the dense
-    /// weights of the next task on its SM as well as its own, before it
-    /// waits, so the SM's weight stream does not stop between two tasks
-    /// of a kernel with more tiles than SMs.
-    pub next: bool,
-}
-
-impl Hints {
-    /// The names of the hints.
-    pub const NAMES: [&'static str; 3] = ["ahead", "gate_up", "next"];
-
-    /// Hints from a comma-separated list of names (`ahead`, `gate_up`,
-    /// `next`), `all`, or nothing (`""`, `none`).
-    pub fn parse(list: &str) -> Result<Hints, String> {
-        let mut h = Hints::default();
-        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            match name {
-                "none" => {}
-                "all" => {
-                    h.ahead = true;
-                    h.gate_up = true;
-                    h.next = true;
-                }
-                "ahead" => h.ahead = true,
-                "gate_up" => h.gate_up = true,
-                "next" => h.next = true,
-                other => {
-                    return Err(format!(
-                        "unknown L2 hint \"{other}\": name some of {}, or all or none",
-                        Hints::NAMES.join(", ")
-                    ))
-                }
-            }
-        }
-        Ok(h)
-    }
-}
-
-impl std::fmt::Display for Hints {
-    /// The names of the hints that are on, comma-separated; `none` when off.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let on: Vec<&str> = Hints::NAMES
-            .into_iter()
-            .zip([self.ahead, self.gate_up, self.next])
-            .filter_map(|(n, b)| b.then_some(n))
-            .collect();
-        if on.is_empty() {
-            f.write_str("none")
-        } else {
-            f.write_str(&on.join(","))
-        }
-    }
-}
-
 /// Choices that shape a plan.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlanOptions {
@@ -205,8 +137,6 @@ pub struct PlanOptions {
     /// draft's context rows `C`); `S` (positions already cached) never sizes
     /// an activation and needs none.
     pub bounds: BTreeMap<String, usize>,
-    /// The L2 hints that are off unless asked for.
-    pub hints: Hints,
 }
 
 impl PlanOptions {
@@ -215,14 +145,7 @@ impl PlanOptions {
         PlanOptions {
             max_t,
             bounds: BTreeMap::new(),
-            hints: Hints::default(),
         }
-    }
-
-    /// With the L2 hints `hints`.
-    pub fn with_hints(mut self, hints: Hints) -> PlanOptions {
-        self.hints = hints;
-        self
     }
 
     /// With symbol `sym` at most `max`.

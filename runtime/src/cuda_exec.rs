@@ -393,27 +393,13 @@ fn from_bytes(dtype: DType, shape: &[usize], b: &[u8]) -> Result<Tensor> {
 
 /// The plan options of `graph` for a bucket of `max_t` tokens: every other
 /// row symbol (a draft's context rows `C`) bounded by the graph's largest
-/// forward ([`crate::executable::max_tokens`]), and the L2 hints named by
-/// `TILEFUSE_HINTS` ([`tilefuse_codegen::plan::Hints::parse`]; none when
-/// unset). An unknown hint name is an error.
-pub fn plan_options(graph: &Graph, max_t: usize) -> Result<PlanOptions> {
-    let hints = hints_from_env()?;
+/// forward ([`crate::executable::max_tokens`]).
+pub fn plan_options(graph: &Graph, max_t: usize) -> PlanOptions {
     let bound = crate::executable::max_tokens(graph);
-    Ok(graph
+    graph
         .symbols()
         .filter(|s| !matches!(*s, "T" | "S"))
         .fold(PlanOptions::new(max_t), |o, s| o.with_bound(s, bound))
-        .with_hints(hints))
-}
-
-/// The L2 hints `TILEFUSE_HINTS` names ([`tilefuse_codegen::plan::Hints::parse`];
-/// none when unset). An unknown name is an error that says so.
-pub fn hints_from_env() -> Result<tilefuse_codegen::plan::Hints> {
-    match std::env::var("TILEFUSE_HINTS") {
-        Ok(list) => tilefuse_codegen::plan::Hints::parse(&list)
-            .map_err(|e| IrError::new(ErrorKind::Interp, format!("TILEFUSE_HINTS: {e}"))),
-        Err(_) => Ok(Default::default()),
-    }
 }
 
 /// Plans and lowers `graph` for one bucket (no GPU needed).
@@ -422,7 +408,7 @@ pub fn build(
     max_t: usize,
 ) -> std::result::Result<(Plan, CudaModule), tilefuse_codegen::CodegenError> {
     let fused = run_pipeline(graph.clone())?;
-    let plan = Plan::new(fused, plan_options(graph, max_t)?)?;
+    let plan = Plan::new(fused, plan_options(graph, max_t))?;
     let module = lower::lower(&plan)?;
     Ok((plan, module))
 }

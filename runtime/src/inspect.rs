@@ -222,7 +222,7 @@ pub fn compile_artifacts(
             }
         }
         let dotted = dot(&fused);
-        let opt = crate::cuda_exec::plan_options(graph, max_t).map_err(|e| e.to_string())?;
+        let opt = crate::cuda_exec::plan_options(graph, max_t);
         let plan = Plan::new(fused, opt).map_err(|e| e.to_string())?;
         if emit.plan {
             write(&tmp, "plan.txt", &plan.to_string())?;

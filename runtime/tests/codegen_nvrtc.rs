@@ -8,30 +8,20 @@
 
 use tilefuse_codegen::lower::lower;
 use tilefuse_codegen::passes::run_pipeline;
-use tilefuse_codegen::plan::{Hints, Plan};
+use tilefuse_codegen::plan::Plan;
 use tilefuse_ir::{DType, Graph};
 use tilefuse_model::{canonical, presets};
 use tilefuse_runtime::nvrtc::{compile, CompileOptions};
 
 fn compile_graph(g: Graph, max_t: usize) {
-    compile_graph_with(g, max_t, true, None);
+    compile_graph_with(g, max_t, true);
 }
 
 /// `dispatcher_must_not_spill`: whether the persistent dispatcher is held to
 /// the no-spill rule too (see `full_width_models_compile` for the exception).
-/// `hints`: the L2 hints to plan with (None: as `TILEFUSE_HINTS` says).
-fn compile_graph_with(
-    g: Graph,
-    max_t: usize,
-    dispatcher_must_not_spill: bool,
-    hints: Option<Hints>,
-) {
+fn compile_graph_with(g: Graph, max_t: usize, dispatcher_must_not_spill: bool) {
     let name = format!("{}_t{max_t}", g.name);
-    let mut opt =
-        tilefuse_runtime::cuda_exec::plan_options(&g, max_t).unwrap_or_else(|e| panic!("{e}"));
-    if let Some(h) = hints {
-        opt = opt.with_hints(h);
-    }
+    let opt = tilefuse_runtime::cuda_exec::plan_options(&g, max_t);
     let plan = Plan::new(run_pipeline(g).unwrap_or_else(|e| panic!("{e}")), opt)
         .unwrap_or_else(|e| panic!("{e}"));
     let module = lower(&plan).unwrap_or_else(|e| panic!("{e}"));
@@ -97,24 +87,6 @@ fn canonical_graphs_compile() {
     }
 }
 
-/// A full-width Qwen3 layer with every L2 hint that is off by default (the
-/// hints are emitted only at such widths) compiles without spills in its
-/// kernels; its dispatcher is held to the rule as the unhinted full-width
-/// ones are (not: see `full_width_models_compile`).
-#[test]
-fn hinted_kernels_compile() {
-    let all = Hints::parse("all").unwrap();
-    let p = presets::by_name("qwen3-30b-a3b").unwrap();
-    for t in [1, 8] {
-        compile_graph_with(
-            p.arch.layer_graph(&p.options, 1).unwrap(),
-            t,
-            false,
-            Some(all),
-        );
-    }
-}
-
 #[test]
 fn attention_block_compiles() {
     for t in [1, 8, 16, 64] {
@@ -150,7 +122,7 @@ fn full_width_models_compile() {
             // (MiMo-V2-Flash 4L about 1.5-2.4 KB a thread, Qwen3-30B-A3B at
             // T = 1 36 bytes), so they are not held to the rule here; their
             // tile kernels are.
-            compile_graph_with(p.arch.forward_graph(&p.options).unwrap(), t, false, None);
+            compile_graph_with(p.arch.forward_graph(&p.options).unwrap(), t, false);
         }
     }
 }

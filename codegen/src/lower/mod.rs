@@ -107,17 +107,11 @@ pub const TRACE_TASK_WORDS: usize = 4;
 /// on the tile counters, calling the kernel's tile function and counting the
 /// tile done. Before it waits, a task asks L2 for its share of the kernel's
 /// dense weights (weights never depend on activations, so the weight stream
-/// need not stop while the SM waits); with the `next` hint it asks for the
-/// next task's share on its SM too. The forward's number `epoch` is read
+/// need not stop while the SM waits). The forward's number `epoch` is read
 /// from the arena head (`act[8..12]`). With a trace buffer in the offset
 /// tables, each task `i` records `[start, past its wait, end, smid << 32 |
 /// task]` in words `4i..4i+4`.
-fn persistent(
-    plan: &Plan,
-    kernels: &[LoweredKernel],
-    instances: &[Instance],
-    threads: u32,
-) -> Function {
+fn persistent(kernels: &[LoweredKernel], threads: u32) -> Function {
     use crate::emit::Expr;
     // One case per distinct function (not per kernel instance), so each
     // template body is inlined once however many layers share it.
@@ -128,64 +122,35 @@ fn persistent(
             f.name
         ));
     }
-    let _ = instances;
-    let prefetch_cases = |tile: &str, row: &str| {
-        let mut s = String::new();
-        for (fi, f) in kernels.iter().enumerate() {
-            if f.prefetch.is_some() {
-                s.push_str(&format!(
-                    "case {fi}: {}_prefetch({tile}, wts, {row}); break; ",
-                    f.name
-                ));
-            }
+    let mut prefetches = String::new();
+    for (fi, f) in kernels.iter().enumerate() {
+        if f.prefetch.is_some() {
+            prefetches.push_str(&format!(
+                "case {fi}: {}_prefetch(tile, wts, row); break; ",
+                f.name
+            ));
         }
-        s
-    };
-    let prefetches = prefetch_cases("tile", "row");
-    // The `next` hint, where some dense kernel has more tiles than SMs (so
-    // an SM runs several of its tasks one after another): the next task's
-    // weights are asked for too.
-    let next = plan.options.hints.next
-        && plan.kernels.iter().any(|k| {
-            matches!(plan.group(k).kind, KernelKind::MatVec { .. }) && k.tiling.tiles as usize > SMS
-        });
-    // The task word at `at` decoded into `task`, kernel `k`, `tile` and its
-    // offset table `row` (variables named by the caller).
-    let decode = |at: &str, [task, k, tile, row]: [&str; 4]| {
-        vec![
-            Stmt::Let(Ty::I32, task.into(), Expr::var(format!("tasks[{at}]"))),
-            Stmt::Let(
-                Ty::I32,
-                k.into(),
-                Expr::var(format!("{task} >> {TASK_TILE_BITS}")),
-            ),
-            Stmt::Let(
-                Ty::I32,
-                tile.into(),
-                Expr::var(format!("{task} & {}", (1u32 << TASK_TILE_BITS) - 1)),
-            ),
-            Stmt::Let(
-                Ty::Named("long long*".into()),
-                row.into(),
-                Expr::var(format!("offsets + (size_t){k} * {MAX_OFFSETS}")),
-            ),
-        ]
-    };
-    let next_prefetch = next.then(|| {
-        let mut then = decode("i + 1", ["next", "nk", "ntile", "nrow"]);
-        then.push(Stmt::Expr(Expr::var(format!(
-            "switch (function_of[nk]) {{ {}default: break; }}",
-            prefetch_cases("ntile", "nrow")
-        ))));
-        Stmt::If(
-            Expr::var("i + 1 < sm_offsets[blockIdx.x + 1]"),
-            then,
-            vec![],
-        )
-    });
-    // One task: decode it, ask L2 for its weights (and, with `next`, the
-    // next task's), wait for its inputs, run its tile, count it done.
-    let mut task = decode("i", ["task", "k", "tile", "row"]);
+    }
+    // One task: decode it, ask L2 for its weights, wait for its inputs, run
+    // its tile, count it done.
+    let mut task = vec![
+        Stmt::Let(Ty::I32, "task".into(), Expr::var("tasks[i]")),
+        Stmt::Let(
+            Ty::I32,
+            "k".into(),
+            Expr::var(format!("task >> {TASK_TILE_BITS}")),
+        ),
+        Stmt::Let(
+            Ty::I32,
+            "tile".into(),
+            Expr::var(format!("task & {}", (1u32 << TASK_TILE_BITS) - 1)),
+        ),
+        Stmt::Let(
+            Ty::Named("long long*".into()),
+            "row".into(),
+            Expr::var(format!("offsets + (size_t)k * {MAX_OFFSETS}")),
+        ),
+    ];
     task.extend([
         Stmt::Expr(Expr::var(
             "unsigned long long* const trace = reinterpret_cast<unsigned long long*>(row[tf::OFFSET_TRACE])",
@@ -195,7 +160,6 @@ fn persistent(
             "switch (function_of[k]) {{ {prefetches}default: break; }}"
         ))),
     ]);
-    task.extend(next_prefetch);
     task.extend([
         Stmt::Expr(Expr::call(
             "tf::wait_deps",
@@ -434,8 +398,7 @@ fn kernel_body(plan: &Plan, ki: usize, k: &Kernel) -> Result<Vec<Stmt>, CodegenE
 
 /// The weight prefetch of one tile of `k`: its share of every dense weight
 /// the kernel streams (weights that do not depend on activations; routed
-/// experts do and are not prefetched here); with the `ahead` hint, for a
-/// tile of the first wave also the shares of the tiles after it on its SM.
+/// experts do and are not prefetched here).
 fn prefetch_body(plan: &Plan, k: &Kernel) -> Result<Vec<Stmt>, CodegenError> {
     use crate::emit::Expr;
     let g = &plan.fused.graph;
@@ -461,23 +424,18 @@ fn prefetch_body(plan: &Plan, k: &Kernel) -> Result<Vec<Stmt>, CodegenError> {
         };
         slots.push(slot);
     }
-    let total: usize = slots.iter().map(|s| s.bytes).sum();
     Ok(slots
         .into_iter()
         .map(|slot| {
-            let mut args = vec![
-                Expr::var("wts").bin("+", Expr::Offset(slot.offset as i64)),
-                Expr::var(format!("{}ull", slot.bytes)),
-                Expr::var("tile"),
-                Expr::I32(i64::from(k.tiling.tiles)),
-            ];
-            // Only a kernel with tiles past one wave has shares to ask ahead for.
-            if plan.options.hints.ahead && k.tiling.tiles as usize > SMS {
-                args.extend([Expr::I32(SMS as i64), Expr::var(format!("{total}ull"))]);
-                Stmt::Expr(Expr::call("tf::prefetch_l2_ahead", args))
-            } else {
-                Stmt::Expr(Expr::call("tf::prefetch_l2_share", args))
-            }
+            Stmt::Expr(Expr::call(
+                "tf::prefetch_l2_share",
+                vec![
+                    Expr::var("wts").bin("+", Expr::Offset(slot.offset as i64)),
+                    Expr::var(format!("{}ull", slot.bytes)),
+                    Expr::var("tile"),
+                    Expr::I32(i64::from(k.tiling.tiles)),
+                ],
+            ))
         })
         .collect())
 }
@@ -720,8 +678,8 @@ pub fn lower(plan: &Plan) -> Result<Module, CodegenError> {
         .map(|k| k.tiling.smem)
         .max()
         .unwrap_or(0);
-    let persistent = (uniform && !plan.kernels.is_empty())
-        .then(|| persistent(plan, &kernels, &instances, persistent_threads));
+    let persistent =
+        (uniform && !plan.kernels.is_empty()).then(|| persistent(&kernels, persistent_threads));
     if let Some(p) = &persistent {
         source.push_str(
             "\n// The persistent dispatcher: every tile of every kernel above, one CTA per SM.\n",

@@ -262,49 +262,6 @@ fn router_of(plan: &Plan, x: &Experts) -> Result<usize, CodegenError> {
     )
 }
 
-/// The least bytes of gate/up rows one token's experts must hold for the
-/// router's gate/up hint to be emitted (a few microseconds of streaming).
-const GATE_UP_HINT_MIN: usize = 1 << 20;
-
-/// The router's gate/up hint (`Hints::gate_up`, `tf::router_gate_up_hint`)
-/// for router kernel `ki` choosing `select`: nothing unless the hint is
-/// asked for, an up kernel of the plan reads that choice and its experts'
-/// rows are large enough to be worth it.
-fn gate_up_hint(plan: &Plan, ki: usize, select: NodeId) -> Result<Vec<Stmt>, CodegenError> {
-    if !plan.options.hints.gate_up {
-        return Ok(vec![]);
-    }
-    let f = &plan.fused;
-    let up = plan.kernels.iter().find_map(|k| match plan.group(k).kind {
-        KernelKind::ExpertsUp { experts: n } => experts(f, n).ok().filter(|x| x.idx == select),
-        _ => None,
-    });
-    let Some(x) = up else {
-        return Ok(vec![]);
-    };
-    // Worth an instruction only where one token's experts stream for a
-    // while: at least GATE_UP_HINT_MIN bytes of gate/up rows.
-    let (_, _, wty) = epv(x.wdt);
-    let rows = x.topk * 2 * x.i;
-    if x.wdt.storage_bytes(rows * x.h, x.h).unwrap_or(0) < GATE_UP_HINT_MIN {
-        return Ok(vec![]);
-    }
-    Ok(vec![
-        Stmt::Let(
-            Ty::Named(wty.into()),
-            "gate_up".into(),
-            weight_view(plan, x.w13)?,
-        ),
-        Stmt::Expr(Expr::call(
-            format!(
-                "tf::router_gate_up_hint<C, {wty}, {}, {}, {}>",
-                x.h, x.i, x.e
-            ),
-            vec![work_ptr(plan, ki, "int")?, Expr::var("gate_up")],
-        )),
-    ])
-}
-
 /// A compile-time check that the launch's shared memory covers the template's need.
 fn smem_assert(need: &str, plan: &Plan, ki: usize) -> Stmt {
     let have = plan.kernels[ki].tiling.smem;
@@ -367,7 +324,7 @@ pub fn body(
             } else {
                 Expr::var("nullptr")
             };
-            let mut body = vec![
+            Ok(vec![
                 Stmt::Expr(Expr::var(format!(
                     "using C = tf::RouterCfg<{max_t}, {e}, {topk}, {ng}, {tg}, {softmax}, {norm}, {THREADS}>"
                 ))),
@@ -387,9 +344,7 @@ pub fn body(
                         Expr::var("smem"),
                     ],
                 )),
-            ];
-            body.extend(gate_up_hint(plan, ki, select)?);
-            Ok(body)
+            ])
         }
         KernelKind::ExpertsUp { experts: n } => {
             let x = experts(f, n)?;
