@@ -392,7 +392,33 @@ template <class C> __device__ __forceinline__ void split_range(int tile, int T, 
     my_lo = min(hi, lo + split * per);
     my_hi = min(hi, my_lo + per);
 }
+
+// The RoPE (cos, sin) table of the query tokens [t0, t0 + TQ): TQ * ROT/2
+// entries (positions past T take position 0, unused), by all threads.
+template <class C> __device__ __forceinline__ void rope_table(int t0, int T, const int* __restrict__ qpos, float theta,
+                                                              float2* sCS) {
+    constexpr int HALF = C::HALF > 0 ? C::HALF : 1;
+    for (int i = threadIdx.x; i < C::TQ * C::HALF; i += C::THREADS)
+        sCS[i] = rope_cos_sin<bf16>(t0 + i / HALF < T ? qpos[t0 + i / HALF] : 0, i % HALF, C::ROT, theta);
+}
 }  // namespace attn_detail
+
+// attention_prologue<C>: what an attention tile can do before the kernel
+// before it has finished, when the query positions `qpos` are an input of
+// the forward (written before its first kernel, like T): the RoPE table of
+// its query tokens into the shared memory attention_tile<C, ..., CS_READY =
+// true> then reads. Its f64 pow and sincos are a long chain on two warps while
+// six wait: moved here, the longest Qwen3 tile at a 1k context went from 9.0
+// to 7.7 us (H100).
+// Run by every thread of the CTA in the kernel's wrapper, before
+// griddepcontrol.wait. The persistent dispatcher runs no prologue: its
+// attention tiles (CS_READY = false) make the table themselves.
+template <class C> __device__ void attention_prologue(int tile, int T, const int* __restrict__ qpos, float theta,
+                                                      char* smem) {
+    __syncthreads();  // the previous tile of a persistent loop may still read smem
+    const int t0 = tile / (C::NSPLIT * C::HKV) * C::TQ;
+    attn_detail::rope_table<C>(t0, T, qpos, theta, reinterpret_cast<float2*>(smem + C::OFF_CS));
+}
 
 // attention_early<C>: run by an attention tile before it waits for q and the
 // new keys: asks L2 for its share (1/HKV, by kv head) of the cache rows of its
@@ -501,7 +527,7 @@ struct AttnAppend {
 // out [T, HQ, DV] with row stride out_stride (NSPLIT = 1); ws (NSPLIT > 1):
 // partial outputs O [T][HQ][NSPLIT][DV] then stats (m, l) [T][HQ][NSPLIT][2].
 // Shared memory: C::SMEM_BYTES.
-template <class C, bool APPEND = false, bool KNORM = false>
+template <class C, bool APPEND = false, bool KNORM = false, bool CS_READY = false>
 __device__ void attention_tile(int tile, int T, int S, int cap, const int* __restrict__ qpos,
                                const bf16* __restrict__ q, int q_stride,
                                const bf16* __restrict__ q_norm_w, float eps, float theta, float scale,
@@ -539,9 +565,7 @@ __device__ void attention_tile(int tile, int T, int S, int cap, const int* __res
     attn_detail::split_range<C>(tile, T, S, my_lo, my_hi);
 
     __syncthreads();  // the previous tile of a persistent loop may still read smem
-    for (int i = tid; i < TQ * HALF; i += THREADS)
-        sCS[i] = rope_cos_sin<bf16>(t0 + i / (HALF > 0 ? HALF : 1) < T ? qpos[t0 + i / (HALF > 0 ? HALF : 1)] : 0,
-                                    i % (HALF > 0 ? HALF : 1), ROT, theta);
+    if constexpr (!CS_READY) attn_detail::rope_table<C>(t0, T, qpos, theta, sCS);
     for (int i = tid; i < MR; i += THREADS) {
         sM[i] = NEG_INF;
         sL[i] = 0.f;
@@ -679,11 +703,17 @@ __device__ void attention_tile(int tile, int T, int S, int cap, const int* __res
         {
             constexpr int CPL = CH / 32;
             const int np = (n + 15) & ~15;  // P columns the value sweep reads
+            // Column groups of 32 that hold keys: CH bounds the longest
+            // sub-chunk, a short one (a short context) stops early. Past
+            // them a column would be hidden (-inf, then exp 0, a sum
+            // unchanged) and is not stored, so the loops skip them.
+            const int ncg = (n + 31) >> 5;
             for (int r = warp; r < MR; r += NW) {
                 float e[CPL];
                 float mx = NEG_INF;
 #pragma unroll
                 for (int i = 0; i < CPL; ++i) {
+                    if (i >= ncg) break;
                     const int col = lane + 32 * i;
                     e[i] = col < n ? sS[r * SS + col] : NEG_INF;
                     mx = fmaxf(mx, e[i]);
@@ -700,6 +730,7 @@ __device__ void attention_tile(int tile, int T, int S, int cap, const int* __res
                 if (mx != NEG_INF) {
 #pragma unroll
                     for (int i = 0; i < CPL; ++i) {
+                        if (i >= ncg) break;
                         e[i] = expf(e[i] - mx);  // exp(-inf) = 0 for hidden keys
                         sum += e[i];
                     }
@@ -708,6 +739,7 @@ __device__ void attention_tile(int tile, int T, int S, int cap, const int* __res
                 }
 #pragma unroll
                 for (int i = 0; i < CPL; ++i) {
+                    if (i >= ncg) break;
                     const int col = lane + 32 * i;
                     if (col < np)
                         sP[r * PS + col] = from_float<bf16>((col < n && sum > 0.f) ? __fdiv_rn(e[i], sum) : 0.f);
@@ -735,8 +767,12 @@ __device__ void attention_tile(int tile, int T, int S, int cap, const int* __res
             for (int j = 0; j < 8; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) o[qg][j][e] = 0.f;
+        // Key steps of 16; a warp of an m-tile with wi >= nks runs none and
+        // its o stays zero: it neither stores nor joins the sum below (adding
+        // +0 to the running sum, which starts at +0, changes nothing).
+        const int nks = (n + 15) >> 4;
+        const int wact = min(WPM, nks);
         {
-            const int nks = (n + 15) >> 4;
             for (int ks = wi; ks < nks; ks += 2 * WPM) {
                 uint4 vf[2][VG][4];
 #pragma unroll
@@ -782,12 +818,14 @@ __device__ void attention_tile(int tile, int T, int S, int cap, const int* __res
             }
         }
         __syncthreads();  // P is read by all warps before the reduction overwrites it
+        if (wi < wact) {
 #pragma unroll
-        for (int qg = 0; qg < VG; ++qg)
+            for (int qg = 0; qg < VG; ++qg)
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
+                for (int j = 0; j < 8; ++j)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) sR[(warp * NREG + (qg * 8 + j) * 4 + e) * 32 + lane] = o[qg][j][e];
+                    for (int e = 0; e < 4; ++e) sR[(warp * NREG + (qg * 8 + j) * 4 + e) * 32 + lane] = o[qg][j][e];
+        }
         __syncthreads();
         // Sum the WPM warps of each m-tile in a fixed order and merge into sO.
         for (int el = tid; el < C::MT * NREG * 32; el += THREADS) {
@@ -797,7 +835,7 @@ __device__ void attention_tile(int tile, int T, int S, int cap, const int* __res
             const int dim = 64 * qg + 8 * (2 * (ln & 3) + (e & 1)) + j;
             if (dim < DV) {
                 float s = 0.f;
-                for (int w = 0; w < WPM; ++w) s += sR[((m * WPM + w) * NREG + reg) * 32 + ln];
+                for (int w = 0; w < wact; ++w) s += sR[((m * WPM + w) * NREG + reg) * 32 + ln];
                 const float cr = sCR[row], cb = sCB[row];
                 float* dst = sO + row * DV + dim;
                 *dst = cr == 0.f ? cb * s : cr * *dst + cb * s;

@@ -57,6 +57,53 @@ fn attention_kernels() {
     snapshot("kernels_rope_append_attention_t1", text.join("\n"));
 }
 
+/// The attention tile's RoPE table (f64 cos/sin of its query positions, an
+/// input of the forward) is made by its prologue, which the kernel's wrapper
+/// runs before it waits for the kernel before; the wrapper then runs the
+/// tile that finds the table made, and the persistent dispatcher the tile
+/// that makes it itself.
+#[test]
+fn the_rope_table_is_made_before_the_wait() {
+    let m = module(canonical::attention_block().unwrap(), 1);
+    let attn = m
+        .kernels
+        .iter()
+        .find(|k| k.name.starts_with("attention_bf16"))
+        .unwrap();
+    let prologue = attn.prologue.as_ref().expect("no prologue").to_string();
+    assert!(
+        prologue.contains("tf::attention_prologue<C>("),
+        "{prologue}"
+    );
+    let wrapper = attn.wrapper.to_string();
+    let at = |s: &str| {
+        wrapper
+            .find(s)
+            .unwrap_or_else(|| panic!("{s} not in {wrapper}"))
+    };
+    let name = &attn.name;
+    assert!(at(&format!("{name}_prologue(")) < at("tf::grid_dependency_wait()"));
+    assert!(at("tf::grid_dependency_wait()") < at(&format!("{name}_tile<true>(")));
+    let device = attn.device.to_string();
+    assert!(
+        device.contains("template <bool PROLOGUE_RAN>")
+            && device.contains("tf::attention_tile<C, true, false, PROLOGUE_RAN>("),
+        "{device}"
+    );
+    let dispatcher = m.persistent.as_ref().expect("no dispatcher").to_string();
+    assert!(dispatcher.contains(&format!("{name}_tile<false>(tile,")));
+    assert!(!dispatcher.contains("_prologue("));
+    // Other kernels have none and keep a plain tile function.
+    for k in m
+        .kernels
+        .iter()
+        .filter(|k| !k.name.starts_with("attention_bf16"))
+    {
+        assert!(k.prologue.is_none(), "{}", k.name);
+        assert!(!k.device.to_string().contains("PROLOGUE_RAN"), "{}", k.name);
+    }
+}
+
 #[test]
 fn codegen_is_deterministic() {
     for make in [

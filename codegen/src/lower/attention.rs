@@ -2,7 +2,7 @@
 //! (split over keys with a combine kernel for full caches), and the row-wise
 //! kernels of the same header (standalone RMSNorm, embedding gather).
 
-use tilefuse_ir::{Attn, DType, Dim, Mask, Nn, NodeId, Op};
+use tilefuse_ir::{Attn, DType, Dim, InputKind, Mask, Nn, NodeId, Op};
 
 use crate::emit::{Expr, Stmt, Ty};
 use crate::error::CodegenError;
@@ -422,6 +422,54 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
     }
 }
 
+/// Whether an attention tile's RoPE table is made by its prologue
+/// ([`prologue`]): when the query positions are an input of the forward
+/// (written before its first kernel), so they may be read before the tile
+/// waits, and the layer rotates.
+fn rope_table_early(f: &Fused, l: &Layer) -> bool {
+    l.rot > 0
+        && matches!(
+            f.graph.node(f.storage(l.q_pos)).op,
+            Op::Input(InputKind::Activation)
+        )
+}
+
+/// The prologue of an attention kernel (`attention_prologue` in
+/// `attention.cuh`): the RoPE table of the tile's query tokens, before the
+/// tile waits for q ([`rope_table_early`]); nothing otherwise.
+pub fn prologue(plan: &Plan, group: &Group) -> Result<Vec<Stmt>, CodegenError> {
+    let KernelKind::Attention { attn, .. } = group.kind else {
+        return Ok(vec![]);
+    };
+    let f = &plan.fused;
+    let l = layer(f, attn)?;
+    if !rope_table_early(f, &l) {
+        return Ok(vec![]);
+    }
+    let s = sched(&l, dim_max(f, attn, &l.q_rows, &plan.options)?);
+    let rows = dim_expr(plan, &l.q_rows)?;
+    let per_block = (l.hkv * s.nsplit) as i64;
+    Ok(vec![
+        Stmt::Expr(Expr::var(format!("using C = {}", config(&l, &s)))),
+        guard(
+            Expr::var("tile")
+                .bin("/", Expr::I32(per_block))
+                .bin("*", Expr::I32(s.tq as i64))
+                .bin(">=", rows.clone()),
+        ),
+        Stmt::Expr(Expr::call(
+            "tf::attention_prologue<C>",
+            vec![
+                Expr::var("tile"),
+                rows,
+                pointer(plan, l.q_pos, false)?,
+                Expr::F32(l.theta),
+                Expr::var("smem"),
+            ],
+        )),
+    ])
+}
+
 /// The early hints of an attention kernel (`attention_early` in
 /// `attention.cuh`): each tile asks L2 for its share of its split's cache rows
 /// before it waits.
@@ -541,15 +589,29 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
                 (pointer(plan, attn, true)?, Expr::var("nullptr"))
             };
             let per_block = (l.hkv * s.nsplit) as i64;
-            let (tile_fn, mut args) = if fused_append {
+            // With a prologue the table is ready when the wrapper ran it
+            // (the tile function's template argument).
+            let cs_ready = if rope_table_early(f, &l) {
+                "PROLOGUE_RAN"
+            } else {
+                "false"
+            };
+            let (tile_fn, mut args) = if fused_append || rope_table_early(f, &l) {
                 (
-                    format!("tf::attention_tile<C, true, {}>", l.k_norm.is_some()),
-                    vec![Expr::call("tf::AttnAppend", {
-                        let mut a = new_rows_args(plan, &l)?;
-                        a.extend([pointer(plan, kc, true)?, pointer(plan, vc, true)?]);
-                        a
-                    })
-                    .brace()],
+                    format!(
+                        "tf::attention_tile<C, {fused_append}, {}, {cs_ready}>",
+                        l.k_norm.is_some()
+                    ),
+                    vec![if fused_append {
+                        Expr::call("tf::AttnAppend", {
+                            let mut a = new_rows_args(plan, &l)?;
+                            a.extend([pointer(plan, kc, true)?, pointer(plan, vc, true)?]);
+                            a
+                        })
+                        .brace()
+                    } else {
+                        Expr::var("tf::AttnAppend{}")
+                    }],
                 )
             } else {
                 ("tf::attention_tile<C>".to_string(), vec![])

@@ -39,6 +39,13 @@ pub struct LoweredKernel {
     /// Not run by the persistent dispatcher, whose tasks have no launch
     /// order to rely on.
     pub early: Option<Function>,
+    /// The prologue of a tile: work that reads only the forward's inputs
+    /// (written before its first kernel), into the tile's shared memory,
+    /// run by the `__global__` wrapper before it waits for the kernel
+    /// before. With a prologue the tile function is a template,
+    /// `<tile><PROLOGUE_RAN>`: the wrapper calls `<true>`, the persistent
+    /// dispatcher `<false>`, which does the prologue's work in the tile.
+    pub prologue: Option<Function>,
     /// The `__global__` wrapper.
     pub wrapper: Function,
 }
@@ -56,8 +63,13 @@ impl LoweredKernel {
             .as_ref()
             .map(|p| format!("{p}\n"))
             .unwrap_or_default();
+        let prologue = self
+            .prologue
+            .as_ref()
+            .map(|p| format!("{p}\n"))
+            .unwrap_or_default();
         format!(
-            "{}{}\n{prefetch}{early}{}",
+            "{}{}\n{prefetch}{early}{prologue}{}",
             self.header, self.device, self.wrapper
         )
     }
@@ -107,7 +119,10 @@ pub const TRACE_TASK_WORDS: usize = 4;
 /// on the tile counters, calling the kernel's tile function and counting the
 /// tile done. Before it waits, a task asks L2 for its share of the kernel's
 /// dense weights (weights never depend on activations, so the weight stream
-/// need not stop while the SM waits). The forward's number `epoch` is read
+/// need not stop while the SM waits). A tile with a prologue
+/// ([`LoweredKernel::prologue`]) runs as `<tile><false>`, doing the
+/// prologue's work itself: inlined beside every other tile, the prologue
+/// would push the dispatcher past its registers. The forward's number `epoch` is read
 /// from the arena head (`act[8..12]`). With a trace buffer in the offset
 /// tables, each task `i` records `[start, past its wait, end, smid << 32 |
 /// task]` in words `4i..4i+4`.
@@ -117,8 +132,10 @@ fn persistent(kernels: &[LoweredKernel], threads: u32) -> Function {
     // template body is inlined once however many layers share it.
     let mut cases = String::new();
     for (fi, f) in kernels.iter().enumerate() {
+        // A tile with a prologue does the prologue's work itself here.
+        let ran = if f.prologue.is_some() { "<false>" } else { "" };
         cases.push_str(&format!(
-            "case {fi}: {}_tile(tile, act, wts, kv, T, S, smem, row); break; ",
+            "case {fi}: {}_tile{ran}(tile, act, wts, kv, T, S, smem, row); break; ",
             f.name
         ));
     }
@@ -440,6 +457,15 @@ fn prefetch_body(plan: &Plan, k: &Kernel) -> Result<Vec<Stmt>, CodegenError> {
         .collect())
 }
 
+/// The prologue of one tile of kernel `k` ([`LoweredKernel::prologue`]).
+fn prologue_body(plan: &Plan, k: &Kernel) -> Result<Vec<Stmt>, CodegenError> {
+    let group = plan.group(k);
+    match group.kind {
+        KernelKind::Attention { .. } => attention::prologue(plan, group),
+        _ => Ok(vec![]),
+    }
+}
+
 /// The early hints of one tile of kernel `ki` ([`LoweredKernel::early`]).
 fn early_body(plan: &Plan, ki: usize, k: &Kernel) -> Result<Vec<Stmt>, CodegenError> {
     let group = plan.group(k);
@@ -459,7 +485,8 @@ fn functions(
     body: Vec<Stmt>,
     prefetch: Vec<Stmt>,
     early: Vec<Stmt>,
-) -> (Function, Option<Function>, Option<Function>, Function) {
+    prologue: Vec<Stmt>,
+) -> Functions {
     use crate::emit::Expr;
     let offsets_param = (
         Ty::Named("const long long* __restrict__".into()),
@@ -471,8 +498,20 @@ fn functions(
     tile_params.push((Ty::I32, "S".into()));
     tile_params.push((Ty::Ptr(Box::new(Ty::Char)), "smem".into()));
     tile_params.push(offsets_param.clone());
-    let device = Function {
+    let prologue = (!prologue.is_empty()).then(|| Function {
         qualifiers: "static __device__ __forceinline__".into(),
+        launch_bounds: None,
+        ret: "void".into(),
+        name: format!("{name}_prologue"),
+        params: tile_params.clone(),
+        body: prologue,
+    });
+    let device = Function {
+        qualifiers: if prologue.is_some() {
+            "template <bool PROLOGUE_RAN> static __device__ __forceinline__".into()
+        } else {
+            "static __device__ __forceinline__".into()
+        },
         launch_bounds: None,
         ret: "void".into(),
         name: format!("{name}_tile"),
@@ -539,6 +578,12 @@ fn functions(
                 .collect(),
         )));
     }
+    if prologue.is_some() {
+        wbody.push(Stmt::Expr(Expr::call(
+            format!("{name}_prologue"),
+            TILE_ARGS.into_iter().map(Expr::var).collect(),
+        )));
+    }
     wbody.extend([
         Stmt::Expr(Expr::call("tf::grid_dependency_wait", vec![])),
         Stmt::Expr(Expr::call("tf::launch_dependents", vec![])),
@@ -546,20 +591,11 @@ fn functions(
     ]);
     wbody.extend([
         Stmt::Expr(Expr::call(
-            format!("{name}_tile"),
-            [
-                "(int)blockIdx.x",
-                "act",
-                "wts",
-                "kv",
-                "T",
-                "S",
-                "smem",
-                "off.v",
-            ]
-            .into_iter()
-            .map(Expr::var)
-            .collect(),
+            format!(
+                "{name}_tile{}",
+                if prologue.is_some() { "<true>" } else { "" }
+            ),
+            TILE_ARGS.into_iter().map(Expr::var).collect(),
         )),
         Stmt::If(
             Expr::var("trace"),
@@ -584,7 +620,34 @@ fn functions(
         params: wparams,
         body: wbody,
     };
-    (device, prefetch, early, wrapper)
+    Functions {
+        device,
+        prefetch,
+        early,
+        prologue,
+        wrapper,
+    }
+}
+
+/// The arguments of a tile function (and a prologue) in the wrapper.
+const TILE_ARGS: [&str; 8] = [
+    "(int)blockIdx.x",
+    "act",
+    "wts",
+    "kv",
+    "T",
+    "S",
+    "smem",
+    "off.v",
+];
+
+/// The functions of one lowered kernel ([`LoweredKernel`]).
+struct Functions {
+    device: Function,
+    prefetch: Option<Function>,
+    early: Option<Function>,
+    prologue: Option<Function>,
+    wrapper: Function,
 }
 
 /// Lowers every kernel of the plan into one translation unit. Kernels whose
@@ -600,12 +663,15 @@ pub fn lower(plan: &Plan) -> Result<Module, CodegenError> {
         // parameterized together, then split where each ends.
         let prefetch = prefetch_body(plan, k)?;
         let early = early_body(plan, ki, k)?;
-        let (np, ne) = (prefetch.len(), early.len());
+        let prologue = prologue_body(plan, k)?;
+        let (np, ne, npr) = (prefetch.len(), early.len(), prologue.len());
         let mut all = prefetch;
         all.extend(early);
+        all.extend(prologue);
         all.extend(kernel_body(plan, ki, k)?);
         let offsets = crate::emit::parameterize(&mut all, "off");
-        let body = all.split_off(np + ne);
+        let body = all.split_off(np + ne + npr);
+        let prologue = all.split_off(np + ne);
         let early = all.split_off(np);
         let prefetch = all;
         if offsets.len() > MAX_BUFFER_OFFSETS {
@@ -616,9 +682,10 @@ pub fn lower(plan: &Plan) -> Result<Module, CodegenError> {
             )));
         }
         let text = format!(
-            "{}{}{}",
+            "{}{}{}{}",
             crate::emit::Block(&prefetch, 0),
             crate::emit::Block(&early, 0),
+            crate::emit::Block(&prologue, 0),
             crate::emit::Block(&body, 0)
         );
         let key = (k.tiling.threads, k.tiling.smem, text);
@@ -641,16 +708,16 @@ pub fn lower(plan: &Plan) -> Result<Module, CodegenError> {
                 } else {
                     format!("{base}_v{same}")
                 };
-                let (device, prefetch, early, wrapper) =
-                    functions(&name, k.tiling.threads, body, prefetch, early);
+                let f = functions(&name, k.tiling.threads, body, prefetch, early, prologue);
                 keys.push(key);
                 kernels.push(LoweredKernel {
                     name,
                     header: header(plan, k),
-                    device,
-                    prefetch,
-                    early,
-                    wrapper,
+                    device: f.device,
+                    prefetch: f.prefetch,
+                    early: f.early,
+                    prologue: f.prologue,
+                    wrapper: f.wrapper,
                 });
                 kernels.len() - 1
             }
