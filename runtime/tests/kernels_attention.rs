@@ -37,7 +37,7 @@ use tilefuse_runtime::nvrtc::{self, CompileOptions};
 // Layers and schedules.
 
 /// One attention layer and the schedule of its tiles (the template arguments).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Layer {
     hq: usize,
     hkv: usize,
@@ -315,6 +315,92 @@ fn qwen_30b() -> Layer {
     }
 }
 
+/// The layers `gpu_attention_decode_timing_16k` times (MiMo-V2 full width):
+/// split counts that are and are not a multiple of the combine's round of
+/// 32, and the sliding layers.
+fn timing_variants() -> [(&'static str, Layer); 5] {
+    let full = mimo_full();
+    [
+        ("full, 32 splits x 544", full),
+        (
+            "full, 33 splits x 512",
+            Layer {
+                nsplit: 33,
+                ch: 512,
+                ..full
+            },
+        ),
+        (
+            "full, 64 splits x 288",
+            Layer {
+                nsplit: 64,
+                ch: 288,
+                ..full
+            },
+        ),
+        ("sliding w128, 1 split", mimo_sliding()),
+        (
+            "sliding w128, 4 splits x 32",
+            Layer {
+                nsplit: 4,
+                ch: 32,
+                ..mimo_sliding()
+            },
+        ),
+    ]
+}
+
+/// The cases of `gpu_attention_gqa16_and_split_keys`: (layer, cached keys,
+/// query tokens).
+fn gqa16_cases() -> Vec<(Layer, usize, usize)> {
+    let base = Layer {
+        hq: 32,
+        hkv: 2,
+        cap: 5000,
+        nsplit: 1,
+        ch: 512,
+        ..mimo_full()
+    };
+    let split = Layer { nsplit: 8, ..base };
+    let sub = Layer {
+        nsplit: 4,
+        ch: 128,
+        ..base
+    };
+    let tq4 = Layer {
+        tq: 4,
+        nsplit: 8,
+        ch: 128,
+        ..base
+    };
+    vec![
+        (base, 300, 1),
+        (base, 300, 4),
+        (split, 0, 1),
+        (split, 4000, 1),
+        (split, 4000, 4),
+        (sub, 3000, 1),
+        (tq4, 3000, 5),
+        (
+            Layer {
+                nsplit: 40,
+                ch: 128,
+                ..base
+            },
+            4000,
+            2,
+        ),
+        (
+            Layer {
+                nsplit: 4,
+                ..mimo_tiny_full()
+            },
+            450,
+            16,
+        ),
+    ]
+}
+
 // ---------------------------------------------------------------------------
 // NVRTC without a GPU.
 
@@ -396,6 +482,28 @@ fn compile_all_source() -> (String, Vec<String>) {
             },
         ),
     ];
+    // Every layer the GPU tests below run that the list above lacks: split
+    // counts past one round of the combine, a partial last round.
+    let mut layers = layers;
+    let names = ["timing_a", "timing_b", "timing_c", "timing_d", "timing_e"];
+    for ((_, l), p) in timing_variants().into_iter().zip(names) {
+        layers.push((p, l));
+    }
+    let gqa16 = [
+        "gqa16_a", "gqa16_b", "gqa16_c", "gqa16_d", "gqa16_e", "gqa16_f", "gqa16_g",
+    ];
+    let mut seen: Vec<Layer> = Vec::new();
+    for (l, _, _) in gqa16_cases() {
+        if !seen.contains(&l) {
+            seen.push(l);
+        }
+    }
+    assert!(
+        seen.len() <= gqa16.len(),
+        "{} distinct gqa16 layers",
+        seen.len()
+    );
+    layers.extend(gqa16.into_iter().zip(seen));
     let mut src = String::from("#include \"attention.cuh\"\n");
     let mut attn_kernels = Vec::new();
     for (p, l) in &layers {
@@ -1056,55 +1164,7 @@ fn gpu_attention_gqa16_and_split_keys() {
     // also with sub-chunks (4 splits of 128-key sub-chunks), 4 queries per tile,
     // and 40 splits (the combine sums 32 splits' partials, then a partial round
     // of 8).
-    let base = Layer {
-        hq: 32,
-        hkv: 2,
-        cap: 5000,
-        nsplit: 1,
-        ch: 512,
-        ..mimo_full()
-    };
-    let split = Layer { nsplit: 8, ..base };
-    let sub = Layer {
-        nsplit: 4,
-        ch: 128,
-        ..base
-    };
-    let tq4 = Layer {
-        tq: 4,
-        nsplit: 8,
-        ch: 128,
-        ..base
-    };
-    run_cases(
-        "gqa16",
-        &[
-            (base, 300, 1),
-            (base, 300, 4),
-            (split, 0, 1),
-            (split, 4000, 1),
-            (split, 4000, 4),
-            (sub, 3000, 1),
-            (tq4, 3000, 5),
-            (
-                Layer {
-                    nsplit: 40,
-                    ch: 128,
-                    ..base
-                },
-                4000,
-                2,
-            ),
-            (
-                Layer {
-                    nsplit: 4,
-                    ..mimo_tiny_full()
-                },
-                450,
-                16,
-            ),
-        ],
-    );
+    run_cases("gqa16", &gqa16_cases());
 }
 
 #[test]
@@ -1299,35 +1359,7 @@ fn gpu_attention_decode_timing_16k() {
         .unwrap();
     };
     let (s, t) = (16384usize, 1usize);
-    let full = mimo_full();
-    let variants = [
-        ("full, 32 splits x 544", full),
-        (
-            "full, 33 splits x 512",
-            Layer {
-                nsplit: 33,
-                ch: 512,
-                ..full
-            },
-        ),
-        (
-            "full, 64 splits x 288",
-            Layer {
-                nsplit: 64,
-                ch: 288,
-                ..full
-            },
-        ),
-        ("sliding w128, 1 split", mimo_sliding()),
-        (
-            "sliding w128, 4 splits x 32",
-            Layer {
-                nsplit: 4,
-                ch: 32,
-                ..mimo_sliding()
-            },
-        ),
-    ];
+    let variants = timing_variants();
     for (vi, (name, l)) in variants.iter().enumerate() {
         let ks = load(&gpu, l, &format!("attention_timing_{vi}"));
         let (kbytes, vbytes) = (l.cap * l.hkv * l.dk * 2, l.cap * l.hkv * l.dv * 2);
