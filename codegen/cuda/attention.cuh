@@ -415,7 +415,7 @@ template <class C> __device__ __forceinline__ void rope_table(int t0, int T, con
 // attention tiles (CS_READY = false) make the table themselves.
 template <class C> __device__ void attention_prologue(int tile, int T, const int* __restrict__ qpos, float theta,
                                                       char* smem) {
-    __syncthreads();  // the previous tile of a persistent loop may still read smem
+    // At the start of its CTA: no earlier tile uses this shared memory.
     const int t0 = tile / (C::NSPLIT * C::HKV) * C::TQ;
     attn_detail::rope_table<C>(t0, T, qpos, theta, reinterpret_cast<float2*>(smem + C::OFF_CS));
 }

@@ -183,6 +183,18 @@ impl Layer {
              \x20 tf::attention_tile<{p}_cfg>(blockIdx.x, T, S, cap, pos, q, qs, qn, eps, theta, scale, kc, vc, sinks, out, os, ws, smem);\n}}"
         )
         .unwrap();
+        // The same tile after the prologue that generated wrappers run
+        // before their wait (the RoPE table made there, not in the tile).
+        writeln!(
+            s,
+            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}_attn_pre(int T, int S, int cap, const int* pos, const tf::bf16* q, int qs, \
+             const tf::bf16* qn, float eps, float theta, float scale, const tf::bf16* kc, const tf::bf16* vc, \
+             const tf::bf16* sinks, tf::bf16* out, int os, float* ws) {{\n\
+             \x20 extern __shared__ __align__(16) char smem[];\n\
+             \x20 tf::attention_prologue<{p}_cfg>(blockIdx.x, T, pos, theta, smem);\n\
+             \x20 tf::attention_tile<{p}_cfg, false, false, true>(blockIdx.x, T, S, cap, pos, q, qs, qn, eps, theta, scale, kc, vc, sinks, out, os, ws, smem);\n}}"
+        )
+        .unwrap();
         writeln!(
             s,
             "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}_comb(int T, const float* ws, const tf::bf16* sinks, \
@@ -508,7 +520,7 @@ fn compile_all_source() -> (String, Vec<String>) {
     let mut attn_kernels = Vec::new();
     for (p, l) in &layers {
         src.push_str(&l.wrappers(p));
-        for k in ["rope", "attn", "comb"] {
+        for k in ["rope", "attn", "attn_pre", "comb"] {
             attn_kernels.push(format!("{p}_{k}"));
         }
     }
@@ -860,6 +872,7 @@ fn reference(l: &Layer, s: usize, t: usize, seed: u64) -> Step {
 struct Kernels {
     rope: cudarc::driver::CudaFunction,
     attn: cudarc::driver::CudaFunction,
+    attn_pre: cudarc::driver::CudaFunction,
     comb: cudarc::driver::CudaFunction,
     _module: tilefuse_runtime::gpu::Module,
 }
@@ -884,6 +897,7 @@ fn load(gpu: &Gpu, l: &Layer, name: &str) -> Kernels {
     Kernels {
         rope: m.function("k_rope").unwrap(),
         attn: m.function("k_attn").unwrap(),
+        attn_pre: m.function("k_attn_pre").unwrap(),
         comb: m.function("k_comb").unwrap(),
         _module: m,
     }
@@ -961,49 +975,53 @@ fn check_step(gpu: &Gpu, l: &Layer, s: usize, t: usize, seed: u64, what: &str) {
         ],
     )
     .unwrap();
-    gpu.launch(
-        "attention",
-        &ks.attn,
-        l.tiles(t) as u32,
-        th,
-        l.smem() as u32,
-        &[
-            Arg::I32(ti),
-            Arg::I32(si),
-            Arg::I32(ci),
-            Arg::Ptr(pos.ptr()),
-            Arg::Ptr(qkv.ptr()),
-            Arg::I32(w as i32),
-            Arg::Ptr(ptr_or_null(&qn)),
-            Arg::F32(l.eps),
-            Arg::F32(l.theta),
-            Arg::F32(l.scale()),
-            Arg::Ptr(kc.ptr()),
-            Arg::Ptr(vc.ptr()),
-            Arg::Ptr(ptr_or_null(&sinks)),
-            Arg::Ptr(out.ptr()),
-            Arg::I32(os as i32),
-            Arg::Ptr(ws.ptr()),
-        ],
-    )
-    .unwrap();
-    if l.nsplit > 1 {
+    // The attention tile (and its combine) into `out` through `ws`.
+    let attention = |attn: &cudarc::driver::CudaFunction, out: &Buffer, ws: &Buffer| {
         gpu.launch(
-            "attention_combine",
-            &ks.comb,
-            (t * hq) as u32,
+            "attention",
+            attn,
+            l.tiles(t) as u32,
             th,
-            l.combine_smem() as u32,
+            l.smem() as u32,
             &[
                 Arg::I32(ti),
-                Arg::Ptr(ws.ptr()),
+                Arg::I32(si),
+                Arg::I32(ci),
+                Arg::Ptr(pos.ptr()),
+                Arg::Ptr(qkv.ptr()),
+                Arg::I32(w as i32),
+                Arg::Ptr(ptr_or_null(&qn)),
+                Arg::F32(l.eps),
+                Arg::F32(l.theta),
+                Arg::F32(l.scale()),
+                Arg::Ptr(kc.ptr()),
+                Arg::Ptr(vc.ptr()),
                 Arg::Ptr(ptr_or_null(&sinks)),
                 Arg::Ptr(out.ptr()),
                 Arg::I32(os as i32),
+                Arg::Ptr(ws.ptr()),
             ],
         )
         .unwrap();
-    }
+        if l.nsplit > 1 {
+            gpu.launch(
+                "attention_combine",
+                &ks.comb,
+                (t * hq) as u32,
+                th,
+                l.combine_smem() as u32,
+                &[
+                    Arg::I32(ti),
+                    Arg::Ptr(ws.ptr()),
+                    Arg::Ptr(ptr_or_null(&sinks)),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I32(os as i32),
+                ],
+            )
+            .unwrap();
+        }
+    };
+    attention(&ks.attn, &out, &ws);
     gpu.sync(what).unwrap_or_else(|e| panic!("{e}"));
     // The caches: the new rows bit for bit, every other slot untouched.
     same_bits(
@@ -1029,6 +1047,18 @@ fn check_step(gpu: &Gpu, l: &Layer, s: usize, t: usize, seed: u64, what: &str) {
     }
     let (e, worst) = check_rows(&got, &st.o, dv, what);
     println!("{what}: S={s} T={t}: rel L2 {e:.2e}, max error {worst:.2} x rowmax/256");
+    // With the RoPE table made by the prologue: the same bytes, padding
+    // included (fresh poisoned buffers).
+    let out2 = gpu.alloc(t * os * 2, "out").unwrap();
+    gpu.memset(&out2, 0xff).unwrap();
+    let ws2 = gpu.alloc(l.ws_floats(t).max(1) * 4, "ws").unwrap();
+    gpu.memset(&ws2, 0xff).unwrap();
+    attention(&ks.attn_pre, &out2, &ws2);
+    gpu.sync(what).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        gpu.download(&out2).unwrap() == raw,
+        "{what}: the tile after its prologue differs from the tile alone"
+    );
 }
 
 /// Opens the GPU, or says why the test skips ([`Gpu::open_or_skip`]).
