@@ -530,10 +530,11 @@ fn acceptance_kernel_finds_every_prefix() {
 
 // One test per launch mode, so that each runs under compute-sanitizer's
 // racecheck within a call's time. With TILEFUSE_SANITIZE_QUICK=1 (set by
-// tools/gpu_sanitize.sh) each runs one block size (8) and one prompt for
-// greedy decoding and both temperature rules: every acceptance rule and the
-// handoffs between the host and the GPU loop, in a sixth of the
-// generations, since a sanitized launch costs a hundred plain ones. Other
+// tools/gpu_sanitize.sh) each runs one block size (8) and one prompt of 17
+// new tokens for greedy decoding and both temperature rules: every
+// acceptance rule and the handoffs between the host and the GPU loop, in
+// about a fifteenth of the decoding steps, since a sanitized launch costs a
+// hundred plain ones. Other
 // block sizes (other verification buckets) run only unsanitized.
 #[test]
 fn speculative_steps_on_the_gpu_equal_the_host_loop_in_stream_mode() {
@@ -599,8 +600,11 @@ fn speculative_steps_equal_the_host_loop(mode: LaunchMode) {
                 SamplingRule::MatchTarget,
             ),
         ];
+        // Quick: 17 new tokens are still at least two verify steps of a
+        // block of 8 after the prefill's token, so the GPU loop takes over
+        // from the host and hands back at least once.
         let (cases, blocks, prompts): (&[_], &[usize], &[(usize, usize)]) = if quick {
-            (&cases, &[8], &[(21, 40)])
+            (&cases, &[8], &[(21, 17)])
         } else {
             (&cases, &[4, 8, 16], &[(5, 23), (21, 40)])
         };
