@@ -122,10 +122,10 @@ pub const TRACE_TASK_WORDS: usize = 4;
 /// need not stop while the SM waits). A tile with a prologue
 /// ([`LoweredKernel::prologue`]) runs as `<tile><false>`, doing the
 /// prologue's work itself: inlined beside every other tile, the prologue
-/// would push the dispatcher past its registers. The forward's number `epoch` is read
-/// from the arena head (`act[8..12]`). With a trace buffer in the offset
-/// tables, each task `i` records `[start, past its wait, end, smid << 32 |
-/// task]` in words `4i..4i+4`.
+/// would push the dispatcher past its registers. The forward's number
+/// `epoch` is read from the arena head (`act[8..12]`). With a trace buffer
+/// in the offset tables, each task `i` records `[start, past its wait, end,
+/// smid << 32 | task]` in words `4i..4i+4`.
 fn persistent(kernels: &[LoweredKernel], threads: u32) -> Function {
     use crate::emit::Expr;
     // One case per distinct function (not per kernel instance), so each
