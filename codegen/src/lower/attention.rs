@@ -434,6 +434,18 @@ fn rope_table_early(f: &Fused, l: &Layer) -> bool {
         )
 }
 
+/// The return of an attention tile (and its prologue) whose query block
+/// lies past this forward's `rows` tokens: it has no work.
+fn past_the_tokens(l: &Layer, s: &Sched, rows: Expr) -> Stmt {
+    let per_block = (l.hkv * s.nsplit) as i64;
+    guard(
+        Expr::var("tile")
+            .bin("/", Expr::I32(per_block))
+            .bin("*", Expr::I32(s.tq as i64))
+            .bin(">=", rows),
+    )
+}
+
 /// The prologue of an attention kernel (`attention_prologue` in
 /// `attention.cuh`): the RoPE table of the tile's query tokens, before the
 /// tile waits for q ([`rope_table_early`]); nothing otherwise.
@@ -448,15 +460,9 @@ pub fn prologue(plan: &Plan, group: &Group) -> Result<Vec<Stmt>, CodegenError> {
     }
     let s = sched(&l, dim_max(f, attn, &l.q_rows, &plan.options)?);
     let rows = dim_expr(plan, &l.q_rows)?;
-    let per_block = (l.hkv * s.nsplit) as i64;
     Ok(vec![
         Stmt::Expr(Expr::var(format!("using C = {}", config(&l, &s)))),
-        guard(
-            Expr::var("tile")
-                .bin("/", Expr::I32(per_block))
-                .bin("*", Expr::I32(s.tq as i64))
-                .bin(">=", rows.clone()),
-        ),
+        past_the_tokens(&l, &s, rows.clone()),
         Stmt::Expr(Expr::call(
             "tf::attention_prologue<C>",
             vec![
@@ -588,15 +594,11 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
             } else {
                 (pointer(plan, attn, true)?, Expr::var("nullptr"))
             };
-            let per_block = (l.hkv * s.nsplit) as i64;
             // With a prologue the table is ready when the wrapper ran it
             // (the tile function's template argument).
-            let cs_ready = if rope_table_early(f, &l) {
-                "PROLOGUE_RAN"
-            } else {
-                "false"
-            };
-            let (tile_fn, mut args) = if fused_append || rope_table_early(f, &l) {
+            let early = rope_table_early(f, &l);
+            let cs_ready = if early { "PROLOGUE_RAN" } else { "false" };
+            let (tile_fn, mut args) = if fused_append || early {
                 (
                     format!(
                         "tf::attention_tile<C, {fused_append}, {}, {cs_ready}>",
@@ -644,7 +646,7 @@ pub fn body(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenE
                     smem_attention(&l, &s)
                 ))),
                 Stmt::Comment("query blocks past this forward's tokens have no work".into()),
-                guard(Expr::var("tile").bin("/", Expr::I32(per_block)).bin("*", Expr::I32(s.tq as i64)).bin(">=", rows)),
+                past_the_tokens(&l, &s, rows),
                 Stmt::Expr(Expr::call(tile_fn, call_args)),
             ])
         }
