@@ -367,7 +367,7 @@ template <class W, typename Act, MvPath P> __host__ __device__ constexpr bool us
 // KW K-slices: warp w -> row group w % RG, K-slice w / RG; slice kw takes the
 // k-blocks kw, kw + KW, ... (a k-block: MMA 4*EPV elements of each row, SIMT
 // 32*EPV). Partial sums of the KW slices meet in shared memory.
-template <int NROWS, int THREADS, int K, int MAXCOL, bool MMA_, class W, int U_>
+template <int NROWS, int THREADS, int K, int MAXCOL, bool MMA_, class W, int U_, int XH_ = 0>
 struct Plan {
     enum : bool { MMA = MMA_ };
     enum : int {
@@ -383,6 +383,9 @@ struct Plan {
         // Batch depth, never more than the k-blocks one warp owns (no wasted
         // reloads when a warp has fewer than the default).
         U = cmin(U_ > 0 ? U_ : (MMA_ ? 4 : 2), cmax(1, cdiv(NKB, KW))),
+        // MMA path: the most x vectors a warp loads together ahead of a
+        // batch's products (MmaWarp::XG); 0: each k-block's x where it is used.
+        XH = XH_,
     };
     static_assert(THREADS % 32 == 0, "THREADS must be a multiple of 32");
     static_assert(NROWS % G == 0, "rows per tile must be a multiple of the row group (16 on the MMA path)");
@@ -457,8 +460,21 @@ template <class P, class W, int K> struct MmaWarp : Batches<MmaWarp<P, W, K>, P,
         }
     }
 
+    // The x vectors of XG k-blocks (every column tile) are loaded together,
+    // before any of them is used: each k-block's x is otherwise a load behind
+    // the branches on the k-block and the column tile, one round trip to L2
+    // after another where a warp is the only one to read its x (an expert's
+    // own h rows in the down tile). At most P::XH vectors (4 registers each),
+    // and only where that holds two k-blocks' x or more; otherwise (P::XH = 0,
+    // many column tiles) each k-block's x is loaded where it is used.
+    enum : int { XB = NT * XV, XG = 2 * XB <= P::XH ? cmin((int)P::U, P::XH / XB) : 0 };
+
     // Multiplies the batch issue(w, kb, ...) loaded into the accumulators.
     __device__ __forceinline__ void consume(const W& w, int kb, int kb1, int kbs, int xk) {
+        if constexpr (XG > 0) {
+            consume_grouped(w, kb, kb1, kbs, xk);
+            return;
+        }
         const int q = threadIdx.x & 3;
 #pragma unroll
         for (int u = 0; u < P::U; ++u) {
@@ -477,16 +493,65 @@ template <class P, class W, int K> struct MmaWarp : Batches<MmaWarp<P, W, K>, P,
                             const uint4 xv = ld_v4(xp[nt] + (k - xk) + 8 * j);
                             X[4 * j] = xv.x, X[4 * j + 1] = xv.y, X[4 * j + 2] = xv.z, X[4 * j + 3] = xv.w;
                         }
-                        W::pair_x(X);
+                        mma_k_block(A0, A1, X, d[nt]);
+                    }
+                }
+            }
+        }
+    }
+
+    __device__ __forceinline__ void consume_grouped(const W& w, int kb, int kb1, int kbs, int xk) {
+        const int q = threadIdx.x & 3;
 #pragma unroll
-                        for (int s = 0; s < EPV / 4; ++s) {
-                            const uint32_t a[4] = {A0[2 * s], A1[2 * s], A0[2 * s + 1], A1[2 * s + 1]};
-                            const uint32_t b[2] = {X[2 * s], X[2 * s + 1]};
-                            mma_bf16_16816(d[nt], a, b);
+        for (int u0 = 0; u0 < P::U; u0 += XG) {
+            // Loaded at clamped places without a branch (a k-block past kb1
+            // reads the last one again, a column tile past ntiles its last
+            // column, as init() clamps): only the products below are skipped.
+            uint4 xv[XG][NT][XV];
+#pragma unroll
+            for (int v = 0; v < XG; ++v) {
+                if (u0 + v < P::U) {
+                    const int k = min(kb + (u0 + v) * kbs, kb1 - 1) * P::KB + q * EPV;
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int j = 0; j < XV; ++j) xv[v][nt][j] = ld_v4(xp[nt] + (k - xk) + 8 * j);
+                }
+            }
+#pragma unroll
+            for (int v = 0; v < XG; ++v) {
+                const int u = u0 + v;
+                if (u < P::U && kb + u * kbs < kb1) {  // warp-uniform
+                    uint32_t A0[NWD], A1[NWD];
+                    w.mma_words(va[u], sa[u], A0);
+                    w.mma_words(vb[u], sb[u], A1);
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        if (nt < ntiles) {  // warp-uniform
+                            uint32_t X[NWD];
+#pragma unroll
+                            for (int j = 0; j < XV; ++j) {
+                                X[4 * j] = xv[v][nt][j].x, X[4 * j + 1] = xv[v][nt][j].y;
+                                X[4 * j + 2] = xv[v][nt][j].z, X[4 * j + 3] = xv[v][nt][j].w;
+                            }
+                            mma_k_block(A0, A1, X, d[nt]);
                         }
                     }
                 }
             }
+        }
+    }
+
+    // The EPV/4 mma steps of one k-block: rows (A0: g, A1: g+8) times the
+    // column tile's natural x words X (paired here as the format pairs A).
+    __device__ __forceinline__ static void mma_k_block(const uint32_t (&A0)[NWD], const uint32_t (&A1)[NWD],
+                                                      uint32_t (&X)[NWD], float (&acc)[4]) {
+        W::pair_x(X);
+#pragma unroll
+        for (int s = 0; s < EPV / 4; ++s) {
+            const uint32_t a[4] = {A0[2 * s], A1[2 * s], A0[2 * s + 1], A1[2 * s + 1]};
+            const uint32_t b[2] = {X[2 * s], X[2 * s + 1]};
+            mma_bf16_16816(acc, a, b);
         }
     }
 

@@ -422,12 +422,13 @@ namespace moe_detail {
 // (the MMA path), the warps split the experts instead: slot kw runs experts
 // kw, kw + KW, ... over all of K, so the loads of every expert are in flight
 // at once rather than one expert after another (an expert's rows are only a
-// few k-blocks long).
+// few k-blocks long). Each warp then reads its own expert's h rows, so it
+// loads their x vectors ahead of each batch's products (Plan::XH).
 template <class C, class W> struct DownPlan {
     using EP = ExpertPlan<C, W, C::rows, C::i>;
     using P = typename EP::P;
     enum : bool { BY_EXPERT = EP::MMA && P::KW > 1 };
-    using PW = typename mv_detail::cond<BY_EXPERT, mv_detail::Plan<C::rows, 32 * P::RG, C::i, EP::MAXCOL, true, W, C::u>,
+    using PW = typename mv_detail::cond<BY_EXPERT, mv_detail::Plan<C::rows, 32 * P::RG, C::i, EP::MAXCOL, true, W, C::u, 8>,
                                         P>::type;
     enum : int { SMEM = 4 * P::KW * C::max_t * C::rows };
 };
