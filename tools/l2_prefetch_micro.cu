@@ -1,0 +1,90 @@
+// How long a thread is held by an L2 prefetch, and what it saves a read that
+// follows. 128 CTAs of 256 threads (one an SM, as the o projection's tiles)
+// each own 64 KiB of a buffer that L2 does not hold (a 256 MiB write before
+// every launch evicts it). Per mode, a CTA's thread 0 records: the time to
+// issue its prefetch, then, after a 1.5 us pause standing in for the kernel
+// before, the time all 256 threads take to read the 64 KiB (16 loads each).
+// Modes: none; one 64 KiB `cp.async.bulk.prefetch.L2` by thread 0; 512
+// `prefetch.global.L2` lines, two a thread; eight 8 KiB bulk prefetches by
+// threads 0..7 (as the down tile's hints).
+//   nvcc -O3 -arch=sm_90a -o l2_prefetch_micro tools/l2_prefetch_micro.cu && ./l2_prefetch_micro
+#include <cstdio>
+#include <cuda_runtime.h>
+
+__device__ __forceinline__ unsigned long long now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__global__ void evict(int4* p, size_t n) {
+    for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) p[i] = make_int4(i, 1, 2, 3);
+}
+
+__global__ void __launch_bounds__(256, 1) probe(const char* w, int mode, unsigned long long* rec, int* sink) {
+    const char* base = w + (size_t)blockIdx.x * 65536;
+    const unsigned long long t0 = now();
+    if (mode == 1 && threadIdx.x == 0)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base), "r"(65536u) : "memory");
+    if (mode == 2)
+        for (int i = threadIdx.x; i < 512; i += 256) asm volatile("prefetch.global.L2 [%0];" ::"l"(base + i * 128));
+    if (mode == 3 && threadIdx.x < 8)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base + threadIdx.x * 8192), "r"(8192u) : "memory");
+    const unsigned long long t1 = now();
+    while (now() - t0 < 1500) {
+    }
+    const unsigned long long t2 = now();
+    int s = 0;
+    const int4* q = reinterpret_cast<const int4*>(base);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+        int4 v;
+        asm volatile("ld.global.nc.v4.s32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "l"(q + threadIdx.x + 256 * i));
+        s += v.x ^ v.w;
+    }
+    __syncthreads();
+    const unsigned long long t3 = now();
+    if (s == 12345) sink[0] = s;
+    if (threadIdx.x == 0) rec[2 * blockIdx.x] = t1 - t0, rec[2 * blockIdx.x + 1] = t3 - t2;
+}
+
+int main() {
+    char* w;
+    int4* ev;
+    unsigned long long* rec;
+    int* sink;
+    const size_t nev = (256u << 20) / 16;
+    cudaMalloc(&w, 128 * 65536);
+    cudaMalloc(&ev, nev * 16);
+    cudaMalloc(&rec, 128 * 2 * 8);
+    cudaMalloc(&sink, 4);
+    cudaMemset(w, 1, 128 * 65536);
+    const char* names[] = {"none", "bulk 64 KiB", "512 lines", "8 x bulk 8 KiB"};
+    printf("%-16s %12s %12s %16s %12s\n", "prefetch", "issue ns", "(max)", "read 64 KiB ns", "(max)");
+    for (int mode = 0; mode < 4; ++mode) {
+        double mean[2] = {0, 0}, mx[2] = {0, 0};
+        const int reps = 20;
+        for (int r = 0; r < reps + 2; ++r) {
+            evict<<<528, 256>>>(ev, nev);
+            probe<<<128, 256>>>(w, mode, rec, sink);
+            cudaDeviceSynchronize();
+            unsigned long long h[256];
+            cudaMemcpy(h, rec, sizeof h, cudaMemcpyDeviceToHost);
+            if (r < 2) continue;
+            for (int b = 0; b < 128; ++b)
+                for (int j = 0; j < 2; ++j) {
+                    mean[j] += h[2 * b + j] / (128.0 * reps);
+                    if (h[2 * b + j] > mx[j]) mx[j] = h[2 * b + j];
+                }
+        }
+        printf("%-16s %12.0f %12.0f %16.0f %12.0f\n", names[mode], mean[0], mx[0], mean[1], mx[1]);
+    }
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) {
+        printf("CUDA error: %s\n", cudaGetErrorString(e));
+        return 1;
+    }
+    return 0;
+}
