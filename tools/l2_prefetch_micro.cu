@@ -7,6 +7,16 @@
 // Modes: none; one 64 KiB `cp.async.bulk.prefetch.L2` by thread 0; 512
 // `prefetch.global.L2` lines, two a thread; eight 8 KiB bulk prefetches by
 // threads 0..7 (as the down tile's hints).
+//
+// Second table: whether a kernel's prefetches in flight hold back its
+// `griddepcontrol.wait`. A producer (32 CTAs) spins 3 us and ends; a
+// consumer launched beside it (programmatic dependent launch, 128 CTAs of
+// 256 threads) asks L2 for 256 KiB a CTA (32 MiB, about 11 us of the card's
+// bandwidth) as it starts, then waits for the producer. Printed: from the
+// producer's last CTA end to the consumer's first and last CTA past its wait,
+// seen by the thread that issues a bulk prefetch and by one in another warp.
+// Without the prefetch, or if a prefetch never holds the wait back, both are
+// well under a microsecond.
 //   nvcc -O3 -arch=sm_90a -o l2_prefetch_micro tools/l2_prefetch_micro.cu && ./l2_prefetch_micro
 #include <cstdio>
 #include <cuda_runtime.h>
@@ -50,6 +60,34 @@ __global__ void __launch_bounds__(256, 1) probe(const char* w, int mode, unsigne
     if (threadIdx.x == 0) rec[2 * blockIdx.x] = t1 - t0, rec[2 * blockIdx.x + 1] = t3 - t2;
 }
 
+__device__ __forceinline__ void atomic_max_u64(unsigned long long* p, unsigned long long v) { atomicMax(p, v); }
+__device__ __forceinline__ void atomic_min_u64(unsigned long long* p, unsigned long long v) { atomicMin(p, v); }
+
+// rec: [0] producer's last end, [1] / [2] the first / last CTA whose thread 0
+// (the one that issues the bulk prefetch) is past its wait, [3] / [4] the same
+// for thread 32 (a warp that issues none).
+__global__ void producer(unsigned long long* rec) {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    const unsigned long long t0 = now();
+    while (now() - t0 < 3000) {
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) atomic_max_u64(rec, now());
+}
+
+__global__ void __launch_bounds__(256, 1) consumer(const char* w, int mode, unsigned long long* rec) {
+    const char* base = w + (size_t)blockIdx.x * (256 << 10);
+    if (mode == 1 && threadIdx.x == 0)
+        for (int i = 0; i < 4; ++i)
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base + i * 65536), "r"(65536u) : "memory");
+    if (mode == 2)
+        for (int i = threadIdx.x; i < 2048; i += 256) asm volatile("prefetch.global.L2 [%0];" ::"l"(base + i * 128));
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    const unsigned long long t = now();
+    if (threadIdx.x == 0) atomic_min_u64(rec + 1, t), atomic_max_u64(rec + 2, t);
+    if (threadIdx.x == 32) atomic_min_u64(rec + 3, t), atomic_max_u64(rec + 4, t);
+}
+
 int main() {
     char* w;
     int4* ev;
@@ -58,7 +96,7 @@ int main() {
     const size_t nev = (256u << 20) / 16;
     cudaMalloc(&w, 128 * 65536);
     cudaMalloc(&ev, nev * 16);
-    cudaMalloc(&rec, 128 * 2 * 8);
+    cudaMalloc(&rec, 128 * 2 * 8);  // also holds the second table's five words
     cudaMalloc(&sink, 4);
     cudaMemset(w, 1, 128 * 65536);
     const char* names[] = {"none", "bulk 64 KiB", "512 lines", "8 x bulk 8 KiB"};
@@ -80,6 +118,41 @@ int main() {
                 }
         }
         printf("%-16s %12.0f %12.0f %16.0f %12.0f\n", names[mode], mean[0], mx[0], mean[1], mx[1]);
+    }
+    // Second table.
+    char* w2;
+    cudaMalloc(&w2, 128ull * (256 << 10));
+    cudaMemset(w2, 1, 128ull * (256 << 10));
+    const char* names2[] = {"none", "bulk 256 KiB", "2048 lines"};
+    printf("\n%-16s %26s %26s\n", "prefetch", "thread 0 past wait - end", "thread 32 past wait - end");
+    printf("%-16s %13s %12s %13s %12s\n", "", "first ns", "last ns", "first ns", "last ns");
+    for (int mode = 0; mode < 3; ++mode) {
+        double first[2] = {0, 0}, last[2] = {0, 0};
+        const int reps = 20;
+        for (int r = 0; r < reps + 2; ++r) {
+            const unsigned long long init[5] = {0ull, ~0ull, 0ull, ~0ull, 0ull};
+            cudaMemcpy(rec, init, sizeof init, cudaMemcpyHostToDevice);
+            evict<<<528, 256>>>(ev, nev);
+            producer<<<32, 256>>>(rec);
+            cudaLaunchConfig_t cfg = {};
+            cfg.gridDim = dim3(128);
+            cfg.blockDim = dim3(256);
+            cudaLaunchAttribute attr[1];
+            attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+            attr[0].val.programmaticStreamSerializationAllowed = 1;
+            cfg.attrs = attr;
+            cfg.numAttrs = 1;
+            cudaLaunchKernelEx(&cfg, consumer, (const char*)w2, mode, rec);
+            cudaDeviceSynchronize();
+            unsigned long long h[5];
+            cudaMemcpy(h, rec, sizeof h, cudaMemcpyDeviceToHost);
+            if (r < 2) continue;
+            for (int j = 0; j < 2; ++j) {
+                first[j] += ((double)h[1 + 2 * j] - (double)h[0]) / reps;
+                last[j] += ((double)h[2 + 2 * j] - (double)h[0]) / reps;
+            }
+        }
+        printf("%-16s %13.0f %12.0f %13.0f %12.0f\n", names2[mode], first[0], last[0], first[1], last[1]);
     }
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) {
