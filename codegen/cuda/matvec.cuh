@@ -471,87 +471,67 @@ template <class P, class W, int K> struct MmaWarp : Batches<MmaWarp<P, W, K>, P,
 
     // Multiplies the batch issue(w, kb, ...) loaded into the accumulators.
     __device__ __forceinline__ void consume(const W& w, int kb, int kb1, int kbs, int xk) {
+        const int q = threadIdx.x & 3;
         if constexpr (XG > 0) {
-            consume_grouped(w, kb, kb1, kbs, xk);
-            return;
-        }
-        const int q = threadIdx.x & 3;
 #pragma unroll
-        for (int u = 0; u < P::U; ++u) {
-            const int kbu = kb + u * kbs;
-            if (kbu < kb1) {  // warp-uniform
-                const int k = kbu * P::KB + q * EPV;
-                uint32_t A0[NWD], A1[NWD];
-                w.mma_words(va[u], sa[u], A0);
-                w.mma_words(vb[u], sb[u], A1);
+            for (int u0 = 0; u0 < P::U; u0 += XG) {
+                // Loaded at clamped places without a branch (a k-block past kb1
+                // reads the last one again, a column tile past ntiles its last
+                // column, as init() clamps): only the products below are skipped.
+                uint4 xv[XG][NT][XV];
 #pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    if (nt < ntiles) {  // warp-uniform
-                        uint32_t X[NWD];
+                for (int v = 0; v < XG; ++v) {
+                    if (u0 + v < P::U) {
+                        const int k = min(kb + (u0 + v) * kbs, kb1 - 1) * P::KB + q * EPV;
 #pragma unroll
-                        for (int j = 0; j < XV; ++j) {
-                            const uint4 xv = ld_v4(xp[nt] + (k - xk) + 8 * j);
-                            X[4 * j] = xv.x, X[4 * j + 1] = xv.y, X[4 * j + 2] = xv.z, X[4 * j + 3] = xv.w;
-                        }
-                        mma_k_block(A0, A1, X, d[nt]);
+                        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                            for (int j = 0; j < XV; ++j) xv[v][nt][j] = ld_v4(xp[nt] + (k - xk) + 8 * j);
                     }
+                }
+#pragma unroll
+                for (int v = 0; v < XG; ++v) {
+                    const int u = u0 + v;
+                    if (u < P::U && kb + u * kbs < kb1)  // warp-uniform
+                        multiply(w, u, [&](int nt, int j) { return xv[v][nt][j]; });
+                }
+            }
+        } else {
+#pragma unroll
+            for (int u = 0; u < P::U; ++u) {
+                const int kbu = kb + u * kbs;
+                if (kbu < kb1) {  // warp-uniform
+                    const int k = kbu * P::KB + q * EPV;
+                    multiply(w, u, [&](int nt, int j) { return ld_v4(xp[nt] + (k - xk) + 8 * j); });
                 }
             }
         }
     }
 
-    __device__ __forceinline__ void consume_grouped(const W& w, int kb, int kb1, int kbs, int xk) {
-        const int q = threadIdx.x & 3;
+    // The products of the batch's k-block u with every column tile:
+    // xvec(nt, j) gives column tile nt's j-th x vector of that k-block (its
+    // natural words, paired here as the format pairs the weights).
+    template <class XVec> __device__ __forceinline__ void multiply(const W& w, int u, XVec xvec) {
+        uint32_t A0[NWD], A1[NWD];
+        w.mma_words(va[u], sa[u], A0);
+        w.mma_words(vb[u], sb[u], A1);
 #pragma unroll
-        for (int u0 = 0; u0 < P::U; u0 += XG) {
-            // Loaded at clamped places without a branch (a k-block past kb1
-            // reads the last one again, a column tile past ntiles its last
-            // column, as init() clamps): only the products below are skipped.
-            uint4 xv[XG][NT][XV];
+        for (int nt = 0; nt < NT; ++nt) {
+            if (nt < ntiles) {  // warp-uniform
+                uint32_t X[NWD];
 #pragma unroll
-            for (int v = 0; v < XG; ++v) {
-                if (u0 + v < P::U) {
-                    const int k = min(kb + (u0 + v) * kbs, kb1 - 1) * P::KB + q * EPV;
+                for (int j = 0; j < XV; ++j) {
+                    const uint4 xj = xvec(nt, j);
+                    X[4 * j] = xj.x, X[4 * j + 1] = xj.y, X[4 * j + 2] = xj.z, X[4 * j + 3] = xj.w;
+                }
+                W::pair_x(X);
 #pragma unroll
-                    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                        for (int j = 0; j < XV; ++j) xv[v][nt][j] = ld_v4(xp[nt] + (k - xk) + 8 * j);
+                for (int s = 0; s < EPV / 4; ++s) {
+                    const uint32_t a[4] = {A0[2 * s], A1[2 * s], A0[2 * s + 1], A1[2 * s + 1]};
+                    const uint32_t b[2] = {X[2 * s], X[2 * s + 1]};
+                    mma_bf16_16816(d[nt], a, b);
                 }
             }
-#pragma unroll
-            for (int v = 0; v < XG; ++v) {
-                const int u = u0 + v;
-                if (u < P::U && kb + u * kbs < kb1) {  // warp-uniform
-                    uint32_t A0[NWD], A1[NWD];
-                    w.mma_words(va[u], sa[u], A0);
-                    w.mma_words(vb[u], sb[u], A1);
-#pragma unroll
-                    for (int nt = 0; nt < NT; ++nt) {
-                        if (nt < ntiles) {  // warp-uniform
-                            uint32_t X[NWD];
-#pragma unroll
-                            for (int j = 0; j < XV; ++j) {
-                                X[4 * j] = xv[v][nt][j].x, X[4 * j + 1] = xv[v][nt][j].y;
-                                X[4 * j + 2] = xv[v][nt][j].z, X[4 * j + 3] = xv[v][nt][j].w;
-                            }
-                            mma_k_block(A0, A1, X, d[nt]);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    // The EPV/4 mma steps of one k-block: rows (A0: g, A1: g+8) times the
-    // column tile's natural x words X (paired here as the format pairs A).
-    __device__ __forceinline__ static void mma_k_block(const uint32_t (&A0)[NWD], const uint32_t (&A1)[NWD],
-                                                      uint32_t (&X)[NWD], float (&acc)[4]) {
-        W::pair_x(X);
-#pragma unroll
-        for (int s = 0; s < EPV / 4; ++s) {
-            const uint32_t a[4] = {A0[2 * s], A1[2 * s], A0[2 * s + 1], A1[2 * s + 1]};
-            const uint32_t b[2] = {X[2 * s], X[2 * s + 1]};
-            mma_bf16_16816(acc, a, b);
         }
     }
 
