@@ -347,15 +347,23 @@ impl Trace {
     /// without the schedule index (`k241_moe_down_…` and `k250_moe_down_…`
     /// are one step repeated by the layers), with how many there are, the
     /// median and total work (end minus past-the-wait), the median of their
-    /// longest CTA's own work, and the total's share of the forward's span,
-    /// largest total first.
+    /// longest CTA's own work, the median gap before them (from the last end
+    /// of the kernel before to their first CTA past its wait; "-" for a step
+    /// whose only kernel is the forward's first), and the total's share of
+    /// the forward's span, largest total first.
     pub fn steps(&self) -> String {
         let mut by: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
-        for k in &self.kernels {
+        let mut gaps: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for (i, k) in self.kernels.iter().enumerate() {
             let step = k.name.split_once('_').map_or(k.name.as_str(), |(_, r)| r);
             by.entry(step)
                 .or_default()
                 .push(((k.end - k.waited).max(0.0), k.longest));
+            if i > 0 {
+                gaps.entry(step)
+                    .or_default()
+                    .push(k.waited - self.kernels[i - 1].end);
+            }
         }
         let (lo, hi) = self.window(&(0..self.kernels.len()));
         let span = (hi - lo).max(1e-9);
@@ -363,8 +371,8 @@ impl Trace {
         let mut rows: Vec<(&str, Vec<(f64, f64)>)> = by.into_iter().collect();
         rows.sort_by(|a, b| total(&b.1).total_cmp(&total(&a.1)).then(a.0.cmp(b.0)));
         let mut s = format!(
-            "  {:<44} {:>5} {:>10} {:>10} {:>8} {:>7}\n",
-            "step", "count", "median us", "total us", "CTA max", "share"
+            "  {:<44} {:>5} {:>10} {:>10} {:>8} {:>7} {:>7}\n",
+            "step", "count", "median us", "total us", "CTA max", "gap us", "share"
         );
         let median = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
@@ -372,14 +380,18 @@ impl Trace {
         };
         for (step, w) in rows {
             let t = total(&w);
+            let gap = gaps
+                .remove(step)
+                .map_or_else(|| "-".to_string(), |g| format!("{:.2}", median(g)));
             let _ = writeln!(
                 s,
-                "  {:<44} {:>5} {:>10.2} {:>10.1} {:>8.2} {:>6.1}%",
+                "  {:<44} {:>5} {:>10.2} {:>10.1} {:>8.2} {:>7} {:>6.1}%",
                 step,
                 w.len(),
                 median(w.iter().map(|x| x.0).collect()),
                 t,
                 median(w.iter().map(|x| x.1).collect()),
+                gap,
                 100.0 * t / span
             );
         }
