@@ -1400,6 +1400,24 @@ fn experts_match_the_interpreter() {
         (ex(Fmt::Mx, "Auto", 256, 256, 16, 32), 1),
         (ex(Fmt::Mx, "Auto", 256, 256, 16, 32), 5),
         (ex(Fmt::Mx, "Auto", 256, 256, 16, 32), 16),
+        // At most 8 tokens (one column tile) the down tile's warps load h
+        // ahead of the products, two FP4 k-blocks at a time: 6 k-blocks an
+        // expert (a batch of 4, then one of 2 and two clamped), and 3 (one
+        // batch of 3: a group of 2, then 1).
+        (
+            Ex {
+                max_t: 1,
+                ..ex(Fmt::Mx, "Auto", 256, 768, 16, 16)
+            },
+            1,
+        ),
+        (
+            Ex {
+                max_t: 8,
+                ..ex(Fmt::Mx, "Auto", 256, 384, 16, 16)
+            },
+            8,
+        ),
         (ex(Fmt::Nv, "Auto", 256, 256, 16, 16), 3),
         (ex(Fmt::Nv, "Auto", 256, 256, 16, 16), 16),
         (ex(Fmt::E4m3, "Auto", 256, 128, 16, 16), 8),
@@ -1452,8 +1470,19 @@ fn experts_match_the_interpreter() {
             kit::f32s(&out["y"]),
         ));
     }
-    let rname = router.name("ex");
-    let mut kernels = vec![router.source(&rname)];
+    // One router per MAX_T of the cases: the routing table's layout is the
+    // expert tiles' MAX_T.
+    let router_for = |max_t: usize| Router { max_t, ..router };
+    let mut max_ts: Vec<usize> = cases.iter().map(|(c, _)| c.max_t).collect();
+    max_ts.sort_unstable();
+    max_ts.dedup();
+    let mut kernels: Vec<String> = max_ts
+        .iter()
+        .map(|&m| {
+            let r = router_for(m);
+            r.source(&r.name("ex"))
+        })
+        .collect();
     kernels.extend(
         cases
             .iter()
@@ -1465,11 +1494,13 @@ fn experts_match_the_interpreter() {
         return;
     };
     let module = gpu.load("kernels_weights_experts", &src, HEADERS).unwrap();
-    let rf = module.function(&rname).unwrap();
     for (ci, ((c, t), (x, logits, bias, gu, dn, want_idx, want_w, want_y))) in
         cases.iter().zip(prepared).enumerate()
     {
         let t = *t;
+        let router = router_for(c.max_t);
+        let rname = router.name("ex");
+        let rf = module.function(&rname).unwrap();
         let tag = format!("g{ci}");
         let (upn, downn) = (c.name(&tag, true), c.name(&tag, false));
         let (uf, df) = (
