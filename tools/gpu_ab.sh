@@ -7,8 +7,9 @@
 # ($OUT/tests.tgz, default OUT /tmp/out) before the benches; everything lands
 # in $OUT as ab.tgz; a short table is printed last: each row of each bench, then layer
 # AB_LAYER's timeline (default 24) of the first preset (per kernel: work,
-# CTAs, the longest and the mean CTA's own work), then each kernel kind's
-# work and longest CTA averaged over that preset's whole forward.
+# CTAs, the longest and the mean CTA's own work), then the bench's per-step
+# table of that preset's whole forward (median work, longest CTA, the gap
+# before each step's wait).
 # Usage: AB_BINS="tilefuse-base tilefuse" bash tools/gpu_ab.sh ["test-binary [args]" ...]
 #   AB_PRESETS (default qwen3-30b-a3b,mimo-v2-flash-4l), AB_TOKENS (1,8),
 #   AB_CONTEXT (1024), AB_MODES (graph), AB_REPS (20), AB_ROUNDS (1),
@@ -51,7 +52,7 @@ for b in "${bins[@]}"; do
         awk '{ if ($1 ~ /^k/) printf "  %-40s %8s %6s %8s %8s\n", $1, $5, $6, (NF >= 11 ? $10 : "-"), (NF >= 11 ? $11 : "-"); else print }'
 done
 for b in "${bins[@]}"; do
-    echo "==== $b, ${presets%%,*} ${modes%%,*}: kernel kinds, launches, mean work (us) over the forward"
-    kernel_averages "$work/$b-1/timeline-${presets%%,*}-${modes%%,*}.txt" 2>/dev/null
+    echo "==== $b, ${presets%%,*} ${modes%%,*}: per step over the forward (the bench's own table)"
+    sed -n '/^per step/,$p' "$work/$b-1/timeline-${presets%%,*}-${modes%%,*}.txt" 2>/dev/null | tail -n +2
 done
 exit $fail

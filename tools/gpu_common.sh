@@ -25,18 +25,3 @@ run_test_binaries() {
         summary+="$b ${rest:+($rest) }rc=$rc $(grep -E '^test result' "$log" | tail -1)"$'\n'
     done
 }
-
-# kernel_averages TIMELINE: each kernel kind's work and longest CTA (µs)
-# averaged over the forward of a timeline file (`tilefuse bench --timeline`),
-# the launch number stripped from the name, so that kinds compare across
-# binaries whose kernel counts differ. Prints "kind  launches  mean work  mean
-# longest CTA".
-kernel_averages() {
-    # A binary older than the CTA columns has 8 fields a row: "-" then.
-    awk '$1 ~ /^k[0-9]+_/ && NF >= 5 {
-            n = $1; sub(/^k[0-9]+_/, "", n); s[n] += $5; c[n]++
-            if (NF >= 10) { m[n] += $10; h[n]++ }
-        }
-        END { for (k in s) printf "  %-44s %4d %8.2f %8s\n", k, c[k], s[k] / c[k],
-                  h[k] ? sprintf("%.2f", m[k] / h[k]) : "-" }' "$1" | sort
-}
