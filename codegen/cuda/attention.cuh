@@ -372,12 +372,16 @@ struct AttnConfig {
 };
 
 namespace attn_detail {
+// The first query token of attention tile `tile`: tile = (qb * HKV + kvh) *
+// NSPLIT + split, query block qb holding tokens [qb * TQ, qb * TQ + TQ).
+template <class C> __device__ __forceinline__ int first_token(int tile) { return tile / (C::NSPLIT * C::HKV) * C::TQ; }
+
 // The keys [my_lo, my_hi) that attention tile `tile` reads: the union of its
 // queries' visible keys, cut into NSPLIT equal parts (rounded up to 16 keys),
 // part `split`.
 template <class C> __device__ __forceinline__ void split_range(int tile, int T, int S, int& my_lo, int& my_hi) {
     const int split = tile % C::NSPLIT;
-    const int t0 = tile / (C::NSPLIT * C::HKV) * C::TQ;
+    const int t0 = first_token<C>(tile);
     const int t1 = min(T, t0 + C::TQ);
     int lo, hi;
     if (C::MASK == MASK_CAUSAL) {
@@ -416,7 +420,7 @@ template <class C> __device__ __forceinline__ void rope_table(int t0, int T, con
 template <class C> __device__ void attention_prologue(int tile, int T, const int* __restrict__ qpos, float theta,
                                                       char* smem) {
     // At the start of its CTA: no earlier tile uses this shared memory.
-    const int t0 = tile / (C::NSPLIT * C::HKV) * C::TQ;
+    const int t0 = attn_detail::first_token<C>(tile);
     attn_detail::rope_table<C>(t0, T, qpos, theta, reinterpret_cast<float2*>(smem + C::OFF_CS));
 }
 
@@ -558,8 +562,7 @@ __device__ void attention_tile(int tile, int T, int S, int cap, const int* __res
     const int g = lane >> 2, t4 = lane & 3;
     const int split = tile % NSPLIT;
     const int kvh = (tile / NSPLIT) % HKV;
-    const int qb = tile / (NSPLIT * HKV);
-    const int t0 = qb * TQ;
+    const int t0 = attn_detail::first_token<C>(tile);
     const int t1 = min(T, t0 + TQ);  // tokens [t0, t1)
     int my_lo, my_hi;
     attn_detail::split_range<C>(tile, T, S, my_lo, my_hi);

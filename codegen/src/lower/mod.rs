@@ -53,25 +53,13 @@ pub struct LoweredKernel {
 impl LoweredKernel {
     /// The kernel's own text: header, tile function and wrapper.
     pub fn source(&self) -> String {
-        let prefetch = self
-            .prefetch
-            .as_ref()
-            .map(|p| format!("{p}\n"))
-            .unwrap_or_default();
-        let early = self
-            .early
-            .as_ref()
-            .map(|p| format!("{p}\n"))
-            .unwrap_or_default();
-        let prologue = self
-            .prologue
-            .as_ref()
-            .map(|p| format!("{p}\n"))
-            .unwrap_or_default();
-        format!(
-            "{}{}\n{prefetch}{early}{prologue}{}",
-            self.header, self.device, self.wrapper
-        )
+        // The helpers the wrapper calls, those that exist, in this order.
+        let helpers: String = [&self.prefetch, &self.early, &self.prologue]
+            .into_iter()
+            .flatten()
+            .map(|f| format!("{f}\n"))
+            .collect();
+        format!("{}{}\n{helpers}{}", self.header, self.device, self.wrapper)
     }
 }
 
