@@ -41,6 +41,18 @@ struct RouteView {
     __device__ __forceinline__ int expert(int d) const { return base[1 + d]; }
     __device__ __forceinline__ int offset(int d) const { return base[1 + tk + d]; }
     __device__ __forceinline__ int pair(int i) const { return base[2 + 2 * tk + i]; }
+    // The count and slot d's expert and pair range (d < tk), in one round of
+    // loads through L2: the four places are inside the table whatever the
+    // count, and `ld_l2_i32` is not reordered, so the compiler issues all four
+    // before a branch on the count instead of one after another.
+    struct Slot {
+        int n_distinct, expert, p0, np;
+    };
+    __device__ __forceinline__ Slot slot(int d) const {
+        const int nd = ld_l2_i32(base), e = ld_l2_i32(base + 1 + d);
+        const int p0 = ld_l2_i32(base + 1 + tk + d), p1 = ld_l2_i32(base + 2 + tk + d);
+        return Slot{nd, e, p0, p1 - p0};
+    }
 };
 
 namespace moe_detail {
@@ -380,11 +392,12 @@ __device__ void experts_up_tile(int tile, const bf16* __restrict__ x, int T, con
     constexpr int ROWS = C::rows, H = C::h, I = C::i, TOPK = C::topk, CH = cdiv(I, ROWS);
     const RouteView rt{route, C::max_t * TOPK};
     const int d = tile / CH, c = tile - d * CH;
-    if (d >= rt.n_distinct()) return;  // uniform over the CTA
+    const RouteView::Slot sl = rt.slot(d);
+    if (d >= sl.n_distinct) return;  // uniform over the CTA
     __syncthreads();
     const int warp = threadIdx.x >> 5;
     const int rg = warp % P::RG, kw = warp / P::RG;
-    const int e = rt.expert(d), p0 = rt.offset(d), np = rt.offset(d + 1) - p0;
+    const int e = sl.expert, p0 = sl.p0, np = sl.np;
     float* red = reinterpret_cast<float*>(smem);
     auto rowmap = [&](int lr) {
         const int l = rg * P::G + lr, half = l >= ROWS ? 1 : 0;
@@ -396,7 +409,10 @@ __device__ void experts_up_tile(int tile, const bf16* __restrict__ x, int T, con
         const int ncols = min((int)P::NCOLP, np - pc);
         if (pc > 0) __syncthreads();
         typename EP::Warp st;
-        st.init(rowmap, [&](int col) { return x + (size_t)(rt.pair(p0 + pc + col) / TOPK) * H; }, ncols);
+        // One token: every pair's row of x is row 0 (no read of the pairs).
+        st.init(
+            rowmap,
+            [&](int col) { return C::max_t == 1 ? x : x + (size_t)(rt.pair(p0 + pc + col) / TOPK) * H; }, ncols);
         st.run(gate_up, kw, P::NKB, P::KW, 0);
         st.emit([&](int lr, int col, float v) { red[(kw * 2 * ROWS + rg * P::G + lr) * P::NCOLP + col] = v; }, ncols);
         __syncthreads();
