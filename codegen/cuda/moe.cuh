@@ -350,12 +350,18 @@ struct MoeCfg {
 };
 
 namespace moe_detail {
-template <class C, class W, int NROWS, int K> struct ExpertPlan {
+// The most x vectors a gate/up warp loads ahead of a batch's products
+// (Plan::XH; two k-blocks' or more where one k-block's x is at most 4
+// vectors, e.g. MXFP4 at MAX_T <= 8). Otherwise each k-block's x is a load
+// behind the branches of the products before it. Its wrapper asks for 2 CTAs
+// an SM (lower::min_blocks), which holds it at 128 registers.
+constexpr int UP_XH = 8;
+template <class C, class W, int NROWS, int K, int XH = 0> struct ExpertPlan {
     enum : bool { MMA = mv_detail::use_mma<W, bf16, C::path()>() };
     // Columns per weight pass: all pairs of an expert (<= MAX_T) on the MMA
     // path; at most 8 on SIMT (more pairs: the weights are read again).
     enum : int { MAXCOL = MMA ? (int)C::max_t : cmin(C::max_t, 8) };
-    using P = mv_detail::Plan<NROWS, C::threads, K, MAXCOL, MMA, W, C::u>;
+    using P = mv_detail::Plan<NROWS, C::threads, K, MAXCOL, MMA, W, C::u, XH>;
     using Warp = mv_detail::WarpOf<P, W, K, bf16>;
 };
 }  // namespace moe_detail
@@ -364,7 +370,7 @@ template <class C, class W, int NROWS, int K> struct ExpertPlan {
 // matvec with 2*ROWS rows and MAX_T columns) MMA: G = 16, NCOLP = 8*ceil(MAX_T/8);
 // SIMT: G = max(2, 2*ROWS/(THREADS/32)), NCOLP = min(MAX_T, 8); KW = (THREADS/32) / (2*ROWS/G).
 template <class C, class W> __host__ __device__ constexpr int experts_up_smem_bytes() {
-    using P = typename moe_detail::ExpertPlan<C, W, 2 * C::rows, C::h>::P;
+    using P = typename moe_detail::ExpertPlan<C, W, 2 * C::rows, C::h, moe_detail::UP_XH>::P;
     return 4 * P::KW * 2 * C::rows * P::NCOLP;
 }
 // Tiles of experts_up: min(E, T*TOPK) * ceil(I / ROWS) (T: this forward's or the maximum).
@@ -387,7 +393,7 @@ __host__ __device__ constexpr int experts_up_tiles(int T, int topk, int E, int I
 template <class C, class W>
 __device__ void experts_up_tile(int tile, const bf16* __restrict__ x, int T, const int* __restrict__ route, W gate_up,
                                 bf16* __restrict__ h, char* smem) {
-    using EP = moe_detail::ExpertPlan<C, W, 2 * C::rows, C::h>;
+    using EP = moe_detail::ExpertPlan<C, W, 2 * C::rows, C::h, moe_detail::UP_XH>;
     using P = typename EP::P;
     constexpr int ROWS = C::rows, H = C::h, I = C::i, TOPK = C::topk, CH = cdiv(I, ROWS);
     const RouteView rt{route, C::max_t * TOPK};

@@ -232,8 +232,8 @@ fn write_stmt(f: &mut fmt::Formatter<'_>, s: &Stmt, level: usize) -> fmt::Result
 pub struct Function {
     /// Leading qualifiers (`extern "C" __global__`, `__device__ __forceinline__`).
     pub qualifiers: String,
-    /// `__launch_bounds__` threads, for kernels.
-    pub launch_bounds: Option<u32>,
+    /// `__launch_bounds__(threads, min CTAs an SM)`, for kernels.
+    pub launch_bounds: Option<(u32, u32)>,
     /// Return type (`void`).
     pub ret: String,
     /// Name.
@@ -247,8 +247,8 @@ pub struct Function {
 impl fmt::Display for Function {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ", self.qualifiers)?;
-        if let Some(n) = self.launch_bounds {
-            write!(f, "__launch_bounds__({n}, 1) ")?;
+        if let Some((n, m)) = self.launch_bounds {
+            write!(f, "__launch_bounds__({n}, {m}) ")?;
         }
         let ps: Vec<String> = self
             .params

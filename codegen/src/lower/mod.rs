@@ -237,7 +237,7 @@ fn persistent(kernels: &[LoweredKernel], threads: u32) -> Function {
     params.push(int_ptr("function_of"));
     Function {
         qualifiers: "extern \"C\" __global__".into(),
-        launch_bounds: Some(threads),
+        launch_bounds: Some((threads, 1)),
         ret: "void".into(),
         name: PERSISTENT.into(),
         params,
@@ -464,12 +464,26 @@ fn early_body(plan: &Plan, ki: usize, k: &Kernel) -> Result<Vec<Stmt>, CodegenEr
     }
 }
 
+/// The CTAs an SM must hold of a kernel (`__launch_bounds__`' second
+/// argument; the compiler keeps the registers a thread to fit them).
+/// The expert gate/up tile: 2. Its tiles outnumber the SMs (8 experts of
+/// Qwen3-30B-A3B: 192), so one CTA an SM would run them in two waves; with
+/// its x vectors loaded ahead of the products (`Plan::XH`) it would take 167
+/// registers where 2 CTAs allow 128, and at 128 it needs no spill. Every other
+/// kernel: 1 (the compiler's own choice of registers).
+fn min_blocks(kind: &KernelKind) -> u32 {
+    match kind {
+        KernelKind::ExpertsUp { .. } => 2,
+        _ => 1,
+    }
+}
+
 /// The tile function, the prefetch function (when there is a prefetch), the
 /// early hints (when there are any) and the `__global__` wrapper of one
 /// kernel function.
 fn functions(
     name: &str,
-    threads: u32,
+    (threads, min_blocks): (u32, u32),
     body: Vec<Stmt>,
     prefetch: Vec<Stmt>,
     early: Vec<Stmt>,
@@ -602,7 +616,7 @@ fn functions(
     ]);
     let wrapper = Function {
         qualifiers: "extern \"C\" __global__".into(),
-        launch_bounds: Some(threads),
+        launch_bounds: Some((threads, min_blocks)),
         ret: "void".into(),
         name: name.to_string(),
         params: wparams,
@@ -696,7 +710,8 @@ pub fn lower(plan: &Plan) -> Result<Module, CodegenError> {
                 } else {
                     format!("{base}_v{same}")
                 };
-                let f = functions(&name, k.tiling.threads, body, prefetch, early, prologue);
+                let bounds = (k.tiling.threads, min_blocks(&plan.group(k).kind));
+                let f = functions(&name, bounds, body, prefetch, early, prologue);
                 keys.push(key);
                 kernels.push(LoweredKernel {
                     name,
