@@ -184,17 +184,23 @@ __device__ __forceinline__ void head_prep_warp(const Act* __restrict__ src, cons
     static_assert(D % VN == 0, "head dim must be a multiple of 16 bytes");
     static_assert(ROT % 2 == 0 && ROT <= D, "rot dims must be even and <= head dim");
     const int lane = threadIdx.x & 31;
-    float x[PER][VN];
+    float x[PER][VN], gm[NORM ? PER : 1][VN];
     double ss = 0.0;
+    // The weights gamma are loaded with x (one round trip for both).
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
         const int c = lane + 32 * i;
         if (c < NV) {
             V::load(src + c * VN, x[i]);
-            if (NORM) {
+            if (NORM) V::load(gamma + c * VN, gm[i]);
+        }
+    }
 #pragma unroll
-                for (int e = 0; e < VN; ++e) ss += (double)x[i][e] * (double)x[i][e];
-            }
+    for (int i = 0; i < PER; ++i) {
+        const int c = lane + 32 * i;
+        if (NORM && c < NV) {
+#pragma unroll
+            for (int e = 0; e < VN; ++e) ss += (double)x[i][e] * (double)x[i][e];
         }
     }
     if (NORM) {
@@ -205,12 +211,10 @@ __device__ __forceinline__ void head_prep_warp(const Act* __restrict__ src, cons
         for (int i = 0; i < PER; ++i) {
             const int c = lane + 32 * i;
             if (c < NV) {
-                float gm[VN];
-                V::load(gamma + c * VN, gm);
 #pragma unroll
                 for (int e = 0; e < VN; ++e) {
                     const float n = round_to<Act>(__fmul_rn(x[i][e], rs));
-                    x[i][e] = __fmul_rn(gm[e], n);  // rounded by the store below
+                    x[i][e] = __fmul_rn(gm[i][e], n);  // rounded by the store below
                 }
             }
         }
@@ -576,6 +580,44 @@ __device__ void attention_tile(int tile, int T, int S, int cap, const int* __res
     for (int i = tid; i < MR * DV; i += THREADS) sO[i] = 0.f;
     __syncthreads();
 
+    const int mt = warp / WPM, wi = warp % WPM;  // this warp's m-tile and rank in it
+    const bf16* kbase = k_cache + kvh * DK;
+    const bf16* vbase = v_cache + kvh * DV;
+    constexpr int KROW = HKV * DK, VROW = HKV * DV;
+
+    // Lane (g, t4)'s key fragments of n-tile nt (dims 32c + 8 t4 of key 8 nt + g
+    // of the sub-chunk at sub_lo, n keys, first slot base_slot); zeros past n
+    // or where `skip`.
+    auto load_k = [&](uint4 (&kf)[KB32], int nt, int n, int base_slot, bool skip) {
+        const int d = nt * 8 + g;
+        const bool ok = d < n && !skip;
+        const size_t slot = ok ? (size_t)ring_slot(base_slot, d, cap) : 0;
+        const bf16* kr = kbase + slot * KROW;
+#pragma unroll
+        for (int c = 0; c < KB32; ++c)
+            kf[c] = (ok && 32 * c + 8 * t4 < DK) ? ld_kv_v4(kr + 32 * c + 8 * t4) : make_uint4(0, 0, 0, 0);
+        if (ok && t4 * 64 < DV) prefetch_l2(vbase + slot * VROW + t4 * 64);
+    };
+    // Where a warp prepares several query rows (ROWS > NW: verification,
+    // T > 1), its first key fragments (the first n-tiles of sweep 1 on the
+    // first sub-chunk) are loaded before the queries are prepared, their round
+    // trip beside the query rows' own: keys already in the cache (with APPEND,
+    // the keys before S; the rows this tile appends are loaded after the
+    // barrier that follows their writes). With one row a warp (decode) the
+    // preparation is short and the 37 registers they hold did not pay.
+    constexpr bool KPRE = ROWS > NW;
+    uint4 kf0[2][KB32];
+    bool kpre[2] = {false, false};
+    if constexpr (KPRE) {
+        const int n = min(CH, my_hi - my_lo);
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const int d = (wi + u * WPM) * 8 + g;
+            kpre[u] = !APPEND || my_lo + d < S;
+            load_k(kf0[u], wi + u * WPM, n, my_lo % cap, !kpre[u]);
+        }
+    }
+
     // Q rows (token-major: row r = token t0 + r / G, head kvh * G + r % G), normed
     // and rotated, bf16 in smem; padding rows and dims [DK, 32*KB32) are zero.
     for (int r = warp; r < MR; r += NW) {
@@ -627,11 +669,6 @@ __device__ void attention_tile(int tile, int T, int S, int cap, const int* __res
     }
     __syncthreads();
 
-    const int mt = warp / WPM, wi = warp % WPM;  // this warp's m-tile and rank in it
-    const bf16* kbase = k_cache + kvh * DK;
-    const bf16* vbase = v_cache + kvh * DV;
-    constexpr int KROW = HKV * DK, VROW = HKV * DV;
-
     // Visibility of key j (absolute position) for tile row r.
     auto visible = [&](int r, int j) -> bool {
         const int t = t0 + r / G;
@@ -663,16 +700,15 @@ __device__ void attention_tile(int tile, int T, int S, int cap, const int* __res
             const int nnt = (n + 7) >> 3;
             for (int nt = wi; nt < nnt; nt += 2 * WPM) {
                 uint4 kf[2][KB32];
+                const bool pre = KPRE && first && nt == wi;
 #pragma unroll
                 for (int u = 0; u < 2; ++u) {
-                    const int d = (nt + u * WPM) * 8 + g;
-                    const bool ok = d < n;  // implies the n-tile exists
-                    const size_t slot = ok ? (size_t)ring_slot(base_slot, d, cap) : 0;
-                    const bf16* kr = kbase + slot * KROW;
+                    if (pre && kpre[u]) {
 #pragma unroll
-                    for (int c = 0; c < KB32; ++c)
-                        kf[u][c] = (ok && 32 * c + 8 * t4 < DK) ? ld_kv_v4(kr + 32 * c + 8 * t4) : make_uint4(0, 0, 0, 0);
-                    if (ok && t4 * 64 < DV) prefetch_l2(vbase + slot * VROW + t4 * 64);
+                        for (int c = 0; c < KB32; ++c) kf[u][c] = kf0[u][c];
+                    } else {
+                        load_k(kf[u], nt + u * WPM, n, base_slot, false);
+                    }
                 }
 #pragma unroll
                 for (int u = 0; u < 2; ++u) {
