@@ -17,6 +17,13 @@
 // seen by the thread that issues a bulk prefetch and by one in another warp.
 // Without the prefetch, or if a prefetch never holds the wait back, both are
 // well under a microsecond.
+//
+// Third table: the same, but the producer ends as a real kernel does, with
+// writes (1 MiB: its 32 CTAs store 32 KiB each after the spin), and the
+// consumer asks for 64 KiB a CTA (8 MiB, as the o projection's wrappers).
+// Whether a grid's completion (its writes made visible to the dependent)
+// waits behind the dependent's prefetch traffic: if so, the bulk and line
+// rows are microseconds behind the row without a prefetch.
 //   nvcc -O3 -arch=sm_90a -o l2_prefetch_micro tools/l2_prefetch_micro.cu && ./l2_prefetch_micro
 #include <cstdio>
 #include <cuda_runtime.h>
@@ -66,22 +73,26 @@ __device__ __forceinline__ void atomic_min_u64(unsigned long long* p, unsigned l
 // rec: [0] producer's last end, [1] / [2] the first / last CTA whose thread 0
 // (the one that issues the bulk prefetch) is past its wait, [3] / [4] the same
 // for thread 32 (a warp that issues none).
-__global__ void producer(unsigned long long* rec) {
+// out: nullptr (second table) or 32 KiB a CTA written after the spin (third).
+__global__ void producer(unsigned long long* rec, int4* out) {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     const unsigned long long t0 = now();
     while (now() - t0 < 3000) {
     }
+    if (out != nullptr)
+        for (int i = 0; i < 8; ++i) out[(size_t)blockIdx.x * 2048 + i * 256 + threadIdx.x] = make_int4(i, 1, 2, 3);
     __syncthreads();
     if (threadIdx.x == 0) atomic_max_u64(rec, now());
 }
 
-__global__ void __launch_bounds__(256, 1) consumer(const char* w, int mode, unsigned long long* rec) {
+// kib: KiB a CTA asks L2 for before its wait (a multiple of 64).
+__global__ void __launch_bounds__(256, 1) consumer(const char* w, int mode, int kib, unsigned long long* rec) {
     const char* base = w + (size_t)blockIdx.x * (256 << 10);
     if (mode == 1 && threadIdx.x == 0)
-        for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < kib / 64; ++i)
             asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base + i * 65536), "r"(65536u) : "memory");
     if (mode == 2)
-        for (int i = threadIdx.x; i < 2048; i += 256) asm volatile("prefetch.global.L2 [%0];" ::"l"(base + i * 128));
+        for (int i = threadIdx.x; i < kib * 8; i += 256) asm volatile("prefetch.global.L2 [%0];" ::"l"(base + i * 128));
     asm volatile("griddepcontrol.wait;" ::: "memory");
     const unsigned long long t = now();
     if (threadIdx.x == 0) atomic_min_u64(rec + 1, t), atomic_max_u64(rec + 2, t);
@@ -119,40 +130,47 @@ int main() {
         }
         printf("%-16s %12.0f %12.0f %16.0f %12.0f\n", names[mode], mean[0], mx[0], mean[1], mx[1]);
     }
-    // Second table.
+    // Second and third tables.
     char* w2;
+    int4* out;
     cudaMalloc(&w2, 128ull * (256 << 10));
     cudaMemset(w2, 1, 128ull * (256 << 10));
-    const char* names2[] = {"none", "bulk 256 KiB", "2048 lines"};
-    printf("\n%-16s %26s %26s\n", "prefetch", "thread 0 past wait - end", "thread 32 past wait - end");
-    printf("%-16s %13s %12s %13s %12s\n", "", "first ns", "last ns", "first ns", "last ns");
-    for (int mode = 0; mode < 3; ++mode) {
-        double first[2] = {0, 0}, last[2] = {0, 0};
-        const int reps = 20;
-        for (int r = 0; r < reps + 2; ++r) {
-            const unsigned long long init[5] = {0ull, ~0ull, 0ull, ~0ull, 0ull};
-            cudaMemcpy(rec, init, sizeof init, cudaMemcpyHostToDevice);
-            evict<<<528, 256>>>(ev, nev);
-            producer<<<32, 256>>>(rec);
-            cudaLaunchConfig_t cfg = {};
-            cfg.gridDim = dim3(128);
-            cfg.blockDim = dim3(256);
-            cudaLaunchAttribute attr[1];
-            attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-            attr[0].val.programmaticStreamSerializationAllowed = 1;
-            cfg.attrs = attr;
-            cfg.numAttrs = 1;
-            cudaLaunchKernelEx(&cfg, consumer, (const char*)w2, mode, rec);
-            cudaDeviceSynchronize();
-            unsigned long long h[5];
-            cudaMemcpy(h, rec, sizeof h, cudaMemcpyDeviceToHost);
-            if (r < 2) continue;
-            for (int j = 0; j < 2; ++j) {
-                first[j] += ((double)h[1 + 2 * j] - (double)h[0]) / reps;
-                last[j] += ((double)h[2 + 2 * j] - (double)h[0]) / reps;
+    cudaMalloc(&out, 32ull * 32768);
+    for (int table = 2; table <= 3; ++table) {
+        const int kib = table == 2 ? 256 : 64;
+        const char* names2[] = {"none", table == 2 ? "bulk 256 KiB" : "bulk 64 KiB", table == 2 ? "2048 lines" : "512 lines"};
+        printf("\n%s\n", table == 2 ? "producer writes nothing, 256 KiB a consumer CTA"
+                                      : "producer writes 1 MiB at its end, 64 KiB a consumer CTA");
+        printf("%-16s %26s %26s\n", "prefetch", "thread 0 past wait - end", "thread 32 past wait - end");
+        printf("%-16s %13s %12s %13s %12s\n", "", "first ns", "last ns", "first ns", "last ns");
+        for (int mode = 0; mode < 3; ++mode) {
+            double first[2] = {0, 0}, last[2] = {0, 0};
+            const int reps = 20;
+            for (int r = 0; r < reps + 2; ++r) {
+                const unsigned long long init[5] = {0ull, ~0ull, 0ull, ~0ull, 0ull};
+                cudaMemcpy(rec, init, sizeof init, cudaMemcpyHostToDevice);
+                evict<<<528, 256>>>(ev, nev);
+                producer<<<32, 256>>>(rec, table == 3 ? out : nullptr);
+                cudaLaunchConfig_t cfg = {};
+                cfg.gridDim = dim3(128);
+                cfg.blockDim = dim3(256);
+                cudaLaunchAttribute attr[1];
+                attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+                attr[0].val.programmaticStreamSerializationAllowed = 1;
+                cfg.attrs = attr;
+                cfg.numAttrs = 1;
+                cudaLaunchKernelEx(&cfg, consumer, (const char*)w2, mode, kib, rec);
+                cudaDeviceSynchronize();
+                unsigned long long h[5];
+                cudaMemcpy(h, rec, sizeof h, cudaMemcpyDeviceToHost);
+                if (r < 2) continue;
+                for (int j = 0; j < 2; ++j) {
+                    first[j] += ((double)h[1 + 2 * j] - (double)h[0]) / reps;
+                    last[j] += ((double)h[2 + 2 * j] - (double)h[0]) / reps;
+                }
             }
+            printf("%-16s %13.0f %12.0f %13.0f %12.0f\n", names2[mode], first[0], last[0], first[1], last[1]);
         }
-        printf("%-16s %13.0f %12.0f %13.0f %12.0f\n", names2[mode], first[0], last[0], first[1], last[1]);
     }
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) {
