@@ -13,7 +13,9 @@
 # Usage: AB_BINS="tilefuse-base tilefuse" bash tools/gpu_ab.sh ["test-binary [args]" ...]
 #   AB_PRESETS (default qwen3-30b-a3b,mimo-v2-flash-4l), AB_TOKENS (1,8),
 #   AB_CONTEXT (1024), AB_MODES (graph), AB_REPS (20), AB_ROUNDS (1),
-#   ROUND_TIMEOUT: seconds per test binary (default 300).
+#   ROUND_TIMEOUT: seconds per test binary (default 300); ROUND_JOBS: test
+#   runs at once (default 1), "binary --each" a run per test
+#   (tools/gpu_common.sh), e.g. ROUND_JOBS=6 ... gpu_ab.sh "gpu_exec --each".
 set -u
 out=${OUT:-/tmp/out}
 work=$(mktemp -d)
