@@ -23,9 +23,14 @@ run_test_binaries() {
     for t in "$@"; do
         read -r b rest <<<"$t"
         if [ "$rest" = "--each" ]; then
+            local names
+            names=$(gpu-bin/"$b" --list 2>/dev/null | sed -n 's/: test$//p')
+            # No list (a missing or broken binary): one run of the whole
+            # binary, whose failure is then reported.
+            [ -z "$names" ] && entries+=("$b") && continue
             while read -r name; do
                 entries+=("$b --exact $name")
-            done < <(gpu-bin/"$b" --list 2>/dev/null | sed -n 's/: test$//p')
+            done <<<"$names"
         else
             entries+=("$t")
         fi
