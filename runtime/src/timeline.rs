@@ -349,20 +349,24 @@ impl Trace {
     /// median and total work (end minus past-the-wait), the median of their
     /// longest CTA's own work, the median gap before them (from the last end
     /// of the kernel before to their first CTA past its wait; "-" for a step
-    /// whose only kernel is the forward's first), and the total's share of
-    /// the forward's span, largest total first.
+    /// whose only kernel is the forward's first), the median start (from the
+    /// same end to their first CTA's start: negative where the CTAs were
+    /// resident before the kernel before had ended, so a gap that follows a
+    /// late start is the launch's), and the total's share of the forward's
+    /// span, largest total first.
     pub fn steps(&self) -> String {
         let mut by: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
-        let mut gaps: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        let mut gaps: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
         for (i, k) in self.kernels.iter().enumerate() {
             let step = k.name.split_once('_').map_or(k.name.as_str(), |(_, r)| r);
             by.entry(step)
                 .or_default()
                 .push(((k.end - k.waited).max(0.0), k.longest));
             if i > 0 {
+                let before = self.kernels[i - 1].end;
                 gaps.entry(step)
                     .or_default()
-                    .push(k.waited - self.kernels[i - 1].end);
+                    .push((k.waited - before, k.start - before));
             }
         }
         let (lo, hi) = self.window(&(0..self.kernels.len()));
@@ -371,8 +375,8 @@ impl Trace {
         let mut rows: Vec<(&str, Vec<(f64, f64)>)> = by.into_iter().collect();
         rows.sort_by(|a, b| total(&b.1).total_cmp(&total(&a.1)).then(a.0.cmp(b.0)));
         let mut s = format!(
-            "  {:<44} {:>5} {:>10} {:>10} {:>8} {:>7} {:>7}\n",
-            "step", "count", "median us", "total us", "CTA max", "gap us", "share"
+            "  {:<44} {:>5} {:>10} {:>10} {:>8} {:>7} {:>8} {:>7}\n",
+            "step", "count", "median us", "total us", "CTA max", "gap us", "start us", "share"
         );
         let median = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
@@ -380,18 +384,25 @@ impl Trace {
         };
         for (step, w) in rows {
             let t = total(&w);
-            let gap = gaps
-                .remove(step)
-                .map_or_else(|| "-".to_string(), |g| format!("{:.2}", median(g)));
+            let (gap, start) = gaps.remove(step).map_or_else(
+                || ("-".to_string(), "-".to_string()),
+                |g| {
+                    (
+                        format!("{:.2}", median(g.iter().map(|x| x.0).collect())),
+                        format!("{:.2}", median(g.iter().map(|x| x.1).collect())),
+                    )
+                },
+            );
             let _ = writeln!(
                 s,
-                "  {:<44} {:>5} {:>10.2} {:>10.1} {:>8.2} {:>7} {:>6.1}%",
+                "  {:<44} {:>5} {:>10.2} {:>10.1} {:>8.2} {:>7} {:>8} {:>6.1}%",
                 step,
                 w.len(),
                 median(w.iter().map(|x| x.0).collect()),
                 t,
                 median(w.iter().map(|x| x.1).collect()),
                 gap,
+                start,
                 100.0 * t / span
             );
         }

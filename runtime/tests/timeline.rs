@@ -173,19 +173,21 @@ fn steps_give_the_gap_before_each_wait() {
     let plan = plan();
     let n = plan.kernels.len();
     // Each step gets its own gap before its kernels' waits: 0.2 µs times
-    // one more than its place among the step names. A kernel starts 0.3 µs
-    // before the one before it ends (launched early), so its wait minus its
-    // own start is not the gap.
+    // one more than its place among the step names, and its own start: 0.1 µs
+    // times that number before the kernel before ends (launched early), so
+    // its wait minus its own start is not the gap.
     let step = |i: usize| plan.kernels[i].name.split_once('_').unwrap().1;
     let mut names: Vec<&str> = (0..n).map(step).collect();
     names.sort_unstable();
     names.dedup();
-    let gap_ns = |i: usize| 200 * (names.iter().position(|&s| s == step(i)).unwrap() as u64 + 1);
+    let place = |i: usize| names.iter().position(|&s| s == step(i)).unwrap() as u64 + 1;
+    let gap_ns = |i: usize| 200 * place(i);
+    let early_ns = |i: usize| 100 * place(i);
     let mut words = Vec::new();
     let mut t = 1_000_000u64;
     for i in 0..n {
         let (start, waited) = if i > 0 {
-            (t - 300, t + gap_ns(i))
+            (t - early_ns(i), t + gap_ns(i))
         } else {
             (t, t)
         };
@@ -203,19 +205,29 @@ fn steps_give_the_gap_before_each_wait() {
     }
     let tr = Trace::from_words(&plan, LaunchMode::Stream, n, &words, 1.0).unwrap();
     let s = tr.steps();
-    assert!(s.lines().next().unwrap().contains("gap us"), "{s}");
+    let header = s.lines().next().unwrap();
+    assert!(
+        header.contains("gap us") && header.contains("start us"),
+        "{s}"
+    );
     for name in &names {
         let line = s
             .lines()
             .find(|l| l.split_whitespace().next() == Some(*name))
             .unwrap_or_else(|| panic!("{name} missing from\n{s}"));
         let gap = line.split_whitespace().nth(5).unwrap();
+        let start = line.split_whitespace().nth(6).unwrap();
         let only_first = (0..n).filter(|&i| step(i) == *name).all(|i| i == 0);
         if only_first {
-            assert_eq!(gap, "-", "{line}");
+            assert_eq!((gap, start), ("-", "-"), "{line}");
         } else {
             let i = (1..n).find(|&i| step(i) == *name).unwrap();
             assert_eq!(gap, format!("{:.2}", gap_ns(i) as f64 / 1e3), "{line}");
+            assert_eq!(
+                start,
+                format!("{:.2}", -(early_ns(i) as f64) / 1e3),
+                "{line}"
+            );
         }
     }
 }
