@@ -353,8 +353,9 @@ namespace moe_detail {
 // The most x vectors a gate/up warp loads ahead of a batch's products
 // (Plan::XH; two k-blocks' or more where one k-block's x is at most 4
 // vectors, e.g. MXFP4 at MAX_T <= 8). Otherwise each k-block's x is a load
-// behind the branches of the products before it. Its wrapper asks for 2 CTAs
-// an SM (lower::min_blocks), which holds it at 128 registers.
+// behind the branches of the products before it. Where that applies its
+// wrapper asks for 2 CTAs an SM (lower::moe::up_min_blocks, which mirrors
+// this value), holding it at 128 registers.
 constexpr int UP_XH = 8;
 template <class C, class W, int NROWS, int K, int XH = 0> struct ExpertPlan {
     enum : bool { MMA = mv_detail::use_mma<W, bf16, C::path()>() };

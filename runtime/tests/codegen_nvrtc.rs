@@ -117,7 +117,9 @@ fn tiny_models_compile() {
 fn full_width_models_compile() {
     for name in ["mimo-v2-flash-4l", "qwen3-30b-a3b"] {
         let p = presets::by_name(name).unwrap();
-        for t in [1, 16] {
+        // 64: the prefill bucket (executable::DEFAULT_BUCKETS), where the
+        // expert tiles hold the most columns.
+        for t in [1, 16, 64] {
             // Known and open: the dispatchers of the full-width forwards spill
             // (MiMo-V2-Flash 4L about 1.5-2.4 KB a thread, Qwen3-30B-A3B at
             // T = 1 36 bytes), so they are not held to the rule here; their

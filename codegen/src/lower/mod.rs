@@ -465,16 +465,13 @@ fn early_body(plan: &Plan, ki: usize, k: &Kernel) -> Result<Vec<Stmt>, CodegenEr
 }
 
 /// The CTAs an SM must hold of a kernel (`__launch_bounds__`' second
-/// argument; the compiler keeps the registers a thread to fit them).
-/// The expert gate/up tile: 2. Its tiles outnumber the SMs (8 experts of
-/// Qwen3-30B-A3B: 192), so one CTA an SM would run them in two waves; with
-/// its x vectors loaded ahead of the products (`Plan::XH`) it would take 167
-/// registers where 2 CTAs allow 128, and at 128 it needs no spill. Every other
-/// kernel: 1 (the compiler's own choice of registers).
-fn min_blocks(kind: &KernelKind) -> u32 {
-    match kind {
-        KernelKind::ExpertsUp { .. } => 2,
-        _ => 1,
+/// argument; the compiler keeps the registers a thread to fit them): the
+/// expert gate/up tile's own choice ([`moe::up_min_blocks`]), 1 for every
+/// other kernel (the compiler's own choice of registers).
+fn min_blocks(plan: &Plan, kind: &KernelKind) -> Result<u32, CodegenError> {
+    match *kind {
+        KernelKind::ExpertsUp { experts } => moe::up_min_blocks(plan, experts),
+        _ => Ok(1),
     }
 }
 
@@ -710,7 +707,7 @@ pub fn lower(plan: &Plan) -> Result<Module, CodegenError> {
                 } else {
                     format!("{base}_v{same}")
                 };
-                let bounds = (k.tiling.threads, min_blocks(&plan.group(k).kind));
+                let bounds = (k.tiling.threads, min_blocks(plan, &plan.group(k).kind)?);
                 let f = functions(&name, bounds, body, prefetch, early, prologue);
                 keys.push(key);
                 kernels.push(LoweredKernel {
