@@ -150,6 +150,9 @@ pub struct Row {
     pub mode: String,
     /// Median time per forward, ms.
     pub ms: f64,
+    /// The 10th and 90th percentiles of the timed forwards, ms (none where
+    /// the row's time is not a median of forwards: the speculative steps).
+    pub spread_ms: Option<(f64, f64)>,
     /// Bytes that must move.
     pub bytes: Bytes,
     /// Roofline time, ms.
@@ -178,9 +181,16 @@ impl Row {
             context,
             mode: format!("{mode:?}").to_lowercase(),
             ms,
+            spread_ms: None,
             roofline_ms: (bytes.weights + bytes.kv) as f64 / bandwidth * 1e3,
             bytes,
         }
+    }
+
+    /// The row with the spread of its timed forwards.
+    fn with_spread(mut self, spread: (f64, f64)) -> Row {
+        self.spread_ms = Some(spread);
+        self
     }
 
     /// Roofline time over measured time.
@@ -239,15 +249,17 @@ pub fn bench_model(
                 );
                 let b = Bindings::new().with("T", t).with("S", ctx);
                 let mut times = exe.time_forwards(&b, &inputs, 3, reps)?;
-                times.sort_by(f32::total_cmp);
-                let ms = f64::from(times[times.len() / 2]);
+                let (ms, spread) = median_spread(&mut times);
                 let bytes = bytes_moved(&exe, t, ctx)?;
                 let forward = if t == 1 {
                     "decode".into()
                 } else {
                     format!("verify/prefill T={t}")
                 };
-                rows.push(Row::new(model, forward, t, ctx, mode, ms, bytes, bandwidth));
+                rows.push(
+                    Row::new(model, forward, t, ctx, mode, ms, bytes, bandwidth)
+                        .with_spread(spread),
+                );
                 if mode == LaunchMode::Stream && t == 1 && kernel_times.is_empty() {
                     kernel_times = exe.kernel_times(1, ctx, 20)?;
                 }
@@ -267,6 +279,14 @@ pub fn bench_model(
     })
 }
 
+/// The median of timed forwards and their 10th and 90th percentiles, ms
+/// (nearest rank; `times` is sorted here). Requires at least one time.
+pub fn median_spread(times: &mut [f32]) -> (f64, (f64, f64)) {
+    times.sort_by(f32::total_cmp);
+    let at = |q: usize| f64::from(times[(times.len() - 1) * q / 10]);
+    (f64::from(times[times.len() / 2]), (at(1), at(9)))
+}
+
 /// The rows as a table.
 pub fn table(device: &str, bandwidth: f64, rows: &[Row]) -> String {
     let mut s = format!(
@@ -274,17 +294,30 @@ pub fn table(device: &str, bandwidth: f64, rows: &[Row]) -> String {
         bandwidth / 1e9
     );
     s.push_str(&format!(
-        "{:<22} {:<20} {:>7} {:<10} {:>9} {:>10} {:>8} {:>10} {:>9}\n",
-        "model", "forward", "context", "mode", "ms", "MB weights", "MB kv", "roofline", "fraction"
+        "{:<22} {:<20} {:>7} {:<10} {:>9} {:>13} {:>10} {:>8} {:>10} {:>9}\n",
+        "model",
+        "forward",
+        "context",
+        "mode",
+        "ms",
+        "p10-p90",
+        "MB weights",
+        "MB kv",
+        "roofline",
+        "fraction"
     ));
     for r in rows {
+        let spread = r
+            .spread_ms
+            .map_or_else(|| "-".to_string(), |(lo, hi)| format!("{lo:.3}-{hi:.3}"));
         s.push_str(&format!(
-            "{:<22} {:<20} {:>7} {:<10} {:>9.3} {:>10.1} {:>8.1} {:>8.3}ms {:>8.1}%\n",
+            "{:<22} {:<20} {:>7} {:<10} {:>9.3} {:>13} {:>10.1} {:>8.1} {:>8.3}ms {:>8.1}%\n",
             r.model,
             r.forward,
             r.context,
             r.mode,
             r.ms,
+            spread,
             r.bytes.weights as f64 / 1e6,
             r.bytes.kv as f64 / 1e6,
             r.roofline_ms,
@@ -304,13 +337,15 @@ pub fn json(device: &str, bandwidth: f64, rows: &[Row], kernels: &[(String, f32)
         .iter()
         .map(|r| {
             format!(
-                "{{\"model\":{},\"forward\":{},\"t\":{},\"context\":{},\"mode\":{},\"ms\":{:.6},\"weight_bytes\":{},\"kv_bytes\":{},\"distinct_experts\":{:?},\"roofline_ms\":{:.6},\"fraction\":{:.6}}}",
+                "{{\"model\":{},\"forward\":{},\"t\":{},\"context\":{},\"mode\":{},\"ms\":{:.6},\"ms_p10_p90\":{},\"weight_bytes\":{},\"kv_bytes\":{},\"distinct_experts\":{:?},\"roofline_ms\":{:.6},\"fraction\":{:.6}}}",
                 json_str(&r.model),
                 json_str(&r.forward),
                 r.t,
                 r.context,
                 json_str(&r.mode),
                 r.ms,
+                r.spread_ms
+                    .map_or_else(|| "null".to_string(), |(lo, hi)| format!("[{lo:.6},{hi:.6}]")),
                 r.bytes.weights,
                 r.bytes.kv,
                 r.bytes.experts,
@@ -443,13 +478,13 @@ pub fn bench_draft(
             inputs.insert("context_pos".to_string(), Tensor::i32(&[c], at(ctx, c))?);
             let bind = Bindings::new().with("S", ctx).with("C", c).with("T", b);
             let mut times = dexe.time_forwards(&bind, &inputs, 3, reps)?;
-            times.sort_by(f32::total_cmp);
-            let ms = f64::from(times[times.len() / 2]);
+            let (ms, spread) = median_spread(&mut times);
             let bytes = bytes_moved(&dexe, b, ctx + c)?;
             let forward = format!("draft block B={b}");
-            rows.push(Row::new(
-                pair.model, forward, b, ctx, mode, ms, bytes, bandwidth,
-            ));
+            rows.push(
+                Row::new(pair.model, forward, b, ctx, mode, ms, bytes, bandwidth)
+                    .with_spread(spread),
+            );
         }
         // The whole step through the engine, one context at a time.
         drop(dexe);
@@ -550,4 +585,53 @@ pub fn bench_draft(
         }
     }
     Ok((rows, gpu))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{json, median_spread, table, Bytes, Row};
+    use crate::cuda_exec::LaunchMode;
+
+    #[test]
+    fn a_row_reports_the_spread_of_its_forwards() {
+        // Eleven forwards: the median is the sixth, the 10th and 90th
+        // percentiles the second and the tenth (nearest rank).
+        let mut times: Vec<f32> = vec![9.0, 1.0, 7.0, 3.0, 5.0, 11.0, 2.0, 8.0, 4.0, 10.0, 6.0];
+        let (ms, spread) = median_spread(&mut times);
+        assert_eq!((ms, spread), (6.0, (2.0, 10.0)));
+        let bytes = Bytes {
+            weights: 3_000_000,
+            kv: 0,
+            experts: vec![],
+        };
+        let timed = Row::new(
+            "m",
+            "decode".into(),
+            1,
+            8,
+            LaunchMode::Graph,
+            ms,
+            bytes.clone(),
+            3e12,
+        )
+        .with_spread(spread);
+        let step = Row::new(
+            "m",
+            "step".into(),
+            8,
+            8,
+            LaunchMode::Graph,
+            4.0,
+            bytes,
+            3e12,
+        );
+        let t = table("card", 3e12, &[timed.clone(), step.clone()]);
+        let lines: Vec<&str> = t.lines().filter(|l| l.starts_with("m ")).collect();
+        assert!(t.contains("p10-p90"), "{t}");
+        assert!(lines[0].contains(" 2.000-10.000 "), "{t}");
+        assert!(lines[1].split_whitespace().nth(5) == Some("-"), "{t}");
+        let j = json("card", 3e12, &[timed, step], &[]);
+        assert!(j.contains("\"ms_p10_p90\":[2.000000,10.000000]"), "{j}");
+        assert!(j.contains("\"ms_p10_p90\":null"), "{j}");
+    }
 }
