@@ -350,13 +350,14 @@ struct MoeCfg {
 };
 
 namespace moe_detail {
-// The most x vectors a gate/up warp loads ahead of a batch's products
-// (Plan::XH; two k-blocks' or more where one k-block's x is at most 4
-// vectors, e.g. MXFP4 at MAX_T <= 8). Otherwise each k-block's x is a load
-// behind the branches of the products before it. Where that applies its
-// wrapper asks for 2 CTAs an SM (lower::moe::up_min_blocks, which mirrors
-// this value), holding it at 128 registers.
-constexpr int UP_XH = 8;
+// The most x vectors a warp of an expert tile loads ahead of a batch's
+// products (Plan::XH; two k-blocks' or more where one k-block's x is at most
+// 4 vectors, e.g. MXFP4 at MAX_T <= 8), in both tiles. Otherwise each
+// k-block's x is a load behind the branches of the products before it.
+// Where that applies, the gate/up wrapper asks for 2 CTAs an SM
+// (lower::moe::up_min_blocks, which mirrors this value), holding it at 128
+// registers.
+constexpr int X_AHEAD = 8;
 template <class C, class W, int NROWS, int K, int XH = 0> struct ExpertPlan {
     enum : bool { MMA = mv_detail::use_mma<W, bf16, C::path()>() };
     // Columns per weight pass: all pairs of an expert (<= MAX_T) on the MMA
@@ -371,7 +372,7 @@ template <class C, class W, int NROWS, int K, int XH = 0> struct ExpertPlan {
 // matvec with 2*ROWS rows and MAX_T columns) MMA: G = 16, NCOLP = 8*ceil(MAX_T/8);
 // SIMT: G = max(2, 2*ROWS/(THREADS/32)), NCOLP = min(MAX_T, 8); KW = (THREADS/32) / (2*ROWS/G).
 template <class C, class W> __host__ __device__ constexpr int experts_up_smem_bytes() {
-    using P = typename moe_detail::ExpertPlan<C, W, 2 * C::rows, C::h, moe_detail::UP_XH>::P;
+    using P = typename moe_detail::ExpertPlan<C, W, 2 * C::rows, C::h, moe_detail::X_AHEAD>::P;
     return 4 * P::KW * 2 * C::rows * P::NCOLP;
 }
 // Tiles of experts_up: min(E, T*TOPK) * ceil(I / ROWS) (T: this forward's or the maximum).
@@ -394,7 +395,7 @@ __host__ __device__ constexpr int experts_up_tiles(int T, int topk, int E, int I
 template <class C, class W>
 __device__ void experts_up_tile(int tile, const bf16* __restrict__ x, int T, const int* __restrict__ route, W gate_up,
                                 bf16* __restrict__ h, char* smem) {
-    using EP = moe_detail::ExpertPlan<C, W, 2 * C::rows, C::h, moe_detail::UP_XH>;
+    using EP = moe_detail::ExpertPlan<C, W, 2 * C::rows, C::h, moe_detail::X_AHEAD>;
     using P = typename EP::P;
     constexpr int ROWS = C::rows, H = C::h, I = C::i, TOPK = C::topk, CH = cdiv(I, ROWS);
     const RouteView rt{route, C::max_t * TOPK};
@@ -451,7 +452,7 @@ template <class C, class W> struct DownPlan {
     using EP = ExpertPlan<C, W, C::rows, C::i>;
     using P = typename EP::P;
     enum : bool { BY_EXPERT = EP::MMA && P::KW > 1 };
-    using PW = typename mv_detail::cond<BY_EXPERT, mv_detail::Plan<C::rows, 32 * P::RG, C::i, EP::MAXCOL, true, W, C::u, 8>,
+    using PW = typename mv_detail::cond<BY_EXPERT, mv_detail::Plan<C::rows, 32 * P::RG, C::i, EP::MAXCOL, true, W, C::u, X_AHEAD>,
                                         P>::type;
     enum : int { SMEM = 4 * P::KW * C::max_t * C::rows };
 };

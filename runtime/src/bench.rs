@@ -47,8 +47,7 @@ pub fn measure_bandwidth(gpu: &Gpu, bytes: usize, reps: usize) -> Result<f64> {
             times.push(e0.elapsed_ms(&e1).map_err(ev)?);
         }
     }
-    times.sort_by(f32::total_cmp);
-    let ms = times[times.len() / 2] as f64;
+    let (ms, _) = median_spread(&mut times);
     Ok(2.0 * bytes as f64 / (ms * 1e-3))
 }
 

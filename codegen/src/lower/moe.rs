@@ -103,13 +103,13 @@ fn mma(x: &Experts, k: usize) -> bool {
     w_mma && k.is_multiple_of(4 * epv)
 }
 
-/// `moe.cuh`'s `UP_XH`: the most x vectors a gate/up warp loads ahead of a
-/// batch's products (a test checks that the two agree).
-pub const UP_XH: usize = 8;
+/// `moe.cuh`'s `X_AHEAD`: the most x vectors a warp of an expert tile loads
+/// ahead of a batch's products (a test checks that the two agree).
+pub const X_AHEAD: usize = 8;
 
 /// The CTAs an SM the gate/up kernel of experts `n` asks for: 2 where its
 /// warps load x vectors ahead of the products (the MMA path, with two
-/// k-blocks' x of every column tile within [`UP_XH`] vectors: MXFP4 up to 8
+/// k-blocks' x of every column tile within [`X_AHEAD`] vectors: MXFP4 up to 8
 /// tokens, bf16 up to 32). Loaded ahead they would take it past 128
 /// registers (Qwen3-30B-A3B at one token: 167, so one CTA an SM and its 192
 /// tiles in two waves); held at 128 they need no spill. Elsewhere 1: with
@@ -121,7 +121,7 @@ pub fn up_min_blocks(plan: &Plan, n: NodeId) -> Result<u32, CodegenError> {
     }
     let (epv, ..) = epv(x.wdt);
     let vectors = plan.options.max_t.div_ceil(8) * (epv / 8);
-    Ok(if 2 * vectors <= UP_XH { 2 } else { 1 })
+    Ok(if 2 * vectors <= X_AHEAD { 2 } else { 1 })
 }
 
 fn moe_cfg(x: &Experts, max_t: usize, rows: usize, mma: bool) -> String {
@@ -521,14 +521,14 @@ pub fn body(
 
 #[cfg(test)]
 mod tests {
-    use super::UP_XH;
+    use super::X_AHEAD;
 
     #[test]
-    fn the_gate_up_x_bound_agrees_with_its_template() {
+    fn the_x_ahead_bound_agrees_with_its_template() {
         let src = include_str!("../../cuda/moe.cuh");
         assert!(
-            src.contains(&format!("constexpr int UP_XH = {UP_XH};")),
-            "moe.cuh's UP_XH differs from lower::moe::UP_XH"
+            src.contains(&format!("constexpr int X_AHEAD = {X_AHEAD};")),
+            "moe.cuh's X_AHEAD differs from lower::moe::X_AHEAD"
         );
     }
 }
