@@ -49,6 +49,7 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
                     matmul: m,
                     norm: Some(n),
                     siblings: vec![],
+                    router: None,
                 },
                 nodes,
             ));
@@ -61,6 +62,7 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
                     matmul: m,
                     norm: None,
                     siblings: vec![],
+                    router: None,
                 },
                 [m],
             ));

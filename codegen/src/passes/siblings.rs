@@ -46,6 +46,7 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
             matmul,
             norm,
             ref siblings,
+            ..
         } = g.kind
         else {
             continue;
