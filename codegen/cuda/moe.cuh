@@ -128,10 +128,8 @@ template <class C> __host__ __device__ constexpr int router_smem_bytes() { retur
 
 // router_tile
 //
-// One CTA for all T tokens (1 <= T <= MAX_T) of a forward (tile is ignored):
-// a kernel of its own, or the last tile to finish of the matvec that computes
-// the logits (tf::last_tile), which reads logits other CTAs stored, so they
-// are read through L2. From f32 logits [T, E] and an optional f32 correction bias [E]
+// One CTA for all T tokens (1 <= T <= MAX_T) of a forward: tiles = 1 (tile is
+// ignored). From f32 logits [T, E] and an optional f32 correction bias [E]
 // (nullptr: none), per token (one warp per token, experts spread over lanes):
 //   s = sigmoid(l) = 1/(1+expf(-l))  or  softmax: exp(l - max) / (f64 sum as f32)
 //   choice = s + bias; with N_GROUP > 1 a group's score is the sum of its two
@@ -173,7 +171,7 @@ __device__ void router_tile(int /*tile*/, const float* __restrict__ logits, cons
 #pragma unroll
             for (int j = 0; j < EJ; ++j) {
                 const int e = lane + 32 * j;
-                v[j] = e < E ? ld_l2_f32(logits + (size_t)t * E + e) : -f32_inf();
+                v[j] = e < E ? logits[(size_t)t * E + e] : -f32_inf();
                 m = fmaxf(m, v[j]);  // NaN-ignoring, as f32::max
             }
             m = warp_max(m);
@@ -191,7 +189,7 @@ __device__ void router_tile(int /*tile*/, const float* __restrict__ logits, cons
 #pragma unroll
             for (int j = 0; j < EJ; ++j) {
                 const int e = lane + 32 * j;
-                v[j] = e < E ? moe_detail::sigmoid_ref(ld_l2_f32(logits + (size_t)t * E + e)) : 0.f;
+                v[j] = e < E ? moe_detail::sigmoid_ref(logits[(size_t)t * E + e]) : 0.f;
             }
         }
 #pragma unroll

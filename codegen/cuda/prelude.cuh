@@ -271,39 +271,6 @@ __device__ __forceinline__ int ld_l2_i32(const int* p) {
     return r;
 }
 
-// A float that another CTA wrote, read through L2 (as ld_l2_i32).
-__device__ __forceinline__ float ld_l2_f32(const float* p) {
-    float r;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(r) : "l"(p));
-    return r;
-}
-
-// Whether this CTA is the last of a kernel's `tiles` tiles to get here in
-// this launch (call from every thread of every tile, once a launch). The
-// ticket (a word that no other kernel running at the same time counts on,
-// lower::Kernel::ticket) holds how many tiles got here; the last one's
-// increment returns it to 0 (`atom.inc` wraps at `tiles - 1`), so the next
-// launch finds 0 again.
-// Memory order: every thread's stores happen before the CTA barrier;
-// thread 0 then takes its ticket with an acquire-release atomic at GPU
-// scope, which publishes this CTA's stores and, in the last tile, makes the
-// earlier tiles' stores visible to it; the barrier of __syncthreads_or
-// orders the other threads' later loads after that. Read what other tiles
-// stored through L2 (ld_l2_*): a line this SM's L1 holds may be older.
-__device__ __forceinline__ bool last_tile(unsigned* ticket, unsigned tiles) {
-    __syncthreads();
-    int last = 0;
-    if (threadIdx.x == 0) {
-        unsigned old;
-        asm volatile("atom.acq_rel.gpu.global.inc.u32 %0, [%1], %2;"
-                     : "=r"(old)
-                     : "l"(ticket), "r"(tiles - 1)
-                     : "memory");
-        last = old == tiles - 1;
-    }
-    return __syncthreads_or(last) != 0;
-}
-
 // Nanoseconds of the GPU's global timer (one clock for all SMs).
 __device__ __forceinline__ unsigned long long global_timer() {
     unsigned long long t;

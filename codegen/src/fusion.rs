@@ -31,12 +31,6 @@ pub enum KernelKind {
         /// weights out one after the other): the q, k and v projections in
         /// one step. Empty for a single matmul.
         siblings: Vec<NodeId>,
-        /// The `moe.router_select` and `moe.router_weights` over this
-        /// kernel's result (a router's logits), computed by the kernel's
-        /// last tile to finish, once every tile has stored its logits; it
-        /// also writes the routing table the expert kernels read. None for
-        /// a plain matvec.
-        router: Option<(NodeId, NodeId)>,
     },
     /// RoPE (and an optional per-head norm) on new keys, and the K and V cache appends.
     RopeAppend {
@@ -115,32 +109,10 @@ pub enum KernelKind {
 }
 
 impl KernelKind {
-    /// The `moe.router_select` whose choice this kernel makes (and whose
-    /// routing table it writes): a router's, or a matvec's that computes the
-    /// router in its last tile.
-    pub fn router_select(&self) -> Option<NodeId> {
-        match *self {
-            KernelKind::Router { select, .. }
-            | KernelKind::MatVec {
-                router: Some((select, _)),
-                ..
-            } => Some(select),
-            _ => None,
-        }
-    }
-
     /// A short name for printing and kernel names.
     pub fn short(&self) -> &'static str {
         match self {
             KernelKind::Embedding { .. } => "embedding",
-            KernelKind::MatVec {
-                norm: Some(_),
-                router: Some(_),
-                ..
-            } => "norm_matvec_router",
-            KernelKind::MatVec {
-                router: Some(_), ..
-            } => "matvec_router",
             KernelKind::MatVec {
                 norm: Some(_),
                 siblings,

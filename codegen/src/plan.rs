@@ -126,10 +126,6 @@ pub struct Kernel {
     /// kernels that read or wrote memory it overwrites (anti-dependencies
     /// from arena reuse).
     pub deps: BTreeSet<usize>,
-    /// The word of the arena head that counts this kernel's finished tiles,
-    /// for a kernel whose last tile does more (a matvec that runs a router;
-    /// see `assign_tickets`).
-    pub ticket: Option<usize>,
 }
 
 /// Choices that shape a plan.
@@ -363,7 +359,6 @@ impl Plan {
                 cache_writes,
                 cache_reads,
                 deps: BTreeSet::new(),
-                ticket: None,
             });
         }
         // True dependencies (indexing: each kernel reads the others' writes).
@@ -398,8 +393,7 @@ impl Plan {
         let mut buffers = buffers_with_liveness(&fused, &kernels, &options)?;
         let arena_bytes = assign_offsets(&mut buffers);
         add_anti_dependencies(&mut kernels, &buffers);
-        let reach = reduce_dependencies(&mut kernels);
-        assign_tickets(&fused, &mut kernels, &reach)?;
+        reduce_dependencies(&mut kernels);
         Ok(Plan {
             fused,
             options,
@@ -666,26 +660,16 @@ fn accesses(
             for (slot, _, _) in &tiling.workspaces {
                 writes.insert(Value::Work(ki, *slot));
             }
-            // A matvec that runs a router in its last tile stores the logits
-            // for that tile to read back, even with no reader outside.
-            if let KernelKind::MatVec {
-                router: Some((select, _)),
-                ..
-            } = group.kind
-            {
-                writes.insert(Value::Node(f.storage(g.inputs(select)[0])));
-            }
         }
     }
     // Workspaces of earlier kernels this kernel reads.
     for (kj, &gj) in order[..ki].iter().enumerate() {
         let other = &f.groups[gj];
         let reads_it = match (&other.kind, &group.kind) {
-            (r, KernelKind::ExpertsUp { experts } | KernelKind::ExpertsDown { experts })
-                if r.router_select().is_some() =>
-            {
-                r.router_select() == Some(g.inputs(*experts)[1])
-            }
+            (
+                KernelKind::Router { select, .. },
+                KernelKind::ExpertsUp { experts } | KernelKind::ExpertsDown { experts },
+            ) => g.inputs(*experts)[1] == *select,
             (KernelKind::ExpertsUp { experts: a }, KernelKind::ExpertsDown { experts: b }) => {
                 a == b
             }
@@ -831,7 +815,7 @@ fn add_anti_dependencies(kernels: &mut [Kernel], buffers: &[Buffer]) {
 /// mode's waiting thread then polls a handful of counters per task instead of
 /// every kernel that ever shared arena bytes with this one.
 #[allow(clippy::needless_range_loop)]
-fn reduce_dependencies(kernels: &mut [Kernel]) -> Vec<Vec<u64>> {
+fn reduce_dependencies(kernels: &mut [Kernel]) {
     let n = kernels.len();
     let words = n.div_ceil(64);
     // reach[k]: every kernel k waits for, directly or not.
@@ -854,71 +838,6 @@ fn reduce_dependencies(kernels: &mut [Kernel]) -> Vec<Vec<u64>> {
             .filter(|&d| implied[d / 64] & (1 << (d % 64)) == 0)
             .collect();
     }
-    reach
-}
-
-/// Gives every kernel that needs a ticket a word of the arena head, from
-/// the head's last word down (the symbols take its first words). A ticket
-/// counts a kernel's finished tiles from 0 and returns to 0 when its last
-/// tile takes it (`tf::last_tile`); the runtime zeroes the head once, when
-/// it makes the arena, and every bucket's plan lays the head out alike, so
-/// a ticket stays right across forwards of other buckets. Kernels
-/// share a word when each one waits, directly or not, for the one before
-/// it (the MoE layers of a model, one after another): their tiles never
-/// count at the same time in any launch mode, since the persistent mode
-/// starts a kernel's tasks only after the kernels it waits for, and the
-/// other modes run the kernels in order. Others take the next word down
-/// from the head's last.
-fn assign_tickets(
-    fused: &Fused,
-    kernels: &mut [Kernel],
-    reach: &[Vec<u64>],
-) -> Result<(), CodegenError> {
-    let words = SYMBOLS_BYTES / 4;
-    let symbols = FIXED_SYMBOL_WORDS
-        + fused
-            .graph
-            .symbols()
-            .filter(|s| *s != "T" && *s != "S")
-            .collect::<BTreeSet<_>>()
-            .len();
-    // (word, the last kernel that took it)
-    let mut chains: Vec<(usize, usize)> = Vec::new();
-    for k in 0..kernels.len() {
-        if !matches!(
-            fused.groups[kernels[k].group].kind,
-            KernelKind::MatVec {
-                router: Some(_),
-                ..
-            }
-        ) {
-            continue;
-        }
-        let waits_for = |d: usize| reach[k][d / 64] & (1 << (d % 64)) != 0;
-        let word = match chains.iter_mut().find(|(_, last)| waits_for(*last)) {
-            Some(c) => {
-                c.1 = k;
-                c.0
-            }
-            None => {
-                let w = words - 1 - chains.len();
-                if w < symbols {
-                    return Err(CodegenError::Unsupported {
-                        node: kernels[k].name.clone(),
-                        reason: format!(
-                            "{} routers that may run at the same time, with {symbols} symbol words, \
-                             need more than the {words} words of the arena head",
-                            chains.len() + 1
-                        ),
-                    });
-                }
-                chains.push((w, k));
-                w
-            }
-        };
-        kernels[k].ticket = Some(word);
-    }
-    Ok(())
 }
 
 impl fmt::Display for Plan {

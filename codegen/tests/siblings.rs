@@ -88,12 +88,12 @@ fn scaled_fp4_and_epilogue_projections_stay_apart() {
 }
 
 #[test]
-fn a_qwen3_layer_takes_seven_kernels() {
+fn a_qwen3_layer_takes_eight_kernels() {
     let p = presets::by_name("qwen3-30b-a3b").unwrap();
     let g = p.arch.layer_graph(&p.options, 1).unwrap();
     let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions::new(1)).unwrap();
     let names: Vec<&str> = plan.kernels.iter().map(|k| k.name.as_str()).collect();
-    assert_eq!(plan.kernels.len(), 7, "{names:?}");
+    assert_eq!(plan.kernels.len(), 8, "{names:?}");
     assert!(names[0].contains("norm_matvecs"), "{names:?}");
     // The new keys are the queries' own tokens: the attention kernel
     // appends them, no kernel of their own.
@@ -103,86 +103,21 @@ fn a_qwen3_layer_takes_seven_kernels() {
         "{names:?}"
     );
     // The norm before the router is the router projection's prologue, which
-    // also stores it for the experts, and the router runs in the
-    // projection's last tile: no kernel of their own.
+    // also stores it for the experts: no kernel of its own.
     assert!(!names.iter().any(|n| n.contains("rms_norm")), "{names:?}");
-    assert!(
-        !names.iter().any(|n| n.contains("_router_i32")),
-        "{names:?}"
-    );
     let router_mv = plan
         .kernels
         .iter()
-        .find(|k| k.name.contains("norm_matvec_router_"))
+        .find(|k| k.name.contains("norm_matvec_"))
         .unwrap_or_else(|| panic!("no norm-prologue router projection: {names:?}"));
-    let KernelKind::MatVec {
-        norm: Some(nm),
-        router: Some((select, weights)),
-        ..
-    } = plan.group(router_mv).kind
-    else {
-        panic!(
-            "{} is not a norm-prologue matvec with a router",
-            router_mv.name
-        );
+    let KernelKind::MatVec { norm: Some(nm), .. } = plan.group(router_mv).kind else {
+        panic!("{} is not a norm-prologue matvec", router_mv.name);
     };
-    use tilefuse_codegen::plan::Value;
-    for (v, what) in [
-        (nm, "its norm for the experts"),
-        (select, "the expert choice"),
-        (weights, "the expert weights"),
-    ] {
-        assert!(
-            router_mv.writes.contains(&Value::Node(v)),
-            "{} does not store {what}",
-            router_mv.name
-        );
-    }
-    // Its last tile reads every tile's logits back from memory.
-    let logits = plan.fused.storage(plan.fused.graph.inputs(select)[0]);
-    assert!(router_mv.writes.contains(&Value::Node(logits)));
-    assert!(router_mv.tiling.tiles > 1, "{}", router_mv.name);
     assert!(
-        router_mv.ticket.is_some(),
-        "{} has no ticket",
+        router_mv
+            .writes
+            .contains(&tilefuse_codegen::plan::Value::Node(nm)),
+        "{} does not store its norm for the experts",
         router_mv.name
     );
-}
-
-/// The MoE layers of a model run one after another, so their routers
-/// share one ticket word, the arena head's last, above the symbols.
-#[test]
-fn routers_of_successive_layers_share_one_ticket() {
-    use tilefuse_codegen::plan::{FIXED_SYMBOL_WORDS, SYMBOLS_BYTES};
-    for name in ["mimo-v2-flash-4l", "mimo-v2-tiny"] {
-        let p = presets::by_name(name).unwrap();
-        let g = p.arch.forward_graph(&p.options).unwrap();
-        let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions::new(8)).unwrap();
-        let tickets: Vec<(String, Option<usize>)> = plan
-            .kernels
-            .iter()
-            .filter(|k| {
-                matches!(
-                    plan.group(k).kind,
-                    KernelKind::MatVec {
-                        router: Some(_),
-                        ..
-                    }
-                )
-            })
-            .map(|k| (k.name.clone(), k.ticket))
-            .collect();
-        assert!(tickets.len() >= 2, "{name}: {tickets:?}");
-        let last = SYMBOLS_BYTES / 4 - 1;
-        assert!(last >= FIXED_SYMBOL_WORDS);
-        for (k, t) in &tickets {
-            assert_eq!(*t, Some(last), "{name}: {k}");
-        }
-        // No other kernel counts on a ticket.
-        assert_eq!(
-            plan.kernels.iter().filter(|k| k.ticket.is_some()).count(),
-            tickets.len(),
-            "{name}"
-        );
-    }
 }

@@ -22,7 +22,7 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaFunction, CudaGraph};
 use tilefuse_codegen::lower::{self, Module as CudaModule};
 use tilefuse_codegen::passes::run_pipeline;
-use tilefuse_codegen::plan::{Plan, PlanOptions, FIXED_SYMBOL_WORDS, SYMBOLS_BYTES};
+use tilefuse_codegen::plan::{Plan, PlanOptions, FIXED_SYMBOL_WORDS};
 use tilefuse_ir::fp4::e4m3_encode;
 use tilefuse_ir::interp::{Data, Tensor};
 use tilefuse_ir::{Bindings, DType, ErrorKind, Graph, InputKind, IrError, Result};
@@ -515,10 +515,6 @@ impl GpuExecutable {
             .alloc(arena_bytes, "the activation arena")
             .map_err(gpu_err)?;
         gpu.write(&mut arena, 0, &vec![0xffu8; arena_bytes])
-            .map_err(gpu_err)?;
-        // The head starts at zero: its last words are the tickets of the
-        // kernels that count their finished tiles (plan::Kernel::ticket).
-        gpu.write(&mut arena, 0, &[0u8; SYMBOLS_BYTES])
             .map_err(gpu_err)?;
         Ok(GpuExecutable {
             gpu,

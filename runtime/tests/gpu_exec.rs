@@ -7,9 +7,7 @@ use std::collections::BTreeMap;
 
 use tilefuse_ir::interp::{self, Caches, Tensor};
 use tilefuse_ir::testing::random_inputs;
-use tilefuse_ir::{
-    shape, BinaryOp, Bindings, Builder, DType, Graph, RouterConfig, ScoreFn, UnaryOp,
-};
+use tilefuse_ir::{shape, BinaryOp, Bindings, Builder, DType, Graph, UnaryOp};
 use tilefuse_runtime::cuda_exec::{GpuExecutable, LaunchMode};
 use tilefuse_runtime::gpu::Gpu;
 
@@ -227,73 +225,6 @@ fn moe_block_matches_the_interpreter() {
                 &[1, 8, 16],
             );
         }
-    }
-}
-
-/// A router over the logits of a norm + matvec, at Qwen3-30B-A3B's widths
-/// (128 experts of 2048-wide rows, top 8 by softmax).
-fn router_logits_graph() -> Graph {
-    let (h, e) = (2048usize, 128usize);
-    let mut b = Builder::new("router_logits", &["T"]);
-    let x = b.input("x", DType::BF16, shape![T, (h)]).unwrap();
-    let ln = b.weight("norm.weight", DType::BF16, shape![(h)]).unwrap();
-    let wr = b
-        .weight("gate.weight", DType::BF16, shape![(e), (h)])
-        .unwrap();
-    let cfg = RouterConfig {
-        score: ScoreFn::Softmax,
-        top_k: 8,
-        n_group: 1,
-        topk_group: 1,
-        norm_topk: true,
-        norm_eps: 0.0,
-        scale: 1.0,
-    };
-    let n = b.rms_norm(x, ln, 1e-6).unwrap();
-    let logits = b.matmul_to(n, wr, DType::F32).unwrap();
-    let idx = b.router_select(logits, None, &cfg).unwrap();
-    let w = b.router_weights(logits, idx, &cfg).unwrap();
-    b.output("idx", idx).unwrap();
-    b.output("w", w).unwrap();
-    b.output("logits", logits).unwrap();
-    b.finish().unwrap()
-}
-
-/// The router runs in the last of its logits' 64 tiles to finish, counted
-/// on a ticket in the arena head: forward after forward, across buckets
-/// (which share the ticket), in every mode.
-#[test]
-fn router_in_its_logits_last_tile_matches_the_interpreter() {
-    let g = router_logits_graph();
-    // The plan this test is about: the router inside the logits' kernel.
-    let plan = tilefuse_codegen::plan::Plan::new(
-        tilefuse_codegen::passes::run_pipeline(g.clone()).unwrap(),
-        tilefuse_codegen::plan::PlanOptions::new(16),
-    )
-    .unwrap();
-    let names: Vec<&str> = plan.kernels.iter().map(|k| k.name.as_str()).collect();
-    assert_eq!(names.len(), 1, "{names:?}");
-    assert!(names[0].contains("norm_matvec_router"), "{names:?}");
-    assert_eq!(plan.kernels[0].tiling.tiles, 64, "{names:?}");
-    let Some(mut gpu) = Gpu::open_or_skip() else {
-        return;
-    };
-    let steps = [
-        (0, 1),
-        (0, 1),
-        (0, 5),
-        (0, 16),
-        (0, 3),
-        (0, 1),
-        (0, 8),
-        (0, 1),
-    ];
-    for mode in [
-        LaunchMode::Stream,
-        LaunchMode::Graph,
-        LaunchMode::Persistent,
-    ] {
-        gpu = check(gpu, &g, &steps, mode, &[1, 8, 16]);
     }
 }
 

@@ -8,7 +8,7 @@ use crate::error::CodegenError;
 use crate::fusion::{Fused, Group, KernelKind};
 use crate::lower::epilogue::epilogue;
 use crate::lower::values::{dim_expr, pointer};
-use crate::lower::{moe, SMS};
+use crate::lower::SMS;
 use crate::plan::{Kernel, Plan, PlanOptions, Tiling, Value};
 
 /// Threads per CTA of every kernel that streams weights.
@@ -110,7 +110,6 @@ fn shape(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Shape, CodegenEr
         matmul,
         norm,
         ref siblings,
-        ..
     } = group.kind
     else {
         return Err(CodegenError::Internal("not a matvec kernel".into()));
@@ -192,33 +191,20 @@ fn shape(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Shape, CodegenEr
 pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, CodegenError> {
     let s = shape(f, group, opt)?;
     let act_bytes = if s.act == DType::BF16 { 2 } else { 4 };
-    let smem = smem_bytes(
-        s.max_t,
-        s.rows,
-        THREADS as usize,
-        s.k,
-        s.norm.is_some(),
-        act_bytes,
-        s.epv,
-        s.mma,
-    ) as u32;
-    // A router in the last tile: its shared memory after the tile's (the
-    // same bytes, reused), its routing table as the kernel's workspace.
-    let (smem, workspaces) = match group.kind {
-        KernelKind::MatVec {
-            router: Some((select, weights)),
-            ..
-        } => {
-            let (rs, table) = moe::router_memory(f, select, weights, opt.max_t)?;
-            (smem.max(rs), vec![table])
-        }
-        _ => (smem, vec![]),
-    };
     Ok(Tiling {
         tiles: s.n.div_ceil(s.rows) as u32,
         threads: THREADS,
-        smem,
-        workspaces,
+        smem: smem_bytes(
+            s.max_t,
+            s.rows,
+            THREADS as usize,
+            s.k,
+            s.norm.is_some(),
+            act_bytes,
+            s.epv,
+            s.mma,
+        ) as u32,
+        workspaces: vec![],
         shape: format!("{}x{}", s.rows, s.k),
     })
 }
@@ -260,7 +246,6 @@ pub fn weight_view(plan: &Plan, w: NodeId) -> Result<Expr, CodegenError> {
 /// The tile body of kernel `k`.
 pub fn body(
     plan: &Plan,
-    ki: usize,
     k: &Kernel,
     group: &Group,
     temps: &mut Temps,
@@ -369,32 +354,7 @@ pub fn body(
         ),
         _ => Expr::var("nullptr"),
     };
-    // A router in the last tile to finish: every tile has stored its
-    // logits once the ticket reaches the kernel's tile count.
-    let router = match (&group.kind, k.ticket) {
-        (
-            KernelKind::MatVec {
-                router: Some((select, weights)),
-                ..
-            },
-            Some(word),
-        ) => vec![Stmt::If(
-            Expr::var(format!(
-                "tf::last_tile(reinterpret_cast<unsigned*>(act) + {word}, {}u)",
-                k.tiling.tiles
-            )),
-            moe::router_call(plan, *select, *weights, ki)?,
-            vec![],
-        )],
-        (KernelKind::MatVec { router: None, .. }, _) => vec![],
-        _ => {
-            return Err(CodegenError::Internal(format!(
-                "{} runs a router in its last tile but has no ticket",
-                k.name
-            )))
-        }
-    };
-    let mut out = vec![
+    Ok(vec![
         Stmt::Expr(Expr::var(format!("using C = {cfg}"))),
         Stmt::Expr(Expr::var(format!(
             "static_assert(tf::matvec_smem_bytes<C, {act}, {wty}>() <= {smem}, \"launch shared memory below the template's need\")"
@@ -424,7 +384,5 @@ pub fn body(
                 ],
             ))],
         ),
-    ];
-    out.extend(router);
-    Ok(out)
+    ])
 }

@@ -387,7 +387,7 @@ fn kernel_body(plan: &Plan, ki: usize, k: &Kernel) -> Result<Vec<Stmt>, CodegenE
     Ok(match group.kind {
         KernelKind::Elementwise => elementwise::body(plan, group, &mut temps)?,
         KernelKind::Concat { node } => elementwise::concat_body(plan, node)?,
-        KernelKind::MatVec { .. } => matvec::body(plan, ki, k, group, &mut temps)?,
+        KernelKind::MatVec { .. } => matvec::body(plan, k, group, &mut temps)?,
         KernelKind::RopeAppend { .. }
         | KernelKind::Attention { .. }
         | KernelKind::AttentionCombine { .. }

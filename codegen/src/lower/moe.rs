@@ -189,63 +189,6 @@ fn router_parts(f: &Fused, select: NodeId, weights: NodeId) -> Result<RouterPart
     ))
 }
 
-/// The shared memory of a router (`router_smem_bytes` of `moe.cuh`; the
-/// generated source `static_assert`s that the header agrees) and the
-/// routing table it writes, as a workspace of the kernel that runs it.
-pub fn router_memory(
-    f: &Fused,
-    select: NodeId,
-    weights: NodeId,
-    max_t: usize,
-) -> Result<(u32, (u8, String, usize)), CodegenError> {
-    let (e, topk, ng, ..) = router_parts(f, select, weights)?;
-    let w = THREADS as usize / 32;
-    Ok((
-        (4 * (2 * w * e + 2 * w * ng + max_t * topk + 3 * e)) as u32,
-        (0, "routing table".into(), 4 * (2 + 3 * max_t * topk)),
-    ))
-}
-
-/// The statements that run the router `select`/`weights` in a tile of
-/// kernel `ki`, whose workspace 0 is the routing table.
-pub fn router_call(
-    plan: &Plan,
-    select: NodeId,
-    weights: NodeId,
-    ki: usize,
-) -> Result<Vec<Stmt>, CodegenError> {
-    let f = &plan.fused;
-    let g = &f.graph;
-    let max_t = plan.options.max_t;
-    let (e, topk, ng, tg, softmax, norm, eps, scale, bias) = router_parts(f, select, weights)?;
-    let bias_ptr = if bias {
-        pointer(plan, g.inputs(select)[1], false)?
-    } else {
-        Expr::var("nullptr")
-    };
-    Ok(vec![
-        Stmt::Expr(Expr::var(format!(
-            "using RC = tf::RouterCfg<{max_t}, {e}, {topk}, {ng}, {tg}, {softmax}, {norm}, {THREADS}>"
-        ))),
-        smem_assert("tf::router_smem_bytes<RC>()", plan, ki),
-        Stmt::Expr(Expr::call(
-            "tf::router_tile<RC>",
-            vec![
-                Expr::var("tile"),
-                pointer(plan, g.inputs(select)[0], false)?,
-                bias_ptr,
-                Expr::var("T"),
-                Expr::F32(eps),
-                Expr::F32(scale),
-                pointer(plan, select, true)?,
-                pointer(plan, weights, true)?,
-                work_ptr(plan, ki, "int")?,
-                Expr::var("smem"),
-            ],
-        )),
-    ])
-}
-
 /// Launch shape.
 pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, CodegenError> {
     let max_t = opt.max_t;
@@ -264,13 +207,13 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
     }
     match group.kind {
         KernelKind::Router { select, weights } => {
-            let (e, topk, ..) = router_parts(f, select, weights)?;
-            let (smem, table) = router_memory(f, select, weights, max_t)?;
+            let (e, topk, ng, ..) = router_parts(f, select, weights)?;
+            let w = THREADS as usize / 32;
             Ok(Tiling {
                 tiles: 1,
                 threads: THREADS,
-                smem,
-                workspaces: vec![table],
+                smem: (4 * (2 * w * e + 2 * w * ng + max_t * topk + 3 * e)) as u32,
+                workspaces: vec![(0, "routing table".into(), 4 * (2 + 3 * max_t * topk))],
                 shape: format!("{e}e_top{topk}"),
             })
         }
@@ -334,7 +277,10 @@ fn kernel_of(plan: &Plan, pred: impl Fn(&KernelKind) -> bool) -> Result<usize, C
 
 /// The router kernel that writes the routing table of experts `x`.
 fn router_of(plan: &Plan, x: &Experts) -> Result<usize, CodegenError> {
-    kernel_of(plan, |k| k.router_select() == Some(x.idx))
+    kernel_of(
+        plan,
+        |k| matches!(k, KernelKind::Router { select, .. } if *select == x.idx),
+    )
 }
 
 /// A compile-time check that the launch's shared memory covers the template's need.
@@ -391,7 +337,36 @@ pub fn body(
     let g = &f.graph;
     let max_t = plan.options.max_t;
     match group.kind {
-        KernelKind::Router { select, weights } => router_call(plan, select, weights, ki),
+        KernelKind::Router { select, weights } => {
+            let (e, topk, ng, tg, softmax, norm, eps, scale, bias) =
+                router_parts(f, select, weights)?;
+            let bias_ptr = if bias {
+                pointer(plan, g.inputs(select)[1], false)?
+            } else {
+                Expr::var("nullptr")
+            };
+            Ok(vec![
+                Stmt::Expr(Expr::var(format!(
+                    "using C = tf::RouterCfg<{max_t}, {e}, {topk}, {ng}, {tg}, {softmax}, {norm}, {THREADS}>"
+                ))),
+                smem_assert("tf::router_smem_bytes<C>()", plan, ki),
+                Stmt::Expr(Expr::call(
+                    "tf::router_tile<C>",
+                    vec![
+                        Expr::var("tile"),
+                        pointer(plan, g.inputs(select)[0], false)?,
+                        bias_ptr,
+                        Expr::var("T"),
+                        Expr::F32(eps),
+                        Expr::F32(scale),
+                        pointer(plan, select, true)?,
+                        pointer(plan, weights, true)?,
+                        work_ptr(plan, ki, "int")?,
+                        Expr::var("smem"),
+                    ],
+                )),
+            ])
+        }
         KernelKind::ExpertsUp { experts: n } => {
             let x = experts(f, n)?;
             let rows = up_rows(&x);

@@ -49,7 +49,6 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
                     matmul: m,
                     norm: Some(n),
                     siblings: vec![],
-                    router: None,
                 },
                 nodes,
             ));
@@ -62,7 +61,6 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
                     matmul: m,
                     norm: None,
                     siblings: vec![],
-                    router: None,
                 },
                 [m],
             ));

@@ -14,7 +14,6 @@ mod experts;
 mod matmuls;
 mod remaining;
 mod router;
-mod router_logits;
 mod siblings;
 
 use std::path::PathBuf;
@@ -70,11 +69,6 @@ pub const PIPELINE: &[Pass] = &[
         name: "fuse_siblings",
         why: "after epilogues, which decide which matmuls stay bare: matvec kernels of the same input (the q, k and v projections) become one kernel over their stacked weights",
         run: siblings::run,
-    },
-    Pass {
-        name: "fuse_router_logits",
-        why: "after siblings, which stack matvecs of one x: a router joins the matvec that computes its logits only when that matvec computes nothing else, and runs in its last tile",
-        run: router_logits::run,
     },
     Pass {
         name: "fuse_elementwise",

@@ -46,7 +46,6 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
             matmul,
             norm,
             ref siblings,
-            ..
         } = g.kind
         else {
             continue;

@@ -26,9 +26,7 @@
 //!   appends keys and values as `rope_append` does, storing both cache views.
 //! - `rope_append` applies the key norm and RoPE and appends keys and values
 //!   to the caches (the shared [`Caches`]); it stores both cache views.
-//! - `router` stores the expert choice and weights, and so does a matvec
-//!   that runs the router over its result in its last tile (it stores the
-//!   logits too); `embedding`, `rms_norm`,
+//! - `router` stores the expert choice and weights; `embedding`, `rms_norm`,
 //!   `concat`, `argmax` and `sample` store their one node.
 //!
 //! A kernel that reads a value no earlier kernel stored, stores a value twice,
@@ -78,12 +76,7 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
     let nodes = group.nodes.clone();
     let chain_store = |anchor: NodeId| *group.epilogue.last().unwrap_or(&anchor);
     Ok(match &group.kind {
-        KernelKind::MatVec {
-            matmul,
-            norm,
-            router,
-            ..
-        } => {
+        KernelKind::MatVec { matmul, norm, .. } => {
             let matmuls: Vec<NodeId> = nodes
                 .iter()
                 .copied()
@@ -132,11 +125,6 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
                 {
                     stores.push((Slot::Node(*nm), *nm));
                 }
-            }
-            // A router in the last tile stores what a router kernel stores.
-            if let Some((select, weights)) = router {
-                stores.push((Slot::Node(*select), *select));
-                stores.push((Slot::Node(*weights), *weights));
             }
             Spec {
                 computed,
