@@ -131,7 +131,6 @@ __device__ __forceinline__ void store8(float* p, const float (&v)[8]) {
 //   pair_x(x)            permutes EPV/2 natural bf16x2 words of x the same way
 //   mma_scale()          factor applied to MMA accumulators (1 except NVFP4)
 //   row_bytes(K)         bytes of one row (codes + scales), for bandwidth math
-//   prefetch_rows(row, n, K)  asks L2 for rows [row, row + n) (codes and scales)
 
 struct NoAux {};
 
@@ -142,9 +141,6 @@ struct WBf16 {
     enum : bool { MMA = true };
     using Aux = NoAux;
     __host__ __device__ static constexpr long row_bytes(int K) { return 2l * K; }
-    __device__ __forceinline__ void prefetch_rows(int row, int n, int K) const {
-        prefetch_l2_range(p + (size_t)row * K, 2ull * n * K);
-    }
     __device__ __forceinline__ uint4 load(int row, int k, int K) const { return ld_stream_v4(p + (size_t)row * K + k); }
     __device__ __forceinline__ Aux aux(int, int, int) const { return {}; }
     __device__ __forceinline__ void group(const uint4& v, Aux, int, float (&o)[GS]) const { bf16x8_to_float(v, o); }
@@ -162,9 +158,6 @@ struct WF32 {
     enum : bool { MMA = false };
     using Aux = NoAux;
     __host__ __device__ static constexpr long row_bytes(int K) { return 4l * K; }
-    __device__ __forceinline__ void prefetch_rows(int row, int n, int K) const {
-        prefetch_l2_range(p + (size_t)row * K, 4ull * n * K);
-    }
     __device__ __forceinline__ uint4 load(int row, int k, int K) const { return ld_stream_v4(p + (size_t)row * K + k); }
     __device__ __forceinline__ Aux aux(int, int, int) const { return {}; }
     __device__ __forceinline__ void group(const uint4& v, Aux, int, float (&o)[GS]) const {
@@ -187,9 +180,6 @@ struct WE4M3 {
     enum : bool { MMA = true };
     using Aux = NoAux;
     __host__ __device__ static constexpr long row_bytes(int K) { return K; }
-    __device__ __forceinline__ void prefetch_rows(int row, int n, int K) const {
-        prefetch_l2_range(p + (size_t)row * K, 1ull * n * K);
-    }
     __device__ __forceinline__ uint4 load(int row, int k, int K) const { return ld_stream_v4(p + (size_t)row * K + k); }
     __device__ __forceinline__ Aux aux(int, int, int) const { return {}; }
     __device__ __forceinline__ void group(const uint4& v, Aux, int j, float (&o)[GS]) const {
@@ -257,10 +247,6 @@ struct WMx {
     enum : bool { MMA = true };
     using Aux = uint32_t;
     __host__ __device__ static constexpr long row_bytes(int K) { return K / 2 + K / 32; }
-    __device__ __forceinline__ void prefetch_rows(int row, int n, int K) const {
-        prefetch_l2_range(codes + (size_t)row * (K / 2), (size_t)n * (K / 2));
-        prefetch_l2_range(scales + (size_t)row * (K / 32), (size_t)n * (K / 32));
-    }
     __device__ __forceinline__ uint4 load(int row, int k, int K) const {
         return ld_stream_v4(codes + (size_t)row * (K / 2) + k / 2);
     }
@@ -303,10 +289,6 @@ struct WNv {
     enum : bool { MMA = true };
     using Aux = uint32_t;
     __host__ __device__ static constexpr long row_bytes(int K) { return K / 2 + K / 16; }
-    __device__ __forceinline__ void prefetch_rows(int row, int n, int K) const {
-        prefetch_l2_range(codes + (size_t)row * (K / 2), (size_t)n * (K / 2));
-        prefetch_l2_range(scales + (size_t)row * (K / 16), (size_t)n * (K / 16));
-    }
     __device__ __forceinline__ uint4 load(int row, int k, int K) const {
         return ld_stream_v4(codes + (size_t)row * (K / 2) + k / 2);
     }

@@ -540,31 +540,4 @@ __device__ void experts_down_tile(int tile, const bf16* __restrict__ h, const fl
     }
 }
 
-// experts_down_early
-//
-// Run by a down tile before it waits for the expert activations: asks L2 for
-// the tile's rows [tile*ROWS, min(H, (tile+1)*ROWS)) of every expert the
-// routing table names, so the weights stream while the gate/up step still
-// runs. Only for a table that a kernel at least two launches earlier wrote
-// (the launch before this one has passed its own wait, so that writer has
-// finished); read through L2. It only hints: a stale table would ask for the
-// wrong rows, never change a result (expert numbers are checked against E).
-// Nothing is asked for when the routed experts' down blocks exceed
-// EARLY_L2_BUDGET (a long verification block's union of experts).
-// Call from all threads; no barrier, no shared memory.
-template <class C, class W, int E>
-__device__ void experts_down_early(int tile, const int* __restrict__ route, W down) {
-    constexpr int H = C::h, I = C::i, ROWS = C::rows, MTK = C::max_t * C::topk;
-    const int n0 = tile * ROWS;
-    if (n0 >= H) return;
-    const int nr = min(ROWS, H - n0);
-    for (int d = threadIdx.x; d < cmin(MTK, E); d += C::threads) {
-        const int nd = ld_l2_i32(route);
-        const int e = ld_l2_i32(route + 1 + d);
-        // All tiles together ask for every routed expert's down block.
-        if ((unsigned long long)nd * H * W::row_bytes(I) > EARLY_L2_BUDGET) return;
-        if (d < nd && e >= 0 && e < E) down.prefetch_rows(e * H + n0, nr, I);
-    }
-}
-
 }  // namespace tf

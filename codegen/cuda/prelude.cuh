@@ -184,21 +184,17 @@ __device__ __forceinline__ float uniform01(uint32_t seed, uint32_t counter) {
 //   1. `prefetch_l2_share` of the dense weights its tile reads. Weights never
 //      depend on activations, so this may overlap the kernel before it. Then
 //      the kernel's early hints, if any (`<kernel>_early`): L2 prefetches of
-//      cache rows, and of expert rows named by a routing table that a kernel
-//      at least two launches back wrote. That writer has finished: this
-//      kernel was launched only once every CTA of the kernel before it had
-//      passed step 2. The table is read through L2 (`ld_l2_i32`), and a hint
-//      never changes a result. Then the kernel's prologue, if any
+//      cache rows, which read nothing an earlier kernel wrote; a hint never
+//      changes a result. Then the kernel's prologue, if any
 //      (`<kernel>_prologue`, lower::LoweredKernel::prologue): work into its
 //      own shared memory that reads only the forward's inputs, written
 //      before its first kernel like T and S (the attention tile's RoPE table
 //      of its query positions);
 //   2. `grid_dependency_wait()`: returns once every earlier kernel of the
-//      stream has finished and its writes are visible. Apart from the early
-//      hints' table (written two launches back) and the forward's symbols T
-//      and S and the inputs a prologue reads (written before its first
-//      kernel), nothing an earlier kernel writes is read, and nothing it
-//      reads is written, before this;
+//      stream has finished and its writes are visible. Apart from the
+//      forward's symbols T and S and the inputs a prologue reads (written
+//      before its first kernel), nothing an earlier kernel writes is read,
+//      and nothing it reads is written, before this;
 //   3. `launch_dependents()`: the next kernel's CTAs may now be scheduled and
 //      start their own step 1 while this one works. Placed after step 2, so
 //      at most two kernels are in flight and the prefetches of one kernel at

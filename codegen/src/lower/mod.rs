@@ -34,8 +34,8 @@ pub struct LoweredKernel {
     pub prefetch: Option<Function>,
     /// The early hints of a tile, run by the `__global__` wrapper before it
     /// waits: L2 prefetches of what the tile will read that does not come
-    /// from the kernel just before (expert rows named by a routing table two
-    /// launches back, cache rows). Hints only: they never change a result.
+    /// from the kernel just before (an attention tile's cache rows). Hints
+    /// only: they never change a result.
     /// Not run by the persistent dispatcher, whose tasks have no launch
     /// order to rely on.
     pub early: Option<Function>,
@@ -454,12 +454,11 @@ fn prologue_body(plan: &Plan, k: &Kernel) -> Result<Vec<Stmt>, CodegenError> {
     }
 }
 
-/// The early hints of one tile of kernel `ki` ([`LoweredKernel::early`]).
-fn early_body(plan: &Plan, ki: usize, k: &Kernel) -> Result<Vec<Stmt>, CodegenError> {
+/// The early hints of one tile of kernel `k` ([`LoweredKernel::early`]).
+fn early_body(plan: &Plan, k: &Kernel) -> Result<Vec<Stmt>, CodegenError> {
     let group = plan.group(k);
     match group.kind {
         KernelKind::Attention { .. } => attention::early(plan, group),
-        KernelKind::ExpertsDown { .. } => moe::early(plan, group, ki),
         _ => Ok(vec![]),
     }
 }
@@ -661,7 +660,7 @@ pub fn lower(plan: &Plan) -> Result<Module, CodegenError> {
         // The prefetch, the early hints and the body share one offset table:
         // parameterized together, then split where each ends.
         let prefetch = prefetch_body(plan, k)?;
-        let early = early_body(plan, ki, k)?;
+        let early = early_body(plan, k)?;
         let prologue = prologue_body(plan, k)?;
         let (np, ne, npr) = (prefetch.len(), early.len(), prologue.len());
         let mut all = prefetch;

@@ -291,41 +291,6 @@ fn smem_assert(need: &str, plan: &Plan, ki: usize) -> Stmt {
     )))
 }
 
-/// The early hints of kernel `ki` (see `experts_down_early` in `moe.cuh`):
-/// a down tile asks L2 for its rows of the routed experts before it waits,
-/// when the router ran at least two launches earlier.
-pub fn early(plan: &Plan, group: &Group, ki: usize) -> Result<Vec<Stmt>, CodegenError> {
-    let KernelKind::ExpertsDown { experts: n } = group.kind else {
-        return Ok(vec![]);
-    };
-    let x = experts(&plan.fused, n)?;
-    let router = router_of(plan, &x)?;
-    if router + 1 >= ki {
-        return Ok(vec![]);
-    }
-    let (_, _, wty) = epv(x.wdt);
-    let rows = down_rows(&x);
-    Ok(vec![
-        Stmt::Expr(Expr::var(format!(
-            "using C = {}",
-            moe_cfg(&x, plan.options.max_t, rows, mma(&x, x.i))
-        ))),
-        Stmt::Let(
-            Ty::Named(wty.into()),
-            "down".into(),
-            weight_view(plan, x.w2)?,
-        ),
-        Stmt::Expr(Expr::call(
-            format!("tf::experts_down_early<C, {wty}, {}>", x.e),
-            vec![
-                Expr::var("tile"),
-                work_ptr(plan, router, "const int")?,
-                Expr::var("down"),
-            ],
-        )),
-    ])
-}
-
 /// The tile body of kernel `ki`.
 pub fn body(
     plan: &Plan,
