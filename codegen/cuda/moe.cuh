@@ -139,7 +139,8 @@ template <class C> __host__ __device__ constexpr int router_smem_bytes() { retur
 //   w[t, j] = s[idx[t, j]], if NORM divided by (f64 sum over j as f32) + norm_eps, times scale.
 // Then builds the routing table (layout at the top of this file) in `route`:
 // counts per expert (shared atomics), a prefix over experts (one warp) and a
-// stable placement of the pairs (one warp, 32 pairs per step, __match_any_sync).
+// stable placement of the pairs (one warp, 32 pairs per step, __match_any_sync);
+// for one token, warp 0 alone ranks its TOPK distinct experts.
 // Exactness: choices equal the interpreter's up to expf (<= 2 ulp), so a top-k
 // can differ only between experts whose scores are within a few ulp; the
 // weights then agree to f32 rounding. Shared memory: router_smem_bytes<C>().
@@ -273,6 +274,30 @@ __device__ void router_tile(int /*tile*/, const float* __restrict__ logits, cons
             for (int r = 0; r < TOPK; ++r) wts[t * TOPK + r] = (C::norm ? wsel[r] / denom : wsel[r]) * scale;
         }
         __syncwarp();
+    }
+    if (T == 1) {
+        // One token (decode): its TOPK experts are distinct, so the table
+        // lists them ascending with one pair each (pair j = slot j). Warp 0,
+        // which chose them, writes it alone: no counting, no CTA barrier.
+        if (warp == 0) {
+            int* r_expert = route + 1;
+            int* r_offset = route + 1 + C::max_t * TOPK;
+            int* r_pair = route + 2 + 2 * C::max_t * TOPK;
+            for (int j = lane; j < TOPK; j += 32) {
+                const int e = sel[j];
+                int rank = 0;
+#pragma unroll 8
+                for (int i = 0; i < TOPK; ++i) rank += sel[i] < e;
+                r_expert[rank] = e;
+                r_offset[rank] = rank;
+                r_pair[rank] = j;
+            }
+            if (lane == 0) {
+                route[0] = TOPK;
+                r_offset[TOPK] = TOPK;
+            }
+        }
+        return;
     }
     __syncthreads();
 
