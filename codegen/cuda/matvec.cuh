@@ -130,7 +130,6 @@ __device__ __forceinline__ void store8(float* p, const float (&v)[8]) {
 //                        equal to value * mma_scale()^-1 exactly
 //   pair_x(x)            permutes EPV/2 natural bf16x2 words of x the same way
 //   mma_scale()          factor applied to MMA accumulators (1 except NVFP4)
-//   row_bytes(K)         bytes of one row (codes + scales), for bandwidth math
 
 struct NoAux {};
 
@@ -140,7 +139,6 @@ struct WBf16 {
     enum : int { EPV = 8, GS = 8 };
     enum : bool { MMA = true };
     using Aux = NoAux;
-    __host__ __device__ static constexpr long row_bytes(int K) { return 2l * K; }
     __device__ __forceinline__ uint4 load(int row, int k, int K) const { return ld_stream_v4(p + (size_t)row * K + k); }
     __device__ __forceinline__ Aux aux(int, int, int) const { return {}; }
     __device__ __forceinline__ void group(const uint4& v, Aux, int, float (&o)[GS]) const { bf16x8_to_float(v, o); }
@@ -157,7 +155,6 @@ struct WF32 {
     enum : int { EPV = 4, GS = 4 };
     enum : bool { MMA = false };
     using Aux = NoAux;
-    __host__ __device__ static constexpr long row_bytes(int K) { return 4l * K; }
     __device__ __forceinline__ uint4 load(int row, int k, int K) const { return ld_stream_v4(p + (size_t)row * K + k); }
     __device__ __forceinline__ Aux aux(int, int, int) const { return {}; }
     __device__ __forceinline__ void group(const uint4& v, Aux, int, float (&o)[GS]) const {
@@ -179,7 +176,6 @@ struct WE4M3 {
     enum : int { EPV = 16, GS = 8 };
     enum : bool { MMA = true };
     using Aux = NoAux;
-    __host__ __device__ static constexpr long row_bytes(int K) { return K; }
     __device__ __forceinline__ uint4 load(int row, int k, int K) const { return ld_stream_v4(p + (size_t)row * K + k); }
     __device__ __forceinline__ Aux aux(int, int, int) const { return {}; }
     __device__ __forceinline__ void group(const uint4& v, Aux, int j, float (&o)[GS]) const {
@@ -246,7 +242,6 @@ struct WMx {
     enum : int { EPV = 32, GS = 8 };
     enum : bool { MMA = true };
     using Aux = uint32_t;
-    __host__ __device__ static constexpr long row_bytes(int K) { return K / 2 + K / 32; }
     __device__ __forceinline__ uint4 load(int row, int k, int K) const {
         return ld_stream_v4(codes + (size_t)row * (K / 2) + k / 2);
     }
@@ -288,7 +283,6 @@ struct WNv {
     enum : int { EPV = 32, GS = 8 };
     enum : bool { MMA = true };
     using Aux = uint32_t;
-    __host__ __device__ static constexpr long row_bytes(int K) { return K / 2 + K / 16; }
     __device__ __forceinline__ uint4 load(int row, int k, int K) const {
         return ld_stream_v4(codes + (size_t)row * (K / 2) + k / 2);
     }

@@ -239,9 +239,8 @@ __device__ __forceinline__ void prefetch_l2_range(const void* p, unsigned long l
 
 // The most bytes the early hints of one kernel may ask L2 for, all its tiles
 // together: half of an H100's 50 MB L2. A kernel whose hints would ask for
-// more (experts of a long verification block, keys of a long context) asks
-// for none: lines that evict each other before they are read cost a second
-// read from memory.
+// more (the keys of a long context) asks for none: lines that evict each
+// other before they are read cost a second read from memory.
 constexpr unsigned long long EARLY_L2_BUDGET = 24ull << 20;
 
 // Asks L2 to fetch the `tile`-th of `tiles` equal slices (16-byte multiples)

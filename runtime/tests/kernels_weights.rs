@@ -1260,6 +1260,38 @@ fn router_matches_the_interpreter() {
             true,
             5,
         ),
+        // One token (warp 0 writes the table alone): more slots than lanes,
+        // grouped, in a bucket of two tokens, on two warps.
+        (
+            Router {
+                e: 64,
+                k: 40,
+                n_group: 4,
+                topk_group: 3,
+                max_t: 2,
+                threads: 64,
+                ..base
+            },
+            true,
+            1,
+        ),
+        // One token, an odd TOPK, a one-token bucket, one warp, no bias.
+        (
+            Router {
+                e: 100,
+                k: 7,
+                n_group: 1,
+                topk_group: 1,
+                softmax: true,
+                norm: false,
+                scale: 1.0,
+                max_t: 1,
+                threads: 32,
+                ..base
+            },
+            false,
+            1,
+        ),
     ];
     let mut rng = Rng::new(0x5eed_0002);
     let mut prepared = Vec::new();

@@ -35,9 +35,8 @@ pub struct LoweredKernel {
     /// The early hints of a tile, run by the `__global__` wrapper before it
     /// waits: L2 prefetches of what the tile will read that does not come
     /// from the kernel just before (an attention tile's cache rows). Hints
-    /// only: they never change a result.
-    /// Not run by the persistent dispatcher, whose tasks have no launch
-    /// order to rely on.
+    /// only: they never change a result. The persistent dispatcher does
+    /// not run them.
     pub early: Option<Function>,
     /// The prologue of a tile: work that reads only the forward's inputs
     /// (written before its first kernel), into the tile's shared memory,
