@@ -162,7 +162,6 @@ __device__ void router_tile(int /*tile*/, const float* __restrict__ logits, cons
     int* cnt = is + RP::CNT;
     int* start = is + RP::START;
     int* run = is + RP::RUN;
-    for (int e = threadIdx.x; e < E; e += C::threads) cnt[e] = 0, run[e] = 0;
 
     for (int t = warp; t < T; t += RP::NW) {
         float v[EJ];
@@ -299,6 +298,9 @@ __device__ void router_tile(int /*tile*/, const float* __restrict__ logits, cons
         }
         return;
     }
+    // The counters of several tokens' table, ordered before their first use
+    // by the barrier below.
+    for (int e = threadIdx.x; e < E; e += C::threads) cnt[e] = 0, run[e] = 0;
     __syncthreads();
 
     // Routing table.
