@@ -53,6 +53,11 @@ struct RouteView {
         const int p0 = ld_l2_i32(base + 1 + tk + d), p1 = ld_l2_i32(base + 2 + tk + d);
         return Slot{nd, e, p0, p1 - p0};
     }
+    // The same from a table this CTA wrote itself (before a barrier), in its
+    // shared memory or in global memory: ordinary loads.
+    __device__ __forceinline__ Slot own_slot(int d) const {
+        return Slot{base[0], base[1 + d], base[1 + tk + d], base[2 + tk + d] - base[1 + tk + d]};
+    }
 };
 
 namespace moe_detail {
@@ -419,7 +424,9 @@ __host__ __device__ constexpr int experts_up_tiles(int T, int topk, int E, int I
 // x: [T, H] bf16 (already normalised). Row groups: gate rows are local rows
 // 0..ROWS-1, up rows ROWS..2*ROWS-1; the KW K-slices meet in smem. Grid:
 // experts_up_tiles(T, TOPK, E, I, ROWS). Smem: experts_up_smem_bytes<C, W>().
-template <class C, class W>
+// OWN_ROUTE: the table was written by this CTA (routed_up_tile), not by an
+// earlier kernel.
+template <class C, class W, bool OWN_ROUTE = false>
 __device__ void experts_up_tile(int tile, const bf16* __restrict__ x, int T, const int* __restrict__ route, W gate_up,
                                 bf16* __restrict__ h, char* smem) {
     using EP = moe_detail::ExpertPlan<C, W, 2 * C::rows, C::h, moe_detail::X_AHEAD>;
@@ -427,7 +434,7 @@ __device__ void experts_up_tile(int tile, const bf16* __restrict__ x, int T, con
     constexpr int ROWS = C::rows, H = C::h, I = C::i, TOPK = C::topk, CH = cdiv(I, ROWS);
     const RouteView rt{route, C::max_t * TOPK};
     const int d = tile / CH, c = tile - d * CH;
-    const RouteView::Slot sl = rt.slot(d);
+    const RouteView::Slot sl = OWN_ROUTE ? rt.own_slot(d) : rt.slot(d);
     if (d >= sl.n_distinct) return;  // uniform over the CTA
     __syncthreads();
     const int warp = threadIdx.x >> 5;
@@ -466,6 +473,57 @@ __device__ void experts_up_tile(int tile, const bf16* __restrict__ x, int T, con
             }
         }
     }
+}
+
+namespace moe_detail {
+// router_tile as a call of its own: inlined into the gate/up tile, its
+// registers would add to the weight pass's and spill at two CTAs an SM.
+template <class RC>
+__device__ __noinline__ void router_call(const float* logits, const float* bias, int T, float norm_eps, float scale,
+                                         int* idx, float* wts, int* route, char* smem) {
+    router_tile<RC>(0, logits, bias, T, norm_eps, scale, idx, wts, route, smem);
+}
+}  // namespace moe_detail
+
+// Bytes of a routed gate/up tile's own routing table, choice and weights
+// (16-byte units), at the start of its shared memory.
+template <class C> __host__ __device__ constexpr int routed_up_table_bytes() {
+    return (4 * (route_table_ints(C::max_t, C::topk) + 2 * C::max_t * C::topk) + 15) / 16 * 16;
+}
+// Shared memory of routed_up_tile: its own table, then the router's scratch
+// or the gate/up pass's buffer (one after the other in time).
+template <class RC, class C, class W> __host__ __device__ constexpr int routed_up_smem_bytes() {
+    return routed_up_table_bytes<C>() + cmax(router_smem_bytes<RC>(), experts_up_smem_bytes<C, W>());
+}
+
+// routed_up_tile
+//
+// The router and one expert gate/up tile in one (the one-token bucket, where
+// a router is one warp's program): the tile runs router_tile<RC> on the
+// logits [T, E] itself, then experts_up_tile<C, W> from the table it made.
+// Tile 0 writes the choice idx, the weights wts and the routing table
+// `route` to global memory, for the down kernel; every other tile writes its
+// own copies into its shared memory. Every tile computes the same choice
+// from the same logits with the same program, so the tables agree. Smem:
+// routed_up_smem_bytes<RC, C, W>(). Grid: experts_up_tiles.
+template <class RC, class C, class W>
+__device__ void routed_up_tile(int tile, const float* __restrict__ logits, const float* __restrict__ bias, int T,
+                               float norm_eps, float scale, int* __restrict__ idx, float* __restrict__ wts,
+                               int* __restrict__ route, const bf16* __restrict__ x, W gate_up, bf16* __restrict__ h,
+                               char* smem) {
+    static_assert(RC::max_t == C::max_t && RC::topk == C::topk, "routed_up_tile: router and experts disagree");
+    constexpr int TABLE = route_table_ints(C::max_t, C::topk), TK = C::max_t * C::topk;
+    int* own = reinterpret_cast<int*>(smem);
+    char* scratch = smem + routed_up_table_bytes<C>();
+    const bool first = tile == 0;
+    int* r = first ? route : own;
+    moe_detail::router_call<RC>(logits, bias, T, norm_eps, scale, first ? idx : own + TABLE,
+                                first ? wts : reinterpret_cast<float*>(own + TABLE + TK), r, scratch);
+    // The table (at one token written by warp 0 alone) before any warp reads
+    // it, and the router's last use of the scratch before the gate/up pass
+    // writes its buffer there.
+    __syncthreads();
+    experts_up_tile<C, W, true>(tile, x, T, r, gate_up, h, scratch);
 }
 
 namespace moe_detail {

@@ -78,6 +78,13 @@ pub enum KernelKind {
     ExpertsUp {
         /// The `moe.experts` node.
         experts: NodeId,
+        /// The `moe.router_select` and `moe.router_weights` that choose the
+        /// experts, when this kernel computes them itself: every tile runs
+        /// the router on the logits before its expert rows, and tile 0 also
+        /// writes the choice, the weights and the routing table for the down
+        /// kernel (`routed_up_tile` in `moe.cuh`; see
+        /// [`crate::passes::route_in_up`]). None: a router kernel did.
+        router: Option<(NodeId, NodeId)>,
     },
     /// Down projections of the chosen experts, weighted and summed.
     ExpertsDown {
@@ -125,6 +132,9 @@ impl KernelKind {
             KernelKind::Attention { .. } => "attention",
             KernelKind::AttentionCombine { .. } => "attention_combine",
             KernelKind::Router { .. } => "router",
+            KernelKind::ExpertsUp {
+                router: Some(_), ..
+            } => "moe_routed_up",
             KernelKind::ExpertsUp { .. } => "moe_up",
             KernelKind::ExpertsDown { .. } => "moe_down",
             KernelKind::RmsNorm { .. } => "rms_norm",

@@ -251,9 +251,12 @@ impl Plan {
             .map_err(|m| CodegenError::Internal(format!("bounding {d}: {m}")))
     }
 
-    /// Plans `fused` for a bucket: schedule, tiling (by the lowering of each
-    /// kernel kind), dependencies, memory.
-    pub fn new(fused: Fused, options: PlanOptions) -> Result<Plan, CodegenError> {
+    /// Plans `fused` for a bucket: the bucket's own passes
+    /// ([`crate::passes::route_in_up`]), schedule, tiling (by the lowering of
+    /// each kernel kind), dependencies, memory.
+    pub fn new(mut fused: Fused, options: PlanOptions) -> Result<Plan, CodegenError> {
+        // The bucket pass: fusions that pay only at some bucket sizes.
+        crate::passes::route_in_up::run(&mut fused, options.max_t);
         fused.verify_complete()?;
         let g = &fused.graph;
         let order = schedule(&fused)?;
@@ -449,7 +452,7 @@ fn schedule(f: &Fused) -> Result<Vec<usize>, CodegenError> {
     for (gi, group) in f.groups.iter().enumerate() {
         let mut nodes: BTreeSet<NodeId> = group.nodes.clone();
         match group.kind {
-            KernelKind::ExpertsUp { experts } | KernelKind::ExpertsDown { experts } => {
+            KernelKind::ExpertsUp { experts, .. } | KernelKind::ExpertsDown { experts } => {
                 nodes.insert(experts);
             }
             // The norm is recomputed in this kernel's prologue, not read.
@@ -478,11 +481,9 @@ fn schedule(f: &Fused) -> Result<Vec<usize>, CodegenError> {
         }
         if let KernelKind::ExpertsDown { experts } = group.kind {
             // The down kernel reads the up kernel's workspace.
-            if let Some(up) = f
-                .groups
-                .iter()
-                .position(|x| x.kind == KernelKind::ExpertsUp { experts })
-            {
+            if let Some(up) = f.groups.iter().position(
+                |x| matches!(x.kind, KernelKind::ExpertsUp { experts: e, .. } if e == experts),
+            ) {
                 preds[gi].insert(up);
             }
         }
@@ -597,7 +598,7 @@ fn accesses(
         KernelKind::MatVec { norm: Some(nm), .. } => {
             computed.insert(nm);
         }
-        KernelKind::ExpertsUp { experts } => {
+        KernelKind::ExpertsUp { experts, .. } => {
             computed.insert(experts);
         }
         KernelKind::Attention { attn, .. } => {
@@ -632,10 +633,11 @@ fn accesses(
             }
         }
     }
-    // The up kernel of the experts writes only its workspace; the down
-    // kernel reads it and writes the node.
+    // The up kernel of the experts writes only its workspaces (and, with
+    // the router inside, the router's choice and weights, which the group's
+    // nodes cover below); the down kernel reads them and writes the node.
     match group.kind {
-        KernelKind::ExpertsUp { .. } | KernelKind::Attention { split: true, .. } => {
+        KernelKind::ExpertsUp { router: None, .. } | KernelKind::Attention { split: true, .. } => {
             for (slot, _, _) in &tiling.workspaces {
                 writes.insert(Value::Work(ki, *slot));
             }
@@ -668,9 +670,9 @@ fn accesses(
         let reads_it = match (&other.kind, &group.kind) {
             (
                 KernelKind::Router { select, .. },
-                KernelKind::ExpertsUp { experts } | KernelKind::ExpertsDown { experts },
+                KernelKind::ExpertsUp { experts, .. } | KernelKind::ExpertsDown { experts },
             ) => g.inputs(*experts)[1] == *select,
-            (KernelKind::ExpertsUp { experts: a }, KernelKind::ExpertsDown { experts: b }) => {
+            (KernelKind::ExpertsUp { experts: a, .. }, KernelKind::ExpertsDown { experts: b }) => {
                 a == b
             }
             (

@@ -88,12 +88,40 @@ fn scaled_fp4_and_epilogue_projections_stay_apart() {
 }
 
 #[test]
-fn a_qwen3_layer_takes_eight_kernels() {
+fn a_qwen3_layer_takes_seven_kernels_at_one_token_and_eight_at_more() {
     let p = presets::by_name("qwen3-30b-a3b").unwrap();
     let g = p.arch.layer_graph(&p.options, 1).unwrap();
+    // With several tokens the router keeps a kernel of its own.
+    let plan8 = Plan::new(run_pipeline(g.clone()).unwrap(), PlanOptions::new(8)).unwrap();
+    let names8: Vec<&str> = plan8.kernels.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(plan8.kernels.len(), 8, "{names8:?}");
+    assert!(names8.iter().any(|n| n.contains("_router_")), "{names8:?}");
+    assert!(names8.iter().any(|n| n.contains("_moe_up_")), "{names8:?}");
     let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions::new(1)).unwrap();
     let names: Vec<&str> = plan.kernels.iter().map(|k| k.name.as_str()).collect();
-    assert_eq!(plan.kernels.len(), 8, "{names:?}");
+    assert_eq!(plan.kernels.len(), 7, "{names:?}");
+    // At one token every gate/up tile runs the router itself, and the one
+    // that writes the routing table is the gate/up kernel.
+    assert!(!names.iter().any(|n| n.contains("_router_")), "{names:?}");
+    let up = plan
+        .kernels
+        .iter()
+        .find(|k| k.name.contains("moe_routed_up"))
+        .unwrap_or_else(|| panic!("no routed gate/up kernel: {names:?}"));
+    let KernelKind::ExpertsUp {
+        router: Some((select, weights)),
+        ..
+    } = plan.group(up).kind
+    else {
+        panic!("{} does not run its router", up.name);
+    };
+    for n in [select, weights] {
+        assert!(
+            up.writes.contains(&tilefuse_codegen::plan::Value::Node(n)),
+            "{} does not store the router's choice and weights for the down kernel",
+            up.name
+        );
+    }
     assert!(names[0].contains("norm_matvecs"), "{names:?}");
     // The new keys are the queries' own tokens: the attention kernel
     // appends them, no kernel of their own.

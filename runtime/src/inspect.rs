@@ -53,7 +53,7 @@ pub fn kernel_weight_bytes(plan: &Plan, k: &tilefuse_codegen::plan::Kernel) -> u
     let mut nodes: Vec<_> = group.nodes.iter().copied().collect();
     let mut expert_fraction = 1.0f64;
     match group.kind {
-        tilefuse_codegen::KernelKind::ExpertsUp { experts }
+        tilefuse_codegen::KernelKind::ExpertsUp { experts, .. }
         | tilefuse_codegen::KernelKind::ExpertsDown { experts } => {
             let ins = g.inputs(experts);
             let w = if matches!(group.kind, tilefuse_codegen::KernelKind::ExpertsUp { .. }) {

@@ -268,7 +268,7 @@ pub fn weight_dtype_name(f: &Fused, group: &Group) -> DType {
     let g = &f.graph;
     let weight = match group.kind {
         KernelKind::MatVec { matmul, .. } => Some(g.inputs(matmul)[1]),
-        KernelKind::ExpertsUp { experts } | KernelKind::ExpertsDown { experts } => {
+        KernelKind::ExpertsUp { experts, .. } | KernelKind::ExpertsDown { experts } => {
             Some(g.inputs(experts)[3])
         }
         _ => None,
@@ -468,7 +468,7 @@ fn early_body(plan: &Plan, k: &Kernel) -> Result<Vec<Stmt>, CodegenError> {
 /// other kernel (the compiler's own choice of registers).
 fn min_blocks(plan: &Plan, kind: &KernelKind) -> Result<u32, CodegenError> {
     match *kind {
-        KernelKind::ExpertsUp { experts } => moe::up_min_blocks(plan, experts),
+        KernelKind::ExpertsUp { experts, .. } => moe::up_min_blocks(plan, experts),
         _ => Ok(1),
     }
 }

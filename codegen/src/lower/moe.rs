@@ -8,7 +8,7 @@ use crate::error::CodegenError;
 use crate::fusion::{Fused, Group, KernelKind};
 use crate::lower::epilogue::epilogue;
 use crate::lower::matvec::weight_view;
-use crate::lower::values::{guard, pointer, unsupported, work_ptr};
+use crate::lower::values::{guard, pointer, unsupported, work_ptr, work_ptr_slot};
 use crate::lower::SMS;
 use crate::plan::{Plan, PlanOptions, Tiling};
 
@@ -207,25 +207,37 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
     }
     match group.kind {
         KernelKind::Router { select, weights } => {
-            let (e, topk, ng, ..) = router_parts(f, select, weights)?;
-            let w = THREADS as usize / 32;
+            let (e, topk, ..) = router_parts(f, select, weights)?;
             Ok(Tiling {
                 tiles: 1,
                 threads: THREADS,
-                smem: (4 * (2 * w * e + 2 * w * ng + max_t * topk + 3 * e)) as u32,
-                workspaces: vec![(0, "routing table".into(), 4 * (2 + 3 * max_t * topk))],
+                smem: router_smem(f, select, weights, max_t)? as u32,
+                workspaces: vec![(0, "routing table".into(), table_bytes(max_t, topk))],
                 shape: format!("{e}e_top{topk}"),
             })
         }
-        KernelKind::ExpertsUp { experts: n } => {
+        KernelKind::ExpertsUp { experts: n, router } => {
             let x = experts(f, n)?;
             let rows = up_rows(&x);
             let (kw, ncolp) = pass_floats(2 * rows, max_t, mma(&x, x.h));
+            let up_smem = 4 * kw * 2 * rows * ncolp;
+            let mut workspaces = vec![(0, "expert activations".into(), 2 * max_t * x.topk * x.i)];
+            // With the router inside: the tile's own table, choice and
+            // weights, then the router's scratch or the up pass's buffer
+            // (`routed_up_smem_bytes` in moe.cuh).
+            let smem = match router {
+                Some((select, weights)) => {
+                    workspaces.push((1, "routing table".into(), table_bytes(max_t, x.topk)));
+                    own_table_bytes(max_t, x.topk)
+                        + router_smem(f, select, weights, max_t)?.max(up_smem)
+                }
+                None => up_smem,
+            };
             Ok(Tiling {
                 tiles: (x.e.min(max_t * x.topk) * x.i.div_ceil(rows)) as u32,
                 threads: THREADS,
-                smem: (4 * kw * 2 * rows * ncolp) as u32,
-                workspaces: vec![(0, "expert activations".into(), 2 * max_t * x.topk * x.i)],
+                smem: smem as u32,
+                workspaces,
                 shape: format!("{rows}x{}", x.h),
             })
         }
@@ -275,12 +287,78 @@ fn kernel_of(plan: &Plan, pred: impl Fn(&KernelKind) -> bool) -> Result<usize, C
         .ok_or_else(|| CodegenError::Internal("a producer kernel is missing".into()))
 }
 
-/// The router kernel that writes the routing table of experts `x`.
-fn router_of(plan: &Plan, x: &Experts) -> Result<usize, CodegenError> {
-    kernel_of(
-        plan,
-        |k| matches!(k, KernelKind::Router { select, .. } if *select == x.idx),
-    )
+/// The routing table of experts `x` (`const int*`): the router kernel's
+/// workspace, or the gate/up kernel's second one where the router runs in it.
+fn table_of(plan: &Plan, x: &Experts) -> Result<Expr, CodegenError> {
+    let ki = kernel_of(plan, |k| match k {
+        KernelKind::Router { select, .. }
+        | KernelKind::ExpertsUp {
+            router: Some((select, _)),
+            ..
+        } => *select == x.idx,
+        _ => false,
+    })?;
+    let slot = match plan.group(&plan.kernels[ki]).kind {
+        KernelKind::Router { .. } => 0,
+        _ => 1,
+    };
+    work_ptr_slot(plan, ki, slot, "const int")
+}
+
+/// Bytes of a routing table (`route_table_ints` in moe.cuh).
+fn table_bytes(max_t: usize, topk: usize) -> usize {
+    4 * (2 + 3 * max_t * topk)
+}
+
+/// Bytes of a routed gate/up tile's own table, choice and weights, in
+/// 16-byte units (`routed_up_table_bytes` in moe.cuh).
+fn own_table_bytes(max_t: usize, topk: usize) -> usize {
+    (table_bytes(max_t, topk) + 8 * max_t * topk).div_ceil(16) * 16
+}
+
+/// Shared memory of the router's program (`router_smem_bytes` in moe.cuh).
+fn router_smem(
+    f: &Fused,
+    select: NodeId,
+    weights: NodeId,
+    max_t: usize,
+) -> Result<usize, CodegenError> {
+    let (e, topk, ng, ..) = router_parts(f, select, weights)?;
+    let w = THREADS as usize / 32;
+    Ok(4 * (2 * w * e + 2 * w * ng + max_t * topk + 3 * e))
+}
+
+/// The `using RC = tf::RouterCfg<...>` of a router, and the arguments that
+/// `router_tile` and `routed_up_tile` take first: the logits, the correction
+/// bias (or `nullptr`), `T`, the weights' epsilon and scale, and where the
+/// choice and the weights go.
+fn router_args(
+    plan: &Plan,
+    select: NodeId,
+    weights: NodeId,
+) -> Result<(Stmt, Vec<Expr>), CodegenError> {
+    let f = &plan.fused;
+    let max_t = plan.options.max_t;
+    let (e, topk, ng, tg, softmax, norm, eps, scale, bias) = router_parts(f, select, weights)?;
+    let bias_ptr = if bias {
+        pointer(plan, f.graph.inputs(select)[1], false)?
+    } else {
+        Expr::var("nullptr")
+    };
+    Ok((
+        Stmt::Expr(Expr::var(format!(
+            "using RC = tf::RouterCfg<{max_t}, {e}, {topk}, {ng}, {tg}, {softmax}, {norm}, {THREADS}>"
+        ))),
+        vec![
+            pointer(plan, f.graph.inputs(select)[0], false)?,
+            bias_ptr,
+            Expr::var("T"),
+            Expr::F32(eps),
+            Expr::F32(scale),
+            pointer(plan, select, true)?,
+            pointer(plan, weights, true)?,
+        ],
+    ))
 }
 
 /// A compile-time check that the launch's shared memory covers the template's need.
@@ -303,73 +381,81 @@ pub fn body(
     let max_t = plan.options.max_t;
     match group.kind {
         KernelKind::Router { select, weights } => {
-            let (e, topk, ng, tg, softmax, norm, eps, scale, bias) =
-                router_parts(f, select, weights)?;
-            let bias_ptr = if bias {
-                pointer(plan, g.inputs(select)[1], false)?
-            } else {
-                Expr::var("nullptr")
-            };
+            let (cfg, args) = router_args(plan, select, weights)?;
+            let mut call = vec![Expr::var("tile")];
+            call.extend(args);
+            call.extend([work_ptr(plan, ki, "int")?, Expr::var("smem")]);
             Ok(vec![
-                Stmt::Expr(Expr::var(format!(
-                    "using C = tf::RouterCfg<{max_t}, {e}, {topk}, {ng}, {tg}, {softmax}, {norm}, {THREADS}>"
-                ))),
-                smem_assert("tf::router_smem_bytes<C>()", plan, ki),
-                Stmt::Expr(Expr::call(
-                    "tf::router_tile<C>",
-                    vec![
-                        Expr::var("tile"),
-                        pointer(plan, g.inputs(select)[0], false)?,
-                        bias_ptr,
-                        Expr::var("T"),
-                        Expr::F32(eps),
-                        Expr::F32(scale),
-                        pointer(plan, select, true)?,
-                        pointer(plan, weights, true)?,
-                        work_ptr(plan, ki, "int")?,
-                        Expr::var("smem"),
-                    ],
-                )),
+                cfg,
+                smem_assert("tf::router_smem_bytes<RC>()", plan, ki),
+                Stmt::Expr(Expr::call("tf::router_tile<RC>", call)),
             ])
         }
-        KernelKind::ExpertsUp { experts: n } => {
+        KernelKind::ExpertsUp { experts: n, router } => {
             let x = experts(f, n)?;
             let rows = up_rows(&x);
             let (_, _, wty) = epv(x.wdt);
-            let router = router_of(plan, &x)?;
-            Ok(vec![
+            let mut out = vec![
                 Stmt::Expr(Expr::var(format!(
                     "using C = {}",
                     moe_cfg(&x, max_t, rows, mma(&x, x.h))
                 ))),
-                smem_assert(&format!("tf::experts_up_smem_bytes<C, {wty}>()"), plan, ki),
                 Stmt::Let(
                     Ty::Named(wty.into()),
                     "gate_up".into(),
                     weight_view(plan, x.w13)?,
                 ),
-                Stmt::Expr(Expr::call(
-                    format!("tf::experts_up_tile<C, {wty}>"),
-                    vec![
-                        Expr::var("tile"),
+            ];
+            match router {
+                Some((select, weights)) => {
+                    let (cfg, args) = router_args(plan, select, weights)?;
+                    let mut call = vec![Expr::var("tile")];
+                    call.extend(args);
+                    call.extend([
+                        work_ptr_slot(plan, ki, 1, "int")?,
                         pointer(plan, x.x, false)?,
-                        Expr::var("T"),
-                        work_ptr(plan, router, "const int")?,
                         Expr::var("gate_up"),
                         work_ptr(plan, ki, "tf::bf16")?,
                         Expr::var("smem"),
-                    ],
-                )),
-            ])
+                    ]);
+                    out.extend([
+                        cfg,
+                        smem_assert(
+                            &format!("tf::routed_up_smem_bytes<RC, C, {wty}>()"),
+                            plan,
+                            ki,
+                        ),
+                        Stmt::Expr(Expr::call(
+                            format!("tf::routed_up_tile<RC, C, {wty}>"),
+                            call,
+                        )),
+                    ]);
+                }
+                None => out.extend([
+                    smem_assert(&format!("tf::experts_up_smem_bytes<C, {wty}>()"), plan, ki),
+                    Stmt::Expr(Expr::call(
+                        format!("tf::experts_up_tile<C, {wty}>"),
+                        vec![
+                            Expr::var("tile"),
+                            pointer(plan, x.x, false)?,
+                            Expr::var("T"),
+                            table_of(plan, &x)?,
+                            Expr::var("gate_up"),
+                            work_ptr(plan, ki, "tf::bf16")?,
+                            Expr::var("smem"),
+                        ],
+                    )),
+                ]),
+            }
+            Ok(out)
         }
         KernelKind::ExpertsDown { experts: n } => {
             let x = experts(f, n)?;
             let rows = down_rows(&x);
             let (_, _, wty) = epv(x.wdt);
-            let router = router_of(plan, &x)?;
             let up = kernel_of(
                 plan,
-                |k| matches!(k, KernelKind::ExpertsUp { experts } if *experts == n),
+                |k| matches!(k, KernelKind::ExpertsUp { experts, .. } if *experts == n),
             )?;
             let mut epi = epilogue(
                 plan,
@@ -414,7 +500,7 @@ pub fn body(
                         work_ptr(plan, up, "const tf::bf16")?,
                         pointer(plan, x.w, false)?,
                         Expr::var("T"),
-                        work_ptr(plan, router, "const int")?,
+                        table_of(plan, &x)?,
                         Expr::var("down"),
                         Expr::var("epi"),
                         Expr::var("smem"),

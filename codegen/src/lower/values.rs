@@ -133,9 +133,14 @@ pub fn unsupported(f: &crate::fusion::Fused, n: NodeId, reason: impl Into<String
 
 /// A pointer of type `ty*` to the first workspace of kernel `ki`.
 pub fn work_ptr(plan: &Plan, ki: usize, ty: &str) -> Result<Expr, CodegenError> {
+    work_ptr_slot(plan, ki, 0, ty)
+}
+
+/// Like [`work_ptr`], for workspace `slot` of kernel `ki`.
+pub fn work_ptr_slot(plan: &Plan, ki: usize, slot: u8, ty: &str) -> Result<Expr, CodegenError> {
     let b = plan
-        .buffer(crate::plan::Value::Work(ki, 0))
-        .ok_or_else(|| CodegenError::Internal(format!("kernel {ki} has no workspace")))?;
+        .buffer(crate::plan::Value::Work(ki, slot))
+        .ok_or_else(|| CodegenError::Internal(format!("kernel {ki} has no workspace {slot}")))?;
     Ok(Expr::Reinterpret(
         Ty::Named(format!("{ty}*")),
         Box::new(Expr::var("act").bin("+", Expr::Offset(b.offset as i64))),

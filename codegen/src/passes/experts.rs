@@ -26,8 +26,13 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
                     .into(),
             });
         }
-        f.groups
-            .push(Group::new(KernelKind::ExpertsUp { experts: e }, []));
+        f.groups.push(Group::new(
+            KernelKind::ExpertsUp {
+                experts: e,
+                router: None,
+            },
+            [],
+        ));
         f.groups
             .push(Group::new(KernelKind::ExpertsDown { experts: e }, [e]));
     }

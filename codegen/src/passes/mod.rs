@@ -5,6 +5,10 @@
 //! `TILEFUSE_DUMP_IR=DIR` writes the printed state after each pass to
 //! `DIR/NN-name.txt`, and the input of a failing pass to
 //! `DIR/NN-name.input.txt` as a reproducer.
+//!
+//! A pass that pays only at some bucket sizes runs later, when
+//! [`crate::plan::Plan::new`] knows the bucket: [`route_in_up`] (the router
+//! inside the gate/up kernel at one token).
 
 mod attention;
 mod canonicalize;
@@ -13,6 +17,7 @@ mod epilogue;
 mod experts;
 mod matmuls;
 mod remaining;
+pub mod route_in_up;
 mod router;
 mod siblings;
 

@@ -17,8 +17,9 @@
 //!   the last value. A matvec with siblings (matmuls of the same `x` over
 //!   stacked weights) stores each matmul's output and takes no epilogue; its
 //!   norm prologue is recomputed from memory by every kernel that reads it.
-//! - `moe_up` computes the experts' result into a workspace only; `moe_down`
-//!   starts from that workspace.
+//! - `moe_up` computes the experts' result into a workspace only (and, with
+//!   its router inside, stores the router's choice and weights as `router`
+//!   does); `moe_down` starts from that workspace.
 //! - `attention` applies the query's norm and RoPE and attends over the cache
 //!   views; when split it stores a workspace that `attention_combine` turns
 //!   into the attention's output. With its append fused (new keys at the
@@ -133,17 +134,22 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
                 chain: Some((Some(*matmul), group.epilogue.clone())),
             }
         }
-        KernelKind::ExpertsUp { experts } => {
-            if !nodes.is_empty() {
+        KernelKind::ExpertsUp { experts, router } => {
+            let router_nodes: BTreeSet<NodeId> = router.iter().flat_map(|&(s, w)| [s, w]).collect();
+            if nodes != router_nodes {
                 return Err(format!(
-                    "the moe_up kernel of {} owns nodes; the moe_down kernel owns the experts",
+                    "the moe_up kernel of {} owns nodes other than its router's; the moe_down kernel owns the experts",
                     describe(g, *experts)
                 ));
             }
+            let mut stores = vec![(Slot::Work(*experts), *experts)];
+            stores.extend(router_nodes.iter().map(|&n| (Slot::Node(n), n)));
+            let mut computed = router_nodes;
+            computed.insert(*experts);
             Spec {
-                computed: [*experts].into(),
+                computed,
                 from_work: None,
-                stores: vec![(Slot::Work(*experts), *experts)],
+                stores,
                 chain: None,
             }
         }
