@@ -53,6 +53,16 @@ enum ModeArg {
     Persistent,
 }
 
+impl From<ModeArg> for LaunchMode {
+    fn from(m: ModeArg) -> LaunchMode {
+        match m {
+            ModeArg::Stream => LaunchMode::Stream,
+            ModeArg::Graph => LaunchMode::Graph,
+            ModeArg::Persistent => LaunchMode::Persistent,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum EmitArg {
     Ir,
@@ -187,6 +197,10 @@ enum Command {
         /// The bucket: the most tokens per forward.
         #[arg(long, default_value_t = 1)]
         tokens: usize,
+        /// The launch mode planned for: tile shapes may differ in the
+        /// persistent kernel, which holds one CTA an SM.
+        #[arg(long, value_enum, default_value = "graph")]
+        mode: ModeArg,
         /// What to write (comma-separated).
         #[arg(
             long,
@@ -366,14 +380,7 @@ fn run(cli: Cli) -> Result<(), String> {
             timeline,
             no_draft,
         } => {
-            let modes: Vec<LaunchMode> = mode
-                .iter()
-                .map(|m| match m {
-                    ModeArg::Stream => LaunchMode::Stream,
-                    ModeArg::Graph => LaunchMode::Graph,
-                    ModeArg::Persistent => LaunchMode::Persistent,
-                })
-                .collect();
+            let modes: Vec<LaunchMode> = mode.iter().map(|&m| m.into()).collect();
             bench_cmd::run(bench_cmd::BenchArgs {
                 presets: &preset,
                 contexts: &context,
@@ -390,6 +397,7 @@ fn run(cli: Cli) -> Result<(), String> {
             preset,
             layer,
             tokens,
+            mode,
             emit,
             out,
         } => {
@@ -405,7 +413,13 @@ fn run(cli: Cli) -> Result<(), String> {
                 cuda: emit.contains(&EmitArg::Cuda),
                 ptx: emit.contains(&EmitArg::Ptx),
             };
-            let table = tilefuse::runtime::inspect::compile_artifacts(&g, tokens.max(1), e, &out)?;
+            let table = tilefuse::runtime::inspect::compile_artifacts(
+                &g,
+                tokens.max(1),
+                mode.into(),
+                e,
+                &out,
+            )?;
             print!("{table}");
             eprintln!("wrote {}", out.display());
             Ok(())
@@ -499,11 +513,7 @@ fn run(cli: Cli) -> Result<(), String> {
 
 /// The backend a `--backend` choice means on this machine.
 fn resolve_backend(backend: BackendArg, mode: ModeArg) -> Backend {
-    let mode = match mode {
-        ModeArg::Stream => LaunchMode::Stream,
-        ModeArg::Graph => LaunchMode::Graph,
-        ModeArg::Persistent => LaunchMode::Persistent,
-    };
+    let mode = LaunchMode::from(mode);
     let has_gpu = tilefuse::runtime::gpu::Gpu::available;
     match backend {
         BackendArg::Cpu => Backend::Cpu,

@@ -71,3 +71,48 @@ fn compile_writes_every_artifact_and_a_warm_start_compiles_nothing() {
         .unwrap()
         .contains(".entry"));
 }
+
+/// `--mode` picks the plan: at one token Qwen3-30B-A3B's gate/up kernel is
+/// cut in 384 tiles of 16 rows for launches one by one, and keeps 192 of 32
+/// in the persistent kernel, whose one CTA an SM would run each of the
+/// smaller tiles in turn. Plans only (`--emit plan`): no NVRTC.
+#[test]
+fn compile_plans_for_the_launch_mode_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = |mode: &str| {
+        let out = dir.path().join(mode);
+        let o = Command::new(env!("CARGO_BIN_EXE_tilefuse"))
+            .args([
+                "compile",
+                "--preset",
+                "qwen3-30b-a3b",
+                "--layer",
+                "1",
+                "--tokens",
+                "1",
+                "--emit",
+                "plan",
+                "--mode",
+                mode,
+                "--out",
+            ])
+            .arg(&out)
+            .env("TILEFUSE_CACHE_DIR", dir.path().join("cache"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let table = String::from_utf8_lossy(&o.stdout).into_owned();
+        let row = table
+            .lines()
+            .find(|l| l.contains("moe_routed_up"))
+            .unwrap_or_else(|| panic!("no gate/up kernel: {table}"))
+            .to_string();
+        row.split_whitespace()
+            .skip_while(|w| !w.starts_with("moe_routed_up"))
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(up("graph"), "moe_routed_up_mxfp4_t1_16x2048 384");
+    assert_eq!(up("persistent"), "moe_routed_up_mxfp4_t1_32x2048 192");
+}

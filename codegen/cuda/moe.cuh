@@ -141,7 +141,8 @@ template <class C> __host__ __device__ constexpr int router_smem_bytes() { retur
 //   largest choice values (NaN largest), the TOPK_GROUP best groups (ties to the
 //   lower group) stay and the other experts' choices become -inf;
 //   idx[t, :] = the TOPK best choices, descending, ties to the lower index, NaN first;
-//   w[t, j] = s[idx[t, j]], if NORM divided by (f64 sum over j as f32) + norm_eps, times scale.
+//   w[t, j] = s[idx[t, j]], if NORM divided by (f64 sum over j as f32) + norm_eps, times scale
+//   (not computed when wts is null: a caller that needs the choice only).
 // Then builds the routing table (layout at the top of this file) in `route`:
 // counts per expert (shared atomics), a prefix over experts (one warp) and a
 // stable placement of the pairs (one warp, 32 pairs per step, __match_any_sync);
@@ -261,15 +262,16 @@ __device__ void router_tile(int /*tile*/, const float* __restrict__ logits, cons
             }
             const uint32_t mk = __reduce_max_sync(0xffffffffu, bj >= 0 ? bk : 0u);
             const int bi = (int)__reduce_min_sync(0xffffffffu, bj >= 0 && bk == mk ? (uint32_t)(lane + 32 * bj) : 0xffffffffu);
-            wsel[r] = sc[bi];
+            if (wts != nullptr) wsel[r] = sc[bi];
             if (lane == (bi & 31)) taken |= 1u << (bi >> 5);
             if (lane == 0) {
                 sel[t * TOPK + r] = bi;
                 idx[t * TOPK + r] = bi;
             }
         }
-        // Weights, in slot order on one lane (the oracle's f64 sum order).
-        if (lane == 0) {
+        // Weights, in slot order on one lane (the oracle's f64 sum order);
+        // none where wts is null (a routed gate/up tile other than tile 0).
+        if (lane == 0 && wts != nullptr) {
             double s = 0.0;
 #pragma unroll
             for (int r = 0; r < TOPK; ++r) s += (double)wsel[r];
@@ -373,10 +375,13 @@ __device__ void router_tile(int /*tile*/, const float* __restrict__ logits, cons
 
 // MAX_T: tokens per forward (<= 64; also bounds the pairs of one expert);
 // TOPK slots per token; ROWS rows of I (up) or H (down) per tile; H hidden
-// size, I expert intermediate size (gate_up [E, 2I, H], down [E, H, I]).
-template <int MAX_T, int TOPK, int ROWS, int THREADS, int H, int I, MvPath PATH = MvPath::Auto, int U = 0>
+// size, I expert intermediate size (gate_up [E, 2I, H], down [E, H, I]);
+// XA: the most x vectors a gate/up warp loads ahead of a batch's products
+// (-1: moe_detail::X_AHEAD; 0: each where it is used).
+template <int MAX_T, int TOPK, int ROWS, int THREADS, int H, int I, MvPath PATH = MvPath::Auto, int U = 0,
+          int XA = -1>
 struct MoeCfg {
-    enum : int { max_t = MAX_T, topk = TOPK, rows = ROWS, threads = THREADS, h = H, i = I, u = U };
+    enum : int { max_t = MAX_T, topk = TOPK, rows = ROWS, threads = THREADS, h = H, i = I, u = U, xa = XA };
     __host__ __device__ static constexpr MvPath path() { return PATH; }
     static_assert(MAX_T >= 1 && MAX_T <= 64, "experts: at most 64 tokens");
 };
@@ -390,6 +395,8 @@ namespace moe_detail {
 // (lower::moe::up_min_blocks, which mirrors this value), holding it at 128
 // registers.
 constexpr int X_AHEAD = 8;
+// The gate/up tile's bound on the x vectors loaded ahead (MoeCfg's XA).
+template <class C> __host__ __device__ constexpr int up_x_ahead() { return C::xa < 0 ? X_AHEAD : C::xa; }
 template <class C, class W, int NROWS, int K, int XH = 0> struct ExpertPlan {
     enum : bool { MMA = mv_detail::use_mma<W, bf16, C::path()>() };
     // Columns per weight pass: all pairs of an expert (<= MAX_T) on the MMA
@@ -404,7 +411,7 @@ template <class C, class W, int NROWS, int K, int XH = 0> struct ExpertPlan {
 // matvec with 2*ROWS rows and MAX_T columns) MMA: G = 16, NCOLP = 8*ceil(MAX_T/8);
 // SIMT: G = max(2, 2*ROWS/(THREADS/32)), NCOLP = min(MAX_T, 8); KW = (THREADS/32) / (2*ROWS/G).
 template <class C, class W> __host__ __device__ constexpr int experts_up_smem_bytes() {
-    using P = typename moe_detail::ExpertPlan<C, W, 2 * C::rows, C::h, moe_detail::X_AHEAD>::P;
+    using P = typename moe_detail::ExpertPlan<C, W, 2 * C::rows, C::h, moe_detail::up_x_ahead<C>()>::P;
     return 4 * P::KW * 2 * C::rows * P::NCOLP;
 }
 // Tiles of experts_up: min(E, T*TOPK) * ceil(I / ROWS) (T: this forward's or the maximum).
@@ -429,7 +436,7 @@ __host__ __device__ constexpr int experts_up_tiles(int T, int topk, int E, int I
 template <class C, class W, bool OWN_ROUTE = false>
 __device__ void experts_up_tile(int tile, const bf16* __restrict__ x, int T, const int* __restrict__ route, W gate_up,
                                 bf16* __restrict__ h, char* smem) {
-    using EP = moe_detail::ExpertPlan<C, W, 2 * C::rows, C::h, moe_detail::X_AHEAD>;
+    using EP = moe_detail::ExpertPlan<C, W, 2 * C::rows, C::h, moe_detail::up_x_ahead<C>()>;
     using P = typename EP::P;
     constexpr int ROWS = C::rows, H = C::h, I = C::i, TOPK = C::topk, CH = cdiv(I, ROWS);
     const RouteView rt{route, C::max_t * TOPK};
@@ -485,10 +492,10 @@ __device__ __noinline__ void router_call(const float* logits, const float* bias,
 }
 }  // namespace moe_detail
 
-// Bytes of a routed gate/up tile's own routing table, choice and weights
+// Bytes of a routed gate/up tile's own routing table and choice
 // (16-byte units), at the start of its shared memory.
 template <class C> __host__ __device__ constexpr int routed_up_table_bytes() {
-    return (4 * (route_table_ints(C::max_t, C::topk) + 2 * C::max_t * C::topk) + 15) / 16 * 16;
+    return (4 * (route_table_ints(C::max_t, C::topk) + C::max_t * C::topk) + 15) / 16 * 16;
 }
 // Shared memory of routed_up_tile: its own table, then the router's scratch
 // or the gate/up pass's buffer (one after the other in time).
@@ -503,7 +510,8 @@ template <class RC, class C, class W> __host__ __device__ constexpr int routed_u
 // logits [T, E] itself, then experts_up_tile<C, W> from the table it made.
 // Tile 0 writes the choice idx, the weights wts and the routing table
 // `route` to global memory, for the down kernel; every other tile writes its
-// own copies into its shared memory. Every tile computes the same choice
+// own choice and table into its shared memory and computes no weights,
+// which only the down kernel reads. Every tile computes the same choice
 // from the same logits with the same program, so the tables agree. Smem:
 // routed_up_smem_bytes<RC, C, W>(). Grid: experts_up_tiles.
 template <class RC, class C, class W>
@@ -512,13 +520,15 @@ __device__ void routed_up_tile(int tile, const float* __restrict__ logits, const
                                int* __restrict__ route, const bf16* __restrict__ x, W gate_up, bf16* __restrict__ h,
                                char* smem) {
     static_assert(RC::max_t == C::max_t && RC::topk == C::topk, "routed_up_tile: router and experts disagree");
-    constexpr int TABLE = route_table_ints(C::max_t, C::topk), TK = C::max_t * C::topk;
+    constexpr int TABLE = route_table_ints(C::max_t, C::topk);
     int* own = reinterpret_cast<int*>(smem);
     char* scratch = smem + routed_up_table_bytes<C>();
     const bool first = tile == 0;
     int* r = first ? route : own;
-    moe_detail::router_call<RC>(logits, bias, T, norm_eps, scale, first ? idx : own + TABLE,
-                                first ? wts : reinterpret_cast<float*>(own + TABLE + TK), r, scratch);
+    // Only tile 0's weights are ever read (by the down step): the others
+    // choose the experts without computing them.
+    moe_detail::router_call<RC>(logits, bias, T, norm_eps, scale, first ? idx : own + TABLE, first ? wts : nullptr, r,
+                                scratch);
     // The table (at one token written by warp 0 alone) before any warp reads
     // it, and the router's last use of the scratch before the gate/up pass
     // writes its buffer there.

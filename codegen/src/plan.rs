@@ -137,15 +137,27 @@ pub struct PlanOptions {
     /// draft's context rows `C`); `S` (positions already cached) never sizes
     /// an activation and needs none.
     pub bounds: BTreeMap<String, usize>,
+    /// The forward runs as one persistent kernel, one CTA an SM, whose CTAs
+    /// take each kernel's tiles in turn: a tile shape that pays only with
+    /// several CTAs of a kernel resident on an SM is not chosen.
+    pub persistent: bool,
 }
 
 impl PlanOptions {
-    /// A bucket of at most `max_t` tokens and no other row symbols.
+    /// A bucket of at most `max_t` tokens and no other row symbols, for
+    /// kernels launched one by one (a stream or a CUDA graph).
     pub fn new(max_t: usize) -> PlanOptions {
         PlanOptions {
             max_t,
             bounds: BTreeMap::new(),
+            persistent: false,
         }
+    }
+
+    /// For the persistent kernel when `persistent`.
+    pub fn with_persistent(mut self, persistent: bool) -> PlanOptions {
+        self.persistent = persistent;
+        self
     }
 
     /// With symbol `sym` at most `max`.

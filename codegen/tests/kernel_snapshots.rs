@@ -154,3 +154,55 @@ fn short_matrices_take_short_tiles() {
         );
     }
 }
+/// At one token, where 16 rows of gate and of up a tile fill the card in one
+/// wave at three CTAs an SM (Qwen3-30B-A3B: 8 experts x 48 = 384 tiles), the
+/// gate/up kernel takes that shape, with no x vector loaded ahead; with
+/// several tokens, or where 16-row tiles take more than one wave
+/// (MiMo-V2-Flash: 8 x 128 = 1,024), or in the persistent kernel, it keeps
+/// its wide tiles at two CTAs.
+#[test]
+fn one_token_gate_up_tiles_fill_the_card_in_one_wave() {
+    let up_in = |preset: &str, opt: PlanOptions| {
+        let p = tilefuse_model::presets::by_name(preset).unwrap();
+        let g = p.arch.forward_graph(&p.options).unwrap();
+        let plan = Plan::new(run_pipeline(g).unwrap(), opt).unwrap();
+        let k = lower(&plan)
+            .unwrap()
+            .kernels
+            .into_iter()
+            .find(|k| k.name.contains("_up_"))
+            .unwrap();
+        format!("{}\n{}\n{}", k.header, k.device, k.wrapper)
+    };
+    let up = |preset: &str, max_t: usize| up_in(preset, PlanOptions::new(max_t));
+    let qwen = up("qwen3-30b-a3b", 1);
+    assert!(qwen.contains("384 tiles of 256 threads"), "{qwen}");
+    assert!(
+        qwen.contains("tf::MoeCfg<1, 8, 16, 256, 2048, 768, tf::MvPath::Mma, 0, 0>"),
+        "{qwen}"
+    );
+    assert!(qwen.contains("__launch_bounds__(256, 3)"), "{qwen}");
+    let qwen8 = up("qwen3-30b-a3b", 8);
+    assert!(
+        qwen8.contains("tf::MoeCfg<8, 8, 32, 256, 2048, 768, tf::MvPath::Mma>"),
+        "{qwen8}"
+    );
+    assert!(qwen8.contains("__launch_bounds__(256, 2)"), "{qwen8}");
+    let mimo = up("mimo-v2-flash-4l", 1);
+    assert!(
+        mimo.contains("tf::MoeCfg<1, 8, 64, 256, 4096, 2048, tf::MvPath::Mma>"),
+        "{mimo}"
+    );
+    assert!(mimo.contains("__launch_bounds__(256, 2)"), "{mimo}");
+    // The persistent kernel holds one CTA an SM: there the 16-row tiles
+    // would only triple the tiles, each choosing the experts again.
+    let persistent = up_in("qwen3-30b-a3b", PlanOptions::new(1).with_persistent(true));
+    assert!(
+        persistent.contains("192 tiles of 256 threads"),
+        "{persistent}"
+    );
+    assert!(
+        persistent.contains("tf::MoeCfg<1, 8, 32, 256, 2048, 768, tf::MvPath::Mma>"),
+        "{persistent}"
+    );
+}

@@ -394,21 +394,23 @@ fn from_bytes(dtype: DType, shape: &[usize], b: &[u8]) -> Result<Tensor> {
 /// The plan options of `graph` for a bucket of `max_t` tokens: every other
 /// row symbol (a draft's context rows `C`) bounded by the graph's largest
 /// forward ([`crate::executable::max_tokens`]).
-pub fn plan_options(graph: &Graph, max_t: usize) -> PlanOptions {
+pub fn plan_options(graph: &Graph, max_t: usize, mode: LaunchMode) -> PlanOptions {
     let bound = crate::executable::max_tokens(graph);
-    graph
-        .symbols()
-        .filter(|s| !matches!(*s, "T" | "S"))
-        .fold(PlanOptions::new(max_t), |o, s| o.with_bound(s, bound))
+    graph.symbols().filter(|s| !matches!(*s, "T" | "S")).fold(
+        PlanOptions::new(max_t).with_persistent(mode == LaunchMode::Persistent),
+        |o, s| o.with_bound(s, bound),
+    )
 }
 
-/// Plans and lowers `graph` for one bucket (no GPU needed).
+/// Plans and lowers `graph` for one bucket, launched in `mode` (no GPU
+/// needed).
 pub fn build(
     graph: &Graph,
     max_t: usize,
+    mode: LaunchMode,
 ) -> std::result::Result<(Plan, CudaModule), tilefuse_codegen::CodegenError> {
     let fused = run_pipeline(graph.clone())?;
-    let plan = Plan::new(fused, plan_options(graph, max_t))?;
+    let plan = Plan::new(fused, plan_options(graph, max_t, mode))?;
     let module = lower::lower(&plan)?;
     Ok((plan, module))
 }
@@ -451,7 +453,7 @@ impl GpuExecutable {
         }
         let mut programs = Vec::new();
         for &b in &buckets {
-            let (plan, module) = build(graph, b).map_err(cg_err)?;
+            let (plan, module) = build(graph, b, mode).map_err(cg_err)?;
             let loaded = gpu
                 .load(
                     &format!("{}_t{b}", graph.name),

@@ -13,6 +13,7 @@ use tilefuse_codegen::passes::run_pipeline_observed;
 use tilefuse_codegen::plan::Plan;
 use tilefuse_ir::{Graph, InputKind, Op};
 
+use crate::cuda_exec::LaunchMode;
 use crate::nvrtc::{self, CompileOptions, KernelResources};
 
 /// What to write.
@@ -190,11 +191,13 @@ fn write(dir: &Path, rel: &str, text: &str) -> Result<(), String> {
     std::fs::write(&p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))
 }
 
-/// Compiles `graph` for a bucket of `max_t` tokens and writes what `emit`
-/// asks for under `out` (replacing it atomically). Returns the summary table.
+/// Compiles `graph` for a bucket of `max_t` tokens launched in `mode` and
+/// writes what `emit` asks for under `out` (replacing it atomically).
+/// Returns the summary table.
 pub fn compile_artifacts(
     graph: &Graph,
     max_t: usize,
+    mode: LaunchMode,
     emit: Emit,
     out: &Path,
 ) -> Result<String, String> {
@@ -222,7 +225,7 @@ pub fn compile_artifacts(
             }
         }
         let dotted = dot(&fused);
-        let opt = crate::cuda_exec::plan_options(graph, max_t);
+        let opt = crate::cuda_exec::plan_options(graph, max_t, mode);
         let plan = Plan::new(fused, opt).map_err(|e| e.to_string())?;
         if emit.plan {
             write(&tmp, "plan.txt", &plan.to_string())?;

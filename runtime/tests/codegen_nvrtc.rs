@@ -6,11 +6,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-use tilefuse_codegen::lower::lower;
+use tilefuse_codegen::lower::{lower, Module};
 use tilefuse_codegen::passes::run_pipeline;
 use tilefuse_codegen::plan::Plan;
 use tilefuse_ir::{DType, Graph};
 use tilefuse_model::{canonical, presets};
+use tilefuse_runtime::cuda_exec::LaunchMode;
 use tilefuse_runtime::nvrtc::{compile, CompileOptions};
 
 fn compile_graph(g: Graph, max_t: usize) {
@@ -19,14 +20,37 @@ fn compile_graph(g: Graph, max_t: usize) {
 
 /// `dispatcher_must_not_spill`: whether the persistent dispatcher is held to
 /// the no-spill rule too (see `full_width_models_compile` for the exception).
+/// The kernels are checked as planned for launches one by one (stream and
+/// graph mode); where the persistent kernel's plan differs (its tile
+/// shapes), that plan is compiled too, its kernels checked the same way and
+/// its dispatcher checked there.
 fn compile_graph_with(g: Graph, max_t: usize, dispatcher_must_not_spill: bool) {
     let name = format!("{}_t{max_t}", g.name);
-    let opt = tilefuse_runtime::cuda_exec::plan_options(&g, max_t);
-    let plan = Plan::new(run_pipeline(g).unwrap_or_else(|e| panic!("{e}")), opt)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let module = lower(&plan).unwrap_or_else(|e| panic!("{e}"));
+    let fused = run_pipeline(g.clone()).unwrap_or_else(|e| panic!("{e}"));
+    let planned = |mode: LaunchMode| {
+        let opt = tilefuse_runtime::cuda_exec::plan_options(&g, max_t, mode);
+        let plan = Plan::new(fused.clone(), opt).unwrap_or_else(|e| panic!("{e}"));
+        let module = lower(&plan).unwrap_or_else(|e| panic!("{e}"));
+        (plan, module)
+    };
+    let launched = planned(LaunchMode::Graph);
+    let persistent = planned(LaunchMode::Persistent);
+    if launched.1.source == persistent.1.source {
+        check(&name, &launched.0, &launched.1, dispatcher_must_not_spill);
+    } else {
+        check(&name, &launched.0, &launched.1, false);
+        check(
+            &format!("{name}_persistent"),
+            &persistent.0,
+            &persistent.1,
+            dispatcher_must_not_spill,
+        );
+    }
+}
+
+fn check(name: &str, plan: &Plan, module: &Module, dispatcher_must_not_spill: bool) {
     let c = compile(
-        &name,
+        name,
         &module.source,
         tilefuse_codegen::cuda::HEADERS,
         &CompileOptions::default(),

@@ -83,11 +83,55 @@ fn pass_floats(nrows: usize, maxcol: usize, mma: bool) -> (usize, usize) {
     (kw, ncolp)
 }
 
-fn up_rows(x: &Experts) -> usize {
-    [64usize, 32, 16]
+/// How the gate/up kernel of experts `x` is cut in a bucket of `max_t` tokens.
+#[derive(Clone, Copy)]
+struct UpShape {
+    /// Rows of gate and of up a tile (a tile reads twice as many).
+    rows: usize,
+    /// CTAs an SM it asks for ([`up_min_blocks`]).
+    min_blocks: u32,
+    /// `MoeCfg`'s `XA`: -1 for `X_AHEAD`, 0 for no x vector loaded ahead.
+    x_ahead: i32,
+}
+
+/// The gate/up tiles' shape in a plan of options `opt`. At one token on the
+/// tensor-core path, where 16 rows of gate and of up a tile fill the card in
+/// one wave at three CTAs an SM (never in the persistent kernel, whose one
+/// CTA an SM would run three times as many tiles, each choosing the
+/// experts again): that shape, each warp then owning a quarter of K in one batch of
+/// loads, 24 warps an SM, and no x vector loaded ahead (which would take it
+/// past 85 registers). Otherwise the widest tile that still gives every SM
+/// a tile, asking for two CTAs an SM where the x vectors are loaded ahead.
+fn up_shape(x: &Experts, opt: &PlanOptions) -> UpShape {
+    let max_t = opt.max_t;
+    let tiles = |r: usize| x.e.min(max_t * x.topk) * x.i.div_ceil(r);
+    if max_t == 1 && !opt.persistent && mma(x, x.h) && tiles(16) <= 3 * SMS {
+        return UpShape {
+            rows: 16,
+            min_blocks: 3,
+            x_ahead: 0,
+        };
+    }
+    let rows = [64usize, 32, 16]
         .into_iter()
         .find(|r| x.e.min(x.topk) * x.i.div_ceil(*r) >= SMS)
-        .unwrap_or(16)
+        .unwrap_or(16);
+    let min_blocks = if mma(x, x.h) {
+        let (epv, ..) = epv(x.wdt);
+        let vectors = max_t.div_ceil(8) * (epv / 8);
+        if 2 * vectors <= X_AHEAD {
+            2
+        } else {
+            1
+        }
+    } else {
+        1
+    };
+    UpShape {
+        rows,
+        min_blocks,
+        x_ahead: -1,
+    }
 }
 
 fn down_rows(x: &Experts) -> usize {
@@ -107,31 +151,36 @@ fn mma(x: &Experts, k: usize) -> bool {
 /// ahead of a batch's products (a test checks that the two agree).
 pub const X_AHEAD: usize = 8;
 
-/// The CTAs an SM the gate/up kernel of experts `n` asks for: 2 where its
+/// The CTAs an SM the gate/up kernel of experts `n` asks for: 3 for the
+/// one-wave shape of 16-row tiles at one token ([`up_shape`]); 2 where its
 /// warps load x vectors ahead of the products (the MMA path, with two
 /// k-blocks' x of every column tile within [`X_AHEAD`] vectors: MXFP4 up to 8
 /// tokens, bf16 up to 32). Loaded ahead they would take it past 128
-/// registers (Qwen3-30B-A3B at one token: 167, so one CTA an SM and its 192
-/// tiles in two waves); held at 128 they need no spill. Elsewhere 1: with
-/// 64 tokens the same bound costs spills.
+/// registers (Qwen3-30B-A3B's 32-row tiles at one token: 167, so one CTA an
+/// SM and its 192 tiles in two waves); held at 128 they need no spill.
+/// Elsewhere 1: with 64 tokens the same bound costs spills.
 pub fn up_min_blocks(plan: &Plan, n: NodeId) -> Result<u32, CodegenError> {
     let x = experts(&plan.fused, n)?;
-    if !mma(&x, x.h) {
-        return Ok(1);
-    }
-    let (epv, ..) = epv(x.wdt);
-    let vectors = plan.options.max_t.div_ceil(8) * (epv / 8);
-    Ok(if 2 * vectors <= X_AHEAD { 2 } else { 1 })
+    Ok(up_shape(&x, &plan.options).min_blocks)
 }
 
 fn moe_cfg(x: &Experts, max_t: usize, rows: usize, mma: bool) -> String {
+    moe_cfg_xa(x, max_t, rows, mma, -1)
+}
+
+fn moe_cfg_xa(x: &Experts, max_t: usize, rows: usize, mma: bool, xa: i32) -> String {
     let path = if mma {
         "tf::MvPath::Mma"
     } else {
         "tf::MvPath::Simt"
     };
+    let tail = if xa < 0 {
+        String::new()
+    } else {
+        format!(", 0, {xa}")
+    };
     format!(
-        "tf::MoeCfg<{max_t}, {}, {rows}, {THREADS}, {}, {}, {path}>",
+        "tf::MoeCfg<{max_t}, {}, {rows}, {THREADS}, {}, {}, {path}{tail}>",
         x.topk, x.h, x.i
     )
 }
@@ -218,7 +267,7 @@ pub fn tiling(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Tiling, Cod
         }
         KernelKind::ExpertsUp { experts: n, router } => {
             let x = experts(f, n)?;
-            let rows = up_rows(&x);
+            let rows = up_shape(&x, opt).rows;
             let (kw, ncolp) = pass_floats(2 * rows, max_t, mma(&x, x.h));
             let up_smem = 4 * kw * 2 * rows * ncolp;
             let mut workspaces = vec![(0, "expert activations".into(), 2 * max_t * x.topk * x.i)];
@@ -310,10 +359,10 @@ fn table_bytes(max_t: usize, topk: usize) -> usize {
     4 * (2 + 3 * max_t * topk)
 }
 
-/// Bytes of a routed gate/up tile's own table, choice and weights, in
-/// 16-byte units (`routed_up_table_bytes` in moe.cuh).
+/// Bytes of a routed gate/up tile's own table and choice, in 16-byte units
+/// (`routed_up_table_bytes` in moe.cuh).
 fn own_table_bytes(max_t: usize, topk: usize) -> usize {
-    (table_bytes(max_t, topk) + 8 * max_t * topk).div_ceil(16) * 16
+    (table_bytes(max_t, topk) + 4 * max_t * topk).div_ceil(16) * 16
 }
 
 /// Shared memory of the router's program (`router_smem_bytes` in moe.cuh).
@@ -393,12 +442,12 @@ pub fn body(
         }
         KernelKind::ExpertsUp { experts: n, router } => {
             let x = experts(f, n)?;
-            let rows = up_rows(&x);
+            let shape = up_shape(&x, &plan.options);
             let (_, _, wty) = epv(x.wdt);
             let mut out = vec![
                 Stmt::Expr(Expr::var(format!(
                     "using C = {}",
-                    moe_cfg(&x, max_t, rows, mma(&x, x.h))
+                    moe_cfg_xa(&x, max_t, shape.rows, mma(&x, x.h), shape.x_ahead)
                 ))),
                 Stmt::Let(
                     Ty::Named(wty.into()),
