@@ -164,11 +164,9 @@ pub fn up_min_blocks(plan: &Plan, n: NodeId) -> Result<u32, CodegenError> {
     Ok(up_shape(&x, &plan.options).min_blocks)
 }
 
-fn moe_cfg(x: &Experts, max_t: usize, rows: usize, mma: bool) -> String {
-    moe_cfg_xa(x, max_t, rows, mma, -1)
-}
-
-fn moe_cfg_xa(x: &Experts, max_t: usize, rows: usize, mma: bool, xa: i32) -> String {
+/// `tf::MoeCfg` of experts `x`; `xa`: its `XA` (-1, the template's default,
+/// is left out).
+fn moe_cfg(x: &Experts, max_t: usize, rows: usize, mma: bool, xa: i32) -> String {
     let path = if mma {
         "tf::MvPath::Mma"
     } else {
@@ -447,7 +445,7 @@ pub fn body(
             let mut out = vec![
                 Stmt::Expr(Expr::var(format!(
                     "using C = {}",
-                    moe_cfg_xa(&x, max_t, shape.rows, mma(&x, x.h), shape.x_ahead)
+                    moe_cfg(&x, max_t, shape.rows, mma(&x, x.h), shape.x_ahead)
                 ))),
                 Stmt::Let(
                     Ty::Named(wty.into()),
@@ -521,7 +519,7 @@ pub fn body(
             Ok(vec![
                 Stmt::Expr(Expr::var(format!(
                     "using C = {}",
-                    moe_cfg(&x, max_t, rows, mma(&x, x.i))
+                    moe_cfg(&x, max_t, rows, mma(&x, x.i), -1)
                 ))),
                 smem_assert(
                     &format!("tf::experts_down_smem_bytes<C, {wty}>()"),
