@@ -156,6 +156,10 @@ pub struct Group {
     /// Elementwise nodes applied to the anchor's result, in order; the last
     /// one's value is what the kernel stores.
     pub epilogue: Vec<NodeId>,
+    /// The epilogue of each sibling matmul of a matvec kernel
+    /// ([`KernelKind::MatVec`]'s `siblings`, in the same order): what
+    /// `epilogue` is to the anchor.
+    pub sibling_epilogues: Vec<Vec<NodeId>>,
 }
 
 impl Group {
@@ -165,6 +169,7 @@ impl Group {
             kind,
             nodes: nodes.into_iter().collect(),
             epilogue: vec![],
+            sibling_epilogues: vec![],
         }
     }
 }
@@ -301,6 +306,14 @@ impl fmt::Display for Fused {
             if !g.epilogue.is_empty() {
                 let e: Vec<String> = g.epilogue.iter().map(p).collect();
                 write!(f, " epilogue [{}]", e.join(", "))?;
+            }
+            if let KernelKind::MatVec { siblings, .. } = &g.kind {
+                for (m, e) in siblings.iter().zip(&g.sibling_epilogues) {
+                    if !e.is_empty() {
+                        let e: Vec<String> = e.iter().map(p).collect();
+                        write!(f, " epilogue of {} [{}]", p(m), e.join(", "))?;
+                    }
+                }
             }
             writeln!(f)?;
         }

@@ -1,7 +1,8 @@
 //! Sibling matmuls in one kernel (`fuse_siblings`): the q, k and v
 //! projections of a layer become one kernel whose weights the plan lays out
-//! back to back; weights with block-scale arrays, matmuls with an epilogue
-//! and a lone matmul stay as they were.
+//! back to back, each keeping its own epilogue; weights with block-scale
+//! arrays, a matmul whose epilogue reads a sibling's value and a lone
+//! matmul stay as they were.
 
 #![allow(clippy::unwrap_used)]
 
@@ -76,15 +77,66 @@ fn bf16_projections_share_one_kernel_over_contiguous_weights() {
 }
 
 #[test]
-fn scaled_fp4_and_epilogue_projections_stay_apart() {
+fn scaled_fp4_projections_stay_apart() {
     let (_, parts) = matvec_kernels(three_projections(DType::MXFP4, false));
     assert_eq!(parts.len(), 3, "{parts:?}");
-    let (_, parts) = matvec_kernels(three_projections(DType::BF16, true));
-    assert_eq!(parts.len(), 2, "{parts:?}");
-    assert!(
-        parts.contains(&vec!["q.weight".into(), "k.weight".into()]),
+}
+
+/// MiMo's value scale: the scaled v joins q and k, and the scale is applied
+/// to v's rows only, stored where v's scaled value lives.
+#[test]
+fn a_projection_with_an_epilogue_joins_its_siblings_and_keeps_it() {
+    let (plan, parts) = matvec_kernels(three_projections(DType::BF16, true));
+    assert_eq!(
+        parts,
+        vec![vec!["q.weight", "k.weight", "v.weight"]],
         "{parts:?}"
     );
+    let k = plan
+        .kernels
+        .iter()
+        .find(|k| matches!(plan.group(k).kind, KernelKind::MatVec { .. }))
+        .unwrap();
+    let group = plan.group(k);
+    let gr = &plan.fused.graph;
+    let scale = gr.outputs().iter().find(|(name, _)| name == "v").unwrap().1;
+    assert_eq!(group.sibling_epilogues, vec![vec![], vec![scale]]);
+    let lowered = lower(&plan).unwrap();
+    let src = lowered
+        .kernels
+        .iter()
+        .find(|l| l.name.contains("matvecs"))
+        .map(|l| l.device.to_string())
+        .unwrap();
+    // The scale sits in v's branch of the row dispatch (rows 640..768), and
+    // nowhere else.
+    let v_branch = src.find("if (n >= 640)").expect(&src);
+    let mul = src.find("* 0.5f").expect(&src);
+    assert!(
+        mul > v_branch && src.matches("* 0.5f").count() == 1,
+        "{src}"
+    );
+}
+
+/// SwiGLU's `silu(gate) * up` on up reads what the gate rows compute: up
+/// stays a kernel of its own rather than read rows other tiles write.
+#[test]
+fn a_projection_whose_epilogue_reads_a_sibling_stays_apart() {
+    let mut b = Builder::new("glu", &["T"]);
+    let x = b.input("x", DType::BF16, shape![T, 256]).unwrap();
+    let wg = b
+        .weight("gate.weight", DType::BF16, shape![128, 256])
+        .unwrap();
+    let wu = b
+        .weight("up.weight", DType::BF16, shape![128, 256])
+        .unwrap();
+    let gate = b.matmul(x, wg).unwrap();
+    let up = b.matmul(x, wu).unwrap();
+    let act = b.silu(gate).unwrap();
+    let y = b.mul(act, up).unwrap();
+    b.output("y", y).unwrap();
+    let (_, parts) = matvec_kernels(b.finish().unwrap());
+    assert_eq!(parts.len(), 2, "{parts:?}");
 }
 
 #[test]

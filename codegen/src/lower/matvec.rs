@@ -314,7 +314,14 @@ pub fn body(
     let mut epi_body: Vec<Stmt> = Vec::new();
     for (i, &(m, r0)) in s.parts.iter().enumerate().rev() {
         let rows_m = s.parts.get(i + 1).map_or(s.n, |p| p.1) - r0;
-        let part = crate::fusion::Group::new(group.kind.clone(), [m]);
+        let mut part = crate::fusion::Group::new(group.kind.clone(), [m]);
+        if i > 0 {
+            part.epilogue = group
+                .sibling_epilogues
+                .get(i - 1)
+                .ok_or_else(|| CodegenError::Internal("a sibling without its epilogue".into()))?
+                .clone();
+        }
         let own = if i == 0 { group } else { &part };
         let mut b = epilogue(
             plan,

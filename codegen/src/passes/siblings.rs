@@ -8,12 +8,12 @@
 //! The plan lays the siblings' weights out one after the other, so the
 //! stacked matrix is one contiguous row-major block; the epilogue routes each
 //! row to its own matmul's output. Only formats without block-scale arrays
-//! (bf16, f32, FP8 E4M3) stack that way, only matmuls with no elementwise
-//! epilogue merge, and each weight's bytes must be a multiple of the plan's
-//! alignment (so no padding separates them) and its rows a multiple of the
-//! smallest tile.
+//! (bf16, f32, FP8 E4M3) stack that way, and each weight's bytes must be a
+//! multiple of the plan's alignment (so no padding separates them) and its
+//! rows a multiple of the smallest tile. Each matmul keeps its own
+//! elementwise epilogue (MiMo's value scale on v), applied to its rows only.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tilefuse_ir::{DType, NodeId};
 
@@ -50,7 +50,7 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
         else {
             continue;
         };
-        if !siblings.is_empty() || !g.epilogue.is_empty() {
+        if !siblings.is_empty() {
             continue;
         }
         let Some((_, _, k, dt)) = stackable(f, matmul) else {
@@ -65,12 +65,32 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
             .push(gi);
     }
     let mut removed = Vec::new();
-    for members in sets.into_values().filter(|m| m.len() > 1) {
+    for mut members in sets.into_values() {
+        // A matmul whose epilogue reads what another of the set computes
+        // (SwiGLU's `silu(gate) * up` on up) stays a kernel of its own: its
+        // tiles would otherwise read rows other tiles of the same step write.
+        let all: BTreeSet<NodeId> = members
+            .iter()
+            .flat_map(|&gi| f.groups[gi].nodes.iter().copied())
+            .collect();
+        members.retain(|&gi| {
+            let own = &f.groups[gi].nodes;
+            f.groups[gi]
+                .epilogue
+                .iter()
+                .flat_map(|&e| f.graph.inputs(e))
+                .all(|i| own.contains(&i) || !all.contains(&i))
+        });
+        if members.len() < 2 {
+            continue;
+        }
         let first = members[0];
         let mut extra = Vec::new();
+        let mut epilogues = Vec::new();
         for &gi in &members[1..] {
             if let KernelKind::MatVec { matmul, .. } = f.groups[gi].kind {
                 extra.push(matmul);
+                epilogues.push(std::mem::take(&mut f.groups[gi].epilogue));
             }
             let nodes = std::mem::take(&mut f.groups[gi].nodes);
             f.groups[first].nodes.extend(nodes);
@@ -79,6 +99,7 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
         if let KernelKind::MatVec { siblings, .. } = &mut f.groups[first].kind {
             *siblings = extra;
         }
+        f.groups[first].sibling_epilogues = epilogues;
     }
     removed.sort_unstable();
     for gi in removed.into_iter().rev() {

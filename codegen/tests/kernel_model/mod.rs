@@ -15,8 +15,9 @@
 //!   (or element 0 when it has one element), so each operand must have that
 //!   element count in the same row-major layout, or one element. One store:
 //!   the last value. A matvec with siblings (matmuls of the same `x` over
-//!   stacked weights) stores each matmul's output and takes no epilogue; its
-//!   norm prologue is recomputed from memory by every kernel that reads it.
+//!   stacked weights) is one chain per matmul (its own epilogue, if any,
+//!   on its own rows), each storing its last value; its norm prologue is
+//!   recomputed from memory by every kernel that reads it.
 //! - `moe_up` computes the experts' result into a workspace only (and, with
 //!   its router inside, stores the router's choice and weights as `router`
 //!   does); `moe_down` starts from that workspace.
@@ -60,8 +61,9 @@ struct Spec {
     from_work: Option<NodeId>,
     /// `(slot, node)`: the node's value is stored in the slot.
     stores: Vec<(Slot, NodeId)>,
-    /// For chain kinds: the anchor (if any) and the epilogue in order.
-    chain: Option<(Option<NodeId>, Vec<NodeId>)>,
+    /// For chain kinds: the anchor (if any) and the epilogue in order, one
+    /// chain a matmul of a matvec with siblings.
+    chains: Vec<(Option<NodeId>, Vec<NodeId>)>,
 }
 
 fn describe(g: &Graph, n: NodeId) -> String {
@@ -77,7 +79,11 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
     let nodes = group.nodes.clone();
     let chain_store = |anchor: NodeId| *group.epilogue.last().unwrap_or(&anchor);
     Ok(match &group.kind {
-        KernelKind::MatVec { matmul, norm, .. } => {
+        KernelKind::MatVec {
+            matmul,
+            norm,
+            siblings,
+        } => {
             let matmuls: Vec<NodeId> = nodes
                 .iter()
                 .copied()
@@ -105,18 +111,33 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
             }
             let mut computed = nodes.clone();
             computed.extend(*norm);
-            let stores = if matmuls.len() > 1 {
-                if !group.epilogue.is_empty() {
-                    return Err(format!(
-                        "the matvec kernel of {} has siblings and an epilogue; siblings take none",
-                        describe(g, *matmul)
-                    ));
-                }
-                matmuls.iter().map(|&m| (Slot::Node(m), m)).collect()
-            } else {
-                let s = chain_store(*matmul);
-                vec![(Slot::Node(s), s)]
-            };
+            if matmuls.len() != 1 + siblings.len()
+                || group.sibling_epilogues.len() != siblings.len()
+            {
+                return Err(format!(
+                    "the matvec kernel of {} computes {} matmuls for {} siblings with {} epilogues",
+                    describe(g, *matmul),
+                    matmuls.len(),
+                    siblings.len(),
+                    group.sibling_epilogues.len()
+                ));
+            }
+            let chains: Vec<(Option<NodeId>, Vec<NodeId>)> =
+                std::iter::once((Some(*matmul), group.epilogue.clone()))
+                    .chain(
+                        siblings
+                            .iter()
+                            .zip(&group.sibling_epilogues)
+                            .map(|(&m, e)| (Some(m), e.clone())),
+                    )
+                    .collect();
+            let stores: Vec<(Slot, NodeId)> = chains
+                .iter()
+                .map(|(a, e)| {
+                    let s = *e.last().or(a.as_ref()).unwrap_or(matmul);
+                    (Slot::Node(s), s)
+                })
+                .collect();
             // The kernel that owns its norm node also stores it, from its
             // prologue, when a kernel outside reads it.
             let mut stores = stores;
@@ -131,7 +152,7 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
                 computed,
                 from_work: None,
                 stores,
-                chain: Some((Some(*matmul), group.epilogue.clone())),
+                chains,
             }
         }
         KernelKind::ExpertsUp { experts, router } => {
@@ -150,7 +171,7 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
                 computed,
                 from_work: None,
                 stores,
-                chain: None,
+                chains: vec![],
             }
         }
         KernelKind::ExpertsDown { experts } => {
@@ -161,7 +182,7 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
                 computed,
                 from_work: Some(*experts),
                 stores: vec![(Slot::Node(s), s)],
-                chain: Some((Some(*experts), group.epilogue.clone())),
+                chains: vec![(Some(*experts), group.epilogue.clone())],
             }
         }
         KernelKind::Elementwise => {
@@ -179,7 +200,7 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
                 computed: nodes,
                 from_work: None,
                 stores: vec![(Slot::Node(s), s)],
-                chain: Some((None, group.epilogue.clone())),
+                chains: vec![(None, group.epilogue.clone())],
             }
         }
         KernelKind::Router { select, weights } => Spec {
@@ -189,7 +210,7 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
                 (Slot::Node(*select), *select),
                 (Slot::Node(*weights), *weights),
             ],
-            chain: None,
+            chains: vec![],
         },
         KernelKind::RopeAppend {
             k_append, v_append, ..
@@ -200,7 +221,7 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
                 (Slot::Node(*k_append), *k_append),
                 (Slot::Node(*v_append), *v_append),
             ],
-            chain: None,
+            chains: vec![],
         },
         KernelKind::Attention { attn, split, .. } => {
             let mut computed = nodes.clone();
@@ -221,14 +242,14 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
                 computed,
                 from_work: None,
                 stores,
-                chain: None,
+                chains: vec![],
             }
         }
         KernelKind::AttentionCombine { attn } => Spec {
             computed: BTreeSet::new(),
             from_work: Some(*attn),
             stores: vec![(Slot::Node(*attn), *attn)],
-            chain: None,
+            chains: vec![],
         },
         KernelKind::Embedding { node }
         | KernelKind::RmsNorm { node }
@@ -246,7 +267,7 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
                 computed: nodes,
                 from_work: None,
                 stores: vec![(Slot::Node(*node), *node)],
-                chain: None,
+                chains: vec![],
             }
         }
     })
@@ -348,7 +369,7 @@ pub fn run(
         let group = plan.group(k);
         let kname = kernel_name(ki, group);
         let sp = spec(f, group).map_err(|m| format!("{kname}: {m}"))?;
-        if let Some((anchor, epilogue)) = &sp.chain {
+        for (anchor, epilogue) in &sp.chains {
             check_chain(f, b, *anchor, epilogue).map_err(|m| format!("{kname}: {m}"))?;
         }
         let mut sub = Graph::new(&format!("k{ki}"), &g.symbols().collect::<Vec<_>>());
