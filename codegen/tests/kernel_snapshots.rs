@@ -206,3 +206,25 @@ fn one_token_gate_up_tiles_fill_the_card_in_one_wave() {
         "{persistent}"
     );
 }
+
+/// A step whose tiles outnumber what the SMs hold at once runs a second,
+/// short wave after the first: MiMo-V2-Flash's q/k/v kernel in 32-row tiles
+/// (464 tiles, three CTAs an SM hold 396) and its down kernel in 16-row
+/// tiles (256 tiles at one CTA an SM). Both take tiles twice as wide, one
+/// wave each; Qwen3-30B-A3B's, already one wave, keep theirs.
+#[test]
+fn projection_and_down_tiles_fit_one_wave() {
+    let tiles = |preset: &str, max_t: usize| {
+        let p = tilefuse_model::presets::by_name(preset).unwrap();
+        let g = p.arch.layer_graph(&p.options, 1).unwrap();
+        let plan = Plan::new(run_pipeline(g).unwrap(), PlanOptions::new(max_t)).unwrap();
+        plan.kernels
+            .iter()
+            .filter(|k| k.name.contains("matvecs") || k.name.contains("moe_down"))
+            .map(|k| format!("{} {}", k.tiling.tiles, k.tiling.shape))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(tiles("mimo-v2-flash-4l", 1), ["232 64x4096", "128 32x2048"]);
+    assert_eq!(tiles("mimo-v2-flash-4l", 8), ["232 64x4096", "128 32x2048"]);
+    assert_eq!(tiles("qwen3-30b-a3b", 1), ["320 16x2048", "128 16x768"]);
+}

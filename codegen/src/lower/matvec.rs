@@ -30,13 +30,27 @@ fn format(d: DType) -> Option<(usize, bool, &'static str)> {
 
 /// Rows per tile: the largest of 16, 32, 64, 128 that still gives every SM two
 /// tiles of an `n`-row matrix and divides every row in `starts` (the first
-/// rows of stacked weights: a tile never straddles two), at least 16.
+/// rows of stacked weights: a tile never straddles two), at least 16. Where
+/// those tiles outnumber what the SMs hold at once ([`RESIDENT`] an SM),
+/// twice as many rows if every SM still gets a tile: one wave, not a full
+/// one and a short second one that starts as the first ends (MiMo-V2-Flash's
+/// q/k/v, 464 tiles of 32 rows, become 232 of 64).
 pub fn rows_for(n: usize, starts: &[usize]) -> usize {
-    [128usize, 64, 32, 16]
+    let fits = |r: usize| starts.iter().all(|s| s % r == 0);
+    let r = [128usize, 64, 32, 16]
         .into_iter()
-        .find(|r| n.div_ceil(*r) >= 2 * SMS && starts.iter().all(|s| s % r == 0))
-        .unwrap_or(16)
+        .find(|r| n.div_ceil(*r) >= 2 * SMS && fits(*r))
+        .unwrap_or(16);
+    if n.div_ceil(r) > RESIDENT * SMS && r < 128 && n.div_ceil(2 * r) >= SMS && fits(2 * r) {
+        2 * r
+    } else {
+        r
+    }
 }
+
+/// The CTAs of a matvec kernel an SM holds at once: three at one token
+/// (76 to 86 registers a thread), at least two with more.
+const RESIDENT: usize = 3;
 
 /// Rows per tile of a matrix so short that 16-row tiles would leave three
 /// quarters of the SMs idle: a router's logits (128 or 256 rows), and every

@@ -134,10 +134,14 @@ fn up_shape(x: &Experts, opt: &PlanOptions) -> UpShape {
     }
 }
 
+/// Rows of the down tile: the widest that gives nearly every SM a tile (an
+/// eighth may idle). Its tile holds one CTA an SM, so twice as many tiles
+/// would run in two waves (MiMo-V2-Flash: 128 tiles of 32 rows, not 256 of
+/// 16).
 fn down_rows(x: &Experts) -> usize {
     [128usize, 64, 32, 16]
         .into_iter()
-        .find(|r| x.h.div_ceil(*r) >= SMS)
+        .find(|r| x.h.div_ceil(*r) >= SMS - SMS / 8)
         .unwrap_or(16)
 }
 
