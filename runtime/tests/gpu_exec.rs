@@ -677,9 +677,15 @@ fn a_context_past_the_gpu_memory_is_one_clear_error() {
     let (free_said, rest) = rest.split_once(" MiB free; ").unwrap();
     let (asked, free_said): (f64, f64) = (asked.parse().unwrap(), free_said.parse().unwrap());
     assert!(asked >= 262144.0, "{err}");
+    // Other processes on the card (the GPU suite runs side by side) move the
+    // free memory between the two readings: the error's figure lies between
+    // them, within 1 GiB.
+    let (after, _) = Gpu::open_or_skip().unwrap().mem_info().unwrap();
+    let mib = |b: usize| b as f64 / 1048576.0;
+    let (lo, hi) = (mib(free.min(after)), mib(free.max(after)));
     assert!(
-        (free_said - free as f64 / 1048576.0).abs() < 1024.0,
-        "free memory said {free_said} MiB, the card had {free} bytes: {err}"
+        free_said > lo - 1024.0 && free_said < hi + 1024.0,
+        "free memory said {free_said} MiB, the card had {lo:.1} to {hi:.1} MiB free: {err}"
     );
     assert!(rest.contains("shorter context"), "{err}");
 }
