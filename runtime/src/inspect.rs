@@ -149,27 +149,41 @@ pub fn ctas_per_sm(registers: u32, threads: u32, shared: u32) -> u32 {
 }
 
 /// Renders the summary rows as a table (`occ`: CTAs an SM holds at once,
-/// [`ctas_per_sm`]).
+/// [`ctas_per_sm`]; `waves`: the kernel's tiles over what the
+/// [`lower::SMS`] SMs hold at once, so 1.17 is a full wave and a short
+/// second one).
 pub fn summary_table(rows: &[SummaryRow]) -> String {
     let mut s = format!(
-        "{:<48} {:>6} {:>4} {:>7} {:>5} {:>6} {:>6} {:>4} {:>12}\n",
-        "kernel", "tiles", "thr", "smem", "regs", "spills", "stack", "occ", "weight bytes"
+        "{:<48} {:>6} {:>4} {:>7} {:>5} {:>6} {:>6} {:>4} {:>5} {:>12}\n",
+        "kernel", "tiles", "thr", "smem", "regs", "spills", "stack", "occ", "waves", "weight bytes"
     );
     let mut total = 0;
     for r in rows {
-        let (regs, spills, stack, occ) = match &r.resources {
-            Some(k) => (
-                k.registers.to_string(),
-                (k.spill_stores + k.spill_loads).to_string(),
-                k.stack_frame.to_string(),
-                ctas_per_sm(k.registers, r.threads, r.smem + k.shared).to_string(),
-            ),
-            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        let (regs, spills, stack, occ, waves) = match &r.resources {
+            Some(k) => {
+                let occ = ctas_per_sm(k.registers, r.threads, r.smem + k.shared);
+                let waves = if occ == 0 {
+                    "-".to_string()
+                } else {
+                    format!(
+                        "{:.2}",
+                        f64::from(r.tiles) / (f64::from(occ) * lower::SMS as f64)
+                    )
+                };
+                (
+                    k.registers.to_string(),
+                    (k.spill_stores + k.spill_loads).to_string(),
+                    k.stack_frame.to_string(),
+                    occ.to_string(),
+                    waves,
+                )
+            }
+            None => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
         };
         let _ = writeln!(
             s,
-            "{:<48} {:>6} {:>4} {:>7} {:>5} {:>6} {:>6} {:>4} {:>12}",
-            r.name, r.tiles, r.threads, r.smem, regs, spills, stack, occ, r.weight_bytes
+            "{:<48} {:>6} {:>4} {:>7} {:>5} {:>6} {:>6} {:>4} {:>5} {:>12}",
+            r.name, r.tiles, r.threads, r.smem, regs, spills, stack, occ, waves, r.weight_bytes
         );
         total += r.weight_bytes;
     }
@@ -304,7 +318,36 @@ pub fn compile_artifacts(
 
 #[cfg(test)]
 mod tests {
-    use super::ctas_per_sm;
+    use super::{ctas_per_sm, summary_table, KernelResources, SummaryRow};
+
+    #[test]
+    fn the_summary_counts_waves_of_resident_tiles() {
+        let row = |tiles: u32, registers: u32| SummaryRow {
+            name: "k".into(),
+            tiles,
+            threads: 256,
+            smem: 12_304,
+            resources: Some(KernelResources {
+                name: "k".into(),
+                registers,
+                spill_stores: 0,
+                spill_loads: 0,
+                stack_frame: 0,
+                shared: 0,
+            }),
+            weight_bytes: 0,
+        };
+        // 80 registers: three CTAs an SM, 396 places on 132 SMs.
+        let t = summary_table(&[row(464, 80), row(232, 80), row(256, 247)]);
+        let waves: Vec<&str> = t
+            .lines()
+            .skip(1)
+            .take(3)
+            .map(|l| l.split_whitespace().nth(8).unwrap())
+            .collect();
+        assert_eq!(waves, ["1.17", "0.59", "1.94"], "{t}");
+        assert!(t.lines().next().unwrap().contains("waves"), "{t}");
+    }
 
     #[test]
     fn occupancy_follows_registers_threads_and_shared_memory() {
