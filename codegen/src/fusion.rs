@@ -30,7 +30,7 @@ pub enum KernelKind {
         /// if their weights' rows followed `matmul`'s (the plan lays those
         /// weights out one after the other): the q, k and v projections in
         /// one step. Empty for a single matmul.
-        siblings: Vec<NodeId>,
+        siblings: Vec<Sibling>,
     },
     /// RoPE (and an optional per-head norm) on new keys, and the K and V cache appends.
     RopeAppend {
@@ -156,10 +156,17 @@ pub struct Group {
     /// Elementwise nodes applied to the anchor's result, in order; the last
     /// one's value is what the kernel stores.
     pub epilogue: Vec<NodeId>,
-    /// The epilogue of each sibling matmul of a matvec kernel
-    /// ([`KernelKind::MatVec`]'s `siblings`, in the same order): what
-    /// `epilogue` is to the anchor.
-    pub sibling_epilogues: Vec<Vec<NodeId>>,
+}
+
+/// A further matmul of a matvec kernel ([`KernelKind::MatVec`]'s
+/// `siblings`) with its own epilogue: what [`Group::epilogue`] is to the
+/// kernel's first matmul, applied to this matmul's rows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sibling {
+    /// The `nn.matmul` node.
+    pub matmul: NodeId,
+    /// Elementwise nodes applied to its result, in order.
+    pub epilogue: Vec<NodeId>,
 }
 
 impl Group {
@@ -169,7 +176,6 @@ impl Group {
             kind,
             nodes: nodes.into_iter().collect(),
             epilogue: vec![],
-            sibling_epilogues: vec![],
         }
     }
 }
@@ -308,11 +314,9 @@ impl fmt::Display for Fused {
                 write!(f, " epilogue [{}]", e.join(", "))?;
             }
             if let KernelKind::MatVec { siblings, .. } = &g.kind {
-                for (m, e) in siblings.iter().zip(&g.sibling_epilogues) {
-                    if !e.is_empty() {
-                        let e: Vec<String> = e.iter().map(p).collect();
-                        write!(f, " epilogue of {} [{}]", p(m), e.join(", "))?;
-                    }
+                for sib in siblings.iter().filter(|s| !s.epilogue.is_empty()) {
+                    let e: Vec<String> = sib.epilogue.iter().map(p).collect();
+                    write!(f, " epilogue of {} [{}]", p(&sib.matmul), e.join(", "))?;
                 }
             }
             writeln!(f)?;

@@ -552,9 +552,9 @@ fn weight_order(f: &Fused) -> Vec<NodeId> {
         {
             if !siblings.is_empty() {
                 stacks.push(
-                    std::iter::once(&matmul)
-                        .chain(siblings)
-                        .map(|&m| g.inputs(m)[1])
+                    std::iter::once(matmul)
+                        .chain(siblings.iter().map(|s| s.matmul))
+                        .map(|m| g.inputs(m)[1])
                         .collect(),
                 );
             }

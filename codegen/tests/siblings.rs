@@ -43,9 +43,9 @@ fn matvec_kernels(g: Graph) -> (Plan, Vec<Vec<String>>) {
             KernelKind::MatVec {
                 matmul, siblings, ..
             } => Some(
-                std::iter::once(matmul)
-                    .chain(siblings)
-                    .map(|&m| gr.node(gr.inputs(m)[1]).name.clone())
+                std::iter::once(*matmul)
+                    .chain(siblings.iter().map(|s| s.matmul))
+                    .map(|m| gr.node(gr.inputs(m)[1]).name.clone())
                     .collect(),
             ),
             _ => None,
@@ -100,7 +100,11 @@ fn a_projection_with_an_epilogue_joins_its_siblings_and_keeps_it() {
     let group = plan.group(k);
     let gr = &plan.fused.graph;
     let scale = gr.outputs().iter().find(|(name, _)| name == "v").unwrap().1;
-    assert_eq!(group.sibling_epilogues, vec![vec![], vec![scale]]);
+    let KernelKind::MatVec { siblings, .. } = &group.kind else {
+        panic!("{} is not a matvec kernel", k.name);
+    };
+    let epilogues: Vec<&[tilefuse_ir::NodeId]> = siblings.iter().map(|s| &s.epilogue[..]).collect();
+    assert_eq!(epilogues, [&[][..], &[scale][..]]);
     let lowered = lower(&plan).unwrap();
     let src = lowered
         .kernels

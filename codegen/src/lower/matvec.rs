@@ -155,7 +155,7 @@ fn shape(f: &Fused, group: &Group, opt: &PlanOptions) -> Result<Shape, CodegenEr
     };
     let mut parts = Vec::new();
     let mut n = 0usize;
-    for &m in std::iter::once(&matmul).chain(siblings) {
+    for m in std::iter::once(matmul).chain(siblings.iter().map(|s| s.matmul)) {
         parts.push((m, n));
         n += rows_of(m)?;
     }
@@ -330,11 +330,9 @@ pub fn body(
         let rows_m = s.parts.get(i + 1).map_or(s.n, |p| p.1) - r0;
         let mut part = crate::fusion::Group::new(group.kind.clone(), [m]);
         if i > 0 {
-            part.epilogue = group
-                .sibling_epilogues
-                .get(i - 1)
-                .ok_or_else(|| CodegenError::Internal("a sibling without its epilogue".into()))?
-                .clone();
+            if let KernelKind::MatVec { siblings, .. } = &group.kind {
+                part.epilogue = siblings[i - 1].epilogue.clone();
+            }
         }
         let own = if i == 0 { group } else { &part };
         let mut b = epilogue(

@@ -412,9 +412,9 @@ fn prefetch_body(plan: &Plan, k: &Kernel) -> Result<Vec<Stmt>, CodegenError> {
             matmul,
             ref siblings,
             ..
-        } => std::iter::once(&matmul)
-            .chain(siblings)
-            .map(|&m| g.inputs(m)[1])
+        } => std::iter::once(matmul)
+            .chain(siblings.iter().map(|s| s.matmul))
+            .map(|m| g.inputs(m)[1])
             .collect(),
         _ => vec![],
     };

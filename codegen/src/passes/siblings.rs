@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use tilefuse_ir::{DType, NodeId};
 
 use crate::error::CodegenError;
-use crate::fusion::{Fused, KernelKind};
+use crate::fusion::{Fused, KernelKind, Sibling};
 use crate::plan::ALIGN;
 
 /// Rows of the smallest matvec tile: every sibling's rows are a multiple of it.
@@ -86,11 +86,12 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
         }
         let first = members[0];
         let mut extra = Vec::new();
-        let mut epilogues = Vec::new();
         for &gi in &members[1..] {
             if let KernelKind::MatVec { matmul, .. } = f.groups[gi].kind {
-                extra.push(matmul);
-                epilogues.push(std::mem::take(&mut f.groups[gi].epilogue));
+                extra.push(Sibling {
+                    matmul,
+                    epilogue: std::mem::take(&mut f.groups[gi].epilogue),
+                });
             }
             let nodes = std::mem::take(&mut f.groups[gi].nodes);
             f.groups[first].nodes.extend(nodes);
@@ -99,7 +100,6 @@ pub fn run(f: &mut Fused) -> Result<(), CodegenError> {
         if let KernelKind::MatVec { siblings, .. } = &mut f.groups[first].kind {
             *siblings = extra;
         }
-        f.groups[first].sibling_epilogues = epilogues;
     }
     removed.sort_unstable();
     for gi in removed.into_iter().rev() {

@@ -111,15 +111,12 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
             }
             let mut computed = nodes.clone();
             computed.extend(*norm);
-            if matmuls.len() != 1 + siblings.len()
-                || group.sibling_epilogues.len() != siblings.len()
-            {
+            if matmuls.len() != 1 + siblings.len() {
                 return Err(format!(
-                    "the matvec kernel of {} computes {} matmuls for {} siblings with {} epilogues",
+                    "the matvec kernel of {} computes {} matmuls for {} siblings",
                     describe(g, *matmul),
                     matmuls.len(),
-                    siblings.len(),
-                    group.sibling_epilogues.len()
+                    siblings.len()
                 ));
             }
             let chains: Vec<(Option<NodeId>, Vec<NodeId>)> =
@@ -127,8 +124,7 @@ fn spec(f: &Fused, group: &Group) -> Result<Spec, String> {
                     .chain(
                         siblings
                             .iter()
-                            .zip(&group.sibling_epilogues)
-                            .map(|(&m, e)| (Some(m), e.clone())),
+                            .map(|s| (Some(s.matmul), s.epilogue.clone())),
                     )
                     .collect();
             let stores: Vec<(Slot, NodeId)> = chains
