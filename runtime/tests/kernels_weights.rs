@@ -1033,6 +1033,11 @@ fn matvec_matches_the_interpreter() {
     let mut c = mk(Fmt::Mx, "Auto", 16, 16, 4096, 40, 16);
     c.mv.norm = true;
     cases.push(c);
+    // MiMo-V2-Flash's q/k/v tile at one token (64 rows of K = 4096 with the
+    // norm, lower::matvec::rows_for's one-wave shape), with a ragged last tile.
+    let mut c = mk(Fmt::Bf16, "Auto", 1, 64, 4096, 200, 1);
+    c.mv.norm = true;
+    cases.push(c);
     // f32 activations (CUDA cores), norm, f32 out; and the router projection.
     let mut c = mk(Fmt::F32, "Auto", 4, 4, 1024, 21, 3);
     c.mv.act = DType::F32;
