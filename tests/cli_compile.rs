@@ -50,6 +50,8 @@ fn compile_writes_every_artifact_and_a_warm_start_compiles_nothing() {
         table.contains("regs") && table.contains("weight bytes per forward"),
         "{table}"
     );
+    // Graph mode (the default): no persistent dispatcher row.
+    assert!(!table.contains("persistent_dispatch"), "{table}");
     for f in [
         "plan.txt",
         "fused.dot",
@@ -115,4 +117,49 @@ fn compile_plans_for_the_launch_mode_it_is_given() {
     };
     assert_eq!(up("graph"), "moe_routed_up_mxfp4_t1_16x2048 384");
     assert_eq!(up("persistent"), "moe_routed_up_mxfp4_t1_32x2048 192");
+}
+
+/// In the persistent mode the summary ends with the dispatcher, which runs
+/// every kernel's tiles: its registers and spills, one CTA an SM (132
+/// tiles), and it is not counted as a kernel. Needs NVRTC.
+#[test]
+fn compile_for_the_persistent_mode_shows_the_dispatcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = Command::new(env!("CARGO_BIN_EXE_tilefuse"))
+        .args([
+            "compile",
+            "--preset",
+            "qwen3-moe-tiny",
+            "--tokens",
+            "1",
+            "--mode",
+            "persistent",
+            "--emit",
+            "plan,ptx",
+            "--out",
+        ])
+        .arg(&out)
+        .env("TILEFUSE_CACHE_DIR", dir.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout).into_owned();
+    let lines: Vec<&str> = table.lines().collect();
+    let n = lines.len();
+    let cols: Vec<&str> = lines[n - 2].split_whitespace().collect();
+    assert_eq!(
+        cols[..4],
+        ["all", "=", "persistent_dispatch", "132"],
+        "{table}"
+    );
+    // Registers, spills, stack: numbers from ptxas, not "-".
+    for c in &cols[6..9] {
+        assert!(c.parse::<u32>().is_ok(), "{table}");
+    }
+    let kernels = lines[1..n - 2].len();
+    assert!(
+        lines[n - 1].starts_with(&format!("{kernels} kernels,")),
+        "{table}"
+    );
 }

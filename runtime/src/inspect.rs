@@ -151,14 +151,13 @@ pub fn ctas_per_sm(registers: u32, threads: u32, shared: u32) -> u32 {
 /// Renders the summary rows as a table (`occ`: CTAs an SM holds at once,
 /// [`ctas_per_sm`]; `waves`: the kernel's tiles over what the
 /// [`lower::SMS`] SMs hold at once, so 1.17 is a full wave and a short
-/// second one).
-pub fn summary_table(rows: &[SummaryRow]) -> String {
+/// second one), then the persistent dispatcher's row when there is one.
+pub fn summary_table(rows: &[SummaryRow], dispatcher: Option<&SummaryRow>) -> String {
     let mut s = format!(
         "{:<48} {:>6} {:>4} {:>7} {:>5} {:>6} {:>6} {:>4} {:>5} {:>12}\n",
         "kernel", "tiles", "thr", "smem", "regs", "spills", "stack", "occ", "waves", "weight bytes"
     );
-    let mut total = 0;
-    for r in rows {
+    for r in rows.iter().chain(dispatcher) {
         let (regs, spills, stack, occ, waves) = match &r.resources {
             Some(k) => {
                 let occ = ctas_per_sm(k.registers, r.threads, r.smem + k.shared);
@@ -185,15 +184,33 @@ pub fn summary_table(rows: &[SummaryRow]) -> String {
             "{:<48} {:>6} {:>4} {:>7} {:>5} {:>6} {:>6} {:>4} {:>5} {:>12}",
             r.name, r.tiles, r.threads, r.smem, regs, spills, stack, occ, waves, r.weight_bytes
         );
-        total += r.weight_bytes;
     }
     let _ = writeln!(
         s,
         "{} kernels, {} weight bytes per forward",
         rows.len(),
-        total
+        rows.iter().map(|r| r.weight_bytes).sum::<usize>()
     );
     s
+}
+
+/// The summary row of the persistent dispatcher, which runs every kernel's
+/// tiles in one CTA an SM: its registers and spills are what the persistent
+/// mode's tiles get (the rows above are the kernels of the other modes). It
+/// reads no weight bytes of its own (the kernels above count them); its
+/// tiles are its CTAs, one an SM.
+fn dispatcher_row(module: &lower::Module, resources: &[KernelResources]) -> SummaryRow {
+    SummaryRow {
+        name: format!("all = {}", lower::PERSISTENT),
+        tiles: lower::SMS as u32,
+        threads: module.persistent_threads,
+        smem: module.persistent_smem,
+        resources: resources
+            .iter()
+            .find(|r| r.name == lower::PERSISTENT)
+            .cloned(),
+        weight_bytes: 0,
+    }
 }
 
 fn write(dir: &Path, rel: &str, text: &str) -> Result<(), String> {
@@ -298,7 +315,10 @@ pub fn compile_artifacts(
                 weight_bytes: kernel_weight_bytes(&plan, k),
             })
             .collect();
-        let table = summary_table(&rows);
+        // In the persistent mode the dispatcher runs every tile.
+        let dispatcher = (mode == LaunchMode::Persistent && module.persistent.is_some())
+            .then(|| dispatcher_row(&module, &resources));
+        let table = summary_table(&rows, dispatcher.as_ref());
         write(&tmp, "summary.txt", &table)?;
         Ok(table)
     })();
@@ -338,7 +358,7 @@ mod tests {
             weight_bytes: 0,
         };
         // 80 registers: three CTAs an SM, 396 places on 132 SMs.
-        let t = summary_table(&[row(464, 80), row(232, 80), row(256, 247)]);
+        let t = summary_table(&[row(464, 80), row(232, 80), row(256, 247)], None);
         let waves: Vec<&str> = t
             .lines()
             .skip(1)
@@ -347,6 +367,39 @@ mod tests {
             .collect();
         assert_eq!(waves, ["1.17", "0.59", "1.94"], "{t}");
         assert!(t.lines().next().unwrap().contains("waves"), "{t}");
+    }
+
+    #[test]
+    fn the_dispatcher_row_follows_the_kernels_and_is_not_counted_as_one() {
+        let row = |name: &str, tiles: u32, spills: u32, weight_bytes: usize| SummaryRow {
+            name: name.into(),
+            tiles,
+            threads: 256,
+            smem: 87_808,
+            resources: Some(KernelResources {
+                name: name.into(),
+                registers: 255,
+                spill_stores: spills,
+                spill_loads: spills,
+                stack_frame: 0,
+                shared: 0,
+            }),
+            weight_bytes,
+        };
+        let kernels = [row("k00 = a", 128, 0, 1000), row("k01 = b", 64, 0, 24)];
+        let d = row("all = persistent_dispatch", 132, 40, 0);
+        let t = summary_table(&kernels, Some(&d));
+        let lines: Vec<&str> = t.lines().collect();
+        let cols: Vec<&str> = lines[3].split_whitespace().collect();
+        // name (3 words), tiles, thr, smem, regs, spills, stack, occ, waves.
+        assert_eq!(cols[2], "persistent_dispatch", "{t}");
+        assert_eq!(
+            &cols[3..10],
+            ["132", "256", "87808", "255", "80", "0", "1"],
+            "{t}"
+        );
+        assert_eq!(lines[4], "2 kernels, 1024 weight bytes per forward", "{t}");
+        assert_eq!(lines.len(), 5, "{t}");
     }
 
     #[test]
