@@ -65,36 +65,49 @@ fn peer_rows(preset: &presets::Preset, contexts: &[usize]) -> Vec<String> {
     out
 }
 
-/// Writes the timeline pictures of one traced decode forward (the whole
-/// forward, and its middle layer alone) under `out`, and returns the middle
-/// layer's summary.
+/// The forward a timeline shows, for titles, and the suffix of its files:
+/// a decode forward keeps the plain names, a forward of `T > 1` tokens adds
+/// `-tT`.
+fn timeline_names(tokens: usize) -> (String, String) {
+    if tokens == 1 {
+        ("decode T=1".into(), String::new())
+    } else {
+        (format!("verify T={tokens}"), format!("-t{tokens}"))
+    }
+}
+
+/// Writes the timeline pictures of one traced forward of `tokens` tokens
+/// (the whole forward, and its middle layer alone) under `out`, and returns
+/// the middle layer's summary.
 fn write_timeline(
     out: &Path,
     preset: &str,
     arch: &presets::Arch,
+    tokens: usize,
     tr: &tilefuse::runtime::timeline::Trace,
 ) -> Result<String, String> {
     std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     let mode = format!("{:?}", tr.mode).to_lowercase();
+    let (what, sfx) = timeline_names(tokens);
     let layer = arch.num_layers() / 2;
     let all = 0..tr.kernels.len();
     let one = tr.layer_range(layer).unwrap_or(all.clone());
     let mut files = vec![(
-        format!("timeline-{preset}-{mode}.svg"),
-        tr.svg(all.clone(), &format!("{preset}, decode T=1, whole forward")),
+        format!("timeline-{preset}-{mode}{sfx}.svg"),
+        tr.svg(all.clone(), &format!("{preset}, {what}, whole forward")),
     )];
     files.push((
-        format!("timeline-{preset}-{mode}-layer{layer}.svg"),
-        tr.svg(one.clone(), &format!("{preset}, decode T=1, layer {layer}")),
+        format!("timeline-{preset}-{mode}{sfx}-layer{layer}.svg"),
+        tr.svg(one.clone(), &format!("{preset}, {what}, layer {layer}")),
     ));
     let whole = tr.summary(all);
     let summary = format!(
-        "timeline of {preset}, decode T=1, layer {layer}:\n{}whole forward:\n{}\n",
+        "timeline of {preset}, {what}, layer {layer}:\n{}whole forward:\n{}\n",
         tr.summary(one),
         whole.lines().next().unwrap_or("")
     );
     files.push((
-        format!("timeline-{preset}-{mode}.txt"),
+        format!("timeline-{preset}-{mode}{sfx}.txt"),
         format!("{whole}\nper step, over the whole forward:\n{}", tr.steps()),
     ));
     for (file, body) in files {
@@ -142,8 +155,8 @@ pub fn run(a: BenchArgs<'_>) -> Result<(), String> {
         if kernels.is_empty() {
             kernels = mb.kernel_times;
         }
-        for tr in &mb.traces {
-            timelines.push(write_timeline(a.out, p.name, &p.arch, tr)?);
+        for (t, tr) in &mb.traces {
+            timelines.push(write_timeline(a.out, p.name, &p.arch, *t, tr)?);
         }
         if !a.drafts {
             if a.peer {
@@ -223,4 +236,15 @@ pub fn run(a: BenchArgs<'_>) -> Result<(), String> {
     }
     eprintln!("wrote {}/bench.{{json,svg,txt}}", a.out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::timeline_names;
+
+    #[test]
+    fn a_decode_timeline_keeps_its_names_and_a_verify_one_says_its_tokens() {
+        assert_eq!(timeline_names(1), ("decode T=1".into(), String::new()));
+        assert_eq!(timeline_names(8), ("verify T=8".into(), "-t8".into()));
+    }
 }

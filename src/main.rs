@@ -280,8 +280,10 @@ enum Command {
         /// Output folder for bench.json, bench.svg, bench.txt.
         #[arg(long, default_value = "bench-out")]
         out: std::path::PathBuf,
-        /// Also trace one decode forward per mode and draw its timeline
-        /// (timeline-*.svg, timeline-*.txt in the output folder).
+        /// Also trace one forward per mode and token count (at the first
+        /// context) and draw its timeline (timeline-PRESET-MODE.svg and .txt
+        /// for decode, timeline-PRESET-MODE-tT.* for T tokens, in the output
+        /// folder).
         #[arg(long)]
         timeline: bool,
         /// Skip the draft and speculative-step rows.

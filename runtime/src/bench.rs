@@ -204,8 +204,9 @@ pub struct ModelBench {
     pub rows: Vec<Row>,
     /// Per-kernel decode times (stream mode, each kernel launched alone).
     pub kernel_times: Vec<(String, f32)>,
-    /// One traced decode forward per mode (at the first context), when asked.
-    pub traces: Vec<crate::timeline::Trace>,
+    /// One traced forward per mode and `T` (at the first context), when
+    /// asked: `(T, trace)`.
+    pub traces: Vec<(usize, crate::timeline::Trace)>,
     /// The GPU, back.
     pub gpu: Gpu,
 }
@@ -262,9 +263,9 @@ pub fn bench_model(
                 if mode == LaunchMode::Stream && t == 1 && kernel_times.is_empty() {
                     kernel_times = exe.kernel_times(1, ctx, 20)?;
                 }
-                if timeline && t == 1 && ctx == contexts[0] {
-                    progress(&format!("{model}: tracing {mode:?} T=1 S={ctx}"));
-                    traces.push(exe.trace_forward(&b, &inputs, 3)?);
+                if timeline && ctx == contexts[0] {
+                    progress(&format!("{model}: tracing {mode:?} T={t} S={ctx}"));
+                    traces.push((t, exe.trace_forward(&b, &inputs, 3)?));
                 }
             }
         }
