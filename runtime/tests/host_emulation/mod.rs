@@ -8,6 +8,7 @@
 
 #![allow(dead_code)] // each test crate uses its own part
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -37,7 +38,18 @@ const RULES: &[(&str, &str)] = &[
     ("prefetch.global.L2", "(void)0"),
     ("cp.async.bulk.prefetch.L2", "(void)0"),
     ("griddepcontrol", "(void)0"),
-    ("prmt.b32", "r = __byte_perm(a, b, sel)"),
+    ("prmt.b32", "r = emu::prmt(a, b, sel)"),
+    ("mul.rn.bf16x2", "r = emu::hmul2_bf16(a, b)"),
+    ("no_allocate.u8", "r = *reinterpret_cast<const uint8_t*>(p)"),
+    (
+        "no_allocate.u16",
+        "r = *reinterpret_cast<const uint16_t*>(p)",
+    ),
+    (
+        "ld.global.cg.s32",
+        "r = *reinterpret_cast<const volatile int*>(p)",
+    ),
+    ("globaltimer", "t = 0"),
 ];
 
 /// `src` with every `asm(...)` / `asm volatile(...)` statement outside
@@ -189,4 +201,199 @@ pub fn build(cxx: &str, dir: &Path, extra: &[(&str, &str)], main: &str) -> PathB
         String::from_utf8_lossy(&o.stderr)
     );
     exe
+}
+
+/// The `extern "C" __global__` kernels of a test program's source, in
+/// order: name and parameter types (`const tf::bf16*`, `int`, `float`, ...).
+fn kernels_of(src: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    let mut rest = src;
+    while let Some(i) = rest.find("extern \"C\" __global__") {
+        rest = &rest[i..];
+        let open = rest.find('(').unwrap();
+        // Past `__launch_bounds__(...)`, the name and its parameter list.
+        let (head, params) = {
+            let lb = &rest[..open];
+            let after = if lb.contains("__launch_bounds__") {
+                let close = rest[open..].find(')').unwrap() + open + 1;
+                &rest[close..]
+            } else {
+                &rest[lb.rfind("void").unwrap()..]
+            };
+            let p_open = after.find('(').unwrap();
+            let p_close = after[p_open..].find(')').unwrap() + p_open;
+            (
+                after[..p_open].to_string(),
+                after[p_open + 1..p_close].to_string(),
+            )
+        };
+        let name = head.split_whitespace().last().unwrap().to_string();
+        let types = params
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let cut = p
+                    .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .map_or(0, |k| k + 1);
+                p[..cut].trim().to_string()
+            })
+            .collect();
+        out.push((name, types));
+        rest = &rest[open..];
+    }
+    out
+}
+
+/// A test program of `extern "C" __global__` wrappers (the source a GPU test
+/// loads with NVRTC), built for the host: each kernel runs its grid one CTA
+/// at a time under the emulation, on buffers a [`Batch`] lays out.
+pub struct HostProgram {
+    _dir: tempfile::TempDir,
+    exe: PathBuf,
+    kernels: Vec<String>,
+}
+
+impl HostProgram {
+    /// Builds `src` (its `#include`s of the CUDA headers resolved to their
+    /// rewritten copies). `None` without a C++20 compiler (the caller skips).
+    pub fn build(src: &str) -> Option<HostProgram> {
+        let dir = tempfile::tempdir().unwrap();
+        let cxx = compiler(dir.path())?;
+        let kernels = kernels_of(src);
+        let body = rewrite(src).replace(
+            "extern __shared__ __align__(16) char smem[];",
+            "char* smem = emu::cta_smem();",
+        );
+        let mut main = format!(
+            "#include <type_traits>\n#include \"shim.h\"\n{body}\n\
+             struct HArg {{ uint32_t tag, buf; uint64_t v; }};\n\
+             static std::vector<char*> g_bufs;\n\
+             template <class T> T host_arg(const HArg& a) {{\n\
+             \x20 if constexpr (std::is_pointer_v<T>) return a.tag == 1 ? nullptr : reinterpret_cast<T>(g_bufs[a.buf] + a.v);\n\
+             \x20 else if constexpr (std::is_same_v<T, float>) {{ float f; uint32_t u = (uint32_t)a.v; memcpy(&f, &u, 4); return f; }}\n\
+             \x20 else return (T)(int32_t)(uint32_t)a.v;\n}}\n\
+             template <class T> static void rd(FILE* f, T* p, size_t n) {{ if (fread(p, sizeof(T), n, f) != n) exit(3); }}\n\
+             int main(int argc, char** argv) {{\n\
+             \x20 if (argc != 3) return 2;\n\
+             \x20 FILE* f = fopen(argv[1], \"rb\");\n\
+             \x20 uint32_t nb; rd(f, &nb, 1);\n\
+             \x20 std::vector<std::vector<uint4>> store(nb); std::vector<uint64_t> len(nb);\n\
+             \x20 for (uint32_t i = 0; i < nb; ++i) {{ rd(f, &len[i], 1); store[i].assign(len[i] / 16 + 17, uint4{{0, 0, 0, 0}});\n\
+             \x20   g_bufs.push_back(reinterpret_cast<char*>(store[i].data())); rd(f, g_bufs[i], len[i]); }}\n\
+             \x20 uint32_t nl; rd(f, &nl, 1);\n\
+             \x20 for (uint32_t l = 0; l < nl; ++l) {{\n\
+             \x20   uint32_t h[5]; rd(f, h, 5); std::vector<HArg> a(h[4]); rd(f, a.data(), h[4]);\n\
+             \x20   switch (h[0]) {{\n"
+        );
+        for (i, (name, types)) in kernels.iter().enumerate() {
+            let args: Vec<String> = types
+                .iter()
+                .enumerate()
+                .map(|(j, t)| format!("host_arg<{t}>(a[{j}])"))
+                .collect();
+            writeln!(
+                main,
+                "    case {i}: for (uint32_t b = 0; b < h[1]; ++b) emu::run_cta(b, h[2], [&] {{ {name}({}); }}, h[3]); break;",
+                args.join(", ")
+            )
+            .unwrap();
+        }
+        main.push_str(
+            "    default: return 4;\n    }\n  }\n  fclose(f);\n\
+             \x20 FILE* o = fopen(argv[2], \"wb\");\n\
+             \x20 for (uint32_t i = 0; i < nb; ++i) fwrite(g_bufs[i], 1, len[i], o);\n\
+             \x20 fclose(o);\n  return 0;\n}\n",
+        );
+        let exe = build(&cxx, dir.path(), &[], &main);
+        Some(HostProgram {
+            _dir: dir,
+            exe,
+            kernels: kernels.into_iter().map(|(n, _)| n).collect(),
+        })
+    }
+
+    /// The index of kernel `name`.
+    pub fn kernel(&self, name: &str) -> usize {
+        self.kernels
+            .iter()
+            .position(|k| k == name)
+            .unwrap_or_else(|| panic!("no kernel {name} in the host program"))
+    }
+}
+
+/// A kernel argument of a [`Batch`] launch.
+#[derive(Clone, Copy, Debug)]
+pub enum HArg {
+    /// Buffer `.0` at byte offset `.1`.
+    Buf(usize, u64),
+    Null,
+    I32(i32),
+    F32(f32),
+}
+
+/// Buffers (their initial bytes) and the launches that run on them in order;
+/// [`Batch::run`] returns every buffer's bytes after the last launch.
+#[derive(Default)]
+pub struct Batch {
+    bufs: Vec<Vec<u8>>,
+    launches: Vec<(usize, [u32; 3], Vec<HArg>)>,
+}
+
+impl Batch {
+    /// A buffer holding `bytes`; returns its index.
+    pub fn buffer(&mut self, bytes: Vec<u8>) -> usize {
+        self.bufs.push(bytes);
+        self.bufs.len() - 1
+    }
+
+    /// Runs `kernel` over `grid` CTAs of `threads` with `smem` bytes of
+    /// dynamic shared memory.
+    pub fn launch(&mut self, kernel: usize, grid: u32, threads: u32, smem: u32, args: Vec<HArg>) {
+        self.launches.push((kernel, [grid, threads, smem], args));
+    }
+
+    pub fn run(&self, p: &HostProgram) -> Vec<Vec<u8>> {
+        let mut s = Vec::new();
+        s.extend((self.bufs.len() as u32).to_le_bytes());
+        for b in &self.bufs {
+            s.extend((b.len() as u64).to_le_bytes());
+            s.extend(b);
+        }
+        s.extend((self.launches.len() as u32).to_le_bytes());
+        for (k, [g, t, m], args) in &self.launches {
+            for x in [*k as u32, *g, *t, *m, args.len() as u32] {
+                s.extend(x.to_le_bytes());
+            }
+            for a in args {
+                let (tag, buf, v) = match *a {
+                    HArg::Buf(b, off) => (0u32, b as u32, off),
+                    HArg::Null => (1, 0, 0),
+                    HArg::I32(x) => (2, 0, u64::from(x as u32)),
+                    HArg::F32(x) => (3, 0, u64::from(x.to_bits())),
+                };
+                s.extend(tag.to_le_bytes());
+                s.extend(buf.to_le_bytes());
+                s.extend(v.to_le_bytes());
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (inp, outp) = (dir.path().join("in.bin"), dir.path().join("out.bin"));
+        std::fs::write(&inp, s).unwrap();
+        let o = Command::new(&p.exe).arg(&inp).arg(&outp).output().unwrap();
+        assert!(
+            o.status.success(),
+            "host program failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let raw = std::fs::read(&outp).unwrap();
+        let mut out = Vec::with_capacity(self.bufs.len());
+        let mut at = 0;
+        for b in &self.bufs {
+            out.push(raw[at..at + b.len()].to_vec());
+            at += b.len();
+        }
+        out
+    }
 }

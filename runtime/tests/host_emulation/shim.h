@@ -31,10 +31,13 @@
 #define __forceinline__ inline
 #define __noinline__
 #define __global__
+#define __launch_bounds__(...)
 #define __restrict__ __restrict
 
 struct alignas(16) uint4 { uint32_t x, y, z, w; };
 inline uint4 make_uint4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) { return {a, b, c, d}; }
+struct alignas(8) uint2 { uint32_t x, y; };
+inline uint2 make_uint2(uint32_t a, uint32_t b) { return {a, b}; }
 struct alignas(8) float2 { float x, y; };
 inline float2 make_float2(float a, float b) { return {a, b}; }
 struct alignas(16) float4 { float x, y, z, w; };
@@ -86,13 +89,18 @@ struct Cta {
     std::barrier<>* all;
     std::vector<std::barrier<>*> warps;
     std::vector<Slot> slots;
+    char* smem = nullptr;  // the CTA's dynamic shared memory (run_cta's smem_bytes)
 };
 inline thread_local Cta* cta;
 inline thread_local int tid;
+// A kernel's `extern __shared__` array: the running CTA's buffer.
+inline char* cta_smem() { return cta->smem; }
 inline void warp_sync() { cta->warps[tid >> 5]->arrive_and_wait(); }
 inline Slot& slot(int lane) { return cta->slots[(tid & ~31) + lane]; }
-inline void run_cta(int block, int nthreads, const std::function<void()>& body) {
+inline void run_cta(int block, int nthreads, const std::function<void()>& body, int smem_bytes = 0) {
     Cta c;
+    std::vector<uint4> smem((smem_bytes + 15) / 16 + 1);
+    c.smem = reinterpret_cast<char*>(smem.data());
     c.n = nthreads;
     c.all = new std::barrier<>(nthreads);
     for (int w = 0; w < nthreads / 32; ++w) c.warps.push_back(new std::barrier<>(32));
@@ -159,6 +167,29 @@ template <int N> inline void ldsm(uint32_t (&r)[N], int n, bool trans, const voi
 inline void cp_async16(void* dst, const void* src, bool ok) {
     if (ok) memcpy(dst, src, 16); else memset(dst, 0, 16);
 }
+// PTX prmt.b32 (default mode): byte i of the result is byte sel[4i+2:4i]
+// of {b, a}, or that byte's sign replicated where sel bit 4i+3 is set.
+inline uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+    const uint64_t v = ((uint64_t)b << 32) | a;
+    uint32_t r = 0;
+    for (int i = 0; i < 4; ++i) {
+        const uint32_t n = (sel >> (4 * i)) & 15;
+        uint32_t byte = (uint32_t)(v >> (8 * (n & 7))) & 0xff;
+        if (n & 8) byte = (byte & 0x80) ? 0xff : 0;
+        r |= byte << (8 * i);
+    }
+    return r;
+}
+// PTX mul.rn.bf16x2: each half the product of the halves, rounded to nearest
+// even (the f32 product of two bf16 values is exact).
+inline uint32_t hmul2_bf16(uint32_t a, uint32_t b) {
+    uint32_t r = 0;
+    for (int h = 0; h < 2; ++h) {
+        const float x = __bfloat162float({(uint16_t)(a >> (16 * h))}), y = __bfloat162float({(uint16_t)(b >> (16 * h))});
+        r |= (uint32_t)__float2bfloat16_rn(x * y).raw << (16 * h);
+    }
+    return r;
+}
 [[noreturn]] inline void unsupported(const char* ptx) {
     fprintf(stderr, "host emulation: no model of the PTX instruction `%s`\n", ptx);
     abort();
@@ -181,6 +212,55 @@ template <class T> T __shfl_sync(unsigned, T v, int src) {
     emu::warp_sync();
     return r;
 }
+template <class T> T __shfl_up_sync(unsigned, T v, int d) {
+    memcpy(emu::slot(emu::tid & 31).b, &v, sizeof(T));
+    emu::warp_sync();
+    const int l = emu::tid & 31;
+    T r;
+    memcpy(&r, emu::slot(l >= d ? l - d : l).b, sizeof(T));
+    emu::warp_sync();
+    return r;
+}
+namespace emu {
+// Every lane's 32-bit value, for the warp-wide intrinsics below.
+inline void gather(uint32_t v, uint32_t (&all)[32]) {
+    memcpy(slot(tid & 31).b, &v, 4);
+    warp_sync();
+    for (int l = 0; l < 32; ++l) memcpy(&all[l], slot(l).b, 4);
+    warp_sync();
+}
+}  // namespace emu
+inline unsigned __ballot_sync(unsigned, int p) {
+    uint32_t all[32];
+    emu::gather(p != 0, all);
+    unsigned r = 0;
+    for (int l = 0; l < 32; ++l) r |= (all[l] ? 1u : 0u) << l;
+    return r;
+}
+inline unsigned __match_any_sync(unsigned, unsigned v) {
+    uint32_t all[32];
+    emu::gather(v, all);
+    unsigned r = 0;
+    for (int l = 0; l < 32; ++l) r |= (all[l] == v ? 1u : 0u) << l;
+    return r;
+}
+inline unsigned __reduce_max_sync(unsigned, unsigned v) {
+    uint32_t all[32];
+    emu::gather(v, all);
+    unsigned r = 0;
+    for (int l = 0; l < 32; ++l) r = all[l] > r ? all[l] : r;
+    return r;
+}
+inline unsigned __reduce_min_sync(unsigned, unsigned v) {
+    uint32_t all[32];
+    emu::gather(v, all);
+    unsigned r = 0xffffffffu;
+    for (int l = 0; l < 32; ++l) r = all[l] < r ? all[l] : r;
+    return r;
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.raw; }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
 inline void __syncthreads() { emu::cta->all->arrive_and_wait(); }
 inline int min(int a, int b) { return a < b ? a : b; }
