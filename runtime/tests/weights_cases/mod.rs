@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use tilefuse_ir::interp::{self, Caches, Data, Tensor};
-use tilefuse_ir::{shape, Bindings, Builder, DType, Graph};
+use tilefuse_ir::{shape, Bindings, Builder, DType, Graph, RouterConfig, ScoreFn};
 use tilefuse_runtime::nvrtc::Compiled;
 
 /// Shared helpers: random data, weight formats, smem replicas, checks.
@@ -639,4 +639,661 @@ pub fn program(kernels: &[String]) -> String {
         s.push_str(k);
     }
     s
+}
+
+/// One router configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct Router {
+    pub max_t: usize,
+    pub e: usize,
+    pub k: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub softmax: bool,
+    pub norm: bool,
+    pub threads: usize,
+    pub norm_eps: f32,
+    pub scale: f32,
+}
+
+impl Router {
+    pub fn name(&self, tag: &str) -> String {
+        format!(
+            "router_{tag}_e{}_k{}_g{}_{}_t{}",
+            self.e, self.k, self.n_group, self.topk_group, self.max_t
+        )
+    }
+    pub fn smem(&self) -> usize {
+        kit::router_smem(self.max_t, self.e, self.k, self.n_group, self.threads)
+    }
+    pub fn cfg(&self) -> RouterConfig {
+        RouterConfig {
+            score: if self.softmax {
+                ScoreFn::Softmax
+            } else {
+                ScoreFn::Sigmoid
+            },
+            top_k: self.k,
+            n_group: self.n_group,
+            topk_group: self.topk_group,
+            norm_topk: self.norm,
+            norm_eps: self.norm_eps,
+            scale: self.scale,
+        }
+    }
+    pub fn table_ints(&self) -> usize {
+        2 + 3 * self.max_t * self.k
+    }
+    /// `(logits, bias, T, norm_eps, scale, idx, w, route)`, one CTA.
+    pub fn source(&self, name: &str) -> String {
+        format!(
+            r#"
+extern "C" __global__ void __launch_bounds__({th}, 1) {name}(const float* logits, const float* bias, int T, float norm_eps, float scale, int* idx, float* w, int* route) {{
+    extern __shared__ __align__(16) char smem[];
+    using C = tf::RouterCfg<{mt}, {e}, {k}, {ng}, {tg}, {sm}, {nm}, {th}>;
+    static_assert(tf::router_smem_bytes<C>() == {smem}, "router smem formula (Rust replica) disagrees");
+    static_assert(tf::route_table_ints({mt}, {k}) == {ti}, "route table size");
+    tf::router_tile<C>(0, logits, bias, T, norm_eps, scale, idx, w, route, smem);
+}}
+"#,
+            th = self.threads,
+            mt = self.max_t,
+            e = self.e,
+            k = self.k,
+            ng = self.n_group,
+            tg = self.topk_group,
+            sm = self.softmax,
+            nm = self.norm,
+            smem = self.smem(),
+            ti = self.table_ints(),
+        )
+    }
+}
+
+/// One expert-FFN configuration (both tiles).
+#[derive(Clone, Copy, Debug)]
+pub struct Ex {
+    pub fmt: Fmt,
+    pub path: &'static str,
+    pub max_t: usize,
+    pub k: usize,
+    pub h: usize,
+    pub i: usize,
+    pub rows_up: usize,
+    pub rows_down: usize,
+    pub threads: usize,
+}
+
+impl Ex {
+    pub fn name(&self, tag: &str, up: bool) -> String {
+        format!(
+            "ex_{}_{tag}_{}_{}_t{}_h{}_i{}",
+            if up { "up" } else { "down" },
+            self.fmt.name(),
+            self.path.to_lowercase(),
+            self.max_t,
+            self.h,
+            self.i
+        )
+    }
+    pub fn smem(&self, up: bool) -> usize {
+        let rows = if up { self.rows_up } else { self.rows_down };
+        kit::experts_smem(up, self.path, self.fmt, self.max_t, rows, self.threads)
+    }
+    pub fn up_tiles(&self, t: usize, e: usize) -> usize {
+        e.min(t * self.k) * self.i.div_ceil(self.rows_up)
+    }
+    pub fn down_tiles(&self) -> usize {
+        self.h.div_ceil(self.rows_down)
+    }
+    /// up: `(x, T, route, weights.., h)`; down: `(h, w, T, route, weights.., y)`.
+    pub fn source(&self, tag: &str) -> String {
+        let cfg = |rows: usize| {
+            format!(
+                "tf::MoeCfg<{}, {}, {}, {}, {}, {}, tf::MvPath::{}>",
+                self.max_t, self.k, rows, self.threads, self.h, self.i, self.path
+            )
+        };
+        format!(
+            r#"
+extern "C" __global__ void __launch_bounds__({th}, 1) {up}(const tf::bf16* x, int T, const int* route, {wp}, tf::bf16* h) {{
+    extern __shared__ __align__(16) char smem[];
+    using C = {cu};
+    static_assert(tf::experts_up_smem_bytes<C, {wt}>() == {su}, "experts_up smem formula (Rust replica) disagrees");
+    tf::experts_up_tile<C>(blockIdx.x, x, T, route, {ctor}, h, smem);
+}}
+extern "C" __global__ void __launch_bounds__({th}, 1) {down}(const tf::bf16* h, const float* w, int T, const int* route, {wp}, tf::bf16* y) {{
+    extern __shared__ __align__(16) char smem[];
+    using C = {cd};
+    static_assert(tf::experts_down_smem_bytes<C, {wt}>() == {sd}, "experts_down smem formula (Rust replica) disagrees");
+    tf::experts_down_tile<C>(blockIdx.x, h, w, T, route, {ctor},
+        [&](int t, int n, float acc) {{ y[(size_t)t * {hd} + n] = tf::from_float<tf::bf16>(acc); }}, smem);
+}}
+"#,
+            th = self.threads,
+            up = self.name(tag, true),
+            down = self.name(tag, false),
+            wp = self.fmt.params("w"),
+            wt = self.fmt.cpp(),
+            ctor = self.fmt.ctor("w"),
+            cu = cfg(self.rows_up),
+            cd = cfg(self.rows_down),
+            su = self.smem(true),
+            sd = self.smem(false),
+            hd = self.h,
+        )
+    }
+}
+
+pub fn router_graph(r: &Router, bias: bool) -> Graph {
+    let mut b = Builder::new("router", &["T"]);
+    let l = b.input("logits", DType::F32, shape![T, (r.e)]).unwrap();
+    let bi = if bias {
+        Some(b.weight("bias", DType::F32, shape![(r.e)]).unwrap())
+    } else {
+        None
+    };
+    let idx = b.router_select(l, bi, &r.cfg()).unwrap();
+    let w = b.router_weights(l, idx, &r.cfg()).unwrap();
+    b.output("idx", idx).unwrap();
+    b.output("w", w).unwrap();
+    b.finish().unwrap()
+}
+
+/// The routing table must list the distinct experts ascending and, for each,
+/// its (t, j) pairs ascending, its fields placed for the bucket's `max_t`.
+#[track_caller]
+pub fn check_route_table(route: &[i32], idx: &[i32], t: usize, max_t: usize, k: usize, what: &str) {
+    let tk = t * k;
+    let mtk = max_t * k;
+    let mut distinct: Vec<i32> = idx.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let nd = route[0] as usize;
+    assert_eq!(nd, distinct.len(), "{what}: n_distinct");
+    let (expert, offset, pair) = (
+        &route[1..1 + mtk],
+        &route[1 + mtk..2 + 2 * mtk],
+        &route[2 + 2 * mtk..2 + 3 * mtk],
+    );
+    assert_eq!(&expert[..nd], &distinct[..], "{what}: experts");
+    assert_eq!(offset[nd] as usize, tk, "{what}: last offset");
+    for (d, &e) in distinct.iter().enumerate() {
+        let want: Vec<i32> = (0..tk as i32).filter(|&p| idx[p as usize] == e).collect();
+        assert_eq!(
+            &pair[offset[d] as usize..offset[d + 1] as usize],
+            &want[..],
+            "{what}: pairs of expert {e}"
+        );
+    }
+}
+
+/// Logits with some experts shared between neighbouring tokens (so experts
+/// repeat across tokens) and a few exact ties.
+pub fn router_logits(r: &mut Rng, t: usize, e: usize) -> Vec<f32> {
+    let mut l: Vec<f32> = (0..t * e).map(|_| r.uniform(-3.0, 3.0) as f32).collect();
+    for tt in (1..t).step_by(2) {
+        for j in 0..e / 2 {
+            l[tt * e + j] = l[(tt - 1) * e + j];
+        }
+    }
+    for tt in 0..t {
+        l[tt * e + 5] = l[tt * e + 3];
+    }
+    l
+}
+
+/// The router's cases: (configuration, bias, T).
+pub fn router_cases() -> Vec<(Router, bool, usize)> {
+    let base = Router {
+        max_t: 64,
+        e: 64,
+        k: 6,
+        n_group: 4,
+        topk_group: 2,
+        softmax: false,
+        norm: true,
+        threads: 256,
+        norm_eps: 1e-20,
+        scale: 2.5,
+    };
+    let cases: Vec<(Router, bool, usize)> = vec![
+        (base, true, 1),
+        (base, true, 7),
+        (base, true, 64),
+        (
+            Router {
+                e: 256,
+                k: 8,
+                n_group: 8,
+                topk_group: 4,
+                ..base
+            },
+            true,
+            16,
+        ),
+        (
+            Router {
+                e: 128,
+                k: 8,
+                n_group: 1,
+                topk_group: 1,
+                softmax: true,
+                norm_eps: 0.0,
+                scale: 1.0,
+                ..base
+            },
+            false,
+            16,
+        ),
+        (
+            Router {
+                e: 100,
+                k: 3,
+                n_group: 1,
+                topk_group: 1,
+                softmax: true,
+                norm: false,
+                scale: 1.0,
+                max_t: 4,
+                threads: 64,
+                ..base
+            },
+            false,
+            3,
+        ),
+        (
+            Router {
+                e: 512,
+                k: 8,
+                n_group: 1,
+                topk_group: 1,
+                max_t: 8,
+                ..base
+            },
+            true,
+            5,
+        ),
+        // One token (warp 0 writes the table alone): more slots than lanes,
+        // grouped, in a bucket of two tokens, on two warps.
+        (
+            Router {
+                e: 64,
+                k: 40,
+                n_group: 4,
+                topk_group: 3,
+                max_t: 2,
+                threads: 64,
+                ..base
+            },
+            true,
+            1,
+        ),
+        // One token, an odd TOPK, a one-token bucket, one warp, no bias.
+        (
+            Router {
+                e: 100,
+                k: 7,
+                n_group: 1,
+                topk_group: 1,
+                softmax: true,
+                norm: false,
+                scale: 1.0,
+                max_t: 1,
+                threads: 32,
+                ..base
+            },
+            false,
+            1,
+        ),
+    ];
+    cases
+}
+
+/// A router case's logits and bias, and the interpreter's indices and weights.
+pub type RouterData = (Vec<f32>, Vec<f32>, Vec<i32>, Vec<f32>);
+
+/// The inputs and references of the router cases, from one seeded generator.
+pub fn router_references(cases: &[(Router, bool, usize)]) -> Vec<RouterData> {
+    let mut rng = Rng::new(0x5eed_0002);
+    let mut prepared = Vec::new();
+    for (r, bias, t) in cases {
+        let logits = router_logits(&mut rng, *t, r.e);
+        let bv: Vec<f32> = (0..r.e).map(|_| rng.uniform(-0.3, 0.3) as f32).collect();
+        let mut vals = BTreeMap::new();
+        vals.insert(
+            "logits".to_string(),
+            Tensor::f32(DType::F32, &[*t, r.e], logits.clone()).unwrap(),
+        );
+        vals.insert(
+            "bias".to_string(),
+            Tensor::f32(DType::F32, &[r.e], bv.clone()).unwrap(),
+        );
+        let out = kit::run_graph(&router_graph(r, *bias), *t, &vals);
+        prepared.push((
+            logits,
+            bv,
+            out["idx"].as_i32().unwrap().to_vec(),
+            kit::f32s(&out["w"]),
+        ));
+    }
+    prepared
+}
+
+pub fn experts_graph(r: &Router, fmt: Fmt, h: usize, i: usize) -> Graph {
+    let mut b = Builder::new("moe", &["T"]);
+    let x = b.input("x", DType::BF16, shape![T, (h)]).unwrap();
+    let l = b.input("logits", DType::F32, shape![T, (r.e)]).unwrap();
+    let bi = b.weight("bias", DType::F32, shape![(r.e)]).unwrap();
+    let idx = b.router_select(l, Some(bi), &r.cfg()).unwrap();
+    let w = b.router_weights(l, idx, &r.cfg()).unwrap();
+    let gu = b
+        .weight("gate_up", fmt.dtype(), shape![(r.e), (2 * i), (h)])
+        .unwrap();
+    let dn = b
+        .weight("down", fmt.dtype(), shape![(r.e), (h), (i)])
+        .unwrap();
+    let y = b.experts(x, idx, w, gu, dn).unwrap();
+    b.output("idx", idx).unwrap();
+    b.output("w", w).unwrap();
+    b.output("y", y).unwrap();
+    b.finish().unwrap()
+}
+
+/// The router in front of the expert cases (its MAX_T set per case).
+pub fn experts_router() -> Router {
+    Router {
+        max_t: 16,
+        e: 16,
+        k: 4,
+        n_group: 4,
+        topk_group: 2,
+        softmax: false,
+        norm: true,
+        threads: 256,
+        norm_eps: 1e-20,
+        scale: 2.0,
+    }
+}
+
+/// The expert-FFN cases: (configuration, T).
+pub fn experts_cases(router: &Router) -> Vec<(Ex, usize)> {
+    let ex =
+        |fmt: Fmt, path: &'static str, h: usize, i: usize, rows_up: usize, rows_down: usize| Ex {
+            fmt,
+            path,
+            max_t: 16,
+            k: router.k,
+            h,
+            i,
+            rows_up,
+            rows_down,
+            threads: 256,
+        };
+    let cases: Vec<(Ex, usize)> = vec![
+        // bf16 on tensor cores with ragged tiles: I = 160 in chunks of 64, H = 288 in rows of 64.
+        (ex(Fmt::Bf16, "Auto", 288, 160, 64, 64), 1),
+        (ex(Fmt::Bf16, "Auto", 288, 160, 64, 64), 16),
+        (ex(Fmt::Mx, "Auto", 256, 256, 16, 32), 1),
+        (ex(Fmt::Mx, "Auto", 256, 256, 16, 32), 5),
+        (ex(Fmt::Mx, "Auto", 256, 256, 16, 32), 16),
+        // At most 8 tokens (one column tile) the down tile's warps load h
+        // ahead of the products, two FP4 k-blocks at a time: 6 k-blocks an
+        // expert (a batch of 4, then one of 2 and two clamped), and 3 (one
+        // batch of 3: a group of 2, then 1).
+        (
+            Ex {
+                max_t: 1,
+                ..ex(Fmt::Mx, "Auto", 256, 768, 16, 16)
+            },
+            1,
+        ),
+        (
+            Ex {
+                max_t: 8,
+                ..ex(Fmt::Mx, "Auto", 256, 384, 16, 16)
+            },
+            8,
+        ),
+        (ex(Fmt::Nv, "Auto", 256, 256, 16, 16), 3),
+        (ex(Fmt::Nv, "Auto", 256, 256, 16, 16), 16),
+        (ex(Fmt::E4m3, "Auto", 256, 128, 16, 16), 8),
+        (ex(Fmt::F32, "Auto", 128, 96, 16, 16), 12),
+        (ex(Fmt::Mx, "Simt", 256, 256, 16, 16), 6),
+    ];
+    cases
+}
+
+/// An expert case's x, logits, bias, gate/up and down weights, and the
+/// interpreter's indices, weights and output y.
+pub type ExData = (
+    Vec<f32>,
+    Vec<f32>,
+    Vec<f32>,
+    Weights,
+    Weights,
+    Vec<i32>,
+    Vec<f32>,
+    Vec<f32>,
+);
+
+/// The inputs and references of the expert cases, from one seeded generator.
+pub fn experts_references(router: &Router, cases: &[(Ex, usize)]) -> Vec<ExData> {
+    let mut rng = Rng::new(0x5eed_0003);
+    let mut prepared = Vec::new();
+    for (c, t) in cases {
+        let x = kit::rand_vals(&mut rng, t * c.h, DType::BF16, 1.0);
+        let logits = router_logits(&mut rng, *t, router.e);
+        let bias: Vec<f32> = (0..router.e)
+            .map(|_| rng.uniform(-0.3, 0.3) as f32)
+            .collect();
+        let gu = Weights::random(&mut rng, c.fmt, &[router.e, 2 * c.i, c.h]);
+        let dn = Weights::random(&mut rng, c.fmt, &[router.e, c.h, c.i]);
+        let mut vals = BTreeMap::new();
+        vals.insert(
+            "x".to_string(),
+            Tensor::f32(DType::BF16, &[*t, c.h], x.clone()).unwrap(),
+        );
+        vals.insert(
+            "logits".to_string(),
+            Tensor::f32(DType::F32, &[*t, router.e], logits.clone()).unwrap(),
+        );
+        vals.insert(
+            "bias".to_string(),
+            Tensor::f32(DType::F32, &[router.e], bias.clone()).unwrap(),
+        );
+        vals.insert("gate_up".to_string(), gu.tensor.clone());
+        vals.insert("down".to_string(), dn.tensor.clone());
+        let out = kit::run_graph(&experts_graph(router, c.fmt, c.h, c.i), *t, &vals);
+        let want_idx = out["idx"].as_i32().unwrap().to_vec();
+        let mut counts = vec![0; router.e];
+        want_idx.iter().for_each(|&e| counts[e as usize] += 1);
+        if *t >= 5 {
+            assert!(
+                counts.iter().any(|&n| n > 1),
+                "the case should repeat an expert across tokens"
+            );
+        }
+        prepared.push((
+            x,
+            logits,
+            bias,
+            gu,
+            dn,
+            want_idx,
+            kit::f32s(&out["w"]),
+            kit::f32s(&out["y"]),
+        ));
+    }
+    prepared
+}
+
+/// The kernel sources of the expert cases: one router per MAX_T (the routing
+/// table's layout is the expert tiles' MAX_T), then each case's two tiles.
+pub fn experts_kernels(router: &Router, cases: &[(Ex, usize)]) -> Vec<String> {
+    // One router per MAX_T of the cases: the routing table's layout is the
+    // expert tiles' MAX_T.
+    let router_for = |max_t: usize| Router { max_t, ..*router };
+    let mut max_ts: Vec<usize> = cases.iter().map(|(c, _)| c.max_t).collect();
+    max_ts.sort_unstable();
+    max_ts.dedup();
+    let mut kernels: Vec<String> = max_ts
+        .iter()
+        .map(|&m| {
+            let r = router_for(m);
+            r.source(&r.name("ex"))
+        })
+        .collect();
+    kernels.extend(
+        cases
+            .iter()
+            .enumerate()
+            .map(|(i, (c, _))| c.source(&format!("g{i}"))),
+    );
+    kernels
+}
+
+/// `argmax_{tag}(logits, V, out)` and `sample_{tag}(logits, V, temperature, seed, out)`.
+pub fn sample_source(tag: &str, logit: DType, threads: usize) -> String {
+    let l = kit::cpp(logit);
+    format!(
+        r#"
+extern "C" __global__ void __launch_bounds__({threads}, 1) argmax_{tag}(const {l}* logits, int V, int* out) {{
+    extern __shared__ __align__(16) char smem[];
+    static_assert(tf::argmax_smem_bytes<{threads}>() == {sa}, "argmax smem");
+    tf::argmax_tile<{threads}>(blockIdx.x, logits, V, out, smem);
+}}
+extern "C" __global__ void __launch_bounds__({threads}, 1) sample_{tag}(const {l}* logits, int V, float temperature, const int* seed, int* out) {{
+    extern __shared__ __align__(16) char smem[];
+    static_assert(tf::sample_smem_bytes<{threads}>() == {ss}, "sample smem");
+    tf::sample_tile<{threads}>(blockIdx.x, logits, V, temperature, seed, out, smem);
+}}
+"#,
+        sa = argmax_smem(threads),
+        ss = sample_smem(threads),
+    )
+}
+
+pub fn argmax_smem(threads: usize) -> usize {
+    8 * (threads / 32)
+}
+
+pub fn sample_smem(threads: usize) -> usize {
+    4 * (3 * (threads / 32) + 4)
+}
+
+pub fn sample_graph(v: usize, dt: DType, temperature: f32) -> Graph {
+    let mut b = Builder::new("choose", &["T"]);
+    let l = b.input("logits", dt, shape![T, (v)]).unwrap();
+    let seed = b.input("seed", DType::I32, shape![2]).unwrap();
+    let a = b.argmax(l).unwrap();
+    let s = b.sample(l, seed, temperature).unwrap();
+    b.output("argmax", a).unwrap();
+    b.output("sample", s).unwrap();
+    b.finish().unwrap()
+}
+
+/// Threads of the argmax and sample tiles in the tests.
+pub const SAMPLE_THREADS: usize = 1024;
+/// The seed input of the sample cases.
+pub const SAMPLE_SEED: [i32; 2] = [1234, 99];
+
+/// The argmax and sample cases: (V, logits dtype, temperature, peaked, rows).
+pub fn sample_cases() -> [(usize, DType, f32, bool, usize); 4] {
+    // (V, logits dtype, temperature, peaked, rows)
+    [
+        (1000usize, DType::F32, 1.0f32, false, 3usize),
+        (5003, DType::BF16, 0.7, true, 4),
+        (152_576, DType::F32, 1.0, true, 3),
+        (152_576, DType::BF16, 0.8, false, 2),
+    ]
+}
+
+/// A sample case's logits and the interpreter's argmax and sampled tokens.
+pub type SampleData = (Vec<f32>, Vec<i32>, Vec<i32>);
+
+/// The logits and references of the sample cases, from one seeded generator.
+pub fn sample_references(cases: &[(usize, DType, f32, bool, usize)]) -> Vec<SampleData> {
+    let mut rng = Rng::new(0x5eed_0004);
+    let seed = SAMPLE_SEED;
+    let mut prepared = Vec::new();
+    for &(v, dt, temp, peaked, t) in cases {
+        let mut l = kit::rand_vals(&mut rng, t * v, dt, 3.0);
+        if peaked {
+            for tt in 0..t {
+                for j in 0..5 {
+                    l[tt * v + rng.below(v)] = interp::round_to(dt, 6.0 + j as f32);
+                }
+            }
+        }
+        // A tie for the maximum in row 1 (first index wins), a NaN in row 0 (argmax picks it).
+        let m = l[v..2 * v].iter().cloned().fold(f32::MIN, f32::max);
+        l[v + 17] = m;
+        l[v + 9] = m;
+        l[3] = f32::NAN;
+        let mut vals = BTreeMap::new();
+        vals.insert(
+            "logits".to_string(),
+            Tensor::f32(dt, &[t, v], l.clone()).unwrap(),
+        );
+        vals.insert(
+            "seed".to_string(),
+            Tensor::i32(&[2], seed.to_vec()).unwrap(),
+        );
+        let out = kit::run_graph(&sample_graph(v, dt, temp), t, &vals);
+        prepared.push((
+            l,
+            out["argmax"].as_i32().unwrap().to_vec(),
+            out["sample"].as_i32().unwrap().to_vec(),
+        ));
+    }
+    prepared
+}
+
+/// Sampled tokens against the interpreter's: equal, or (only where the
+/// target lies within 1e-5 of the total from a cumulative boundary, the
+/// documented association difference) a token whose interval the target
+/// touches.
+#[track_caller]
+pub fn check_samples(
+    got: &[i32],
+    want_s: &[i32],
+    l: &[f32],
+    v: usize,
+    temp: f32,
+    t: usize,
+    what: &str,
+) {
+    let seed = SAMPLE_SEED;
+    for row in 0..t {
+        if got[row] == want_s[row] {
+            continue;
+        }
+        // Only a target within 1e-5 of the total from a boundary may differ.
+        let lr = &l[row * v..(row + 1) * v];
+        let m = lr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f64> = lr
+            .iter()
+            .map(|&x| f64::from(((x - m) / temp).exp()))
+            .collect();
+        let total: f64 = e.iter().sum();
+        let u = f64::from(interp::uniform(
+            seed[0] as u32,
+            (seed[1] as u32).wrapping_add(row as u32),
+        ));
+        let target = u * total;
+        let g = usize::try_from(got[row]).unwrap_or_else(|_| panic!("{what}: row {row}: no token"));
+        let before: f64 = e[..g].iter().sum();
+        let tol = 1e-5 * total;
+        assert!(
+            before <= target + tol && before + e[g] >= target - tol,
+            "{what}: row {row}: sampled {g}, the interpreter {}; the target {target} is not within {tol} of token {g}'s interval [{before}, {}]",
+            want_s[row],
+            before + e[g]
+        );
+        println!(
+            "note: {what}: row {row} sampled {g}, the interpreter {} (target at a boundary)",
+            want_s[row]
+        );
+    }
 }
