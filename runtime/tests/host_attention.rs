@@ -32,6 +32,7 @@ fn layers() -> Vec<Layer> {
         .chain(block_cases())
         .chain(qk_norm_cases())
         .chain(gqa16_cases())
+        .chain(full_width_cases())
     {
         if !v.contains(&l) {
             v.push(l);
@@ -196,6 +197,11 @@ fn host_attention_block_mask() {
 #[test]
 fn host_attention_qk_norm() {
     run_cases("qk_norm", &qk_norm_cases());
+}
+
+#[test]
+fn host_attention_full_width_decode() {
+    run_cases("full_width", &full_width_cases());
 }
 
 #[test]

@@ -555,6 +555,11 @@ fn gpu_attention_qk_norm() {
 }
 
 #[test]
+fn gpu_attention_full_width_decode() {
+    run_cases("full_width", &full_width_cases());
+}
+
+#[test]
 fn gpu_attention_gqa16_and_split_keys() {
     // MiMo full head dims (192/128, 64 rotated) with GQA 16 (32 q heads over 2 kv
     // heads, to keep the interpreter fast); one split, then the flash-decoding

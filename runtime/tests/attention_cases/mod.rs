@@ -656,3 +656,22 @@ pub fn qk_norm_cases() -> Vec<(Layer, usize, usize)> {
         (wide, 200, 16),
     ]
 }
+
+/// The production shapes at decode: Qwen3-30B-A3B (32 key splits of a
+/// 4096-slot cache, q/k norms) and MiMo-V2-Flash's full layer (GQA 16,
+/// 192/128) at a 1000-key context, and MiMo's sliding layer (window 128,
+/// sinks, a ring) past its wrap.
+pub fn full_width_cases() -> Vec<(Layer, usize, usize)> {
+    vec![
+        (qwen_30b(), 1000, 1),
+        (
+            Layer {
+                cap: 2048,
+                ..mimo_full()
+            },
+            1000,
+            1,
+        ),
+        (mimo_sliding(), 1000, 1),
+    ]
+}
