@@ -83,17 +83,8 @@ fn i32_bytes(v: &[i32]) -> Vec<u8> {
 /// One step on the host against the interpreter's.
 fn check(exe: &PathBuf, index: usize, l: &Layer, s: usize, t: usize, seed: u64, what: &str) {
     let st = reference(l, s, t, seed);
-    let (hq, hkv, dk, dv) = (l.hq, l.hkv, l.dk, l.dv);
-    // q, k, v as column slices of one fused projection output [T, W].
-    let w = hq * dk + hkv * dk + hkv * dv;
-    let mut fused = vec![0f32; t * w];
-    for i in 0..t {
-        fused[i * w..i * w + hq * dk].copy_from_slice(&st.q[i * hq * dk..(i + 1) * hq * dk]);
-        fused[i * w + hq * dk..i * w + (hq + hkv) * dk]
-            .copy_from_slice(&st.k[i * hkv * dk..(i + 1) * hkv * dk]);
-        fused[i * w + (hq + hkv) * dk..(i + 1) * w]
-            .copy_from_slice(&st.v[i * hkv * dv..(i + 1) * hkv * dv]);
-    }
+    let (hq, dv) = (l.hq, l.dv);
+    let (fused, w) = fused_qkv(l, &st, t);
     // Output rows padded by 8 columns that must stay poisoned.
     let os = hq * dv + 8;
     let mut input = i32_bytes(&[t as i32, s as i32, l.cap as i32, w as i32, os as i32]);

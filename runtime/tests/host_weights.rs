@@ -23,18 +23,7 @@ use weights_cases::*;
 fn host_matvec_matches_the_interpreter() {
     let cases = matvec_cases();
     let prepared = matvec_references(&cases);
-    let names: Vec<String> = cases
-        .iter()
-        .enumerate()
-        .map(|(i, c)| c.mv.name(&format!("g{i}")))
-        .collect();
-    let src = program(
-        &cases
-            .iter()
-            .zip(&names)
-            .map(|(c, n)| c.mv.source(n))
-            .collect::<Vec<_>>(),
-    );
+    let (names, src) = matvec_program(&cases);
     let Some(prog) = HostProgram::build(&src) else {
         println!("no C++20 compiler: skipped (set CXX, or TILEFUSE_REQUIRE_CXX=1 to fail)");
         return;
@@ -81,11 +70,7 @@ fn host_matvec_matches_the_interpreter() {
         let (c, m) = (&cases[ci], &cases[ci].mv);
         let got = kit::floats(&out[ys[ci]], m.out);
         let what = format!("{} (N {}, T {})", names[ci], c.n, c.t);
-        if m.out == DType::F32 {
-            kit::check_f32(&got, &d.want, 1e-4, &what);
-        } else {
-            kit::check_bf16(&got, &d.want, 2.0, 1e-3, &what);
-        }
+        check_matvec(&got, &d.want, m, &what);
         println!("ok {what}");
     }
 }
@@ -96,18 +81,7 @@ fn host_matvec_matches_the_interpreter() {
 fn host_router_matches_the_interpreter() {
     let cases = router_cases();
     let prepared = router_references(&cases);
-    let names: Vec<String> = cases
-        .iter()
-        .enumerate()
-        .map(|(i, c)| c.0.name(&format!("g{i}")))
-        .collect();
-    let src = program(
-        &cases
-            .iter()
-            .zip(&names)
-            .map(|(c, n)| c.0.source(n))
-            .collect::<Vec<_>>(),
-    );
+    let (names, src) = router_program(&cases);
     let Some(prog) = HostProgram::build(&src) else {
         println!("no C++20 compiler: skipped (set CXX, or TILEFUSE_REQUIRE_CXX=1 to fail)");
         return;
@@ -142,16 +116,15 @@ fn host_router_matches_the_interpreter() {
     for (ci, ((r, bias, t), (_, _, want_idx, want_w))) in cases.iter().zip(&prepared).enumerate() {
         let (i, w, rt) = outs[ci];
         let what = format!("{} (T {t}, bias {bias})", names[ci]);
-        let idx = kit::ints(&out[i]);
-        assert_eq!(&idx, want_idx, "{what}: expert indices");
-        let w = kit::floats(&out[w], DType::F32);
-        for (j, (&g, &x)) in w.iter().zip(want_w).enumerate() {
-            assert!(
-                (g - x).abs() <= 1e-5 * x.abs(),
-                "{what}: w[{j}] = {g}, want {x}"
-            );
-        }
-        check_route_table(&kit::ints(&out[rt]), &idx, *t, r.max_t, r.k, &what);
+        check_router(
+            &kit::ints(&out[i]),
+            &kit::floats(&out[w], DType::F32),
+            &kit::ints(&out[rt]),
+            (want_idx, want_w),
+            r,
+            *t,
+            &what,
+        );
         println!("ok {what}");
     }
 }
@@ -244,27 +217,21 @@ fn host_experts_match_the_interpreter() {
         let (ib, wb, rb, hb, yb) = outs[ci];
         let router = router_for(c.max_t);
         let what = format!("{} (T {t})", c.name(&format!("g{ci}"), false));
-        let idx = kit::ints(&out[ib]);
-        assert_eq!(&idx, want_idx, "{what}: expert indices");
-        let w = kit::floats(&out[wb], DType::F32);
-        for (j, (&g, &x)) in w.iter().zip(want_w).enumerate() {
-            assert!(
-                (g - x).abs() <= 1e-5 * x.abs(),
-                "{what}: w[{j}] = {g}, want {x}"
-            );
-        }
-        check_route_table(
+        check_router(
+            &kit::ints(&out[ib]),
+            &kit::floats(&out[wb], DType::F32),
             &kit::ints(&out[rb]),
-            &idx,
+            (want_idx, want_w),
+            &router,
             *t,
-            router.max_t,
-            router.k,
             &what,
         );
-        let h = kit::floats(&out[hb], DType::BF16);
-        assert!(h.iter().all(|v| !v.is_nan()), "{what}: h not fully written");
-        let y = kit::floats(&out[yb], DType::BF16);
-        kit::check_bf16(&y, want_y, 2.0, 1.0 / 64.0, &what);
+        check_experts(
+            &kit::floats(&out[hb], DType::BF16),
+            &kit::floats(&out[yb], DType::BF16),
+            want_y,
+            &what,
+        );
         println!("ok {what}");
     }
 }

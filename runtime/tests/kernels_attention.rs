@@ -360,16 +360,7 @@ fn check_step(gpu: &Gpu, l: &Layer, s: usize, t: usize, seed: u64, what: &str) {
     let st = reference(l, s, t, seed);
     let ks = load(gpu, l, what);
     let (hq, hkv, dk, dv) = (l.hq, l.hkv, l.dk, l.dv);
-    // q, k, v as column slices of one fused projection output [T, W].
-    let w = hq * dk + hkv * dk + hkv * dv;
-    let mut fused = vec![0f32; t * w];
-    for i in 0..t {
-        fused[i * w..i * w + hq * dk].copy_from_slice(&st.q[i * hq * dk..(i + 1) * hq * dk]);
-        fused[i * w + hq * dk..i * w + (hq + hkv) * dk]
-            .copy_from_slice(&st.k[i * hkv * dk..(i + 1) * hkv * dk]);
-        fused[i * w + (hq + hkv) * dk..(i + 1) * w]
-            .copy_from_slice(&st.v[i * hkv * dv..(i + 1) * hkv * dv]);
-    }
+    let (fused, w) = fused_qkv(l, &st, t);
     let qkv = upload(gpu, &bf16_bytes(&fused), "qkv");
     // Token t sits at position S + t (the interpreter step's positions).
     let pos_bytes: Vec<u8> = (s..s + t).flat_map(|p| (p as i32).to_le_bytes()).collect();

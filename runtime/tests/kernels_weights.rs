@@ -302,18 +302,7 @@ fn every_template_compiles_without_spills() {
 fn matvec_matches_the_interpreter() {
     let cases = matvec_cases();
     let prepared = matvec_references(&cases);
-    let names: Vec<String> = cases
-        .iter()
-        .enumerate()
-        .map(|(i, c)| c.mv.name(&format!("g{i}")))
-        .collect();
-    let src = program(
-        &cases
-            .iter()
-            .zip(&names)
-            .map(|(c, n)| c.mv.source(n))
-            .collect::<Vec<_>>(),
-    );
+    let (names, src) = matvec_program(&cases);
     let Some(gpu) = open_or_compile("kernels_weights_matvec", &src) else {
         return;
     };
@@ -349,11 +338,7 @@ fn matvec_matches_the_interpreter() {
         gpu.sync(&names[ci]).unwrap();
         let got = kit::floats(&gpu.download(&yb).unwrap(), m.out);
         let what = format!("{} (N {}, T {})", names[ci], c.n, c.t);
-        if m.out == DType::F32 {
-            kit::check_f32(&got, &want, 1e-4, &what);
-        } else {
-            kit::check_bf16(&got, &want, 2.0, 1e-3, &what);
-        }
+        check_matvec(&got, &want, m, &what);
         println!("ok {what}");
     }
 }
@@ -365,18 +350,7 @@ fn matvec_matches_the_interpreter() {
 fn router_matches_the_interpreter() {
     let cases = router_cases();
     let prepared = router_references(&cases);
-    let names: Vec<String> = cases
-        .iter()
-        .enumerate()
-        .map(|(i, c)| c.0.name(&format!("g{i}")))
-        .collect();
-    let src = program(
-        &cases
-            .iter()
-            .zip(&names)
-            .map(|(c, n)| c.0.source(n))
-            .collect::<Vec<_>>(),
-    );
+    let (names, src) = router_program(&cases);
     let Some(gpu) = open_or_compile("kernels_weights_router", &src) else {
         return;
     };
@@ -408,21 +382,13 @@ fn router_matches_the_interpreter() {
             .unwrap();
         gpu.sync(&names[ci]).unwrap();
         let what = format!("{} (T {t}, bias {bias})", names[ci]);
-        let idx = kit::ints(&gpu.download(&ib).unwrap());
-        assert_eq!(idx, want_idx, "{what}: expert indices");
-        let w = kit::floats(&gpu.download(&wb).unwrap(), DType::F32);
-        for (i, (&g, &x)) in w.iter().zip(&want_w).enumerate() {
-            assert!(
-                (g - x).abs() <= 1e-5 * x.abs(),
-                "{what}: w[{i}] = {g}, want {x}"
-            );
-        }
-        check_route_table(
+        check_router(
+            &kit::ints(&gpu.download(&ib).unwrap()),
+            &kit::floats(&gpu.download(&wb).unwrap(), DType::F32),
             &kit::ints(&gpu.download(&rb).unwrap()),
-            &idx,
+            (&want_idx, &want_w),
+            r,
             *t,
-            r.max_t,
-            r.k,
             &what,
         );
         println!("ok {what}");
@@ -518,28 +484,21 @@ fn experts_match_the_interpreter() {
         .unwrap();
         gpu.sync(&downn).unwrap();
         let what = format!("{downn} (T {t})");
-        let idx = kit::ints(&gpu.download(&ib).unwrap());
-        assert_eq!(idx, want_idx, "{what}: expert indices");
-        let w = kit::floats(&gpu.download(&wb).unwrap(), DType::F32);
-        for (i, (&g, &x)) in w.iter().zip(&want_w).enumerate() {
-            assert!(
-                (g - x).abs() <= 1e-5 * x.abs(),
-                "{what}: w[{i}] = {g}, want {x}"
-            );
-        }
-        check_route_table(
+        check_router(
+            &kit::ints(&gpu.download(&ib).unwrap()),
+            &kit::floats(&gpu.download(&wb).unwrap(), DType::F32),
             &kit::ints(&gpu.download(&rb).unwrap()),
-            &idx,
+            (&want_idx, &want_w),
+            &router,
             t,
-            router.max_t,
-            router.k,
             &what,
         );
-        // Every (t, j) row of h was written by its expert's tiles.
-        let h = kit::floats(&gpu.download(&hb).unwrap(), DType::BF16);
-        assert!(h.iter().all(|v| !v.is_nan()), "{what}: h not fully written");
-        let y = kit::floats(&gpu.download(&yb).unwrap(), DType::BF16);
-        kit::check_bf16(&y, &want_y, 2.0, 1.0 / 64.0, &what);
+        check_experts(
+            &kit::floats(&gpu.download(&hb).unwrap(), DType::BF16),
+            &kit::floats(&gpu.download(&yb).unwrap(), DType::BF16),
+            &want_y,
+            &what,
+        );
         println!("ok {what}");
     }
 }

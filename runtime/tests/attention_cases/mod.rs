@@ -675,3 +675,19 @@ pub fn full_width_cases() -> Vec<(Layer, usize, usize)> {
         (mimo_sliding(), 1000, 1),
     ]
 }
+
+/// A step's q, k and v as column slices of one fused projection output
+/// `[T, W]` (as the models' q/k/v step writes them), and `W`.
+pub fn fused_qkv(l: &Layer, st: &Step, t: usize) -> (Vec<f32>, usize) {
+    let (hq, hkv, dk, dv) = (l.hq, l.hkv, l.dk, l.dv);
+    let w = hq * dk + hkv * dk + hkv * dv;
+    let mut fused = vec![0f32; t * w];
+    for i in 0..t {
+        fused[i * w..i * w + hq * dk].copy_from_slice(&st.q[i * hq * dk..(i + 1) * hq * dk]);
+        fused[i * w + hq * dk..i * w + (hq + hkv) * dk]
+            .copy_from_slice(&st.k[i * hkv * dk..(i + 1) * hkv * dk]);
+        fused[i * w + (hq + hkv) * dk..(i + 1) * w]
+            .copy_from_slice(&st.v[i * hkv * dv..(i + 1) * hkv * dv]);
+    }
+    (fused, w)
+}

@@ -1297,3 +1297,74 @@ pub fn check_samples(
         );
     }
 }
+
+/// The matvec cases' kernel names and program source (one wrapper each).
+pub fn matvec_program(cases: &[MvCase]) -> (Vec<String>, String) {
+    let names: Vec<String> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| c.mv.name(&format!("g{i}")))
+        .collect();
+    let sources: Vec<String> = cases
+        .iter()
+        .zip(&names)
+        .map(|(c, n)| c.mv.source(n))
+        .collect();
+    (names, program(&sources))
+}
+
+/// A matvec output against the interpreter's, by the output's dtype.
+#[track_caller]
+pub fn check_matvec(got: &[f32], want: &[f32], m: &Mv, what: &str) {
+    if m.out == DType::F32 {
+        kit::check_f32(got, want, 1e-4, what);
+    } else {
+        kit::check_bf16(got, want, 2.0, 1e-3, what);
+    }
+}
+
+/// The router cases' kernel names and program source.
+pub fn router_program(cases: &[(Router, bool, usize)]) -> (Vec<String>, String) {
+    let names: Vec<String> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| c.0.name(&format!("g{i}")))
+        .collect();
+    let sources: Vec<String> = cases
+        .iter()
+        .zip(&names)
+        .map(|(c, n)| c.0.source(n))
+        .collect();
+    (names, program(&sources))
+}
+
+/// A router's outputs against the interpreter's `want` (indices, weights):
+/// the indices and the routing table exactly, the weights within 1e-5
+/// relative.
+#[track_caller]
+pub fn check_router(
+    idx: &[i32],
+    w: &[f32],
+    route: &[i32],
+    want: (&[i32], &[f32]),
+    r: &Router,
+    t: usize,
+    what: &str,
+) {
+    assert_eq!(idx, want.0, "{what}: expert indices");
+    for (i, (&g, &x)) in w.iter().zip(want.1).enumerate() {
+        assert!(
+            (g - x).abs() <= 1e-5 * x.abs(),
+            "{what}: w[{i}] = {g}, want {x}"
+        );
+    }
+    check_route_table(route, idx, t, r.max_t, r.k, what);
+}
+
+/// The expert FFN's outputs: every (t, j) row of h written by its expert's
+/// tiles, y within 2 ulps plus rms/64 of the interpreter's.
+#[track_caller]
+pub fn check_experts(h: &[f32], y: &[f32], want_y: &[f32], what: &str) {
+    assert!(h.iter().all(|v| !v.is_nan()), "{what}: h not fully written");
+    kit::check_bf16(y, want_y, 2.0, 1.0 / 64.0, what);
+}
