@@ -28,6 +28,22 @@ fn compile(
     c.output().unwrap()
 }
 
+/// `tilefuse compile ARGS --out` a fresh folder under `dir` (cache in
+/// `dir/cache`); returns the summary table it prints.
+fn compile_table(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = dir.join(format!("out-{}", args.join("-").replace(['/', ','], "_")));
+    let o = Command::new(env!("CARGO_BIN_EXE_tilefuse"))
+        .arg("compile")
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .env("TILEFUSE_CACHE_DIR", dir.join("cache"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 #[test]
 fn compile_writes_every_artifact_and_a_warm_start_compiles_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -82,10 +98,9 @@ fn compile_writes_every_artifact_and_a_warm_start_compiles_nothing() {
 fn compile_plans_for_the_launch_mode_it_is_given() {
     let dir = tempfile::tempdir().unwrap();
     let up = |mode: &str| {
-        let out = dir.path().join(mode);
-        let o = Command::new(env!("CARGO_BIN_EXE_tilefuse"))
-            .args([
-                "compile",
+        let table = compile_table(
+            dir.path(),
+            &[
                 "--preset",
                 "qwen3-30b-a3b",
                 "--layer",
@@ -96,14 +111,8 @@ fn compile_plans_for_the_launch_mode_it_is_given() {
                 "plan",
                 "--mode",
                 mode,
-                "--out",
-            ])
-            .arg(&out)
-            .env("TILEFUSE_CACHE_DIR", dir.path().join("cache"))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let table = String::from_utf8_lossy(&o.stdout).into_owned();
+            ],
+        );
         let row = table
             .lines()
             .find(|l| l.contains("moe_routed_up"))
@@ -125,10 +134,9 @@ fn compile_plans_for_the_launch_mode_it_is_given() {
 #[test]
 fn compile_for_the_persistent_mode_shows_the_dispatcher() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let o = Command::new(env!("CARGO_BIN_EXE_tilefuse"))
-        .args([
-            "compile",
+    let table = compile_table(
+        dir.path(),
+        &[
             "--preset",
             "qwen3-moe-tiny",
             "--tokens",
@@ -137,14 +145,8 @@ fn compile_for_the_persistent_mode_shows_the_dispatcher() {
             "persistent",
             "--emit",
             "plan,ptx",
-            "--out",
-        ])
-        .arg(&out)
-        .env("TILEFUSE_CACHE_DIR", dir.path().join("cache"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let table = String::from_utf8_lossy(&o.stdout).into_owned();
+        ],
+    );
     let lines: Vec<&str> = table.lines().collect();
     let n = lines.len();
     let cols: Vec<&str> = lines[n - 2].split_whitespace().collect();
