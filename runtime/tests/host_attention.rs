@@ -1,5 +1,6 @@
 //! The attention header's tiles (`rope_append_tile`, `attention_tile` and
-//! its prologue, `attention_combine_tile`) run on the CPU under the host
+//! its prologue, `attention_combine_tile`, and the row kernels
+//! `rms_norm_rows_tile` and `embedding_tile`) run on the CPU under the host
 //! emulation (`host_emulation`), against the interpreter, on the cases the
 //! GPU test `kernels_attention` runs, so that a machine without a GPU checks
 //! their logic: indices, fragments, masks, splits, rings and the cache
@@ -21,6 +22,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use attention_cases::*;
+use host_emulation::{Batch, HArg, HostProgram};
 
 /// Every layer of the case lists, in a fixed order (its index selects it in
 /// the host program).
@@ -220,4 +222,56 @@ fn the_rewrite_maps_known_ptx_and_makes_unknown_ptx_abort() {
         "{out}"
     );
     assert!(!out.contains("asm volatile(\"mma"), "{out}");
+}
+
+/// Row RMSNorm (bit for bit) and the embedding gather (NaN rows and the
+/// error flag for out-of-range ids), from the GPU test's source.
+#[test]
+fn host_rms_norm_rows_and_embedding() {
+    let c = rows_case();
+    let Some(prog) = HostProgram::build(ROWS_SRC) else {
+        println!("no C++20 compiler: skipped (set CXX, or TILEFUSE_REQUIRE_CXX=1 to fail)");
+        return;
+    };
+    let mut batch = Batch::default();
+    let x = batch.buffer(bf16_bytes(&c.x_padded()));
+    let w = batch.buffer(bf16_bytes(&c.w));
+    let y = batch.buffer(vec![0xff; c.r * c.xs * 2]);
+    batch.launch(
+        prog.kernel("rms"),
+        c.r as u32,
+        256,
+        256 / 32 * 8,
+        vec![
+            HArg::I32(c.r as i32),
+            HArg::Buf(x, 0),
+            HArg::I32(c.xs as i32),
+            HArg::Buf(w, 0),
+            HArg::F32(1e-5),
+            HArg::Buf(y, 0),
+            HArg::I32(c.xs as i32),
+        ],
+    );
+    let ids = batch.buffer(c.ids_bytes());
+    let table = batch.buffer(bf16_bytes(&c.table));
+    let e = batch.buffer(vec![0; c.ids.len() * c.h * 2]);
+    let err = batch.buffer(0i32.to_le_bytes().to_vec());
+    batch.launch(
+        prog.kernel("emb"),
+        c.ids.len() as u32,
+        128,
+        0,
+        vec![
+            HArg::I32(c.ids.len() as i32),
+            HArg::Buf(ids, 0),
+            HArg::Buf(table, 0),
+            HArg::I32(c.vocab as i32),
+            HArg::Buf(e, 0),
+            HArg::I32(c.h as i32),
+            HArg::Buf(err, 0),
+        ],
+    );
+    let out = batch.run(&prog);
+    c.check_rms(&out[y]);
+    c.check_embedding(&out[e], &out[err]);
 }

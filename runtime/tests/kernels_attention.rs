@@ -24,12 +24,10 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use cudarc::driver::sys::CUevent_flags;
-use tilefuse_ir::interp::{self, Caches, Tensor};
-use tilefuse_ir::{shape, Bindings, Builder, DType, Mask};
+use tilefuse_ir::Mask;
 use tilefuse_runtime::gpu::{Arg, Buffer, Gpu};
 use tilefuse_runtime::nvrtc::{self, CompileOptions};
 
@@ -565,132 +563,64 @@ fn gpu_attention_gqa16_and_split_keys() {
 fn gpu_rms_norm_rows_and_embedding() {
     // Row RMSNorm against interp nn.rms_norm (bit for bit in bf16), and the
     // embedding gather with out-of-range ids (NaN rows and the error flag).
-    let (r, d, xs) = (5usize, 4096usize, 4096 + 64);
-    let mut rng = Rng(7);
-    let x = rng.vals(r * d, 4.0);
-    let w = rng.pos(d, 0.5, 1.5);
-    let mut b = Builder::new("rms", &["R"]);
-    let xi = b.input("x", DType::BF16, shape![R, (d)]).unwrap();
-    let wi = b.weight("w", DType::BF16, shape![(d)]).unwrap();
-    let y = b.rms_norm(xi, wi, 1e-5).unwrap();
-    b.output("y", y).unwrap();
-    let g = b.finish().unwrap();
-    let vals: BTreeMap<String, Tensor> = [
-        ("x".to_string(), tf(&[r, d], x.clone())),
-        ("w".to_string(), tf(&[d], w.clone())),
-    ]
-    .into_iter()
-    .collect();
-    let bn = Bindings::new().with("R", r);
-    let want =
-        f32s(&interp::run(&g, &bn, &vals, &mut Caches::for_graph(&g, &bn).unwrap()).unwrap()["y"]);
-    // Embedding reference: rows of the table (ids valid) or NaN.
-    let (vocab, h) = (300usize, 64usize);
-    let table = rng.vals(vocab * h, 1.0);
-    let ids: Vec<i32> = vec![3, 0, 299, -1, 300, 17, 299, i32::MAX];
+    let c = rows_case();
     let Some(gpu) = gpu_or_skip() else { return };
-    let src = "#include \"attention.cuh\"\n\
-        extern \"C\" __global__ void __launch_bounds__(256, 1) rms(int R, const tf::bf16* x, int xs, const tf::bf16* w, float eps, tf::bf16* y, int ys) {\n\
-        \x20 extern __shared__ __align__(16) char smem[];\n\
-        \x20 tf::rms_norm_rows_tile<tf::bf16, tf::bf16, 4096, 256>(blockIdx.x, R, x, xs, w, eps, y, ys, smem);\n}\n\
-        extern \"C\" __global__ void __launch_bounds__(128, 1) emb(int n, const int* ids, const tf::bf16* t, int vocab, tf::bf16* y, int ys, int* err) {\n\
-        \x20 extern __shared__ __align__(16) char smem[];\n\
-        \x20 tf::embedding_tile<tf::bf16, 64, 128>(blockIdx.x, n, ids, t, vocab, y, ys, err, smem);\n}\n";
     let m = gpu
-        .load("attention_rms_emb", src, tilefuse_codegen::cuda::HEADERS)
+        .load(
+            "attention_rms_emb",
+            ROWS_SRC,
+            tilefuse_codegen::cuda::HEADERS,
+        )
         .unwrap_or_else(|e| panic!("{e}"));
-    // RMSNorm over strided rows.
-    let mut xpad = vec![0f32; r * xs];
-    for i in 0..r {
-        xpad[i * xs..i * xs + d].copy_from_slice(&x[i * d..(i + 1) * d]);
-    }
-    let xb = upload(&gpu, &bf16_bytes(&xpad), "x");
-    let wb = upload(&gpu, &bf16_bytes(&w), "w");
-    let yb = gpu.alloc(r * xs * 2, "y").unwrap();
+    let xb = upload(&gpu, &bf16_bytes(&c.x_padded()), "x");
+    let wb = upload(&gpu, &bf16_bytes(&c.w), "w");
+    let yb = gpu.alloc(c.r * c.xs * 2, "y").unwrap();
     gpu.memset(&yb, 0xff).unwrap();
     let f = m.function("rms").unwrap();
     gpu.launch(
         "rms",
         &f,
-        r as u32,
+        c.r as u32,
         256,
         256 / 32 * 8,
         &[
-            Arg::I32(r as i32),
+            Arg::I32(c.r as i32),
             Arg::Ptr(xb.ptr()),
-            Arg::I32(xs as i32),
+            Arg::I32(c.xs as i32),
             Arg::Ptr(wb.ptr()),
             Arg::F32(1e-5),
             Arg::Ptr(yb.ptr()),
-            Arg::I32(xs as i32),
+            Arg::I32(c.xs as i32),
         ],
     )
     .unwrap();
     gpu.sync("rms").unwrap();
-    let raw = gpu.download(&yb).unwrap();
-    let mut got = Vec::new();
-    for i in 0..r {
-        got.extend(bf16_from_bytes(&raw[i * xs * 2..(i * xs + d) * 2]));
-        assert!(
-            raw[(i * xs + d) * 2..(i + 1) * xs * 2]
-                .iter()
-                .all(|&b| b == 0xff),
-            "rms: write past row {i}"
-        );
-    }
-    same_bits(&got, &want, "rms_norm_rows");
-    // Embedding.
-    let tb = upload(&gpu, &bf16_bytes(&table), "table");
-    let ib = upload(
-        &gpu,
-        &ids.iter()
-            .flat_map(|i| i.to_le_bytes())
-            .collect::<Vec<u8>>(),
-        "ids",
-    );
+    c.check_rms(&gpu.download(&yb).unwrap());
+    let tb = upload(&gpu, &bf16_bytes(&c.table), "table");
+    let ib = upload(&gpu, &c.ids_bytes(), "ids");
     let eb = upload(&gpu, &0i32.to_le_bytes(), "err");
-    let yb = gpu.alloc(ids.len() * h * 2, "emb out").unwrap();
+    let yb = gpu.alloc(c.ids.len() * c.h * 2, "emb out").unwrap();
     gpu.memset(&yb, 0).unwrap();
     let f = m.function("emb").unwrap();
     gpu.launch(
         "emb",
         &f,
-        ids.len() as u32,
+        c.ids.len() as u32,
         128,
         0,
         &[
-            Arg::I32(ids.len() as i32),
+            Arg::I32(c.ids.len() as i32),
             Arg::Ptr(ib.ptr()),
             Arg::Ptr(tb.ptr()),
-            Arg::I32(vocab as i32),
+            Arg::I32(c.vocab as i32),
             Arg::Ptr(yb.ptr()),
-            Arg::I32(h as i32),
+            Arg::I32(c.h as i32),
             Arg::Ptr(eb.ptr()),
         ],
     )
     .unwrap();
     gpu.sync("emb").unwrap();
-    let got = bf16_from_bytes(&gpu.download(&yb).unwrap());
-    for (i, &id) in ids.iter().enumerate() {
-        let row = &got[i * h..(i + 1) * h];
-        if (0..vocab as i32).contains(&id) {
-            same_bits(
-                row,
-                &table[id as usize * h..(id as usize + 1) * h],
-                &format!("embedding id {id}"),
-            );
-        } else {
-            assert!(
-                row.iter().all(|x| x.is_nan()),
-                "embedding: out-of-range id {id} must give a NaN row"
-            );
-        }
-    }
-    let err = i32::from_le_bytes(gpu.download(&eb).unwrap()[..4].try_into().unwrap());
-    assert_eq!(
-        err, 1,
-        "embedding: the error flag must be set by out-of-range ids"
-    );
+    c.check_embedding(&gpu.download(&yb).unwrap(), &gpu.download(&eb).unwrap());
 }
 
 // ---------------------------------------------------------------------------

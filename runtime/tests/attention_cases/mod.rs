@@ -691,3 +691,129 @@ pub fn fused_qkv(l: &Layer, st: &Step, t: usize) -> (Vec<f32>, usize) {
     }
     (fused, w)
 }
+
+/// The row RMSNorm and embedding kernels of the rows case: `rms` (hidden
+/// 4096, 256 threads) and `emb` (hidden 64, 128 threads).
+pub const ROWS_SRC: &str = "#include \"attention.cuh\"\n\
+    extern \"C\" __global__ void __launch_bounds__(256, 1) rms(int R, const tf::bf16* x, int xs, const tf::bf16* w, float eps, tf::bf16* y, int ys) {\n\
+    \x20 extern __shared__ __align__(16) char smem[];\n\
+    \x20 tf::rms_norm_rows_tile<tf::bf16, tf::bf16, 4096, 256>(blockIdx.x, R, x, xs, w, eps, y, ys, smem);\n}\n\
+    extern \"C\" __global__ void __launch_bounds__(128, 1) emb(int n, const int* ids, const tf::bf16* t, int vocab, tf::bf16* y, int ys, int* err) {\n\
+    \x20 extern __shared__ __align__(16) char smem[];\n\
+    \x20 tf::embedding_tile<tf::bf16, 64, 128>(blockIdx.x, n, ids, t, vocab, y, ys, err, smem);\n}\n";
+
+/// Row RMSNorm of R strided rows and an embedding gather with out-of-range
+/// ids, with the interpreter's RMSNorm.
+pub struct RowsCase {
+    pub r: usize,
+    pub d: usize,
+    /// Row stride of x and y (elements): padding that must stay poisoned.
+    pub xs: usize,
+    pub x: Vec<f32>,
+    pub w: Vec<f32>,
+    pub want: Vec<f32>,
+    pub vocab: usize,
+    pub h: usize,
+    pub table: Vec<f32>,
+    pub ids: Vec<i32>,
+}
+
+pub fn rows_case() -> RowsCase {
+    let (r, d, xs) = (5usize, 4096usize, 4096 + 64);
+    let mut rng = Rng(7);
+    let x = rng.vals(r * d, 4.0);
+    let w = rng.pos(d, 0.5, 1.5);
+    let mut b = Builder::new("rms", &["R"]);
+    let xi = b.input("x", DType::BF16, shape![R, (d)]).unwrap();
+    let wi = b.weight("w", DType::BF16, shape![(d)]).unwrap();
+    let y = b.rms_norm(xi, wi, 1e-5).unwrap();
+    b.output("y", y).unwrap();
+    let g = b.finish().unwrap();
+    let vals: BTreeMap<String, Tensor> = [
+        ("x".to_string(), tf(&[r, d], x.clone())),
+        ("w".to_string(), tf(&[d], w.clone())),
+    ]
+    .into_iter()
+    .collect();
+    let bn = Bindings::new().with("R", r);
+    let want =
+        f32s(&interp::run(&g, &bn, &vals, &mut Caches::for_graph(&g, &bn).unwrap()).unwrap()["y"]);
+    // Embedding: rows of the table (ids valid) or NaN.
+    let (vocab, h) = (300usize, 64usize);
+    let table = rng.vals(vocab * h, 1.0);
+    let ids: Vec<i32> = vec![3, 0, 299, -1, 300, 17, 299, i32::MAX];
+    RowsCase {
+        r,
+        d,
+        xs,
+        x,
+        w,
+        want,
+        vocab,
+        h,
+        table,
+        ids,
+    }
+}
+
+impl RowsCase {
+    /// x with rows `xs` apart.
+    pub fn x_padded(&self) -> Vec<f32> {
+        let mut xpad = vec![0f32; self.r * self.xs];
+        for i in 0..self.r {
+            xpad[i * self.xs..i * self.xs + self.d]
+                .copy_from_slice(&self.x[i * self.d..(i + 1) * self.d]);
+        }
+        xpad
+    }
+
+    pub fn ids_bytes(&self) -> Vec<u8> {
+        self.ids.iter().flat_map(|i| i.to_le_bytes()).collect()
+    }
+
+    /// The RMSNorm output bytes (poisoned first): every row bit for bit, its
+    /// padding untouched.
+    #[track_caller]
+    pub fn check_rms(&self, raw: &[u8]) {
+        let (d, xs) = (self.d, self.xs);
+        let mut got = Vec::new();
+        for i in 0..self.r {
+            got.extend(bf16_from_bytes(&raw[i * xs * 2..(i * xs + d) * 2]));
+            assert!(
+                raw[(i * xs + d) * 2..(i + 1) * xs * 2]
+                    .iter()
+                    .all(|&b| b == 0xff),
+                "rms: write past row {i}"
+            );
+        }
+        same_bits(&got, &self.want, "rms_norm_rows");
+    }
+
+    /// The gathered rows' bytes and the error flag's: valid ids copy their
+    /// row, out-of-range ids give NaN rows and set the flag.
+    #[track_caller]
+    pub fn check_embedding(&self, out: &[u8], err: &[u8]) {
+        let h = self.h;
+        let got = bf16_from_bytes(out);
+        for (i, &id) in self.ids.iter().enumerate() {
+            let row = &got[i * h..(i + 1) * h];
+            if (0..self.vocab as i32).contains(&id) {
+                same_bits(
+                    row,
+                    &self.table[id as usize * h..(id as usize + 1) * h],
+                    &format!("embedding id {id}"),
+                );
+            } else {
+                assert!(
+                    row.iter().all(|x| x.is_nan()),
+                    "embedding: out-of-range id {id} must give a NaN row"
+                );
+            }
+        }
+        let err = i32::from_le_bytes(err[..4].try_into().unwrap());
+        assert_eq!(
+            err, 1,
+            "embedding: the error flag must be set by out-of-range ids"
+        );
+    }
+}
