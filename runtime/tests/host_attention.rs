@@ -17,8 +17,6 @@
 mod attention_cases;
 mod host_emulation;
 
-use std::fmt::Write as _;
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use attention_cases::*;
@@ -43,131 +41,176 @@ fn layers() -> Vec<Layer> {
     v
 }
 
-/// The host program, built once per test process (None: no compiler).
-fn program() -> Option<&'static PathBuf> {
-    static EXE: OnceLock<Option<(tempfile::TempDir, PathBuf)>> = OnceLock::new();
-    EXE.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let cxx = host_emulation::compiler(dir.path())?;
-        let mut main = String::from(
-            "#include \"shim.h\"\n#include \"attention.cuh\"\n#include \"attention_runner.h\"\n\
-             int main(int argc, char** argv) {\n  if (argc != 4) return 2;\n  switch (atoi(argv[1])) {\n",
-        );
+/// The host program of every layer's wrappers (`Layer::wrappers`, the GPU
+/// test's own source; layer `i` under the prefix `l{i}`), built once per test
+/// process (None: no compiler).
+fn program() -> Option<&'static HostProgram> {
+    static PROG: OnceLock<Option<HostProgram>> = OnceLock::new();
+    PROG.get_or_init(|| {
+        let mut src = String::from("#include \"attention.cuh\"\n");
         for (i, l) in layers().iter().enumerate() {
-            writeln!(
-                main,
-                "  case {i}: return run_attention<{}, {}>(argv[2], argv[3]);",
-                l.config(),
-                l.qk_norm
-            )
-            .unwrap();
+            src.push_str(&l.wrappers(&format!("l{i}")));
         }
-        main.push_str("  }\n  return 2;\n}\n");
-        let exe = host_emulation::build(
-            &cxx,
-            dir.path(),
-            &[(
-                "attention_runner.h",
-                include_str!("host_emulation/attention_runner.h"),
-            )],
-            &main,
-        );
-        Some((dir, exe))
+        HostProgram::build(&src)
     })
     .as_ref()
-    .map(|(_, exe)| exe)
 }
 
-fn i32_bytes(v: &[i32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// One step on the host against the interpreter's.
-fn check(exe: &PathBuf, index: usize, l: &Layer, s: usize, t: usize, seed: u64, what: &str) {
+/// One step on the host against the interpreter's, launched as
+/// `kernels_attention` launches it: rope + attention (+ combine); the same
+/// after the prologue; the tile appending the new rows itself on the
+/// caches before the append.
+fn check(prog: &HostProgram, p: &str, l: &Layer, s: usize, t: usize, seed: u64, what: &str) {
     let st = reference(l, s, t, seed);
-    let (hq, dv) = (l.hq, l.dv);
+    let (hq, hkv, dk, dv) = (l.hq, l.hkv, l.dk, l.dv);
     let (fused, w) = fused_qkv(l, &st, t);
     // Output rows padded by 8 columns that must stay poisoned.
     let os = hq * dv + 8;
-    let mut input = i32_bytes(&[t as i32, s as i32, l.cap as i32, w as i32, os as i32]);
-    for x in [l.eps, l.theta, l.scale()] {
-        input.extend(x.to_le_bytes());
-    }
-    input.extend(i32_bytes(&(s as i32..(s + t) as i32).collect::<Vec<_>>()));
-    for v in [&fused, &st.qn, &st.kn] {
-        input.extend(bf16_bytes(v));
-    }
-    let sinks: Vec<f32> = (0..hq)
-        .map(|h| st.sinks.get(h).copied().unwrap_or(0.0))
-        .collect();
-    input.extend(bf16_bytes(&sinks));
-    input.extend(bf16_bytes(&st.kc0));
-    input.extend(bf16_bytes(&st.vc0));
-    let dir = tempfile::tempdir().unwrap();
-    let (inp, outp) = (dir.path().join("in.bin"), dir.path().join("out.bin"));
-    std::fs::write(&inp, input).unwrap();
-    let o = std::process::Command::new(exe)
-        .arg(index.to_string())
-        .arg(&inp)
-        .arg(&outp)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{what}: host program failed: {}",
-        String::from_utf8_lossy(&o.stderr)
+    let (ti, si, ci, wi) = (t as i32, s as i32, l.cap as i32, w as i32);
+    let mut b = Batch::default();
+    let qkv = b.buffer(bf16_bytes(&fused));
+    let pos = b.buffer(
+        (s as i32..(s + t) as i32)
+            .flat_map(i32::to_le_bytes)
+            .collect(),
     );
-    let raw = std::fs::read(&outp).unwrap();
-    let (n_out, n_kc, n_vc) = (t * os * 2, st.kc0.len() * 2, st.vc0.len() * 2);
-    let run = n_out + n_kc + n_vc;
-    assert_eq!(raw.len(), 3 * run, "{what}: output size");
-    let runs: Vec<&[u8]> = raw.chunks(run).collect();
-    for (r, name) in runs.iter().zip(["", " (prologue)", " (tile append)"]) {
-        let (out, rest) = r.split_at(n_out);
-        let (kc, vc) = rest.split_at(n_kc);
+    let opt = |b: &mut Batch, on: bool, v: &[f32]| {
+        if on {
+            HArg::Buf(b.buffer(bf16_bytes(v)), 0)
+        } else {
+            HArg::Null
+        }
+    };
+    let qn = opt(&mut b, l.qk_norm, &st.qn);
+    let kn = opt(&mut b, l.qk_norm, &st.kn);
+    let sinks = opt(&mut b, l.sinks, &st.sinks);
+    let (k, v) = (
+        HArg::Buf(qkv, (hq * dk * 2) as u64),
+        HArg::Buf(qkv, ((hq + hkv) * dk * 2) as u64),
+    );
+    let th = l.threads as u32;
+    let mut runs = Vec::new();
+    for kind in ["attn", "attn_pre", "attn_app"] {
+        let kc = b.buffer(bf16_bytes(&st.kc0));
+        let vc = b.buffer(bf16_bytes(&st.vc0));
+        let out = b.buffer(vec![0xff; t * os * 2]);
+        let ws = b.buffer(vec![0xff; l.ws_floats(t).max(1) * 4]);
+        if kind != "attn_app" {
+            b.launch(
+                prog.kernel(&format!("{p}_rope")),
+                t as u32,
+                th,
+                l.rope_smem() as u32,
+                vec![
+                    HArg::I32(ti),
+                    HArg::I32(si),
+                    HArg::I32(ci),
+                    HArg::Buf(pos, 0),
+                    k,
+                    HArg::I32(wi),
+                    v,
+                    HArg::I32(wi),
+                    kn,
+                    HArg::F32(l.eps),
+                    HArg::F32(l.theta),
+                    HArg::Buf(kc, 0),
+                    HArg::Buf(vc, 0),
+                ],
+            );
+        }
+        let mut args = vec![
+            HArg::I32(ti),
+            HArg::I32(si),
+            HArg::I32(ci),
+            HArg::Buf(pos, 0),
+            HArg::Buf(qkv, 0),
+            HArg::I32(wi),
+            qn,
+            HArg::F32(l.eps),
+            HArg::F32(l.theta),
+            HArg::F32(l.scale()),
+            HArg::Buf(kc, 0),
+            HArg::Buf(vc, 0),
+            sinks,
+            HArg::Buf(out, 0),
+            HArg::I32(os as i32),
+            HArg::Buf(ws, 0),
+        ];
+        if kind == "attn_app" {
+            args.extend([k, HArg::I32(wi), v, HArg::I32(wi), kn]);
+        }
+        b.launch(
+            prog.kernel(&format!("{p}_{kind}")),
+            l.tiles(t) as u32,
+            th,
+            l.smem() as u32,
+            args,
+        );
+        if l.nsplit > 1 {
+            b.launch(
+                prog.kernel(&format!("{p}_comb")),
+                (t * hq) as u32,
+                th,
+                l.combine_smem() as u32,
+                vec![
+                    HArg::I32(ti),
+                    HArg::Buf(ws, 0),
+                    sinks,
+                    HArg::Buf(out, 0),
+                    HArg::I32(os as i32),
+                ],
+            );
+        }
+        runs.push((kind, out, kc, vc));
+    }
+    let res = b.run(prog);
+    for &(kind, out, kc, vc) in &runs {
+        let what = format!("{what} ({kind})");
         same_bits(
-            &bf16_from_bytes(kc),
+            &bf16_from_bytes(&res[kc]),
             &st.kc1,
-            &format!("{what}{name}: k cache"),
+            &format!("{what}: k cache"),
         );
         same_bits(
-            &bf16_from_bytes(vc),
+            &bf16_from_bytes(&res[vc]),
             &st.vc1,
-            &format!("{what}{name}: v cache"),
+            &format!("{what}: v cache"),
         );
         let mut got = Vec::with_capacity(t * hq * dv);
         for i in 0..t {
-            let row = &out[i * os * 2..(i + 1) * os * 2];
+            let row = &res[out][i * os * 2..(i + 1) * os * 2];
             assert!(
                 row[hq * dv * 2..].iter().all(|&b| b == 0xff),
-                "{what}{name}: token {i}: write past the row"
+                "{what}: token {i}: write past the row"
             );
             got.extend(bf16_from_bytes(&row[..hq * dv * 2]));
         }
-        check_rows(&got, &st.o, dv, &format!("{what}{name}"));
+        check_rows(&got, &st.o, dv, &what);
     }
+    let first = &res[runs[0].1];
     assert!(
-        runs[1][..n_out] == runs[0][..n_out] && runs[2][..n_out] == runs[0][..n_out],
+        runs[1..].iter().all(|r| &res[r.1] == first),
         "{what}: the prologue's or the appending tile's output differs from the tile's"
     );
 }
 
 fn run_cases(name: &str, cases: &[(Layer, usize, usize)]) {
-    let Some(exe) = program() else {
+    let Some(prog) = program() else {
         println!("no C++20 compiler: skipped (set CXX, or TILEFUSE_REQUIRE_CXX=1 to fail)");
         return;
     };
     let all = layers();
     for (i, (l, s, t)) in cases.iter().enumerate() {
         let index = all.iter().position(|x| x == l).unwrap();
+        let what = format!("{name}[{i}] {}", l.config());
         check(
-            exe,
-            index,
+            prog,
+            &format!("l{index}"),
             l,
             *s,
             *t,
             1000 + i as u64,
-            &format!("{name}[{i}] {}", l.config()),
+            &what,
         );
     }
 }

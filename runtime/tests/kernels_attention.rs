@@ -34,73 +34,6 @@ use tilefuse_runtime::nvrtc::{self, CompileOptions};
 mod attention_cases;
 use attention_cases::*;
 
-impl Layer {
-    /// `extern "C"` wrappers `{p}_rope`, `{p}_attn`, `{p}_comb`: one tile per CTA.
-    fn wrappers(&self, p: &str) -> String {
-        let th = self.threads;
-        let (hkv, dk, dv, rot) = (self.hkv, self.dk, self.dv, self.rot);
-        let mut s = String::new();
-        writeln!(s, "using {p}_cfg = {};", self.config()).unwrap();
-        writeln!(
-            s,
-            "static_assert({p}_cfg::SMEM_BYTES == {}, \"Rust smem replica\");",
-            self.smem()
-        )
-        .unwrap();
-        writeln!(
-            s,
-            "static_assert(tf::rope_append_smem_bytes<tf::bf16, {hkv}, {dk}, {rot}>() == {}, \"Rust rope smem replica\");",
-            self.rope_smem()
-        )
-        .unwrap();
-        writeln!(
-            s,
-            "static_assert({p}_cfg::COMBINE_SMEM_BYTES == {}, \"Rust combine smem replica\");",
-            self.combine_smem()
-        )
-        .unwrap();
-        writeln!(
-            s,
-            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}_rope(int T, int S, int cap, const int* pos, const tf::bf16* k, int ks, \
-             const tf::bf16* v, int vs, const tf::bf16* kn, float eps, float theta, tf::bf16* kc, tf::bf16* vc) {{\n\
-             \x20 extern __shared__ __align__(16) char smem[];\n\
-             \x20 tf::rope_append_tile<tf::bf16, {hkv}, {dk}, {dv}, {rot}, {}, {th}>(blockIdx.x, T, S, cap, pos, k, ks, v, vs, kn, eps, theta, kc, vc, smem);\n}}",
-            self.qk_norm
-        )
-        .unwrap();
-        writeln!(
-            s,
-            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}_attn(int T, int S, int cap, const int* pos, const tf::bf16* q, int qs, \
-             const tf::bf16* qn, float eps, float theta, float scale, const tf::bf16* kc, const tf::bf16* vc, \
-             const tf::bf16* sinks, tf::bf16* out, int os, float* ws) {{\n\
-             \x20 extern __shared__ __align__(16) char smem[];\n\
-             \x20 tf::attention_tile<{p}_cfg>(blockIdx.x, T, S, cap, pos, q, qs, qn, eps, theta, scale, kc, vc, sinks, out, os, ws, smem);\n}}"
-        )
-        .unwrap();
-        // The same tile after the prologue that generated wrappers run
-        // before their wait (the RoPE table made there, not in the tile).
-        writeln!(
-            s,
-            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}_attn_pre(int T, int S, int cap, const int* pos, const tf::bf16* q, int qs, \
-             const tf::bf16* qn, float eps, float theta, float scale, const tf::bf16* kc, const tf::bf16* vc, \
-             const tf::bf16* sinks, tf::bf16* out, int os, float* ws) {{\n\
-             \x20 extern __shared__ __align__(16) char smem[];\n\
-             \x20 tf::attention_prologue<{p}_cfg>(blockIdx.x, T, pos, theta, smem);\n\
-             \x20 tf::attention_tile<{p}_cfg, false, false, true>(blockIdx.x, T, S, cap, pos, q, qs, qn, eps, theta, scale, kc, vc, sinks, out, os, ws, smem);\n}}"
-        )
-        .unwrap();
-        writeln!(
-            s,
-            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}_comb(int T, const float* ws, const tf::bf16* sinks, \
-             tf::bf16* out, int os) {{\n\
-             \x20 extern __shared__ __align__(16) char smem[];\n\
-             \x20 tf::attention_combine_tile<{p}_cfg>(blockIdx.x, T, ws, sinks, out, os, smem);\n}}"
-        )
-        .unwrap();
-        s
-    }
-}
-
 /// The layers `gpu_attention_decode_timing_16k` times (MiMo-V2 full width):
 /// split counts that are and are not a multiple of the combine's round of
 /// 32, and the sliding layers.
@@ -239,7 +172,7 @@ fn compile_all_source() -> (String, Vec<String>) {
     let mut attn_kernels = Vec::new();
     for (p, l) in &layers {
         src.push_str(&l.wrappers(p));
-        for k in ["rope", "attn", "attn_pre", "comb"] {
+        for k in ["rope", "attn", "attn_pre", "attn_app", "comb"] {
             attn_kernels.push(format!("{p}_{k}"));
         }
     }
@@ -314,6 +247,7 @@ struct Kernels {
     rope: cudarc::driver::CudaFunction,
     attn: cudarc::driver::CudaFunction,
     attn_pre: cudarc::driver::CudaFunction,
+    attn_app: cudarc::driver::CudaFunction,
     comb: cudarc::driver::CudaFunction,
     _module: tilefuse_runtime::gpu::Module,
 }
@@ -339,6 +273,7 @@ fn load(gpu: &Gpu, l: &Layer, name: &str) -> Kernels {
         rope: m.function("k_rope").unwrap(),
         attn: m.function("k_attn").unwrap(),
         attn_pre: m.function("k_attn_pre").unwrap(),
+        attn_app: m.function("k_attn_app").unwrap(),
         comb: m.function("k_comb").unwrap(),
         _module: m,
     }
@@ -490,6 +425,77 @@ fn check_step(gpu: &Gpu, l: &Layer, s: usize, t: usize, seed: u64, what: &str) {
     assert!(
         gpu.download(&out2).unwrap() == raw,
         "{what}: the tile after its prologue differs from the tile alone"
+    );
+    // The tile that appends the new rows itself, on the caches before the
+    // append: the same caches bit for bit, the same output bytes.
+    let kc3 = upload(gpu, &bf16_bytes(&st.kc0), "k cache");
+    let vc3 = upload(gpu, &bf16_bytes(&st.vc0), "v cache");
+    let out3 = gpu.alloc(t * os * 2, "out").unwrap();
+    gpu.memset(&out3, 0xff).unwrap();
+    let ws3 = gpu.alloc(l.ws_floats(t).max(1) * 4, "ws").unwrap();
+    gpu.memset(&ws3, 0xff).unwrap();
+    gpu.launch(
+        "attention (append)",
+        &ks.attn_app,
+        l.tiles(t) as u32,
+        th,
+        l.smem() as u32,
+        &[
+            Arg::I32(ti),
+            Arg::I32(si),
+            Arg::I32(ci),
+            Arg::Ptr(pos.ptr()),
+            Arg::Ptr(qkv.ptr()),
+            Arg::I32(w as i32),
+            Arg::Ptr(ptr_or_null(&qn)),
+            Arg::F32(l.eps),
+            Arg::F32(l.theta),
+            Arg::F32(l.scale()),
+            Arg::Ptr(kc3.ptr()),
+            Arg::Ptr(vc3.ptr()),
+            Arg::Ptr(ptr_or_null(&sinks)),
+            Arg::Ptr(out3.ptr()),
+            Arg::I32(os as i32),
+            Arg::Ptr(ws3.ptr()),
+            Arg::Ptr(k_ptr),
+            Arg::I32(w as i32),
+            Arg::Ptr(v_ptr),
+            Arg::I32(w as i32),
+            Arg::Ptr(ptr_or_null(&kn)),
+        ],
+    )
+    .unwrap();
+    if l.nsplit > 1 {
+        gpu.launch(
+            "attention_combine",
+            &ks.comb,
+            (t * hq) as u32,
+            th,
+            l.combine_smem() as u32,
+            &[
+                Arg::I32(ti),
+                Arg::Ptr(ws3.ptr()),
+                Arg::Ptr(ptr_or_null(&sinks)),
+                Arg::Ptr(out3.ptr()),
+                Arg::I32(os as i32),
+            ],
+        )
+        .unwrap();
+    }
+    gpu.sync(what).unwrap_or_else(|e| panic!("{e}"));
+    same_bits(
+        &bf16_from_bytes(&gpu.download(&kc3).unwrap()),
+        &st.kc1,
+        &format!("{what}: k cache (tile append)"),
+    );
+    same_bits(
+        &bf16_from_bytes(&gpu.download(&vc3).unwrap()),
+        &st.vc1,
+        &format!("{what}: v cache (tile append)"),
+    );
+    assert!(
+        gpu.download(&out3).unwrap() == raw,
+        "{what}: the tile that appends differs from the tile after rope_append"
     );
 }
 

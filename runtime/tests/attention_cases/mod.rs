@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test crate uses its own part
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
 use tilefuse_ir::interp::{self, round_to, Caches, Tensor};
 use tilefuse_ir::{shape, Bindings, Builder, DType, Graph, Mask};
@@ -815,5 +816,87 @@ impl RowsCase {
             err, 1,
             "embedding: the error flag must be set by out-of-range ids"
         );
+    }
+}
+
+impl Layer {
+    /// `extern "C"` wrappers `{p}_rope`, `{p}_attn`, `{p}_attn_pre` (after
+    /// the prologue), `{p}_attn_app` (appending the new rows itself) and
+    /// `{p}_comb`: one tile per CTA.
+    pub fn wrappers(&self, p: &str) -> String {
+        let th = self.threads;
+        let (hkv, dk, dv, rot) = (self.hkv, self.dk, self.dv, self.rot);
+        let mut s = String::new();
+        writeln!(s, "using {p}_cfg = {};", self.config()).unwrap();
+        writeln!(
+            s,
+            "static_assert({p}_cfg::SMEM_BYTES == {}, \"Rust smem replica\");",
+            self.smem()
+        )
+        .unwrap();
+        writeln!(
+            s,
+            "static_assert(tf::rope_append_smem_bytes<tf::bf16, {hkv}, {dk}, {rot}>() == {}, \"Rust rope smem replica\");",
+            self.rope_smem()
+        )
+        .unwrap();
+        writeln!(
+            s,
+            "static_assert({p}_cfg::COMBINE_SMEM_BYTES == {}, \"Rust combine smem replica\");",
+            self.combine_smem()
+        )
+        .unwrap();
+        writeln!(
+            s,
+            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}_rope(int T, int S, int cap, const int* pos, const tf::bf16* k, int ks, \
+             const tf::bf16* v, int vs, const tf::bf16* kn, float eps, float theta, tf::bf16* kc, tf::bf16* vc) {{\n\
+             \x20 extern __shared__ __align__(16) char smem[];\n\
+             \x20 tf::rope_append_tile<tf::bf16, {hkv}, {dk}, {dv}, {rot}, {}, {th}>(blockIdx.x, T, S, cap, pos, k, ks, v, vs, kn, eps, theta, kc, vc, smem);\n}}",
+            self.qk_norm
+        )
+        .unwrap();
+        writeln!(
+            s,
+            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}_attn(int T, int S, int cap, const int* pos, const tf::bf16* q, int qs, \
+             const tf::bf16* qn, float eps, float theta, float scale, const tf::bf16* kc, const tf::bf16* vc, \
+             const tf::bf16* sinks, tf::bf16* out, int os, float* ws) {{\n\
+             \x20 extern __shared__ __align__(16) char smem[];\n\
+             \x20 tf::attention_tile<{p}_cfg>(blockIdx.x, T, S, cap, pos, q, qs, qn, eps, theta, scale, kc, vc, sinks, out, os, ws, smem);\n}}"
+        )
+        .unwrap();
+        // The same tile after the prologue that generated wrappers run
+        // before their wait (the RoPE table made there, not in the tile).
+        writeln!(
+            s,
+            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}_attn_pre(int T, int S, int cap, const int* pos, const tf::bf16* q, int qs, \
+             const tf::bf16* qn, float eps, float theta, float scale, const tf::bf16* kc, const tf::bf16* vc, \
+             const tf::bf16* sinks, tf::bf16* out, int os, float* ws) {{\n\
+             \x20 extern __shared__ __align__(16) char smem[];\n\
+             \x20 tf::attention_prologue<{p}_cfg>(blockIdx.x, T, pos, theta, smem);\n\
+             \x20 tf::attention_tile<{p}_cfg, false, false, true>(blockIdx.x, T, S, cap, pos, q, qs, qn, eps, theta, scale, kc, vc, sinks, out, os, ws, smem);\n}}"
+        )
+        .unwrap();
+        // The tile that appends the new rows itself (the rope kernel not run).
+        writeln!(
+            s,
+            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}_attn_app(int T, int S, int cap, const int* pos, const tf::bf16* q, int qs, \
+             const tf::bf16* qn, float eps, float theta, float scale, tf::bf16* kc, tf::bf16* vc, \
+             const tf::bf16* sinks, tf::bf16* out, int os, float* ws, const tf::bf16* k, int ks, const tf::bf16* v, int vs, \
+             const tf::bf16* kn) {{\n\
+             \x20 extern __shared__ __align__(16) char smem[];\n\
+             \x20 tf::attention_tile<{p}_cfg, true, {}, false>(blockIdx.x, T, S, cap, pos, q, qs, qn, eps, theta, scale, kc, vc, sinks, out, os, ws, smem, \
+             tf::AttnAppend{{k, ks, v, vs, kn, eps, kc, vc}});\n}}",
+            self.qk_norm
+        )
+        .unwrap();
+        writeln!(
+            s,
+            "extern \"C\" __global__ void __launch_bounds__({th}, 1) {p}_comb(int T, const float* ws, const tf::bf16* sinks, \
+             tf::bf16* out, int os) {{\n\
+             \x20 extern __shared__ __align__(16) char smem[];\n\
+             \x20 tf::attention_combine_tile<{p}_cfg>(blockIdx.x, T, ws, sinks, out, os, smem);\n}}"
+        )
+        .unwrap();
+        s
     }
 }

@@ -146,7 +146,7 @@ pub fn rewrite(src: &str) -> String {
 /// The host C++ compiler: `$CXX`, else `c++`, if it builds C++20 with
 /// `<barrier>`. `None` without one: the caller skips, unless
 /// `TILEFUSE_REQUIRE_CXX=1` (CI), where it fails.
-pub fn compiler(dir: &Path) -> Option<String> {
+fn compiler(dir: &Path) -> Option<String> {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let probe = dir.join("probe.cpp");
     std::fs::write(
@@ -170,16 +170,13 @@ pub fn compiler(dir: &Path) -> Option<String> {
     None
 }
 
-/// Writes the rewritten headers, the shim, `extra` files and `main.cpp`
-/// into `dir` and builds `dir/main` with `cxx`.
-pub fn build(cxx: &str, dir: &Path, extra: &[(&str, &str)], main: &str) -> PathBuf {
+/// Writes the rewritten headers, the shim and `main.cpp` into `dir` and
+/// builds `dir/main` with `cxx`.
+fn build(cxx: &str, dir: &Path, main: &str) -> PathBuf {
     for (name, text) in tilefuse_codegen::cuda::HEADERS {
         std::fs::write(dir.join(name), rewrite(text)).unwrap();
     }
     std::fs::write(dir.join("shim.h"), SHIM).unwrap();
-    for (name, text) in extra {
-        std::fs::write(dir.join(name), text).unwrap();
-    }
     std::fs::write(dir.join("main.cpp"), main).unwrap();
     let exe = dir.join("main");
     let o = Command::new(cxx)
@@ -305,7 +302,7 @@ impl HostProgram {
              \x20 for (uint32_t i = 0; i < nb; ++i) fwrite(g_bufs[i], 1, len[i], o);\n\
              \x20 fclose(o);\n  return 0;\n}\n",
         );
-        let exe = build(&cxx, dir.path(), &[], &main);
+        let exe = build(&cxx, dir.path(), &main);
         Some(HostProgram {
             _dir: dir,
             exe,
