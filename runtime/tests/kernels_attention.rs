@@ -342,32 +342,39 @@ fn check_step(gpu: &Gpu, l: &Layer, s: usize, t: usize, seed: u64, what: &str) {
         ],
     )
     .unwrap();
-    // The attention tile (and its combine) into `out` through `ws`.
-    let attention = |attn: &cudarc::driver::CudaFunction, out: &Buffer, ws: &Buffer| {
+    // The attention tile (and its combine) on caches `kc`, `vc` into `out`
+    // through `ws`; `extra`: the appending tile's own arguments.
+    let attention = |attn: &cudarc::driver::CudaFunction,
+                     (kc, vc): (&Buffer, &Buffer),
+                     out: &Buffer,
+                     ws: &Buffer,
+                     extra: &[Arg]| {
+        let mut args = vec![
+            Arg::I32(ti),
+            Arg::I32(si),
+            Arg::I32(ci),
+            Arg::Ptr(pos.ptr()),
+            Arg::Ptr(qkv.ptr()),
+            Arg::I32(w as i32),
+            Arg::Ptr(ptr_or_null(&qn)),
+            Arg::F32(l.eps),
+            Arg::F32(l.theta),
+            Arg::F32(l.scale()),
+            Arg::Ptr(kc.ptr()),
+            Arg::Ptr(vc.ptr()),
+            Arg::Ptr(ptr_or_null(&sinks)),
+            Arg::Ptr(out.ptr()),
+            Arg::I32(os as i32),
+            Arg::Ptr(ws.ptr()),
+        ];
+        args.extend_from_slice(extra);
         gpu.launch(
             "attention",
             attn,
             l.tiles(t) as u32,
             th,
             l.smem() as u32,
-            &[
-                Arg::I32(ti),
-                Arg::I32(si),
-                Arg::I32(ci),
-                Arg::Ptr(pos.ptr()),
-                Arg::Ptr(qkv.ptr()),
-                Arg::I32(w as i32),
-                Arg::Ptr(ptr_or_null(&qn)),
-                Arg::F32(l.eps),
-                Arg::F32(l.theta),
-                Arg::F32(l.scale()),
-                Arg::Ptr(kc.ptr()),
-                Arg::Ptr(vc.ptr()),
-                Arg::Ptr(ptr_or_null(&sinks)),
-                Arg::Ptr(out.ptr()),
-                Arg::I32(os as i32),
-                Arg::Ptr(ws.ptr()),
-            ],
+            &args,
         )
         .unwrap();
         if l.nsplit > 1 {
@@ -388,7 +395,7 @@ fn check_step(gpu: &Gpu, l: &Layer, s: usize, t: usize, seed: u64, what: &str) {
             .unwrap();
         }
     };
-    attention(&ks.attn, &out, &ws);
+    attention(&ks.attn, (&kc, &vc), &out, &ws, &[]);
     gpu.sync(what).unwrap_or_else(|e| panic!("{e}"));
     // The caches: the new rows bit for bit, every other slot untouched.
     same_bits(
@@ -420,7 +427,7 @@ fn check_step(gpu: &Gpu, l: &Layer, s: usize, t: usize, seed: u64, what: &str) {
     gpu.memset(&out2, 0xff).unwrap();
     let ws2 = gpu.alloc(l.ws_floats(t).max(1) * 4, "ws").unwrap();
     gpu.memset(&ws2, 0xff).unwrap();
-    attention(&ks.attn_pre, &out2, &ws2);
+    attention(&ks.attn_pre, (&kc, &vc), &out2, &ws2, &[]);
     gpu.sync(what).unwrap_or_else(|e| panic!("{e}"));
     assert!(
         gpu.download(&out2).unwrap() == raw,
@@ -434,54 +441,19 @@ fn check_step(gpu: &Gpu, l: &Layer, s: usize, t: usize, seed: u64, what: &str) {
     gpu.memset(&out3, 0xff).unwrap();
     let ws3 = gpu.alloc(l.ws_floats(t).max(1) * 4, "ws").unwrap();
     gpu.memset(&ws3, 0xff).unwrap();
-    gpu.launch(
-        "attention (append)",
+    attention(
         &ks.attn_app,
-        l.tiles(t) as u32,
-        th,
-        l.smem() as u32,
+        (&kc3, &vc3),
+        &out3,
+        &ws3,
         &[
-            Arg::I32(ti),
-            Arg::I32(si),
-            Arg::I32(ci),
-            Arg::Ptr(pos.ptr()),
-            Arg::Ptr(qkv.ptr()),
-            Arg::I32(w as i32),
-            Arg::Ptr(ptr_or_null(&qn)),
-            Arg::F32(l.eps),
-            Arg::F32(l.theta),
-            Arg::F32(l.scale()),
-            Arg::Ptr(kc3.ptr()),
-            Arg::Ptr(vc3.ptr()),
-            Arg::Ptr(ptr_or_null(&sinks)),
-            Arg::Ptr(out3.ptr()),
-            Arg::I32(os as i32),
-            Arg::Ptr(ws3.ptr()),
             Arg::Ptr(k_ptr),
             Arg::I32(w as i32),
             Arg::Ptr(v_ptr),
             Arg::I32(w as i32),
             Arg::Ptr(ptr_or_null(&kn)),
         ],
-    )
-    .unwrap();
-    if l.nsplit > 1 {
-        gpu.launch(
-            "attention_combine",
-            &ks.comb,
-            (t * hq) as u32,
-            th,
-            l.combine_smem() as u32,
-            &[
-                Arg::I32(ti),
-                Arg::Ptr(ws3.ptr()),
-                Arg::Ptr(ptr_or_null(&sinks)),
-                Arg::Ptr(out3.ptr()),
-                Arg::I32(os as i32),
-            ],
-        )
-        .unwrap();
-    }
+    );
     gpu.sync(what).unwrap_or_else(|e| panic!("{e}"));
     same_bits(
         &bf16_from_bytes(&gpu.download(&kc3).unwrap()),
